@@ -1,0 +1,38 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+# torch/torchvision are pinned in setup.py (the one place); pip takes them from local disk here.
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $(STAMP)
+
+# Generate the captioned-shapes shards, then pre-train the tiny recipe with ZeRO-3 on 2 CPU ranks.
+demo: $(STAMP)
+	$(BIN)/megavl-synth-shapes --out outputs/shapes --num-train 4096 --num-val 256 --seed 0 \
+	    --image-size 64 --samples-per-shard 1024
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --num_gpus 2 megavl/train.py \
+	    --ds_config ds_configs/zero3.json --config configs/tiny.yaml $(DEMO_ARGS)
+
+# The whole suite except GPU-only tests (those skip with a reason on CPU anyway).
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not gpu" -ra --durations=15 $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit -m "not slow and not gpu" -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) outputs build *.egg-info
