@@ -103,6 +103,16 @@ class DataConfig:
 
 # ------------------------------------------------------------------------------------ objectives
 @dataclass
+class MaskingConfig:
+    """One masked-image pass and one masked-text pass per step serve every objective that needs them
+    (MIM-pixel, MIM-semantic and SCL-vision share the image mask; MLM and SCL-text the text mask)."""
+    image_mask_ratio: float = 0.75  # MAE; SCL drops 80%, SemMIM/MaskVLM ratios UNVERIFIED
+    text_guided: bool = True        # SemMIM: mask the patches most relevant to the text
+    guided_randomness: float = 0.5  # 0 = exactly the most text-relevant patches, 1 = random (UNVERIFIED)
+    text_mask_prob: float = 0.15    # BERT/ALBEF 80/10/10 masking; SCL used 40% [MASK]
+
+
+@dataclass
 class TeacherConfig:
     momentum: float = 0.996       # DINO/iBOT; ALBEF uses 0.995
     momentum_end: float = 1.0     # cosine schedule to this value
@@ -127,38 +137,32 @@ class ITMConfig:
 @dataclass
 class MLMConfig:
     weight: float = 1.0
-    mask_prob: float = 0.15
 
 
 @dataclass
 class MIMPixelConfig:
     weight: float = 1.0
-    mask_ratio: float = 0.75      # MAE; UNVERIFIED for MaskVLM
-    norm_pix: bool = True
+    norm_pix: bool = True         # MAE per-patch normalised pixel targets
 
 
 @dataclass
 class MIMSemanticConfig:
     weight: float = 1.0
-    mask_ratio: float = 0.75      # UNVERIFIED for SemMIM
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     center_momentum: float = 0.9
     global_weight: float = 1.0    # weight of the global (agreement) term relative to the patch term
-    text_guided: bool = True
-    guided_randomness: float = 0.5  # 0 = mask exactly the most text-relevant patches, 1 = random
 
 
 @dataclass
 class SCLConfig:
     weight: float = 1.0
-    image_mask_ratio: float = 0.8  # SCL keeps 20% of patches
-    text_mask_prob: float = 0.4
-    temperature: float = 0.03
+    temperature: float = 0.03     # SCL paper
 
 
 @dataclass
 class ObjectivesConfig:
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     itc: ITCConfig = field(default_factory=ITCConfig)
     itm: ITMConfig = field(default_factory=ITMConfig)
@@ -255,13 +259,13 @@ def validate(cfg: Config) -> Config:
         w = getattr(o, name).weight
         _check(w >= 0, f"objectives.{name}.weight", ">= 0 (0 disables)", w)
     _check(bool(o.enabled()), "objectives", "at least one objective with weight > 0", o.enabled())
-    for key, ratio in [("objectives.mim_pixel.mask_ratio", o.mim_pixel.mask_ratio),
-                       ("objectives.mim_sem.mask_ratio", o.mim_sem.mask_ratio),
-                       ("objectives.scl.image_mask_ratio", o.scl.image_mask_ratio),
-                       ("objectives.scl.text_mask_prob", o.scl.text_mask_prob),
-                       ("objectives.mlm.mask_prob", o.mlm.mask_prob),
-                       ("objectives.mim_sem.guided_randomness", o.mim_sem.guided_randomness)]:
-        _check(0.0 <= ratio < 1.0 or key.endswith("randomness") and ratio == 1.0, key, "a value in [0, 1)", ratio)
+    mk = o.masking
+    _check(0.0 < mk.image_mask_ratio < 1.0, "objectives.masking.image_mask_ratio", "a value in (0, 1)",
+           mk.image_mask_ratio)
+    _check(0.0 < mk.text_mask_prob < 1.0, "objectives.masking.text_mask_prob", "a value in (0, 1)",
+           mk.text_mask_prob)
+    _check(0.0 <= mk.guided_randomness <= 1.0, "objectives.masking.guided_randomness", "a value in [0, 1]",
+           mk.guided_randomness)
     _check(0 < o.teacher.momentum <= o.teacher.momentum_end <= 1, "objectives.teacher.momentum",
            "0 < momentum <= momentum_end <= 1", (o.teacher.momentum, o.teacher.momentum_end))
     _check(o.itc.temp_min <= o.itc.temp_init <= o.itc.temp_max, "objectives.itc.temp_init",
@@ -318,6 +322,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
         return float(value)
     if tp is int:

@@ -57,7 +57,7 @@ def test_int_accepted_for_float_but_not_reverse():
     ("data.hflip=maybe", r"data\.hflip: expected true or false"),
     ("model.vision.heads=5", r"model\.vision\.heads: expected a positive divisor"),
     ("data.image_size=32", r"data\.image_size: expected equal to model\.vision\.img_size"),
-    ("objectives.scl.text_mask_prob=1.5", r"objectives\.scl\.text_mask_prob"),
+    ("objectives.masking.text_mask_prob=1.5", r"objectives\.masking\.text_mask_prob"),
     ("curriculum.cycle=[[triple, 1]]", r"curriculum\.cycle\[0\]"),
     ("data.train_weights=[1, 2]", r"data\.train_weights: expected one weight per"),
     ("model.attention=fast", r"model\.attention"),
