@@ -1,0 +1,272 @@
+"""VisionTransformer: equivalence with timm, kept-patch encoding, pos-embed resampling, frames, errors."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+
+from megavl.models.vision import VisionTransformer, resample_pos_embed
+
+TOL = 1e-5  # fp32 CPU, max abs
+
+
+def tiny_vit(**overrides) -> VisionTransformer:
+    """A from-scratch ViT small enough for per-test construction."""
+    kwargs = dict(img_size=32, patch_size=8, width=32, depth=2, heads=4)
+    kwargs.update(overrides)
+    return VisionTransformer(**kwargs)
+
+
+def timm_tiny(**kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+
+
+def reference_forward(model: VisionTransformer, frames_BTCHW: torch.Tensor, keep_ids: torch.Tensor) -> torch.Tensor:
+    """Spelled out: [cls + pos_0] + per frame (patch + pos + temporal)[keep] -> blocks -> norm."""
+    B, T = frames_BTCHW.shape[:2]
+    pos_cls, pos_patches = model.pos_embed[0, :1], model.pos_embed[0, 1:]
+    rows = []
+    for b in range(B):
+        tokens = [model.cls_token[0] + pos_cls]
+        for t in range(T):
+            patches = model.patch_embed.proj(frames_BTCHW[b, t:t + 1]).flatten(2)[0].T  # (N, E)
+            frame = (patches + pos_patches)[keep_ids[b]]
+            if model.temporal_embed is not None:
+                frame = frame + model.temporal_embed[t]
+            tokens.append(frame)
+        rows.append(torch.cat(tokens))
+    x = torch.stack(rows)
+    for block in model.blocks:
+        x = block(x)
+    return model.norm(x)
+
+
+@pytest.mark.parametrize("backend, timm_fused, depth", [
+    ("auto", True, 12), ("auto", False, 2), ("math", True, 2), ("math", False, 2)])
+def test_matches_timm_vit_tiny(backend, timm_fused, depth):
+    timm_model = timm_tiny(depth=depth)
+    for block in timm_model.blocks:
+        block.attn.fused_attn = timm_fused  # timm's explicit softmax path is an independent reference
+    model = VisionTransformer.from_timm(timm_model, attn_backend=backend).eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ours, theirs = model(images), timm_model.forward_features(images)
+    assert (len(model.blocks), model.num_patches, model.width) == (depth, 196, 192)
+    assert ours.shape == (2, 1 + 196, 192)
+    assert (ours - theirs).abs().max().item() <= TOL
+
+
+@pytest.mark.slow
+def test_matches_timm_vit_base():
+    torch.manual_seed(0)
+    timm_model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    model = VisionTransformer.from_timm(timm_model).eval()
+    assert (model.width, len(model.blocks), model.num_patches) == (768, 12, 196)
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (model(images) - timm_model.forward_features(images)).abs().max().item() <= TOL
+
+
+def test_matches_timm_rectangular_small():
+    torch.manual_seed(0)
+    timm_model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=(64, 96), depth=2).eval()
+    model = VisionTransformer.from_timm(timm_model).eval()
+    assert model.img_size == (64, 96) and model.num_patches == 4 * 6
+    images = torch.randn(3, 3, 64, 96)
+    with torch.no_grad():
+        assert (model(images) - timm_model.forward_features(images)).abs().max().item() <= TOL
+
+
+def test_keep_ids_equals_reference_gather():
+    torch.manual_seed(0)
+    model = tiny_vit().eval()
+    images = torch.randn(3, 3, 32, 32)
+    keep_ids = torch.stack([torch.randperm(model.num_patches)[:5] for _ in range(3)])
+    with torch.no_grad():
+        ours = model(images, keep_ids)
+        expected = reference_forward(model, images[:, None], keep_ids)
+    assert ours.shape == (3, 1 + 5, 32)
+    assert (ours - expected).abs().max().item() <= TOL
+
+
+def test_keep_all_in_order_equals_full_sequence():
+    torch.manual_seed(0)
+    model = tiny_vit().eval()
+    images = torch.randn(2, 3, 32, 32)
+    keep_all = torch.arange(model.num_patches).expand(2, -1)
+    with torch.no_grad():
+        assert (model(images, keep_all) - model(images)).abs().max().item() <= TOL
+
+
+def test_keep_ids_accepts_int32():
+    torch.manual_seed(0)
+    model = tiny_vit().eval()
+    images = torch.randn(2, 3, 32, 32)
+    keep_ids = torch.tensor([[0, 3, 7], [15, 1, 2]])
+    with torch.no_grad():
+        assert torch.equal(model(images, keep_ids), model(images, keep_ids.int()))
+
+
+@pytest.mark.parametrize("new_size", [160, 288, (160, 224)])
+def test_resample_pos_embed_matches_timm(new_size):
+    torch.manual_seed(0)
+    pos = torch.randn(1, 1 + 14 * 14, 16)
+    new_hw = (new_size, new_size) if isinstance(new_size, int) else new_size
+    new_grid = (new_hw[0] // 16, new_hw[1] // 16)
+    ours = resample_pos_embed(pos, new_grid, (14, 14))
+    theirs = resample_abs_pos_embed(pos, new_size=list(new_grid), old_size=[14, 14], num_prefix_tokens=1)
+    assert ours.shape == (1, 1 + new_grid[0] * new_grid[1], 16)
+    assert (ours - theirs).abs().max().item() <= TOL
+    assert torch.equal(ours[:, 0], pos[:, 0])  # [CLS] entry is never interpolated
+
+
+def test_resize_pos_embed_same_resolution_is_identity():
+    model = timm_tiny(depth=1)
+    ours = VisionTransformer.from_timm(model)
+    before = ours.pos_embed.detach().clone()
+    ours.resize_pos_embed(224)
+    assert torch.equal(ours.pos_embed, before)
+
+
+@pytest.mark.parametrize("new_size", [160, 288])
+def test_from_timm_other_resolution_matches_timm_dynamic(new_size):
+    """timm with dynamic_img_size resamples on the fly with the same bicubic rule we apply once."""
+    timm_model = timm_tiny(dynamic_img_size=True, depth=2)
+    loaded = VisionTransformer.from_timm(timm_model, img_size=new_size).eval()
+    resized = VisionTransformer.from_timm(timm_model).eval()
+    resized.resize_pos_embed(new_size)
+    images = torch.randn(2, 3, new_size, new_size)
+    with torch.no_grad():
+        theirs = timm_model.forward_features(images)
+        for model in (loaded, resized):
+            assert model.num_patches == (new_size // 16) ** 2
+            assert (model(images) - theirs).abs().max().item() <= TOL
+    with pytest.raises(ValueError, match="resize_pos_embed"):
+        resized(torch.randn(1, 3, 224, 224))
+
+
+def test_one_frame_video_equals_image_and_timm():
+    timm_model = timm_tiny(depth=2)
+    model = VisionTransformer.from_timm(timm_model, num_frames=2).eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        as_image, as_video = model(images), model(images[:, None])
+        assert torch.equal(as_image, as_video)
+        assert (as_image - timm_model.forward_features(images)).abs().max().item() <= TOL
+
+
+def test_two_frames_shape_reference_and_temporal_embedding_used():
+    torch.manual_seed(0)
+    model = tiny_vit(num_frames=3).eval()
+    with torch.no_grad():
+        model.temporal_embed.normal_()
+    video = torch.randn(2, 2, 3, 32, 32)
+    keep_ids = torch.stack([torch.randperm(model.num_patches)[:6] for _ in range(2)])
+    with torch.no_grad():
+        ours = model(video, keep_ids)
+        expected = reference_forward(model, video, keep_ids)
+        assert ours.shape == (2, 1 + 2 * 6, 32)
+        assert (ours - expected).abs().max().item() <= TOL
+        model.temporal_embed.zero_()
+        assert (model(video, keep_ids) - ours).abs().max().item() > 1e-3
+
+
+def test_temporal_embedding_zero_init_and_absent_for_one_frame():
+    assert tiny_vit().temporal_embed is None
+    assert "temporal_embed" not in dict(tiny_vit().named_parameters())
+    assert torch.equal(tiny_vit(num_frames=4).temporal_embed, torch.zeros(4, 32))
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = tiny_vit(num_frames=2, drop_path=0.1).train()
+    video = torch.randn(2, 2, 3, 32, 32)
+    keep_ids = torch.stack([torch.randperm(model.num_patches)[:4] for _ in range(2)])
+    model(video, keep_ids).square().sum().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_grad_checkpointing_same_values_and_gradients():
+    torch.manual_seed(0)
+    model = tiny_vit().train()
+    images = torch.randn(2, 3, 32, 32)
+    model(images).sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(images).sum().backward()
+    for name, param in model.named_parameters():
+        assert (param.grad - plain[name]).abs().max().item() <= TOL, name
+
+
+def test_deterministic_under_seed():
+    images = torch.randn(2, 3, 32, 32)
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        model = tiny_vit(drop_path=0.5).train()  # drop path draws from the same seeded stream
+        outputs.append(model(images))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_drop_path_only_in_training():
+    torch.manual_seed(0)
+    model = tiny_vit(drop_path=0.9)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        eval_a, eval_b = model.eval()(images), model(images)
+        train = model.train()(images)
+    assert torch.equal(eval_a, eval_b)
+    assert not torch.allclose(train, eval_a)
+
+
+def test_no_weight_decay_names():
+    names = tiny_vit(num_frames=2).no_weight_decay()
+    assert {"cls_token", "pos_embed", "temporal_embed", "blocks.0.attn.qkv.bias", "norm.weight"} <= names
+    assert "blocks.0.attn.qkv.weight" not in names and "patch_embed.proj.weight" not in names
+    assert "temporal_embed" not in tiny_vit().no_weight_decay()
+
+
+@pytest.mark.parametrize("images, match", [
+    (torch.randn(2, 3, 40, 32), "32x32"),
+    (torch.randn(2, 1, 32, 32), "channels"),
+    (torch.randn(3, 32, 32), r"\(B, C, H, W\)"),
+    (torch.randn(2, 3, 3, 32, 32), "frames"),
+])
+def test_bad_images_raise(images, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_vit(num_frames=2)(images)
+
+
+@pytest.mark.parametrize("keep_ids, error, match", [
+    (torch.tensor([[0, 16], [1, 2]]), RuntimeError, "out of range"),
+    (torch.tensor([[0, -1], [1, 2]]), RuntimeError, "out of range"),
+    (torch.tensor([0, 1]), ValueError, r"\(B=2, K\)"),
+    (torch.tensor([[0, 1]]), ValueError, r"\(B=2, K\)"),
+    (torch.zeros(2, 2), ValueError, "integer"),
+    (torch.zeros(2, 17, dtype=torch.long), ValueError, "only 16"),
+])
+def test_bad_keep_ids_raise(keep_ids, error, match):
+    with pytest.raises(error, match=match):
+        tiny_vit()(torch.randn(2, 3, 32, 32), keep_ids)
+
+
+def test_bad_construction_raises():
+    with pytest.raises(ValueError, match="divisible"):
+        tiny_vit(heads=5)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        tiny_vit(img_size=36)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        tiny_vit().resize_pos_embed(30)
+
+
+def test_from_timm_refuses_what_it_cannot_copy():
+    with pytest.raises(ValueError, match="register tokens"):
+        VisionTransformer.from_timm(timm_tiny(reg_tokens=4, depth=1))
+    with pytest.raises(ValueError, match="layer scale"):
+        VisionTransformer.from_timm(timm_tiny(init_values=1e-5, depth=1))
+    with pytest.raises(TypeError, match="timm VisionTransformer"):
+        VisionTransformer.from_timm(torch.nn.Linear(2, 2))
