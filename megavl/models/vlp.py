@@ -1,0 +1,97 @@
+"""The assembled vision-language model: towers, SemVLP fusion and the heads every objective uses.
+
+Plain PyTorch: no losses, no DeepSpeed. Objectives call its small methods, so one forward pass
+(e.g. the masked-image pass) can serve several losses.
+
+Legend: B batch, N patches, K kept patches, L text length, W fusion width, E embedding width.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megavl.config import ModelConfig
+
+from .fusion import FusionOutput, SemVLPFusion
+from .heads import ITMHead, MaskedImageDecoder, MLMHead, PrototypeHead
+from .text import TextEncoder
+from .vision import VisionTransformer
+
+
+class VLPModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        v, t, f, d = cfg.vision, cfg.text, cfg.fusion, cfg.decoder
+        self.cfg = cfg
+        self.vision = VisionTransformer(img_size=v.img_size, patch_size=v.patch_size, width=v.width,
+                                        depth=v.depth, heads=v.heads, mlp_ratio=v.mlp_ratio,
+                                        num_frames=v.num_frames, drop_path=v.drop_path,
+                                        attn_backend=cfg.attention)
+        if t.hf_path:
+            self.text = TextEncoder.from_hf(t.hf_path, attn_backend=cfg.attention)
+        else:
+            self.text = TextEncoder(vocab_size=t.vocab_size, width=t.width, depth=t.depth, heads=t.heads,
+                                    intermediate=t.intermediate, max_position=t.max_position,
+                                    type_vocab_size=t.type_vocab_size, attn_backend=cfg.attention)
+        self.fusion = SemVLPFusion(width=f.width, depth=f.depth, heads=f.heads, mlp_ratio=f.mlp_ratio,
+                                   vision_width=v.width, text_width=self.text.width,
+                                   cross_attention=f.cross_attention, attn_backend=cfg.attention)
+        self.vision_proj = nn.Linear(v.width, cfg.embed_dim)
+        self.text_proj = nn.Linear(self.text.width, cfg.embed_dim)
+        self.itm_head = ITMHead(f.width)
+        self.mlm_head = MLMHead(f.width, self.text.word_embeddings)
+        self.prototype_head = PrototypeHead(f.width, cfg.num_prototypes)
+        self.decoder = MaskedImageDecoder(f.width, self.vision.num_patches, v.patch_size ** 2 * 3,
+                                          d.width, d.depth, d.heads, attn_backend=cfg.attention)
+        if cfg.grad_checkpointing:
+            self.set_grad_checkpointing(True)
+
+    # ------------------------------------------------------------------------------- passes
+    def encode_image(self, images: torch.Tensor, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) [+ keep_ids (B, K)] -> (B, 1 + K, Wv) unimodal tokens, [CLS] first."""
+        return self.vision(images, keep_ids)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, L, Wt) unimodal tokens, [CLS] first."""
+        return self.text(input_ids, attention_mask)
+
+    def fuse(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+             mode: str, return_text_to_image_attn: bool = False) -> FusionOutput:
+        return self.fusion(image_tokens, text_tokens, text_mask.bool(), mode,
+                           return_text_to_image_attn=return_text_to_image_attn)
+
+    def image_embedding(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised ITC embedding of the image [CLS]: (B, 1 + K, Wv) -> (B, E)."""
+        return F.normalize(self.vision_proj(image_tokens[:, 0]), dim=-1)
+
+    def text_embedding(self, text_tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised ITC embedding of the text [CLS]: (B, L, Wt) -> (B, E)."""
+        return F.normalize(self.text_proj(text_tokens[:, 0]), dim=-1)
+
+    # ---------------------------------------------------------------------------- surface
+    @property
+    def num_patches(self) -> int:
+        return self.vision.num_patches
+
+    @property
+    def patch_size(self) -> int:
+        return self.vision.patch_size
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) exempt from weight decay: biases, norms, embeddings."""
+        names = {f"vision.{n}" for n in self.vision.no_weight_decay()}
+        names |= {f"text.{n}" for n in self.text.no_weight_decay()}
+        names |= {"text.word_embeddings.weight", "text.position_embeddings.weight",
+                  "text.token_type_embeddings.weight", "decoder.mask_token", "decoder.pos_embed"}
+        names |= {n for n, p in self.named_parameters() if p.ndim <= 1}
+        return names
+
+    def fusion_and_head_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes that get the fusion/heads lr multiplier (SCL: x5)."""
+        return ("fusion.", "vision_proj.", "text_proj.", "itm_head.", "mlm_head.", "prototype_head.", "decoder.")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.vision.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+        self.fusion.set_grad_checkpointing(enable)

@@ -1,0 +1,217 @@
+"""One pre-training step: the shared forward passes and every enabled objective on top of them.
+
+`PretrainModule` is what the engine wraps with DeepSpeed: the student, its EMA teacher (frozen,
+updated on partitions by `teacher.ema_update_`) and the objectives' own state (ITC temperature and
+queues, SemMIM centers). Its forward runs each pass at most once per step:
+
+    teacher pass      intact image + text        -> SemMIM targets, text-to-patch relevance, ITC momentum
+    unimodal pass     intact image, intact text  -> ITC
+    fused pass        [pos ; hard-neg pairs]     -> ITM, SCL targets (the positives' globals)
+    masked image      kept patches + text        -> MIM-pixel, MIM-semantic, SCL-vision
+    masked text       intact image + MLM text    -> MLM, SCL-text
+
+Control flow depends only on config and curriculum mode, never on data, so every rank runs the same
+modules in the same order (ZeRO-3 gathers parameters in that order; a mismatch hangs).
+
+Legend: B batch, N patches, K kept, M masked, L text length, W fusion width, E embedding, Kp prototypes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from megavl.config import ModelConfig, ObjectivesConfig
+from megavl.models.fusion import FusionOutput
+from megavl.models.vlp import VLPModel
+from megavl_kernels import gather_tokens, masked_patch_targets
+
+from .distributed import gather_features
+from .itc import clamp_temperature_, itc_distill_loss, itc_loss
+from .itm import itm_loss, sample_hard_negatives, sample_random_negatives
+from .masking import MaskSpec, random_masking, text_guided_masking
+from .mim_pixel import mim_pixel_loss
+from .mim_semantic import semantic_mim_loss, update_center
+from .mlm import mlm_loss
+from .scl import scl_loss
+from .teacher import ema_update_, make_teacher
+
+
+def _first_rows(fused: FusionOutput, rows: int) -> FusionOutput:
+    return FusionOutput(fused.image_states[:rows], fused.text_states[:rows], fused.image_global[:rows],
+                        fused.text_global[:rows], None)
+
+
+class PretrainModule(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, obj_cfg: ObjectivesConfig,
+                 objectives_by_mode: dict[str, list[str]]) -> None:
+        super().__init__()
+        self.cfg = obj_cfg
+        self.student = VLPModel(model_cfg)
+        self.teacher = make_teacher(self.student)
+        enabled = set(obj_cfg.enabled())
+        self.objectives_by_mode = {mode: [n for n in names if n in enabled]
+                                   for mode, names in objectives_by_mode.items()}
+        self.temp = nn.Parameter(torch.tensor(float(obj_cfg.itc.temp_init)))
+        kp, e, q = model_cfg.num_prototypes, model_cfg.embed_dim, obj_cfg.itc.queue_size
+        self.register_buffer("center_global", torch.zeros(kp))
+        self.register_buffer("center_patch", torch.zeros(kp))
+        self.register_buffer("image_queue", nn.functional.normalize(torch.randn(q, e), dim=-1))
+        self.register_buffer("text_queue", nn.functional.normalize(torch.randn(q, e), dim=-1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def active(self, mode: str) -> list[str]:
+        return self.objectives_by_mode[mode]
+
+    def student_parameters(self):
+        """(name, parameter) pairs the optimizer trains: the student and the ITC temperature."""
+        yield "temp", self.temp
+        for name, p in self.student.named_parameters():
+            yield f"student.{name}", p
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        ema_update_(self.teacher, self.student, momentum)
+
+    # ----------------------------------------------------------------------------------- step
+    def forward(self, batch: dict, mode: str, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """batch: the data loader's dict; mode: "single" | "two". Returns (weighted total, raw losses)."""
+        cfg, active = self.cfg, self.active(mode)
+        images, ids, text_mask = batch["images"], batch["input_ids"], batch["attention_mask"]
+        s = self.student
+        need_masked_image = any(o in active for o in ("mim_pixel", "mim_sem", "scl"))
+        guided = need_masked_image and cfg.masking.text_guided
+        distill = "itc" in active and cfg.itc.queue_size > 0
+        losses: dict[str, torch.Tensor] = {}
+
+        teacher_out = None
+        if "mim_sem" in active or guided or distill:
+            teacher_out = self._teacher_pass(images, ids, text_mask, mode, guided, "mim_sem" in active, distill)
+
+        spec = None
+        if need_masked_image:
+            spec = self._make_mask(images.shape[0], images.device, teacher_out, generator)
+
+        img = s.encode_image(images)
+        txt = s.encode_text(ids, text_mask)
+        img_emb, txt_emb = s.image_embedding(img), s.text_embedding(txt)
+        clamp_temperature_(self.temp, cfg.itc.temp_min, cfg.itc.temp_max)
+        if "itc" in active:
+            losses["itc"] = self._itc(img_emb, txt_emb, teacher_out)
+
+        fused_pos = None
+        if "itm" in active or "scl" in active:
+            fused_pos, losses_itm = self._fused_pass(img, txt, img_emb, txt_emb, batch, mode, generator,
+                                                     with_itm="itm" in active)
+            losses.update(losses_itm)
+
+        if need_masked_image:
+            fused_mi = s.fuse(s.encode_image(images, spec.keep_ids), txt, text_mask, mode)
+            decoded = s.decoder(fused_mi.image_states[:, 1:], spec.ids_restore)  # (B, N, Dd)
+            decoded_masked = gather_tokens(decoded, spec.ids_masked)  # (B, M, Dd)
+            if "mim_pixel" in active:
+                target = masked_patch_targets(images, spec.ids_masked, s.patch_size,
+                                              norm_pix=cfg.mim_pixel.norm_pix)
+                losses["mim_pixel"] = mim_pixel_loss(s.decoder.pixels(decoded_masked), target.to(decoded.dtype))
+            if "mim_sem" in active:
+                losses["mim_sem"] = self._semantic_mim(fused_mi.image_global, decoded_masked, spec, teacher_out)
+
+        fused_mt = None
+        if "mlm" in active or "scl" in active:
+            masked_txt = s.encode_text(batch["mlm_input_ids"], text_mask)
+            fused_mt = s.fuse(img, masked_txt, text_mask, mode)
+            if "mlm" in active:
+                labels = batch["mlm_labels"]
+                picked = labels != -100  # the vocabulary head runs on masked tokens only
+                logits = s.mlm_head(fused_mt.text_states[picked])
+                losses["mlm"] = mlm_loss(logits.unsqueeze(0), labels[picked].unsqueeze(0))
+
+        if "scl" in active:
+            losses["scl"] = scl_loss(gather_features(fused_mi.image_global),
+                                     gather_features(fused_pos.image_global.detach(), with_grad=False),
+                                     gather_features(fused_mt.text_global),
+                                     gather_features(fused_pos.text_global.detach(), with_grad=False),
+                                     temperature=cfg.scl.temperature)
+
+        total = sum(getattr(cfg, name).weight * loss for name, loss in losses.items())
+        return total, losses
+
+    # -------------------------------------------------------------------------------- pieces
+    @torch.no_grad()
+    def _teacher_pass(self, images, ids, text_mask, mode, guided, semantic, distill) -> dict:
+        t = self.teacher
+        img, txt = t.encode_image(images), t.encode_text(ids, text_mask)
+        out: dict[str, torch.Tensor] = {}
+        if distill:
+            out["img_emb"], out["txt_emb"] = t.image_embedding(img), t.text_embedding(txt)
+        if guided or semantic:
+            # Text injected into the targets: the teacher fuses the intact image WITH the text.
+            fused = t.fuse(img, txt, text_mask, mode, return_text_to_image_attn=guided)
+            if guided:
+                out["relevance"] = fused.text_to_image_attn[:, 1:]  # drop [CLS]: (B, N)
+            if semantic:
+                out["logits"] = t.prototype_head(fused.image_states)  # (B, 1 + N, Kp)
+        return out
+
+    def _make_mask(self, batch_size: int, device, teacher_out, generator) -> MaskSpec:
+        m = self.cfg.masking
+        if m.text_guided:
+            return text_guided_masking(teacher_out["relevance"], m.image_mask_ratio, m.guided_randomness,
+                                       generator=generator)
+        return random_masking(batch_size, self.student.num_patches, m.image_mask_ratio, device,
+                              generator=generator)
+
+    def _itc(self, img_emb, txt_emb, teacher_out) -> torch.Tensor:
+        if self.cfg.itc.queue_size == 0:
+            return itc_loss(gather_features(img_emb), gather_features(txt_emb), self.temp)
+        img_m = gather_features(teacher_out["img_emb"], with_grad=False)
+        txt_m = gather_features(teacher_out["txt_emb"], with_grad=False)
+        loss = itc_distill_loss(gather_features(img_emb), gather_features(txt_emb), img_m, txt_m,
+                                self.image_queue.clone(), self.text_queue.clone(), self.temp,
+                                self.cfg.itc.distill_alpha)
+        self._enqueue(img_m, txt_m)
+        return loss
+
+    @torch.no_grad()
+    def _enqueue(self, img_m: torch.Tensor, txt_m: torch.Tensor) -> None:
+        """Ring buffer of gathered momentum features (identical on every rank)."""
+        q, n = self.image_queue.shape[0], img_m.shape[0]
+        idx = (self.queue_ptr + torch.arange(n, device=img_m.device)) % q
+        self.image_queue[idx] = img_m.to(self.image_queue.dtype)
+        self.text_queue[idx] = txt_m.to(self.text_queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + n) % q)
+
+    def _fused_pass(self, img, txt, img_emb, txt_emb, batch, mode, generator, with_itm: bool):
+        """One fusion call over [positives ; (neg image, text) ; (image, neg text)] (ALBEF's ITM batch).
+
+        Returns the positives' FusionOutput slice and the ITM loss. Without ITM only positives are fused.
+        """
+        s, B, text_mask = self.student, img.shape[0], batch["attention_mask"]
+        if not with_itm:
+            return s.fuse(img, txt, text_mask, mode), {}
+        image_ids = batch["image_ids"]
+        if self.cfg.itm.hard_negatives:
+            sim = (img_emb @ txt_emb.t()).detach() / self.temp.detach()
+            neg_txt = sample_hard_negatives(sim, image_ids, image_ids, generator=generator)
+            neg_img = sample_hard_negatives(sim.t(), image_ids, image_ids, generator=generator)
+        else:
+            neg_txt = sample_random_negatives(image_ids, image_ids, generator=generator)
+            neg_img = sample_random_negatives(image_ids, image_ids, generator=generator)
+        neg_txt, neg_img = neg_txt.to(img.device), neg_img.to(img.device)
+        fused = s.fuse(torch.cat([img, img[neg_img], img]), torch.cat([txt, txt, txt[neg_txt]]),
+                       torch.cat([text_mask, text_mask, text_mask[neg_txt]]), mode)
+        logits = s.itm_head(fused.image_global, fused.text_global)
+        labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(img.device)
+        return _first_rows(fused, B), {"itm": itm_loss(logits, labels)}
+
+    def _semantic_mim(self, global_BW, decoded_masked_BMD, spec: MaskSpec, teacher_out) -> torch.Tensor:
+        cfg, s = self.cfg.mim_sem, self.student
+        t_logits = teacher_out["logits"]
+        t_global, t_patch = t_logits[:, 0], gather_tokens(t_logits[:, 1:], spec.ids_masked)
+        s_global = s.prototype_head(global_BW)
+        s_patch = s.prototype_head(s.decoder.semantic(decoded_masked_BMD))
+        patch = semantic_mim_loss(s_patch, t_patch, self.center_patch, cfg.student_temp, cfg.teacher_temp)
+        agree = semantic_mim_loss(s_global, t_global, self.center_global, cfg.student_temp, cfg.teacher_temp)
+        self.center_patch.copy_(update_center(self.center_patch, t_patch, cfg.center_momentum))
+        self.center_global.copy_(update_center(self.center_global, t_global, cfg.center_momentum))
+        return patch + cfg.global_weight * agree
