@@ -1,0 +1,14 @@
+"""Webdataset pipeline: shards -> deterministic per-rank order -> decode -> transforms -> batch.
+
+Public API (what the trainer calls):
+  build_train_loader(cfg, *, rank, world_size, mlm_prob, scl_mask_prob, epoch_start_state=None)
+  build_eval_loader(cfg, *, rank, world_size)
+  build_tokenizer(path_or_empty)
+The batch dict is documented in collate.py, the skip reasons in decode.py.
+"""
+from megavl.data.decode import SKIP_REASONS
+from megavl.data.loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
+from megavl.data.text import build_tokenizer
+
+__all__ = ["SKIP_REASONS", "EvalLoader", "TrainLoader", "build_eval_loader", "build_train_loader",
+           "build_tokenizer"]

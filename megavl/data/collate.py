@@ -1,0 +1,61 @@
+"""Decoded samples -> the batch dict every objective reads.
+
+Batch (B = batch size, S = image_size, L = max_text_len; padding is always to exactly L):
+  images          float32 (B, 3, S, S)  normalised pixels
+  input_ids       int64   (B, L)        [CLS] caption [SEP] [PAD]...
+  attention_mask  int64   (B, L)        1 = real token
+  mlm_input_ids   int64   (B, L)        BERT 80/10/10 masked ids
+  mlm_labels      int64   (B, L)        original id where MLM-masked, -100 elsewhere
+  scl_input_ids   int64   (B, L)        SCL: non-special tokens -> [MASK] with scl_mask_prob
+  keys            list[str] (B)         sample keys (`__key__` of the shard member)
+  image_ids       int64   (B,)          same id = same image (ITM/retrieval positives)
+"""
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from megavl.data.decode import Decoded
+from megavl.data.text import mlm_mask, scl_mask, special_tokens_mask
+from megavl.data.transforms import Transform
+
+
+class Collator:
+    """Transforms images, tokenises captions and draws the text masks from a given seed."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, transform: Transform, max_text_len: int,
+                 mlm_prob: float, scl_mask_prob: float):
+        for name, p in (("mlm_prob", mlm_prob), ("scl_mask_prob", scl_mask_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.max_text_len = max_text_len
+        self.mlm_prob = mlm_prob
+        self.scl_mask_prob = scl_mask_prob
+        self.special_ids = sorted(set(tokenizer.all_special_ids))
+        self.vocab_size = len(tokenizer)
+
+    def __call__(self, samples: list[Decoded], seed: int) -> dict:
+        """One batch; `seed` fixes augmentation and masks (derived from epoch/rank/batch index)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            images = torch.stack([self.transform(s.image) for s in samples])
+        tokens = self.tokenizer([s.caption for s in samples], padding="max_length", truncation=True,
+                                max_length=self.max_text_len, return_tensors="pt")
+        input_ids = tokens["input_ids"].long()
+        special = special_tokens_mask(input_ids, self.special_ids)
+        generator = torch.Generator().manual_seed(seed)
+        mask_id = self.tokenizer.mask_token_id
+        mlm_input_ids, mlm_labels = mlm_mask(input_ids, special, self.mlm_prob, mask_id,
+                                             self.vocab_size, generator)
+        return {
+            "images": images,
+            "input_ids": input_ids,
+            "attention_mask": tokens["attention_mask"].long(),
+            "mlm_input_ids": mlm_input_ids,
+            "mlm_labels": mlm_labels,
+            "scl_input_ids": scl_mask(input_ids, special, self.scl_mask_prob, mask_id, generator),
+            "keys": [s.key for s in samples],
+            "image_ids": torch.tensor([s.image_id for s in samples], dtype=torch.long),
+        }
