@@ -1,0 +1,1 @@
+"""Command-line tools: shard writing and the synthetic shapes dataset."""
