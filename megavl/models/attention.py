@@ -138,7 +138,7 @@ def _math(q_BHLD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
           key_mask_BS: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
     probs_BHLS = attention_probs(q_BHLD, k_BHSD, key_mask_BS)
     probs_BHLS = F.dropout(probs_BHLS, p=dropout_p) if dropout_p > 0 else probs_BHLS
-    return (probs_BHLS @ v_BHSD.float()).to(q_BHLD.dtype)
+    return (probs_BHLS @ v_BHSD.to(probs_BHLS.dtype)).to(q_BHLD.dtype)
 
 
 def _sdpa(q_BHLD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
@@ -174,12 +174,14 @@ def varlen_attention(q_BHLD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.T
 
 def attention_probs(q_BHLD: torch.Tensor, k_BHSD: torch.Tensor,
                     key_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention probabilities softmax(q k^T / sqrt(D)) over valid keys -> (B, H, L, S) float32.
+    """Attention probabilities softmax(q k^T / sqrt(D)) over valid keys -> (B, H, L, S) in float32
+    (float64 for float64 inputs).
 
     The `need_weights` path (e.g. text-to-patch relevance for text-guided masking). Masked keys get
     probability 0; a batch row whose keys are all masked gets an all-zero row.
     """
-    scores_BHLS = (q_BHLD.float() @ k_BHSD.float().transpose(-1, -2)) / math.sqrt(q_BHLD.shape[-1])
+    acc_dtype = torch.promote_types(q_BHLD.dtype, torch.float32)  # half inputs accumulate in fp32
+    scores_BHLS = (q_BHLD.to(acc_dtype) @ k_BHSD.to(acc_dtype).transpose(-1, -2)) / math.sqrt(q_BHLD.shape[-1])
     if key_mask_BS is None:
         return scores_BHLS.softmax(dim=-1)
     has_key_B = key_mask_BS.any(dim=1)
@@ -255,7 +257,7 @@ class MultiHeadAttention(nn.Module):
         """x_BLD (B, L, dim) queries; context_BSD (B, S, kv_dim) keys/values, or None for
         self-attention (then key_mask_BS masks x itself) -> (B, L, dim).
 
-        return_attn=True also returns probabilities (B, H, L, S) float32 and runs the math path:
+        return_attn=True also returns probabilities (B, H, L, S) (see `attention_probs`) via the math path:
         no fused kernel materialises them (like nn.MultiheadAttention's need_weights).
         """
         context_BSD = x_BLD if context_BSD is None else context_BSD
@@ -278,5 +280,5 @@ class MultiHeadAttention(nn.Module):
         if query_mask_BL is not None:
             probs_BHLS = probs_BHLS * query_mask_BL[:, None, :, None]
         dropped_BHLS = F.dropout(probs_BHLS, p=dropout_p) if dropout_p > 0 else probs_BHLS
-        out_BHLD = (dropped_BHLS @ v_BHSD.float()).to(q_BHLD.dtype)
+        out_BHLD = (dropped_BHLS @ v_BHSD.to(dropped_BHLS.dtype)).to(q_BHLD.dtype)
         return self.out(out_BHLD.transpose(1, 2).flatten(2)), probs_BHLS
