@@ -1,0 +1,158 @@
+"""The real slurm/pretrain_14m.sh through a real sbatch on a local two-node Slurm (tests/e2e/slurm_cluster.py).
+
+The job runs the tiny recipe on CPU: 2 nodes x 1 rank, gloo, ZeRO-3, the shards this module
+generates. Only sbatch flags and the script's documented MEGAVL_* variables differ from a GPU
+cluster submission. One test checks that it trains (event files, a ZeRO checkpoint written by both
+ranks); the other sends the time-limit signal (USR1 to the batch shell, as `--signal=B:USR1@600`
+does), and checks that the job checkpointed, requeued itself, resumed from that checkpoint, and
+finished.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import LocalSlurm, SlurmError, missing_binaries
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "slurm" / "pretrain_14m.sh"
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(missing_binaries()),
+                       reason=f"Slurm is not installed ({', '.join(missing_binaries())} not on PATH); "
+                              "apt-get install slurmctld slurmd slurm-client (.ci/run does)"),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    # The context manager stops both daemons and every process of the cluster, also on failure.
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as slurm:
+        yield slurm
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    tool = Path(sys.executable).with_name("megavl-synth-shapes")
+    # The console script when installed; the same module otherwise (an editable install not re-run).
+    launcher = [str(tool)] if tool.exists() else [sys.executable, "-m", "megavl.tools.synth_shapes"]
+    cmd = [*launcher, "--out", str(out), "--num-train", "256", "--num-val", "32", "--seed", "0",
+           "--image-size", "64", "--samples-per-shard", "64"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return out
+
+
+def submit(cluster: LocalSlurm, shards: Path, run_dir: Path, sets: str) -> int:
+    """sbatch the real script: CPU overrides as sbatch flags, the rest as documented MEGAVL_* variables."""
+    train, val = sorted(shards.glob("train*.tar")), sorted(shards.glob("val*.tar"))
+    assert train and val, f"no train/val shards in {shards}: {sorted(shards.iterdir())}"
+    env = dict(os.environ,
+               MEGAVL_ROOT=str(REPO), MEGAVL_PYTHON=sys.executable, MEGAVL_GPU_TYPE="cpu",
+               MEGAVL_RECIPE="configs/tiny.yaml", MEGAVL_OUTPUT_DIR=str(run_dir / "out"),
+               MEGAVL_TRAIN_SHARDS=f"[{', '.join(map(str, train))}]",
+               MEGAVL_VAL_SHARDS=f"[{', '.join(map(str, val))}]",
+               MEGAVL_EXTRA_SETS=f"data.num_workers=0 run.eval_every=0 run.image_log_every=0 {sets}",
+               MEGAVL_MASTER_ADDR="127.0.0.1")   # n1/n2 are not resolvable host names here
+    for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_"))]:
+        env.pop(key)   # a test run inside a Slurm job must not leak that job's settings
+    flags = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0", "--time=10",
+             f"--output={run_dir}/job-%j.out"]
+    return cluster.sbatch([*flags, str(SCRIPT)], env=env, cwd=run_dir)
+
+
+def job_log(run_dir: Path, job_id: int) -> str:
+    path = run_dir / f"job-{job_id}.out"
+    return f"--- job output {path}\n" + (path.read_text(errors="replace") if path.exists() else "(none)")
+
+
+def scalar_steps(files: list[Path]) -> list[int]:
+    """Steps of every scalar in these TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps = []
+    for path in files:
+        for event in EventFileLoader(str(path)).Load():
+            if event.HasField("summary") and event.summary.value:
+                steps.append(event.step)
+    return steps
+
+
+def event_files(out: Path) -> list[Path]:
+    return sorted((out / "tb").rglob("events.out.tfevents*"))
+
+
+def latest_step(out: Path) -> int:
+    """Step of the checkpoint named in checkpoints/latest (DeepSpeed tags end with the step)."""
+    latest = out / "checkpoints" / "latest"
+    assert latest.is_file(), f"no {latest}"
+    tag = latest.read_text().strip()
+    assert (out / "checkpoints" / tag).is_dir(), f"latest names {tag!r}, which is not a directory"
+    match = re.search(r"(\d+)$", tag)
+    assert match, f"checkpoint tag {tag!r} does not end with its step"
+    return int(match.group(1))
+
+
+def test_pretrain_script_trains_on_two_nodes(cluster, shards, tmp_path):
+    steps = 6
+    job = submit(cluster, shards, tmp_path, f"run.max_steps={steps} run.checkpoint_every={steps} run.log_every=1")
+    info = cluster.wait_state(job, {"COMPLETED"}, timeout=150, context=job_log(tmp_path, job))
+    log = job_log(tmp_path, job)
+    assert info["ExitCode"] == "0:0", log
+    assert "2 ranks" in log and "n[1-2]" in log, log
+
+    out = tmp_path / "out"
+    logged = scalar_steps(event_files(out))
+    assert logged and max(logged) == steps, f"scalar steps {sorted(set(logged))}\n{log}"
+    assert latest_step(out) == steps, log
+    # ZeRO writes one optimizer-state shard per data-parallel rank: both nodes took part.
+    tag_dir = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    shards_written = sorted(p.name for p in tag_dir.glob("*optim_states.pt"))
+    assert len(shards_written) == 2, f"{shards_written}\n{log}"
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, shards, tmp_path):
+    steps = 40
+    # checkpoint_every=steps: a checkpoint before the end can only be the preemption save.
+    job = submit(cluster, shards, tmp_path, f"run.max_steps={steps} run.checkpoint_every={steps} run.log_every=1")
+    out = tmp_path / "out"
+
+    # Preempt once training is under way (a few steps logged), well before the end.
+    deadline = time.monotonic() + 120
+    while not any(s >= 2 for s in scalar_steps(event_files(out))):
+        state = cluster.job_info(job).get("JobState")
+        if time.monotonic() > deadline or state not in ("PENDING", "RUNNING"):
+            pytest.fail(f"job {job} is {state}, no training steps seen\n{job_log(tmp_path, job)}")
+        time.sleep(1)
+    # What --signal=B:USR1@600 does ahead of the time limit: USR1 to the batch shell only.
+    cluster.scancel("--signal=USR1", "--batch", str(job))
+
+    try:
+        info = cluster.wait_state(job, {"PENDING"}, timeout=90, context=job_log(tmp_path, job))
+    except SlurmError as err:
+        pytest.fail(f"the job did not requeue itself after USR1: {err}")
+    saved = latest_step(out)
+    assert 0 < saved < steps, f"preemption checkpoint at step {saved}\n{job_log(tmp_path, job)}"
+    first_run_files = set(event_files(out))
+
+    # A requeued job waits ~2 minutes (BeginTime) before it may start again; start it now.
+    cluster.scontrol("update", f"JobId={job}", "StartTime=now")
+    info = cluster.wait_state(job, {"COMPLETED"}, timeout=150, context=job_log(tmp_path, job))
+    log = job_log(tmp_path, job)
+    assert info["ExitCode"] == "0:0", log
+    assert info.get("Restarts") == "1", info
+    assert "restart 1" in log, log
+
+    second = scalar_steps([p for p in event_files(out) if p not in first_run_files])
+    assert second, f"the second run logged nothing\n{log}"
+    # Resumed, not restarted: the second run's first logged step comes after the saved one.
+    assert min(second) > saved and max(second) == steps, f"steps {sorted(set(second))}, saved {saved}\n{log}"
+    assert latest_step(out) == steps, log
