@@ -39,6 +39,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "megavl-make-shards=megavl.tools.make_shards:main",
+            "megavl-synth-shapes=megavl.tools.synth_shapes:main",
         ],
     },
 )
