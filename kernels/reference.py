@@ -42,8 +42,10 @@ def masked_patch_targets_ref(images: torch.Tensor, ids_masked: torch.Tensor, pat
                              norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """Pixels of the masked patches, (B, M, patch*patch*C); per-patch normalised as MAE when norm_pix."""
     target = gather_tokens_ref(patchify(images, patch), ids_masked)
-    if norm_pix:
-        mean = target.float().mean(dim=-1, keepdim=True)
-        var = target.float().var(dim=-1, keepdim=True)
-        target = ((target.float() - mean) / (var + eps) ** 0.5).to(images.dtype)
+    if norm_pix and target.numel():
+        # Statistics in fp32 for half types; fp64 stays fp64 (an fp32 detour would cost it precision).
+        stats = target.to(torch.promote_types(target.dtype, torch.float32))
+        mean = stats.mean(dim=-1, keepdim=True)
+        var = stats.var(dim=-1, keepdim=True)  # unbiased, as MAE
+        target = ((stats - mean) / (var + eps) ** 0.5).to(images.dtype)
     return target
