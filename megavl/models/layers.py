@@ -1,4 +1,4 @@
-"""Small building blocks shared by the towers: head split/merge, MLP, stochastic depth, activations.
+"""Small building blocks shared by the towers: head merge, MLP, stochastic depth, activations.
 
 Legend: B batch, L sequence length, H heads, D head dim, E width (= H * D).
 Attention itself lives in attention.py; this file holds only what surrounds it.
@@ -27,12 +27,6 @@ def make_activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; supported: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]()
-
-
-def split_heads(x_BLE: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, L, H*D) -> (B, H, L, D)."""
-    B, L, E = x_BLE.shape
-    return x_BLE.view(B, L, heads, E // heads).transpose(1, 2)
 
 
 def merge_heads(x_BHLD: torch.Tensor) -> torch.Tensor:

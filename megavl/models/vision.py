@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megavl_kernels import gather_tokens
-from megavl.models.attention import attention
+from megavl.models.attention import BACKENDS, attention
 from megavl.models.layers import DropPath, Mlp, merge_heads, no_decay_names
 
 # timm parameters that belong to the classifier head, which forward_features never uses.
@@ -113,6 +113,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         if img_hw[0] % patch_size or img_hw[1] % patch_size:
             raise ValueError(f"img_size {img_hw} is not a multiple of patch_size {patch_size}")
+        if attn_backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {attn_backend!r}; choose one of {BACKENDS}")
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         self.img_size = img_hw

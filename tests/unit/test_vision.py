@@ -261,6 +261,8 @@ def test_bad_construction_raises():
         tiny_vit(img_size=36)
     with pytest.raises(ValueError, match="multiple of patch_size"):
         tiny_vit().resize_pos_embed(30)
+    with pytest.raises(ValueError, match="attention backend"):
+        tiny_vit(attn_backend="fast")
 
 
 def test_from_timm_refuses_what_it_cannot_copy():
