@@ -1,0 +1,118 @@
+"""Image-text contrastive (ITC) losses: in-batch InfoNCE and ALBEF's queue + momentum distillation.
+
+Shapes: B batch, E embedding width, Q queue length. Features are L2-normalised by the caller.
+Papers: CLIP (Radford et al. 2021); ALBEF (Li et al., NeurIPS 2021, salesforce/ALBEF
+`models/model_pretrain.py`), whose learnable temperature is clamped to [0.001, 0.5].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TEMP_MIN, TEMP_MAX = 0.001, 0.5
+
+
+def _check_feats(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"{name_a} and {name_b} must be (B, E); got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{name_a} and {name_b} widths differ: {a.shape[1]} vs {b.shape[1]}")
+
+
+def _check_temperature(temperature: float | torch.Tensor) -> None:
+    # A tensor temperature is not read back to the host (that would sync every step); clamp it instead.
+    if torch.is_tensor(temperature):
+        if temperature.numel() != 1:
+            raise ValueError(f"temperature must be a scalar; got shape {tuple(temperature.shape)}")
+    elif temperature <= 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+
+
+def _soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean_i -sum_j targets[i, j] log softmax(logits[i])_j."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def clamp_temperature_(temp: torch.Tensor, min_temp: float = TEMP_MIN, max_temp: float = TEMP_MAX) -> torch.Tensor:
+    """Clamp a learnable temperature parameter in place (ALBEF: [0.001, 0.5]), outside autograd.
+
+    Call it before the forward pass each step, as ALBEF does (`with torch.no_grad(): self.temp.clamp_(...)`).
+    """
+    if min_temp <= 0 or min_temp > max_temp:
+        raise ValueError(f"need 0 < min_temp <= max_temp; got {min_temp}, {max_temp}")
+    with torch.no_grad():
+        temp.clamp_(min_temp, max_temp)
+    return temp
+
+
+def itc_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor, temperature: float | torch.Tensor,
+             sim_targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of matched pairs.
+
+    img_feat (B, E), txt_feat (B, E): L2-normalised, row i of each is a matched pair (pass features
+    already gathered across ranks for a global batch). temperature: float or 0-dim tensor (learnable).
+    sim_targets (B, B) optional soft targets for both directions (rows sum to 1; e.g. ALBEF momentum
+    distillation); the t2i direction uses sim_targets.T. Default: identity.
+
+        s = img @ txt.T / T
+        L = 1/2 [ mean_i CE(s[i, :], y[i]) + mean_j CE(s.T[j, :], y.T[j]) ]
+
+    Returns a scalar: the MEAN of the image-to-text and text-to-image losses.
+    """
+    _check_feats("img_feat", img_feat, "txt_feat", txt_feat)
+    if img_feat.shape[0] != txt_feat.shape[0]:
+        raise ValueError(f"itc_loss needs as many images as texts; got {img_feat.shape[0]} and {txt_feat.shape[0]}")
+    _check_temperature(temperature)
+    logits_i2t = img_feat @ txt_feat.t() / temperature
+    logits_t2i = logits_i2t.t()
+    B = img_feat.shape[0]
+    if sim_targets is None:
+        labels = torch.arange(B, device=img_feat.device)
+        return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+    if sim_targets.shape != (B, B):
+        raise ValueError(f"sim_targets must be ({B}, {B}); got {tuple(sim_targets.shape)}")
+    sim_targets = sim_targets.to(logits_i2t.dtype)
+    return 0.5 * (_soft_ce(logits_i2t, sim_targets) + _soft_ce(logits_t2i, sim_targets.t()))
+
+
+def itc_distill_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor,
+                     img_feat_m: torch.Tensor, txt_feat_m: torch.Tensor,
+                     img_queue: torch.Tensor, txt_queue: torch.Tensor,
+                     temperature: float | torch.Tensor, alpha: float) -> torch.Tensor:
+    """ALBEF ITC with a feature queue and momentum distillation.
+
+    img_feat, txt_feat (B, E): online features; img_feat_m, txt_feat_m (B, E): momentum-encoder
+    features; img_queue, txt_queue (Q, E): momentum features of earlier batches (ALBEF stores the
+    queues as (E, Q); pass the transpose). All L2-normalised. alpha in [0, 1].
+
+        img_all = [img_m ; img_queue]  (B+Q, E),   txt_all = [txt_m ; txt_queue]
+        y_i2t = alpha * softmax(img_m @ txt_all.T / T) + (1 - alpha) * [I_B | 0]
+        y_t2i = alpha * softmax(txt_m @ img_all.T / T) + (1 - alpha) * [I_B | 0]
+        L = 1/2 [ -mean sum y_i2t log softmax(img @ txt_all.T / T)
+                  -mean sum y_t2i log softmax(txt @ img_all.T / T) ]
+
+    Targets carry no gradient. Queue updates (enqueue the gathered momentum features) are the
+    caller's job. Returns a scalar.
+    """
+    for name, t in (("txt_feat", txt_feat), ("img_feat_m", img_feat_m), ("txt_feat_m", txt_feat_m)):
+        _check_feats("img_feat", img_feat, name, t)
+        if t.shape[0] != img_feat.shape[0]:
+            raise ValueError(f"{name} has {t.shape[0]} rows, img_feat has {img_feat.shape[0]}")
+    _check_feats("img_feat", img_feat, "img_queue", img_queue)
+    _check_feats("txt_feat", txt_feat, "txt_queue", txt_queue)
+    if img_queue.shape[0] != txt_queue.shape[0]:
+        raise ValueError(f"queues differ in length: {img_queue.shape[0]} vs {txt_queue.shape[0]}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
+    _check_temperature(temperature)
+    B = img_feat.shape[0]
+    with torch.no_grad():
+        img_all = torch.cat([img_feat_m, img_queue], dim=0).detach()
+        txt_all = torch.cat([txt_feat_m, txt_queue], dim=0).detach()
+        one_hot = torch.zeros(B, img_all.shape[0], dtype=img_feat.dtype, device=img_feat.device)
+        one_hot[:, :B] = torch.eye(B, dtype=img_feat.dtype, device=img_feat.device)
+        targets_i2t = alpha * F.softmax(img_feat_m @ txt_all.t() / temperature, dim=1) + (1 - alpha) * one_hot
+        targets_t2i = alpha * F.softmax(txt_feat_m @ img_all.t() / temperature, dim=1) + (1 - alpha) * one_hot
+    loss_i2t = _soft_ce(img_feat @ txt_all.t() / temperature, targets_i2t)
+    loss_t2i = _soft_ce(txt_feat @ img_all.t() / temperature, targets_t2i)
+    return 0.5 * (loss_i2t + loss_t2i)
