@@ -1,0 +1,82 @@
+"""Image-text matching (ITM): negative sampling that never pairs an image with its own captions, and the loss.
+
+Shapes: B rows (the anchors: images for image->text sampling, texts for text->image), C candidate
+columns (possibly gathered across ranks, so C >= B). Paper: ALBEF (Li et al., NeurIPS 2021) draws one
+hard negative per anchor with torch.multinomial over softmaxed ITC similarities; SCL (Ji et al.,
+CVPR 2023) uses random negatives.
+
+"Same image" is decided by image ids, not by the diagonal: datasets such as COCO have five captions
+per image, and a caption of the same image is a positive, not a negative.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _valid_columns(image_ids_rows: torch.Tensor, image_ids_cols: torch.Tensor) -> torch.Tensor:
+    """(B, C) bool: True where column c shows a different image from row b. Raises if a row has none."""
+    if image_ids_rows.dim() != 1 or image_ids_cols.dim() != 1:
+        raise ValueError(f"image ids must be 1-D; got {tuple(image_ids_rows.shape)} and {tuple(image_ids_cols.shape)}")
+    valid = image_ids_rows[:, None] != image_ids_cols[None, :]
+    # One host sync per call; a row without any negative would otherwise make multinomial
+    # fail with an opaque message (or, with tiny smoothing weights, return a positive).
+    stranded = ~valid.any(dim=1)
+    if bool(stranded.any()):
+        rows = stranded.nonzero().flatten().tolist()
+        raise ValueError(f"rows {rows} have no candidate with a different image id; every candidate shows "
+                         f"the same image, so no ITM negative exists (batch of one image?)")
+    return valid
+
+
+def sample_hard_negatives(sim: torch.Tensor, image_ids_rows: torch.Tensor, image_ids_cols: torch.Tensor,
+                          generator: torch.Generator | None = None, eps: float = 0.0) -> torch.Tensor:
+    """Draw one hard negative column per row, with probability softmax(sim[b]) over valid columns.
+
+    sim (B, C): similarities (e.g. ITC logits img @ txt.T / T; pass sim.T with ids swapped for text->image).
+    image_ids_rows (B,), image_ids_cols (C,): integer image ids; columns with the row's image id get
+    weight ZERO, so a returned pair never shares the image.
+    eps: added to every valid column's probability before sampling (ALBEF adds 1e-4; default 0 samples
+    exactly softmax). A row with no valid column raises ValueError.
+
+        w[b, c] = softmax_c(sim[b, c] masked to -inf where ids equal) + eps * valid[b, c]
+        neg_idx[b] ~ Multinomial(w[b])
+
+    Returns neg_idx (B,) long, indices into the C columns. No gradient flows (sampling is discrete).
+    """
+    if sim.dim() != 2 or sim.shape != (image_ids_rows.shape[0], image_ids_cols.shape[0]):
+        raise ValueError(f"sim must be (B, C) = ({image_ids_rows.shape[0]}, {image_ids_cols.shape[0]}); "
+                         f"got {tuple(sim.shape)}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0; got {eps}")
+    valid = _valid_columns(image_ids_rows, image_ids_cols)
+    with torch.no_grad():
+        # Mask BEFORE the softmax: masking after (as ALBEF does) can leave a row of all-underflowed
+        # zeros when a same-image column dominates.
+        logits = sim.detach().float().masked_fill(~valid, float("-inf"))
+        weights = F.softmax(logits, dim=1) + eps * valid.float()
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def sample_random_negatives(image_ids_rows: torch.Tensor, image_ids_cols: torch.Tensor,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one negative column per row uniformly among columns showing a different image (SCL's ITM).
+
+    image_ids_rows (B,), image_ids_cols (C,) -> neg_idx (B,) long. A row with no valid column raises ValueError.
+    """
+    valid = _valid_columns(image_ids_rows, image_ids_cols)
+    return torch.multinomial(valid.float(), 1, generator=generator).squeeze(1)
+
+
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary match / no-match cross-entropy: mean_n -log softmax(logits[n])[labels[n]].
+
+    logits (N, 2) from the ITM head on [positives ; negatives]; labels (N,) long, 1 = matched, 0 = not.
+    """
+    if logits.dim() != 2 or logits.shape[1] != 2:
+        raise ValueError(f"ITM logits must be (N, 2); got {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"labels must be ({logits.shape[0]},); got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.uint8, torch.bool):
+        raise TypeError(f"labels must be integer class ids; got {labels.dtype}")
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels.long())
