@@ -29,6 +29,16 @@ def _valid_columns(image_ids_rows: torch.Tensor, image_ids_cols: torch.Tensor) -
     return valid
 
 
+def _multinomial_one(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of weights (B, C) -> (B,) long on weights' device.
+
+    Draws on the generator's device, so a CPU generator gives the same negatives for CUDA inputs.
+    """
+    if generator is not None and generator.device != weights.device:
+        return torch.multinomial(weights.to(generator.device), 1, generator=generator).squeeze(1).to(weights.device)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
 def sample_hard_negatives(sim: torch.Tensor, image_ids_rows: torch.Tensor, image_ids_cols: torch.Tensor,
                           generator: torch.Generator | None = None, eps: float = 0.0) -> torch.Tensor:
     """Draw one hard negative column per row, with probability softmax(sim[b]) over valid columns.
@@ -55,7 +65,7 @@ def sample_hard_negatives(sim: torch.Tensor, image_ids_rows: torch.Tensor, image
         # zeros when a same-image column dominates.
         logits = sim.detach().float().masked_fill(~valid, float("-inf"))
         weights = F.softmax(logits, dim=1) + eps * valid.float()
-        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+        return _multinomial_one(weights, generator)
 
 
 def sample_random_negatives(image_ids_rows: torch.Tensor, image_ids_cols: torch.Tensor,
@@ -65,7 +75,7 @@ def sample_random_negatives(image_ids_rows: torch.Tensor, image_ids_cols: torch.
     image_ids_rows (B,), image_ids_cols (C,) -> neg_idx (B,) long. A row with no valid column raises ValueError.
     """
     valid = _valid_columns(image_ids_rows, image_ids_cols)
-    return torch.multinomial(valid.float(), 1, generator=generator).squeeze(1)
+    return _multinomial_one(valid.float(), generator)
 
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
