@@ -61,12 +61,13 @@ class ShardWriter:
             raise ValueError(f"duplicate sample key {key!r}")
         self._keys.add(key)
         if self._tar is None or self.counts[self._name] >= self.samples_per_shard:
-            self._next_shard()
+            self.start_shard()
         for ext, data in fields.items():
             add_member(self._tar, f"{key}.{ext}", data)
         self.counts[self._name] += 1
 
-    def _next_shard(self) -> None:
+    def start_shard(self) -> None:
+        """Close the current shard (if any) and open the next one."""
         self._close_tar()
         self._name = f"{self.prefix}{len(self.counts):06d}.tar"
         self.counts[self._name] = 0
