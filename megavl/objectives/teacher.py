@@ -1,0 +1,133 @@
+"""EMA (momentum) teacher that works on plain modules and on DeepSpeed ZeRO-3 partitions.
+
+Used by ALBEF's momentum encoder (momentum 0.995), DINO/iBOT and SemMIM (0.996 -> 1, cosine).
+
+ZeRO-3: a partitioned parameter's `.data` is an empty placeholder outside forward; this rank's flat
+shard (padded at the end of the last rank) lives in `param.ds_tensor`. When student and teacher are
+submodules of ONE engine module, DeepSpeed partitions same-shaped parameters identically, so the EMA
+is element-wise on shards: `t.ds_tensor.mul_(m).add_(s.ds_tensor, alpha=1-m)` with no communication.
+Small "persistent" parameters (numel <= stage3_param_persistence_threshold) also keep their full
+`.data` between steps; both copies are updated so the next forward sees the new values.
+Not supported: parameters offloaded to NVMe (their shard is not in memory), which raises.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+BufferMode = Literal["ema", "copy", "skip"]
+
+
+def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
+    """Cosine momentum schedule (DINO): m = final - (final - base) * (cos(pi * step / total) + 1) / 2.
+
+    m = base at step 0, final at step >= total_steps (clamped there).
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0; got {total_steps}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0; got {step}")
+    progress = min(step, total_steps) / total_steps
+    return final - (final - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A deep copy of `student` with every parameter frozen (requires_grad=False).
+
+    Call it BEFORE deepspeed.initialize / zero.Init (a partitioned module cannot be deep-copied) and
+    put both into one wrapper module so DeepSpeed partitions them alike.
+    """
+    if any(hasattr(p, "ds_id") for p in student.parameters()):
+        raise RuntimeError("make_teacher got a ZeRO-3 partitioned module; build the teacher before deepspeed.initialize")
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _full_shape(p: torch.Tensor) -> torch.Size:
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+def _is_partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_tensor")
+
+
+def _has_full_data(p: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter whose full tensor is currently gathered (persistent, or inside forward)."""
+    return p.data.numel() == p.ds_numel and p.ds_numel > 0
+
+
+def _check_not_nvme(name: str, p: torch.Tensor) -> None:
+    location = getattr(p.ds_tensor, "final_location", None)
+    if location is not None and "nvme" in str(location).lower():
+        raise NotImplementedError(f"{name}: EMA of NVMe-offloaded ZeRO-3 parameters is not supported")
+
+
+def _paired(teacher_items: dict[str, torch.Tensor], student_items: dict[str, torch.Tensor],
+            kind: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    missing = sorted(set(student_items) - set(teacher_items))
+    extra = sorted(set(teacher_items) - set(student_items))
+    if missing or extra:
+        raise ValueError(f"teacher does not mirror student {kind}: missing in teacher {missing[:5]}, "
+                         f"extra in teacher {extra[:5]}")
+    pairs = []
+    for name, s in student_items.items():
+        t = teacher_items[name]
+        if _full_shape(t) != _full_shape(s):
+            raise ValueError(f"{kind} {name}: teacher shape {tuple(_full_shape(t))} != student {tuple(_full_shape(s))}")
+        pairs.append((name, t, s))
+    return pairs
+
+
+@torch.no_grad()
+def _ema_param(name: str, t: nn.Parameter, s: nn.Parameter, momentum: float) -> None:
+    if _is_partitioned(t) != _is_partitioned(s):
+        raise ValueError(f"{name}: one of teacher/student is ZeRO-3 partitioned and the other is not; "
+                         f"wrap both in one module before deepspeed.initialize")
+    if not _is_partitioned(t):
+        t.data.mul_(momentum).add_(s.data.to(t.dtype), alpha=1.0 - momentum)
+        return
+    _check_not_nvme(name, t)
+    _check_not_nvme(name, s)
+    if t.ds_tensor.shape != s.ds_tensor.shape:
+        raise ValueError(f"{name}: teacher and student shards differ ({tuple(t.ds_tensor.shape)} vs "
+                         f"{tuple(s.ds_tensor.shape)}); they must be partitioned by the same engine")
+    t.ds_tensor.data.mul_(momentum).add_(s.ds_tensor.data.to(t.ds_tensor.dtype), alpha=1.0 - momentum)
+    if _has_full_data(t):
+        if not _has_full_data(s):
+            raise RuntimeError(f"{name}: teacher is gathered but student is not; cannot update the teacher's "
+                               f"full copy (are their persistence thresholds different?)")
+        t.data.mul_(momentum).add_(s.data.to(t.dtype), alpha=1.0 - momentum)
+    # ZeRO++ hpZ keeps a secondary shard copy; drop it so the next gather reads the updated primary.
+    if getattr(t, "ds_secondary_tensor", None) is not None:
+        t.ds_secondary_tensor = None
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float,
+                buffers: BufferMode = "ema") -> None:
+    """In place: teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (by name).
+
+    Works unsharded and under ZeRO-3 (updates this rank's shards, no gather; see the module docstring).
+    buffers: "ema" applies the same EMA to floating-point buffers and copies the others (timm ModelEma);
+    "copy" copies every buffer; "skip" leaves teacher buffers alone (DINO). Buffers are never partitioned.
+    Raises ValueError if the teacher does not mirror the student (names or shapes).
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1]; got {momentum}")
+    if buffers not in ("ema", "copy", "skip"):
+        raise ValueError(f"buffers must be 'ema', 'copy' or 'skip'; got {buffers!r}")
+    for name, t, s in _paired(dict(teacher.named_parameters()), dict(student.named_parameters()), "parameters"):
+        _ema_param(name, t, s, momentum)
+    if buffers == "skip":
+        return
+    for name, t, s in _paired(dict(teacher.named_buffers()), dict(student.named_buffers()), "buffers"):
+        if buffers == "ema" and t.dtype.is_floating_point:
+            t.mul_(momentum).add_(s.to(t.dtype), alpha=1.0 - momentum)
+        else:
+            t.copy_(s)

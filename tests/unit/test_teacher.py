@@ -1,0 +1,100 @@
+"""EMA teacher (unsharded path; ZeRO-3 is in tests/distributed) and the single-process gather helpers."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from megavl.objectives.distributed import all_reduce_mean, gather_features
+from megavl.objectives.teacher import ema_update_, make_teacher, teacher_momentum
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Linear(5, 2))
+
+
+def test_teacher_momentum_schedule():
+    assert teacher_momentum(0, 100) == pytest.approx(0.996)
+    assert teacher_momentum(100, 100) == pytest.approx(1.0)
+    assert teacher_momentum(250, 100) == pytest.approx(1.0)  # clamped after the end
+    for step in (1, 17, 50, 99):
+        expected = 1.0 - (1.0 - 0.996) * (math.cos(math.pi * step / 100) + 1) / 2
+        assert teacher_momentum(step, 100) == pytest.approx(expected, abs=1e-15)
+    values = [teacher_momentum(s, 40, base=0.9, final=0.99) for s in range(41)]
+    assert all(b >= a for a, b in zip(values, values[1:])) and values[20] == pytest.approx(0.945)
+    with pytest.raises(ValueError):
+        teacher_momentum(0, 0)
+    with pytest.raises(ValueError):
+        teacher_momentum(-1, 10)
+
+
+def test_make_teacher_is_frozen_independent_copy():
+    student = _net()
+    teacher = make_teacher(student)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in student.parameters())
+    for (n, s), (_, t) in zip(student.named_parameters(), teacher.named_parameters()):
+        assert torch.equal(s, t) and s.data_ptr() != t.data_ptr(), n
+
+
+def test_ema_update_matches_formula_with_buffers():
+    student, teacher = _net(), _net()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(1.0)
+    student.train()(torch.randn(8, 3))  # moves BatchNorm running stats and num_batches_tracked
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ema_update_(teacher, student, 0.7)
+    s_state = student.state_dict()
+    for k, t in teacher.state_dict().items():
+        if t.dtype.is_floating_point:
+            assert torch.allclose(t, 0.7 * before[k] + 0.3 * s_state[k], atol=1e-7), k
+        else:
+            assert torch.equal(t, s_state[k]), k  # integer buffers are copied
+    assert all(not p.requires_grad for p in make_teacher(student).parameters())
+
+
+@pytest.mark.parametrize("mode", ["copy", "skip"])
+def test_ema_buffer_modes(mode):
+    student, teacher = _net(), _net()
+    student.train()(torch.randn(8, 3))
+    before = teacher[1].running_mean.clone()
+    ema_update_(teacher, student, 0.5, buffers=mode)
+    expected = student[1].running_mean if mode == "copy" else before
+    assert torch.equal(teacher[1].running_mean, expected)
+
+
+def test_ema_extremes_and_no_grad():
+    student, teacher = _net(), _net()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(-1)
+    frozen = [p.clone() for p in teacher.parameters()]
+    ema_update_(teacher, student, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), frozen))
+    ema_update_(teacher, student, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), student.parameters()))
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_ema_mismatch_raises():
+    student = _net()
+    with pytest.raises(ValueError, match="missing in teacher"):
+        ema_update_(nn.Sequential(nn.Linear(3, 5)), student, 0.9)
+    other = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    with pytest.raises(ValueError, match="shape"):
+        ema_update_(other, student, 0.9)
+    with pytest.raises(ValueError, match="momentum"):
+        ema_update_(make_teacher(student), student, 1.1)
+    with pytest.raises(ValueError, match="buffers"):
+        ema_update_(make_teacher(student), student, 0.9, buffers="mean")
+
+
+def test_gather_helpers_are_identity_without_distributed():
+    x = torch.randn(3, 4, requires_grad=True)
+    assert gather_features(x) is x and gather_features(x, with_grad=False) is x
+    mean = all_reduce_mean(x)
+    assert torch.equal(mean, x) and not mean.requires_grad
