@@ -188,6 +188,24 @@ def test_scatter_reference_gradcheck():
     assert torch.autograd.gradcheck(lambda k, m: K.scatter_tokens_ref(k, ids_restore, m), (kept, mask_token))
 
 
+# ---------------------------------------------------------------- launch shapes
+@pytest.mark.parametrize("D", [1, 7, 64, 96, 197, 768, 1024, 1536, 3000, 4096])
+def test_row_tiles_cover_every_column_once(D):
+    from megavl_kernels.tiling import TILE, row_tiles
+
+    t = row_tiles(1000, D)
+    assert t.grid[1] * t.BLOCK_D >= D > (t.grid[1] - 1) * t.BLOCK_D  # no missing, no empty D-block
+    assert t.grid[0] * t.ROWS >= 1000 > (t.grid[0] - 1) * t.ROWS
+    assert t.ROWS * t.BLOCK_D <= max(TILE, t.BLOCK_D)
+    assert t.BLOCK_D & (t.BLOCK_D - 1) == 0
+
+
+def test_row_tiles_avoid_idle_lanes_at_vit_widths():
+    from megavl_kernels.tiling import row_tiles
+
+    assert (row_tiles(1, 768).BLOCK_D, row_tiles(1, 1024).BLOCK_D) == (256, 1024)
+
+
 # ---------------------------------------------------------------- dispatch
 def _spy_reference(monkeypatch, name: str) -> list:
     calls = []
