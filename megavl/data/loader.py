@@ -54,12 +54,14 @@ def _sum_counts(base: Counter, per_worker: dict[int, dict]) -> Counter:
 class TrainLoader:
     """Endless iterator over this rank's training batches; see the module docstring."""
 
-    def __init__(self, plan: TrainPlan, collator: Collator, num_workers: int):
+    def __init__(self, plan: TrainPlan, collator: Collator, num_workers: int,
+                 sizing_counts: Counter | None = None):
         self.plan, self.collator, self.num_workers = plan, collator, num_workers
         self.epoch = 0
         self.batches_in_epoch = 0
         self.batches_per_epoch = plan.batches_per_worker * plan.num_workers
-        self._base_counts: Counter = Counter()
+        # shards found truncated while counting their samples (no stats.json), counted once
+        self._base_counts: Counter = Counter(sizing_counts or {})
         self._worker_counts: dict[int, dict] = {}
         self._iterator: Iterator[dict] | None = None
 
@@ -127,7 +129,7 @@ class TrainLoader:
             self._iterator = None
 
 
-def _train_sources(cfg: DataConfig) -> list[Source]:
+def _train_sources(cfg: DataConfig, skips: Counter) -> list[Source]:
     if not cfg.train_shards:
         raise ValueError("data.train_shards is empty")
     if cfg.train_weights and len(cfg.train_weights) != len(cfg.train_shards):
@@ -139,7 +141,7 @@ def _train_sources(cfg: DataConfig) -> list[Source]:
     check_shards_exist([u for urls in url_lists for u in urls])
     need_sizes = not cfg.resampled or cfg.samples_per_epoch <= 0 or not cfg.train_weights
     weights = cfg.train_weights or [0.0] * len(url_lists)
-    return [Source(urls, shard_sizes(urls) if need_sizes else None, w)
+    return [Source(urls, shard_sizes(urls, skips) if need_sizes else None, w)
             for urls, w in zip(url_lists, weights)]
 
 
@@ -150,7 +152,8 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     if cfg.batch_size <= 0:
         raise ValueError(f"data.batch_size must be positive, got {cfg.batch_size}")
-    sources = _train_sources(cfg)
+    sizing_counts: Counter = Counter()
+    sources = _train_sources(cfg, sizing_counts)
     quotas = [] if cfg.resampled else source_quotas(sources, cfg.samples_per_epoch)
     epoch_size = (sum(quotas) if not cfg.resampled
                   else cfg.samples_per_epoch or sum(s.size for s in sources))
@@ -169,7 +172,7 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob:
                                 cfg.mean, cfg.std)
     collator = Collator(build_tokenizer(cfg.tokenizer), transform, cfg.max_text_len, mlm_prob,
                         scl_mask_prob)
-    loader = TrainLoader(plan, collator, cfg.num_workers)
+    loader = TrainLoader(plan, collator, cfg.num_workers, sizing_counts)
     logger.info("train data: %d samples/epoch, rank %d/%d gets %d batches of %d per epoch",
                 epoch_size, rank, world_size, loader.batches_per_epoch, cfg.batch_size)
     if epoch_start_state:
@@ -180,9 +183,11 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob:
 class EvalLoader:
     """Iterable (re-iterable) over this rank's share of the val set; see the module docstring."""
 
-    def __init__(self, plan: EvalPlan, collator: Collator, num_workers: int):
+    def __init__(self, plan: EvalPlan, collator: Collator, num_workers: int,
+                 sizing_counts: Counter | None = None):
         self.plan, self.collator, self.num_workers = plan, collator, num_workers
         self.num_samples = plan.end - plan.begin  # before skips
+        self._sizing_counts = Counter(sizing_counts or {})
         self._counts: Counter = Counter()
 
     def __iter__(self) -> Iterator[dict]:
@@ -193,10 +198,10 @@ class EvalLoader:
                 per_worker[meta["worker"]] = meta["counts"]
                 yield batch
         finally:
-            self._counts = _sum_counts(Counter(), per_worker)
+            self._counts = _sum_counts(self._sizing_counts, per_worker)
 
     def skip_counts(self) -> dict[str, int]:
-        """Samples skipped in the last pass over the val set, by reason."""
+        """Samples skipped in the last pass over the val set (+ truncation found while sizing)."""
         return {reason: self._counts.get(reason, 0) for reason in SKIP_REASONS}
 
 
@@ -207,7 +212,8 @@ def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: 
         raise ValueError("data.val_shards is empty")
     urls = [u for pattern in cfg.val_shards for u in expand_urls(pattern)]
     check_shards_exist(urls)
-    segments = [Segment(u, 0, n) for u, n in zip(urls, shard_sizes(urls)) if n > 0]
+    sizing_counts: Counter = Counter()
+    segments = [Segment(u, 0, n) for u, n in zip(urls, shard_sizes(urls, sizing_counts)) if n > 0]
     total = sum(s.stop for s in segments)
     begin, end = eval_rank_range(total, rank, world_size)
     plan = EvalPlan(segments=segments, begin=begin, end=end, batch_size=cfg.batch_size,
@@ -217,4 +223,4 @@ def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: 
     collator = Collator(build_tokenizer(cfg.tokenizer),
                         eval_transform(cfg.image_size, cfg.mean, cfg.std), cfg.max_text_len,
                         mlm_prob, scl_mask_prob)
-    return EvalLoader(plan, collator, cfg.num_workers)
+    return EvalLoader(plan, collator, cfg.num_workers, sizing_counts)

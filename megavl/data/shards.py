@@ -150,9 +150,10 @@ def iter_raw_samples(url: str, start: int = 0, stop: int | None = None,
         logger.warning("cannot read shard %s: %s", url, err)
 
 
-def count_samples(url: str) -> int:
-    """Number of samples in a shard, by reading its headers (a pipe: URL is streamed through)."""
-    return sum(1 for _ in iter_raw_samples(url))
+def count_samples(url: str, skips: Counter | None = None) -> int:
+    """Number of readable samples in a shard, by reading its headers (a pipe: URL is streamed
+    through); truncation found on the way is counted in `skips`."""
+    return sum(1 for _ in iter_raw_samples(url, skips=skips))
 
 
 def _stats_for(url: str, cache: dict[str, dict]) -> int | None:
@@ -178,15 +179,16 @@ def _stats_for(url: str, cache: dict[str, dict]) -> int | None:
     return None
 
 
-def shard_sizes(urls: list[str]) -> list[int]:
-    """Samples per shard: from stats files when present, else counted (logged, slower)."""
+def shard_sizes(urls: list[str], skips: Counter | None = None) -> list[int]:
+    """Samples per shard: from stats files when present, else counted (logged, slower; a
+    truncated shard then counts its readable samples and the truncation goes into `skips`)."""
     cache: dict[str, dict] = {}
     sizes = []
     counted = 0
     for url in urls:
         size = _stats_for(url, cache)
         if size is None:
-            size = count_samples(url)
+            size = count_samples(url, skips)
             counted += 1
         sizes.append(size)
     if counted:
