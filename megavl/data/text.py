@@ -8,7 +8,8 @@ import importlib.util
 import os
 
 import torch
-from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
+from tokenizers import BertWordPieceTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 IGNORE_INDEX = -100  # label of positions MLM does not score (torch cross_entropy's ignore_index)
 
@@ -22,6 +23,15 @@ def default_tokenizer_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
+def _from_vocab_file(vocab_path: str) -> PreTrainedTokenizerFast:
+    """Uncased BERT WordPiece from a bare vocab.txt (the constructor's vocab argument differs
+    between transformers 4 and 5, the `tokenizers` pipeline does not)."""
+    wordpiece = BertWordPieceTokenizer(vocab_path, lowercase=True)
+    return PreTrainedTokenizerFast(tokenizer_object=wordpiece._tokenizer, unk_token="[UNK]",
+                                   sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
+                                   mask_token="[MASK]")
+
+
 def build_tokenizer(path_or_empty: str) -> PreTrainedTokenizerFast:
     """A fast tokenizer from a local directory or a WordPiece `vocab.txt`; "" = the default vocab.
 
@@ -31,7 +41,7 @@ def build_tokenizer(path_or_empty: str) -> PreTrainedTokenizerFast:
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer path {path!r} does not exist (hubs are not used)")
     if os.path.isfile(path):
-        tokenizer = BertTokenizerFast(vocab_file=path, do_lower_case=True)
+        tokenizer = _from_vocab_file(path)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
