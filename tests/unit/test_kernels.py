@@ -1,6 +1,7 @@
 """megavl_kernels: Triton kernels against the PyTorch references, values and every gradient.
 
-On CPU the Triton kernels run through Triton's interpreter, so CI checks the kernel code itself.
+On CPU the Triton kernels run through Triton's interpreter, so CI checks the kernel code itself;
+on a CUDA machine the same shape/dtype sweeps run the compiled kernels on the GPU.
 Triton fixes interpreter vs compiled mode when it is first imported, so this module sets
 TRITON_INTERPRET=1 before anything imports triton (CPU-only machines). If an earlier test module
 already imported triton compiled (torchvision does), the interpreter tests re-run this file in a
@@ -23,6 +24,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and ("triton" not in sys
 IN_CHILD = os.environ.get("MEGAVL_KERNELS_TEST_CHILD") == "1"
 interp = pytest.mark.skipif(
     not INTERPRETED, reason="triton was imported compiled before this module; run by test_interpreter_suite_in_subprocess")
+# The shape/dtype sweeps run the Triton kernels wherever this process can: compiled on CUDA, else interpreted on CPU.
+DEV = "cpu" if INTERPRETED else ("cuda" if torch.cuda.is_available() else None)
+on_triton_device = pytest.mark.skipif(
+    DEV is None, reason="triton was imported compiled before this module; run by test_interpreter_suite_in_subprocess")
 
 # The interpreter rounds fp32 -> bf16 by truncation (GPUs round to nearest), so bf16 values that went
 # through fp32 arithmetic may differ by one bf16 ulp; gradients also differ by summation order.
@@ -49,10 +54,10 @@ def run_both(op, inputs: dict, grad_names: list[str], **kw):
     return results
 
 
-def random_ids(B: int, N: int, n_ids: int, repeats: bool, dtype=torch.int64) -> torch.Tensor:
+def random_ids(B: int, N: int, n_ids: int, repeats: bool, dtype=torch.int64, device=None) -> torch.Tensor:
     if repeats:
-        return torch.randint(0, N, (B, n_ids), dtype=dtype)
-    return torch.stack([torch.randperm(N)[:n_ids] for _ in range(B)]).to(dtype)
+        return torch.randint(0, N, (B, n_ids), dtype=dtype).to(device)
+    return torch.stack([torch.randperm(N)[:n_ids] for _ in range(B)]).to(device, dtype)
 
 
 # ---------------------------------------------------------------- gather_tokens
@@ -66,16 +71,17 @@ GATHER_CASES = [  # B, N, D, K, with_pos, repeated ids, non-contiguous x
 ]
 
 
-@interp
+@on_triton_device
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,N,D,Kk,with_pos,repeats,strided", GATHER_CASES)
 def test_gather_matches_reference(dtype, B, N, D, Kk, with_pos, repeats, strided):
     torch.manual_seed(0)
-    x = torch.randn(B, D, N, dtype=dtype).transpose(1, 2) if strided else torch.randn(B, N, D, dtype=dtype)
+    x = torch.randn(B, D, N, dtype=dtype, device=DEV).transpose(1, 2) if strided else \
+        torch.randn(B, N, D, dtype=dtype, device=DEV)
     assert x.is_contiguous() != strided
-    inputs = {"x": x, "ids": random_ids(B, N, Kk, repeats, torch.int32 if strided else torch.int64)}
+    inputs = {"x": x, "ids": random_ids(B, N, Kk, repeats, torch.int32 if strided else torch.int64, DEV)}
     if with_pos:
-        inputs["pos"] = torch.randn(N, D, dtype=dtype)
+        inputs["pos"] = torch.randn(N, D, dtype=dtype, device=DEV)
     names = ["x", "pos"] if with_pos else ["x"]
     (out_t, grads_t), (out_r, grads_r) = run_both(K.gather_tokens, inputs, names)
     close(out_t, out_r, dtype)
@@ -85,10 +91,10 @@ def test_gather_matches_reference(dtype, B, N, D, Kk, with_pos, repeats, strided
         close(g_t, g_r, dtype)
 
 
-@interp
+@on_triton_device
 def test_gather_repeated_ids_accumulate():
-    x = torch.randn(1, 5, 8, requires_grad=True)
-    out = K.gather_tokens(x, torch.tensor([[3, 3, 3, 0]]), backend="triton")
+    x = torch.randn(1, 5, 8, device=DEV, requires_grad=True)
+    out = K.gather_tokens(x, torch.tensor([[3, 3, 3, 0]], device=DEV), backend="triton")
     out.sum().backward()
     assert x.grad[0, :, 0].tolist() == [1.0, 0.0, 0.0, 3.0, 0.0]
 
@@ -103,14 +109,15 @@ SCATTER_CASES = [  # B, N, D, K, non-contiguous inputs
 ]
 
 
-@interp
+@on_triton_device
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,N,D,Kk,strided", SCATTER_CASES)
 def test_scatter_matches_reference(dtype, B, N, D, Kk, strided):
     torch.manual_seed(0)
-    kept = torch.randn(B, D, Kk, dtype=dtype).transpose(1, 2) if strided else torch.randn(B, Kk, D, dtype=dtype)
-    mask_token = torch.randn(2 * D, dtype=dtype)[::2] if strided else torch.randn(D, dtype=dtype)
-    ids_restore = random_ids(B, N, N, False)
+    kept = torch.randn(B, D, Kk, dtype=dtype, device=DEV).transpose(1, 2) if strided else \
+        torch.randn(B, Kk, D, dtype=dtype, device=DEV)
+    mask_token = torch.randn(2 * D, dtype=dtype, device=DEV)[::2] if strided else torch.randn(D, dtype=dtype, device=DEV)
+    ids_restore = random_ids(B, N, N, False, device=DEV)
     if strided:
         ids_restore = ids_restore.to(torch.int32).t().contiguous().t()
     inputs = {"kept": kept, "ids_restore": ids_restore, "mask_token": mask_token}
@@ -120,11 +127,11 @@ def test_scatter_matches_reference(dtype, B, N, D, Kk, strided):
         close(g_t, g_r, dtype)
 
 
-@interp
+@on_triton_device
 def test_scatter_mask_token_grad_sums_masked_positions():
-    kept = torch.randn(2, 3, 4, requires_grad=True)
-    mask_token = torch.zeros(4, requires_grad=True)
-    ids_restore = torch.stack([torch.randperm(7) for _ in range(2)])
+    kept = torch.randn(2, 3, 4, device=DEV, requires_grad=True)
+    mask_token = torch.zeros(4, device=DEV, requires_grad=True)
+    ids_restore = random_ids(2, 7, 7, False, device=DEV)
     K.scatter_tokens(kept, ids_restore, mask_token, backend="triton").sum().backward()
     assert mask_token.grad.tolist() == [8.0] * 4  # 2 rows x (7 - 3) masked positions
     assert torch.equal(kept.grad, torch.ones_like(kept))
@@ -140,16 +147,16 @@ PATCH_CASES = [  # B, C, H, W, patch, M, repeats, layout
 ]
 
 
-@interp
+@on_triton_device
 @pytest.mark.parametrize("norm_pix", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,C,H,W,patch,M,repeats,layout", PATCH_CASES)
 def test_patch_targets_match_reference(norm_pix, dtype, B, C, H, W, patch, M, repeats, layout):
     torch.manual_seed(0)
-    images = torch.rand(B, C, H, W, dtype=dtype) * 4 - 1
+    images = torch.rand(B, C, H, W, dtype=dtype, device=DEV) * 4 - 1
     if layout == "channels_last":
         images = images.contiguous(memory_format=torch.channels_last)
-    ids = random_ids(B, (H // patch) * (W // patch), M, repeats)
+    ids = random_ids(B, (H // patch) * (W // patch), M, repeats, device=DEV)
     (out_t, _), (out_r, _) = run_both(K.masked_patch_targets, {"images": images, "ids_masked": ids,
                                                                "patch": patch, "norm_pix": norm_pix}, [])
     close(out_t, out_r, dtype)
