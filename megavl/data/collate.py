@@ -17,19 +17,20 @@ from transformers import PreTrainedTokenizerFast
 
 from megavl.data.decode import Decoded
 from megavl.data.text import mlm_mask, scl_mask, special_tokens_mask
-from megavl.data.transforms import Transform
+from megavl.data.transforms import Transform, normalize_batch
 
 
 class Collator:
     """Transforms images, tokenises captions and draws the text masks from a given seed."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, transform: Transform, max_text_len: int,
-                 mlm_prob: float, scl_mask_prob: float):
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, transform: Transform, mean: list[float],
+                 std: list[float], max_text_len: int, mlm_prob: float, scl_mask_prob: float):
         for name, p in (("mlm_prob", mlm_prob), ("scl_mask_prob", scl_mask_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
         self.tokenizer = tokenizer
         self.transform = transform
+        self.mean, self.std = mean, std
         self.max_text_len = max_text_len
         self.mlm_prob = mlm_prob
         self.scl_mask_prob = scl_mask_prob
@@ -40,7 +41,7 @@ class Collator:
         """One batch; `seed` fixes augmentation and masks (derived from epoch/rank/batch index)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            images = torch.stack([self.transform(s.image) for s in samples])
+            images = torch.stack([self.transform(s.image) for s in samples])  # uint8
         tokens = self.tokenizer([s.caption for s in samples], padding="max_length", truncation=True,
                                 max_length=self.max_text_len, return_tensors="pt")
         input_ids = tokens["input_ids"].long()
@@ -50,7 +51,7 @@ class Collator:
         mlm_input_ids, mlm_labels = mlm_mask(input_ids, special, self.mlm_prob, mask_id,
                                              self.vocab_size, generator)
         return {
-            "images": images,
+            "images": normalize_batch(images, self.mean, self.std),
             "input_ids": input_ids,
             "attention_mask": tokens["attention_mask"].long(),
             "mlm_input_ids": mlm_input_ids,

@@ -94,7 +94,8 @@ def _open_image(data: bytes, max_pixels: int, draft_size: int) -> Image.Image:
             # sides >= draft_size (the transforms never need more), several times faster.
             image.draft("RGB", (draft_size, draft_size))
         try:
-            return image.convert("RGB")
+            image.load()  # decode now, so corrupt data is caught here
+            return image if image.mode == "RGB" else image.convert("RGB")
         except Exception:
             raise _Skip("corrupt_image") from None
 

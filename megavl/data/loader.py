@@ -168,10 +168,9 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob:
                      rank=rank, world_size=world_size, caption_key=cfg.caption_key,
                      max_pixels=cfg.max_image_pixels,
                      draft_size=train_draft_size(cfg.image_size, cfg.train_crop_scale))
-    transform = train_transform(cfg.image_size, cfg.train_crop_scale, cfg.hflip, cfg.randaugment,
-                                cfg.mean, cfg.std)
-    collator = Collator(build_tokenizer(cfg.tokenizer), transform, cfg.max_text_len, mlm_prob,
-                        scl_mask_prob)
+    transform = train_transform(cfg.image_size, cfg.train_crop_scale, cfg.hflip, cfg.randaugment)
+    collator = Collator(build_tokenizer(cfg.tokenizer), transform, cfg.mean, cfg.std,
+                        cfg.max_text_len, mlm_prob, scl_mask_prob)
     loader = TrainLoader(plan, collator, cfg.num_workers, sizing_counts)
     logger.info("train data: %d samples/epoch, rank %d/%d gets %d batches of %d per epoch",
                 epoch_size, rank, world_size, loader.batches_per_epoch, cfg.batch_size)
@@ -220,7 +219,6 @@ def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: 
                     num_workers=max(1, cfg.num_workers), seed=cfg.seed, rank=rank,
                     caption_key=cfg.caption_key, max_pixels=cfg.max_image_pixels,
                     draft_size=cfg.image_size)
-    collator = Collator(build_tokenizer(cfg.tokenizer),
-                        eval_transform(cfg.image_size, cfg.mean, cfg.std), cfg.max_text_len,
-                        mlm_prob, scl_mask_prob)
+    collator = Collator(build_tokenizer(cfg.tokenizer), eval_transform(cfg.image_size), cfg.mean,
+                        cfg.std, cfg.max_text_len, mlm_prob, scl_mask_prob)
     return EvalLoader(plan, collator, cfg.num_workers, sizing_counts)

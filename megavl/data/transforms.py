@@ -1,8 +1,9 @@
 """Image transforms: ALBEF-style training augmentation and a deterministic eval resize.
 
-Both take an RGB PIL image and return a float32 tensor (3, S, S), normalised with `mean`/`std`.
-Randomness comes from torch's global generator, which the stream seeds per batch, so a resumed run
-sees the same crops and flips.
+Both take an RGB PIL image and return a uint8 tensor (3, S, S); `normalize_batch` then turns the
+stacked batch into float32 normalised with `mean`/`std` in two in-place passes (4x less memory
+traffic than normalising each image in float and stacking). Randomness comes from torch's global
+generator, which the stream seeds per batch, so a resumed run sees the same crops and flips.
 """
 from __future__ import annotations
 
@@ -21,13 +22,17 @@ Transform = Callable[[Image.Image], torch.Tensor]
 _MIN_ASPECT = 3 / 4
 
 
-def _to_normalised_tensor(mean: list[float], std: list[float]) -> list:
-    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+def normalize_batch(images_B3SS: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> float32 ((x / 255) - mean) / std."""
+    out = images_B3SS.to(torch.float32)
+    scale = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    shift = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return out.sub_(shift).div_(scale)
 
 
 def train_transform(image_size: int, crop_scale: list[float], hflip: bool, randaugment: bool,
-                    mean: list[float], std: list[float]) -> Transform:
-    """RandomResizedCrop(scale=crop_scale) [+ horizontal flip] [+ RandAugment] + normalise.
+                    ) -> Transform:
+    """RandomResizedCrop(scale=crop_scale) [+ horizontal flip] [+ RandAugment] -> uint8 tensor.
 
     Note: a flip contradicts captions that say "left"/"right" (the synthetic shapes set): turn
     `hflip` off for such data.
@@ -40,13 +45,13 @@ def train_transform(image_size: int, crop_scale: list[float], hflip: bool, randa
         stages.append(v2.RandomHorizontalFlip())
     if randaugment:
         stages.append(v2.RandAugment(num_ops=2, magnitude=7))  # ALBEF's RandomAugment(2, 7)
-    return v2.Compose(stages + _to_normalised_tensor(mean, std))
+    return v2.Compose(stages + [v2.PILToTensor()])
 
 
-def eval_transform(image_size: int, mean: list[float], std: list[float]) -> Transform:
-    """Resize to (S, S) (bicubic, as ALBEF's eval) + normalise; no randomness."""
+def eval_transform(image_size: int) -> Transform:
+    """Resize to (S, S) (bicubic, as ALBEF's eval) -> uint8 tensor; no randomness."""
     return v2.Compose([v2.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC,
-                                 antialias=True)] + _to_normalised_tensor(mean, std))
+                                 antialias=True), v2.PILToTensor()])
 
 
 def train_draft_size(image_size: int, crop_scale: list[float]) -> int:

@@ -176,3 +176,14 @@ def test_eval_covers_val_once_across_ranks_deterministically(tmp_path):
         keys += [k for b in first for k in b["keys"]]
     assert sorted(keys) == [f"v{i:05d}" for i in range(11)]
 
+
+
+def test_batch_normalisation_matches_per_image_reference():
+    from torchvision.transforms import v2
+
+    from megavl.data.transforms import normalize_batch
+    images = torch.randint(0, 256, (4, 3, 5, 7), dtype=torch.uint8)
+    cfg = DataConfig()
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)])
+    want = torch.stack([reference(img) for img in images])
+    torch.testing.assert_close(normalize_batch(images, cfg.mean, cfg.std), want)
