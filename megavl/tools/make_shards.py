@@ -93,7 +93,13 @@ def wds_items(pattern: str, skips: Counter) -> Iterator[Item]:
     for url in urls:
         for raw in iter_raw_samples(url, skips=skips):
             ext = next((e for e in IMAGE_EXTS if e in raw), None)
-            meta = json.loads(read_field(raw, "json")) if "json" in raw else {}
+            try:
+                meta = json.loads(read_field(raw, "json")) if "json" in raw else {}
+            except (ValueError, UnicodeDecodeError):
+                meta = None
+            if not isinstance(meta, dict):
+                skips["bad_json"] += 1
+                continue
             text = meta.get("caption")
             if text is None and "txt" in raw:
                 text = read_field(raw, "txt").decode("utf-8", errors="replace")
@@ -119,8 +125,10 @@ def resize_long_side(data: bytes, ext: str, long_side: int) -> tuple[bytes, str]
 
 def write_items(items: Iterator[Item], out: str, samples_per_shard: int, resize_long: int,
                 skips: Counter) -> dict:
+    """Write items as shards (stats.json also covers what was written before an error)."""
     keys: set[str] = set()
-    with ShardWriter(out, samples_per_shard) as writer:
+    writer = ShardWriter(out, samples_per_shard)
+    try:
         for key, data, ext, text, extra in items:
             if resize_long > 0:
                 try:
@@ -135,7 +143,9 @@ def write_items(items: Iterator[Item], out: str, samples_per_shard: int, resize_
             meta = {**extra, "key": key, "caption": text}
             writer.write(key, {ext: data, "txt": text.encode("utf-8"),
                                "json": json.dumps(meta).encode()})
-    return writer.close()
+    finally:
+        stats = writer.close()
+    return stats
 
 
 def main(argv: list[str] | None = None) -> int:
