@@ -44,8 +44,10 @@ class _AllGatherWithGrad(torch.autograd.Function):
 def gather_features(x: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
     """Concatenate `x` (B, ...) from all ranks in rank order -> (W*B, ...).
 
-    with_grad=True: gradients flow to every rank's slice (summed across ranks in backward), so the
-    per-rank losses together equal one loss over the concatenated global batch.
+    with_grad=True: gradients flow to every rank's slice, summed across ranks in backward. Every rank
+    computes the same global loss L, so the local slice receives W * dL/dx_local; the W-rank gradient
+    averaging of DeepSpeed/DDP then yields exactly dL/dtheta (as OpenCLIP with gather_with_grad).
+    Backward uses all_reduce, not reduce_scatter, because gloo has no reduce_scatter.
     with_grad=False: the other ranks' slices are constants; the local slice is put back in place so
     it keeps its own autograd graph (OpenCLIP's `local_loss=False, gather_with_grad=False`).
     All ranks must pass the same shape. Identity when not distributed.

@@ -85,24 +85,38 @@ def _paired(teacher_items: dict[str, torch.Tensor], student_items: dict[str, tor
 
 
 @torch.no_grad()
+def _lerp_(t: torch.Tensor, s: torch.Tensor, momentum: float) -> None:
+    """t <- momentum * t + (1 - momentum) * s, in place, computed in at least float32.
+
+    bf16/fp16 tensors are updated through one float32 computation and a single rounding; even so, a
+    bf16 teacher at momentum >= 0.996 loses most of each update to rounding (8-bit mantissa), so keep
+    the teacher in fp32 where the EMA must move slowly.
+    """
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t.copy_(t.float().mul_(momentum).add_(s.float(), alpha=1.0 - momentum))
+    else:
+        t.mul_(momentum).add_(s.to(t.dtype), alpha=1.0 - momentum)
+
+
+@torch.no_grad()
 def _ema_param(name: str, t: nn.Parameter, s: nn.Parameter, momentum: float) -> None:
     if _is_partitioned(t) != _is_partitioned(s):
         raise ValueError(f"{name}: one of teacher/student is ZeRO-3 partitioned and the other is not; "
                          f"wrap both in one module before deepspeed.initialize")
     if not _is_partitioned(t):
-        t.data.mul_(momentum).add_(s.data.to(t.dtype), alpha=1.0 - momentum)
+        _lerp_(t.data, s.data, momentum)
         return
     _check_not_nvme(name, t)
     _check_not_nvme(name, s)
     if t.ds_tensor.shape != s.ds_tensor.shape:
         raise ValueError(f"{name}: teacher and student shards differ ({tuple(t.ds_tensor.shape)} vs "
                          f"{tuple(s.ds_tensor.shape)}); they must be partitioned by the same engine")
-    t.ds_tensor.data.mul_(momentum).add_(s.ds_tensor.data.to(t.ds_tensor.dtype), alpha=1.0 - momentum)
+    _lerp_(t.ds_tensor.data, s.ds_tensor.data, momentum)
     if _has_full_data(t):
         if not _has_full_data(s):
             raise RuntimeError(f"{name}: teacher is gathered but student is not; cannot update the teacher's "
                                f"full copy (are their persistence thresholds different?)")
-        t.data.mul_(momentum).add_(s.data.to(t.dtype), alpha=1.0 - momentum)
+        _lerp_(t.data, s.data, momentum)
     # ZeRO++ hpZ keeps a secondary shard copy; drop it so the next gather reads the updated primary.
     if getattr(t, "ds_secondary_tensor", None) is not None:
         t.ds_secondary_tensor = None
@@ -128,6 +142,6 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float,
         return
     for name, t, s in _paired(dict(teacher.named_buffers()), dict(student.named_buffers()), "buffers"):
         if buffers == "ema" and t.dtype.is_floating_point:
-            t.mul_(momentum).add_(s.to(t.dtype), alpha=1.0 - momentum)
+            _lerp_(t, s, momentum)
         else:
             t.copy_(s)

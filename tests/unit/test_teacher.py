@@ -80,6 +80,13 @@ def test_ema_extremes_and_no_grad():
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_ema_bf16_computed_in_fp32():
+    student, teacher = nn.Linear(4, 3).bfloat16(), nn.Linear(4, 3).bfloat16()
+    expected = (0.9 * teacher.weight.float() + 0.1 * student.weight.float()).bfloat16()
+    ema_update_(teacher, student, 0.9)
+    assert torch.equal(teacher.weight, expected)
+
+
 def test_ema_mismatch_raises():
     student = _net()
     with pytest.raises(ValueError, match="missing in teacher"):
