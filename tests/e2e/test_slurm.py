@@ -64,7 +64,8 @@ def submit(cluster: LocalSlurm, shards: Path, run_dir: Path, sets: str) -> int:
                MEGAVL_MASTER_ADDR="127.0.0.1")   # n1/n2 are not resolvable host names here
     for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_"))]:
         env.pop(key)   # a test run inside a Slurm job must not leak that job's settings
-    flags = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0", "--time=10",
+    # --time above the 10 minutes of --signal=B:USR1@600, or the warning would come at once.
+    flags = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30",
              f"--output={run_dir}/job-%j.out"]
     return cluster.sbatch([*flags, str(SCRIPT)], env=env, cwd=run_dir)
 
@@ -104,7 +105,7 @@ def latest_step(out: Path) -> int:
 def test_pretrain_script_trains_on_two_nodes(cluster, shards, tmp_path):
     steps = 6
     job = submit(cluster, shards, tmp_path, f"run.max_steps={steps} run.checkpoint_every={steps} run.log_every=1")
-    info = cluster.wait_state(job, {"COMPLETED"}, timeout=150, context=job_log(tmp_path, job))
+    info = cluster.wait_state(job, {"COMPLETED"}, timeout=300, context=job_log(tmp_path, job))
     log = job_log(tmp_path, job)
     assert info["ExitCode"] == "0:0", log
     assert "2 ranks" in log and "n[1-2]" in log, log
@@ -120,13 +121,13 @@ def test_pretrain_script_trains_on_two_nodes(cluster, shards, tmp_path):
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(cluster, shards, tmp_path):
-    steps = 40
+    steps = 16
     # checkpoint_every=steps: a checkpoint before the end can only be the preemption save.
     job = submit(cluster, shards, tmp_path, f"run.max_steps={steps} run.checkpoint_every={steps} run.log_every=1")
     out = tmp_path / "out"
 
     # Preempt once training is under way (a few steps logged), well before the end.
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while not any(s >= 2 for s in scalar_steps(event_files(out))):
         state = cluster.job_info(job).get("JobState")
         if time.monotonic() > deadline or state not in ("PENDING", "RUNNING"):
@@ -145,7 +146,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, shards, tmp_pat
 
     # A requeued job waits ~2 minutes (BeginTime) before it may start again; start it now.
     cluster.scontrol("update", f"JobId={job}", "StartTime=now")
-    info = cluster.wait_state(job, {"COMPLETED"}, timeout=150, context=job_log(tmp_path, job))
+    info = cluster.wait_state(job, {"COMPLETED"}, timeout=300, context=job_log(tmp_path, job))
     log = job_log(tmp_path, job)
     assert info["ExitCode"] == "0:0", log
     assert info.get("Restarts") == "1", info
@@ -153,6 +154,6 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, shards, tmp_pat
 
     second = scalar_steps([p for p in event_files(out) if p not in first_run_files])
     assert second, f"the second run logged nothing\n{log}"
-    # Resumed, not restarted: the second run's first logged step comes after the saved one.
-    assert min(second) > saved and max(second) == steps, f"steps {sorted(set(second))}, saved {saved}\n{log}"
+    # Resumed, not restarted: the second run logs nothing before the saved step, and ends at the last.
+    assert min(second) >= saved and max(second) == steps, f"steps {sorted(set(second))}, saved {saved}\n{log}"
     assert latest_step(out) == steps, log
