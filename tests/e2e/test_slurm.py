@@ -55,15 +55,15 @@ def submit(cluster: LocalSlurm, shards: Path, run_dir: Path, sets: str) -> int:
     """sbatch the real script: CPU overrides as sbatch flags, the rest as documented MEGAVL_* variables."""
     train, val = sorted(shards.glob("train*.tar")), sorted(shards.glob("val*.tar"))
     assert train and val, f"no train/val shards in {shards}: {sorted(shards.iterdir())}"
-    env = dict(os.environ,
-               MEGAVL_ROOT=str(REPO), MEGAVL_PYTHON=sys.executable, MEGAVL_GPU_TYPE="cpu",
-               MEGAVL_RECIPE="configs/tiny.yaml", MEGAVL_OUTPUT_DIR=str(run_dir / "out"),
+    # Only the settings below: nothing inherited from a developer's shell (MEGAVL_*) or an outer job.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEGAVL_", "SLURM_", "SBATCH_"))}
+    env.update(MEGAVL_ROOT=str(REPO), MEGAVL_PYTHON=sys.executable, MEGAVL_GPU_TYPE="cpu",
+               MEGAVL_RECIPE="configs/tiny.yaml", MEGAVL_DS_CONFIG="ds_configs/zero3.json",
+               MEGAVL_OUTPUT_DIR=str(run_dir / "out"),
                MEGAVL_TRAIN_SHARDS=f"[{', '.join(map(str, train))}]",
                MEGAVL_VAL_SHARDS=f"[{', '.join(map(str, val))}]",
                MEGAVL_EXTRA_SETS=f"data.num_workers=0 run.eval_every=0 run.image_log_every=0 {sets}",
                MEGAVL_MASTER_ADDR="127.0.0.1")   # n1/n2 are not resolvable host names here
-    for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_"))]:
-        env.pop(key)   # a test run inside a Slurm job must not leak that job's settings
     # --time above the 10 minutes of --signal=B:USR1@600, or the warning would come at once.
     flags = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30",
              f"--output={run_dir}/job-%j.out"]
