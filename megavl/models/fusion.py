@@ -17,7 +17,7 @@ from text tokens in every sublayer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -29,9 +29,13 @@ MODES = ("single", "two")
 IMAGE, TEXT = 0, 1  # rows of the modality-type embedding
 
 
-@dataclass
-class FusionOutput:
-    """What the fusion stack returns. Padded text positions of text_states carry no meaning."""
+class FusionOutput(NamedTuple):
+    """What the fusion stack returns. Padded text positions of text_states carry no meaning.
+
+    A NamedTuple, not a dataclass: ZeRO-3 attaches its backward hooks to tensors inside tuples,
+    lists and dicts that a module returns; tensors inside a dataclass would get none, and the
+    module's own parameters (modality_embed) would be released before their gradients arrive.
+    """
 
     image_states: torch.Tensor             # (B, I, W) after the final LayerNorm
     text_states: torch.Tensor              # (B, T, W)
