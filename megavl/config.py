@@ -210,7 +210,8 @@ class RunConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 10
-    eval_every: int = 0           # 0 = only at the end
+    eval_every: int = 0           # 0 = only before and at the end; -1 = never
+    eval_itm_rerank_k: int = 0    # ALBEF k_test: re-rank each query's top-k by ITM (0 = ITC only)
     image_log_every: int = 0      # 0 = never
     seed: int = 0
     precision: str = "auto"       # auto (bf16 on GPUs that support it, else fp32) | bf16 | fp32

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections import Counter
 from typing import Iterator
 
@@ -38,8 +39,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _STATE_CHECKED = ("world_size", "num_workers", "batch_size", "seed", "resampled", "batches_per_epoch")
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Slurm signals every process of a job step; the trainer (not its data workers) decides to
+    checkpoint and stop, and a worker killed by SIGTERM mid-fetch would fail the step before the save."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _make_loader(dataset, num_workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                      worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
                       pin_memory=torch.cuda.is_available(),
                       prefetch_factor=2 if num_workers > 0 else None)
 

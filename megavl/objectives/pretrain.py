@@ -51,7 +51,8 @@ class PretrainModule(nn.Module):
         enabled = set(obj_cfg.enabled())
         self.objectives_by_mode = {mode: [n for n in names if n in enabled]
                                    for mode, names in objectives_by_mode.items()}
-        self.temp = nn.Parameter(torch.tensor(float(obj_cfg.itc.temp_init)))
+        # Shape (1,), not 0-dim: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors refuse.
+        self.temp = nn.Parameter(torch.full((1,), float(obj_cfg.itc.temp_init)))
         kp, e, q = model_cfg.num_prototypes, model_cfg.embed_dim, obj_cfg.itc.queue_size
         self.register_buffer("center_global", torch.zeros(kp))
         self.register_buffer("center_patch", torch.zeros(kp))

@@ -1,0 +1,92 @@
+"""Who am I in the job: rank and world size from torch, DeepSpeed or Slurm, then process-group init.
+
+Launchers set different variables: `deepspeed`/`torchrun` set RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT; `srun` sets SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID. A plain
+`python megavl/train.py` sets none and runs as a world of one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _first_slurm_host() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def fill_env_from_launcher(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT present, from Slurm or as a world of one.
+
+    Variables already set win: a launcher that sets them is never second-guessed.
+    """
+    env = os.environ if env is None else env
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("MASTER_ADDR", _first_slurm_host())
+        # One port per job so two jobs sharing a node do not collide.
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if env["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT is not set for a multi-process job; the launcher must set it")
+        env["MASTER_PORT"] = str(_free_port())
+    return env
+
+
+def _skip_shm_op_build() -> None:
+    """DeepSpeed JIT-compiles a CPU shared-memory all-reduce op at every CPU init (a minute or more,
+    and again whenever another environment shares ~/.cache/torch_extensions). gloo does not use it."""
+    import importlib
+
+    # import_module: `deepspeed.comm.torch` as an attribute is the torch package, not this module.
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(comm_torch, "build_shm_op"):
+        comm_torch.build_shm_op = lambda: None
+
+
+def init_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU."""
+    import deepspeed
+
+    fill_env_from_launcher()
+    rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if backend == "gloo":
+        _skip_shm_op_build()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)

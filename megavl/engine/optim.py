@@ -1,0 +1,52 @@
+"""AdamW parameter groups and the warmup + cosine/linear learning-rate schedule.
+
+Groups: {decay, no decay} x {towers, fusion and heads}. No decay on biases, norms and embeddings;
+the fusion stack and heads train at `fusion_lr_mult` x the base rate (SCL: x5).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megavl.config import OptimConfig
+
+
+def param_groups(module: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Groups over `module.student_parameters()` (the teacher is not trained)."""
+    student = module.student
+    no_decay = {f"student.{n}" for n in student.no_weight_decay()} | {"temp"}
+    fast = tuple(f"student.{p}" for p in student.fusion_and_head_prefixes()) + ("temp",)
+    groups: dict[tuple[bool, bool], dict] = {}
+    for name, p in module.student_parameters():
+        if not p.requires_grad:
+            continue
+        key = (name in no_decay, name.startswith(fast))
+        group = groups.setdefault(key, {
+            "params": [], "names": [],
+            "weight_decay": 0.0 if key[0] else cfg.weight_decay,
+            "lr": cfg.lr * (cfg.fusion_lr_mult if key[1] else 1.0),
+        })
+        group["params"].append(p)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """Linear warmup from 0 to 1 over warmup_steps, then cosine or linear decay to min_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    # "names" is ours: torch's optimizer keeps extra group keys and they survive in state_dict.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.schedule, cfg.min_lr_ratio))

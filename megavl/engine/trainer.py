@@ -1,0 +1,259 @@
+"""The pre-training loop: build, resume, step, log, evaluate, checkpoint, stop cleanly on a signal.
+
+Every rank runs the same sequence of collectives (forward passes under ZeRO-3, metric reductions,
+evaluation, checkpoints) at the same steps; decisions that could differ between ranks (a signal that
+reached one rank only) are agreed by an all-reduce first.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import yaml
+
+from megavl.config import Config, to_dict
+from megavl.data import SKIP_REASONS, build_eval_loader, build_train_loader
+from megavl.objectives.pretrain import PretrainModule
+from megavl.objectives.teacher import teacher_momentum
+
+from . import checkpoint
+from .curriculum import MODE_IDS, mode_at, objectives_by_mode
+from .ds_config import build_ds_config, resolve_precision, zero_stage
+from .evaluate import evaluate_retrieval
+from .flops import mfu, peak_flops, step_flops
+from .launch import DistInfo, init_distributed
+from .stop import StopFlag
+from .metrics import Monitor, StepTimer, peak_memory_gb
+from .optim import build_optimizer, build_scheduler, param_groups
+from .visuals import log_mask_images
+
+log = logging.getLogger("megavl")
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
+    """Masks and ITM negatives of a step are a pure function of (seed, step, micro, rank): a resumed run
+    draws the same ones without saving generator state."""
+    digest = hashlib.sha256(f"{seed}/{step}/{micro}/{rank}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device, non_blocking=True)
+            out[key] = value.to(dtype) if value.is_floating_point() else value
+        else:
+            out[key] = value
+    return out
+
+
+def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    names = sorted(values)
+    if not names:
+        return {}
+    stacked = torch.stack([values[n].detach().float() for n in names])
+    if dist.is_initialized():
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(names, stacked.tolist()))
+
+
+def _sum_skips(counts: dict[str, int], device: torch.device) -> dict[str, int]:
+    reasons = list(SKIP_REASONS)
+    t = torch.tensor([float(counts.get(r, 0)) for r in reasons], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return {r: int(v) for r, v in zip(reasons, t.tolist())}
+
+
+def _share_cpu_threads(device: torch.device) -> None:
+    """On CPU, ranks on one machine share its cores: without this each rank starts one thread per
+    core and they thrash. An explicit OMP_NUM_THREADS wins."""
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "0")) or 0)
+    if local_world <= 0:
+        local_world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ds_config_path: str, resume: str = "auto", stop: StopFlag | None = None) -> None:
+        self.cfg = cfg
+        self.dist: DistInfo = init_distributed()
+        self.device = self.dist.device
+        _share_cpu_threads(self.device)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        self.output_dir = Path(cfg.run.output_dir)
+        self.ckpt_dir = self.output_dir / "checkpoints"
+        self.precision = resolve_precision(cfg, self.device)
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+        module = PretrainModule(cfg.model, cfg.objectives, objectives_by_mode(cfg.curriculum))
+        ds_config = build_ds_config(ds_config_path, cfg, self.dist.world_size, self.device)
+        self.zero_stage = zero_stage(ds_config)
+        optimizer = build_optimizer(param_groups(module, cfg.optim), cfg.optim, self.device)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.run.max_steps)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.module: PretrainModule = self.engine.module
+
+        masking = cfg.objectives.masking
+        self.loader = build_train_loader(cfg.data, rank=self.dist.rank, world_size=self.dist.world_size,
+                                         mlm_prob=masking.text_mask_prob, scl_mask_prob=masking.text_mask_prob)
+        self.step = 0
+        self._grad_norm_fallback: float | None = None
+        self._resume(resume)
+        self.stop = stop or StopFlag()
+        self.monitor = Monitor(self.output_dir, self.dist.is_main, cfg.run.max_steps, self.step)
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    # ------------------------------------------------------------------------------ resume
+    def _resume(self, resume: str) -> None:
+        if resume == "none":
+            return
+        if resume == "auto":
+            tag = checkpoint.latest_tag(self.ckpt_dir, self.dist.world_size)
+            if tag is None:
+                return
+            ckpt_dir = self.ckpt_dir
+        else:
+            path = Path(resume)
+            ckpt_dir, tag = path.parent, path.name
+            if not (path / f"megavl_rank{self.dist.rank}.pt").is_file():
+                raise FileNotFoundError(f"--resume {resume}: not a megavl checkpoint directory")
+        state = checkpoint.load(self.engine, self.module, ckpt_dir, tag, self.dist.rank)
+        self.step = state["step"]
+        self.loader.load_state_dict(state["data"])
+        log.info("resumed from %s/%s at step %d", ckpt_dir, tag, self.step)
+
+    def save(self) -> None:
+        checkpoint.save(self.engine, self.module, self.ckpt_dir, self.step, self.dist.rank,
+                        {"data": self.loader.state_dict()}, keep=self.cfg.run.keep_checkpoints)
+        if self.dist.is_main:
+            (self.ckpt_dir / checkpoint.tag_for(self.step) / "config.yaml").write_text(
+                yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+
+    # -------------------------------------------------------------------------------- eval
+    def evaluate(self) -> dict[str, float] | None:
+        if not self.cfg.data.val_shards:
+            return None
+        loader = build_eval_loader(self.cfg.data, rank=0, world_size=1)
+        mode = "two" if self.cfg.model.fusion.cross_attention else "single"
+        metrics = evaluate_retrieval(self.module.student, loader, self.device, self.dtype,
+                                     itm_rerank_k=self.cfg.run.eval_itm_rerank_k, mode=mode)
+        self.monitor.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items() if "_r" in k})
+        chance = 1.0 / metrics["num_texts"]
+        self.monitor.message(f"step {self.step}: retrieval i2t R@1 {metrics['i2t_r1']:.3f} "
+                             f"t2i R@1 {metrics['t2i_r1']:.3f} (chance {chance:.4f}, "
+                             f"{int(metrics['num_images'])} images)")
+        return metrics
+
+    # -------------------------------------------------------------------------------- loop
+    def train(self) -> dict:
+        cfg, run = self.cfg, self.cfg.run
+        results: dict = {"start_step": self.step, "step_losses": {}}
+        if self.step == 0 and run.eval_every >= 0:  # "before" figure for the retrieval gain
+            results["eval_before"] = self.evaluate()
+        data_iter = iter(self.loader)
+        timer, window = StepTimer(), {}
+        while self.step < run.max_steps:
+            mode = mode_at(self.step, self.loader.epoch, cfg.curriculum)
+            losses_sum: dict[str, torch.Tensor] = {}
+            timer.reset() if not window else None
+            for micro in range(run.grad_accum):
+                batch = _to_device(next(data_iter), self.device, self.dtype)
+                timer.data_ready()
+                gen = step_generator(run.seed, self.step, micro, self.dist.rank, self.device)
+                total, losses = self.engine(batch, mode, gen)
+                self.engine.backward(total)
+                if micro == run.grad_accum - 1 and self._logs_at(self.step + 1):
+                    self._grad_norm_fallback = self._plain_grad_norm()
+                self.engine.step()
+                for name, value in {"total": total, **losses}.items():
+                    losses_sum[name] = losses_sum.get(name, 0) + value.detach() / run.grad_accum
+            momentum = teacher_momentum(self.step, run.max_steps, cfg.objectives.teacher.momentum,
+                                        cfg.objectives.teacher.momentum_end)
+            self.module.update_teacher(momentum)
+            self.step += 1
+            timer.step_done()
+            window = self._log_step(mode, losses_sum, momentum, timer, batch, results)
+            if run.image_log_every and self.step % run.image_log_every == 0:
+                log_mask_images(self.module, batch, mode, self.monitor, self.step, cfg)
+            if run.eval_every > 0 and self.step % run.eval_every == 0 and self.step < run.max_steps:
+                self.evaluate()
+            stop = self.stop.agreed(self.device)
+            if stop or self.step % run.checkpoint_every == 0 or self.step == run.max_steps:
+                self.save()
+            if stop:
+                self.monitor.message(f"stop signal: checkpoint saved at step {self.step}; exiting")
+                results["preempted"] = True
+                break
+        else:
+            if run.eval_every >= 0:
+                results["eval_after"] = self.evaluate()
+        results["end_step"] = self.step
+        self.monitor.close()
+        return results
+
+    def _temperature(self) -> float:
+        temp = self.module.temp
+        if hasattr(temp, "ds_tensor"):  # a 1-element ZeRO-3 parameter: gather to read it
+            with deepspeed.zero.GatheredParameters([temp]):
+                return float(temp.detach().float())
+        return float(temp.detach().float())
+
+    def _logs_at(self, step: int) -> bool:
+        return step % self.cfg.run.log_every == 0 or step == self.cfg.run.max_steps
+
+    def _plain_grad_norm(self) -> float | None:
+        """DeepSpeed reports the global grad norm for ZeRO >= 1 and bf16; for fp32 ZeRO-0 it clips
+        without keeping the norm, so compute it from the (already all-reduced) gradients."""
+        if self.zero_stage != 0 or self.precision != "fp32":
+            return None
+        grads = [p.grad for _, p in self.module.student_parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+    def _log_step(self, mode, losses_sum, momentum, timer, batch, results) -> dict:
+        cfg, run = self.cfg, self.cfg.run
+        self.monitor.scalars(self.step, {"curriculum/mode": MODE_IDS[mode]})  # every step: it alternates
+        if not self._logs_at(self.step):
+            return {"open": True}
+        values = _mean_over_ranks(losses_sum)
+        results["step_losses"][self.step] = values
+        per_step = timer.seconds_per_step
+        world = self.dist.world_size
+        samples = cfg.data.batch_size * run.grad_accum * world
+        num_mlm = int((batch["mlm_labels"] != -100).sum()) * world
+        flops = step_flops(cfg.model, cfg.objectives, self.module.active(mode), mode,
+                           cfg.data.batch_size * run.grad_accum * world, batch["input_ids"].shape[1],
+                           num_mlm * run.grad_accum).total
+        peak = peak_flops(self.device)
+        scalars = {f"loss/{k}": v for k, v in values.items()}
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self._grad_norm_fallback if grad_norm is None else grad_norm
+        scalars.update({
+            "train/lr": self.scheduler.get_last_lr()[0],  # group 0: the towers' (base) rate
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "train/itc_temperature": self._temperature(),
+            "train/teacher_momentum": momentum,
+            "perf/samples_per_sec": samples / per_step,
+            "perf/tflops": flops / per_step / 1e12 / world,
+            "perf/mfu": mfu(flops, per_step, world, peak),
+            "perf/data_wait": timer.data_wait,
+            "mem/peak_gb": peak_memory_gb(self.device),
+        })
+        scalars.update({f"data/skipped/{r}": n for r, n in _sum_skips(self.loader.skip_counts(), self.device).items()})
+        self.monitor.scalars(self.step, scalars)
+        self.monitor.progress(self.step, {"loss": values["total"], "mode": MODE_IDS[mode],
+                                          "samples/s": samples / per_step})
+        timer.reset()
+        return {}

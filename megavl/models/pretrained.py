@@ -1,0 +1,23 @@
+"""Load a model exported by `megavl-export` for fine-tuning: `megavl.load_pretrained(OUT)`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_file
+
+from megavl.config import config_from_dict
+
+from .vlp import VLPModel
+
+
+def load_pretrained(path: str | Path, strict: bool = True) -> VLPModel:
+    """A VLPModel with the exported weights, built from the exported config (no hub access)."""
+    path = Path(path)
+    cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    cfg.model.text.hf_path = ""  # the weights come from the export, not from the original init checkpoint
+    model = VLPModel(cfg.model)
+    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    if strict and (missing or unexpected):
+        raise ValueError(f"{path}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model

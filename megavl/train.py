@@ -1,0 +1,50 @@
+"""Pre-train a vision-language model: parse, build, train, close.
+
+    deepspeed --hostfile hosts megavl/train.py --ds_config ds_configs/zero3.json \
+        --config configs/pretrain_14m.yaml [--set key=value ...] [--resume auto|none|CKPT_DIR]
+
+Also runs as `deepspeed --num_gpus N ...`, `torchrun ...`, under `srun`, or as plain
+`python megavl/train.py ...` (one process). Without GPUs the same command trains on CPU (gloo).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/tiny.yaml", help="YAML recipe under configs/")
+    parser.add_argument("--ds_config", default="ds_configs/zero3.json", help="DeepSpeed JSON config")
+    parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. --set model.fusion.depth=4 run.max_steps=10 (repeatable)")
+    parser.add_argument("--resume", default="auto",
+                        help="auto: newest complete checkpoint in run.output_dir (if any); none; or a checkpoint dir")
+    # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from megavl.engine.stop import StopFlag
+
+    stop = StopFlag()  # first: a preemption signal during start-up must not kill the process
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from megavl.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, [item for group in args.overrides for item in group])
+        from megavl.engine.trainer import Trainer
+
+        trainer = Trainer(cfg, args.ds_config, args.resume, stop=stop)
+    except ConfigError as err:
+        print(f"megavl: bad configuration: {err}", file=sys.stderr)
+        return 2
+    trainer.train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
