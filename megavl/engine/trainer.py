@@ -35,10 +35,11 @@ from .visuals import log_mask_images
 log = logging.getLogger("megavl")
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
-    """Masks and ITM negatives of a step are a pure function of (seed, step, micro, rank): a resumed run
-    draws the same ones without saving generator state."""
-    digest = hashlib.sha256(f"{seed}/{step}/{micro}/{rank}".encode()).digest()
+def step_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """Masks and ITM negatives of a step are a pure function of (seed, step, micro), the same on every
+    rank (each draws for the global batch and keeps its rows): a resumed run draws the same ones
+    without saving generator state, and the draws do not depend on the world size."""
+    digest = hashlib.sha256(f"{seed}/{step}/{micro}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
@@ -83,6 +84,45 @@ def _share_cpu_threads(device: torch.device) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
+def build_engine(cfg: Config, ds_config_path: str, world_size: int, device: torch.device):
+    """The DeepSpeed engine around a fresh PretrainModule (call after init_distributed and seeding).
+
+    Returns (engine, lr_scheduler, zero_stage)."""
+    module = PretrainModule(cfg.model, cfg.objectives, objectives_by_mode(cfg.curriculum))
+    ds_config = build_ds_config(ds_config_path, cfg, world_size, device)
+    optimizer = build_optimizer(param_groups(module, cfg.optim), cfg.optim, device)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.run.max_steps)
+    engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    return engine, scheduler, zero_stage(ds_config)
+
+
+def zero_fill_unused_grads(module: PretrainModule, zero_stage: int) -> None:
+    """Give parameters that this step did not use (cross-attention in a single-stream step) a zero
+    gradient under ZeRO-0, as ZeRO 1-3 do with their flat gradient buffers: AdamW then applies their
+    momentum and weight decay in every stage alike, instead of skipping them only in stage 0."""
+    if zero_stage != 0:
+        return
+    for _, p in module.student_parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def clear_zero3_grad_partitions(engine, zero_stage: int) -> None:
+    """After a ZeRO-3 optimizer step, zero its flat gradient-partition buffer.
+
+    DeepSpeed 0.19 builds each step's gradients from that buffer for EVERY parameter, and only
+    overwrites the slots of parameters that received a gradient: a parameter unused in a step (the
+    cross-attention sublayer in a single-stream step) would be updated again with its stale gradient
+    from the last step that used it. Found by tests/distributed/test_sharded_equals_unsharded.py.
+    """
+    if zero_stage != 3:
+        return
+    buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
+    if buffer is not None:
+        buffer.zero_()
+
+
 class Trainer:
     def __init__(self, cfg: Config, ds_config_path: str, resume: str = "auto", stop: StopFlag | None = None) -> None:
         self.cfg = cfg
@@ -95,13 +135,8 @@ class Trainer:
         self.precision = resolve_precision(cfg, self.device)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
 
-        module = PretrainModule(cfg.model, cfg.objectives, objectives_by_mode(cfg.curriculum))
-        ds_config = build_ds_config(ds_config_path, cfg, self.dist.world_size, self.device)
-        self.zero_stage = zero_stage(ds_config)
-        optimizer = build_optimizer(param_groups(module, cfg.optim), cfg.optim, self.device)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.run.max_steps)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.engine, self.scheduler, self.zero_stage = build_engine(cfg, ds_config_path, self.dist.world_size,
+                                                                    self.device)
         self.module: PretrainModule = self.engine.module
 
         masking = cfg.objectives.masking
@@ -172,12 +207,16 @@ class Trainer:
             for micro in range(run.grad_accum):
                 batch = _to_device(next(data_iter), self.device, self.dtype)
                 timer.data_ready()
-                gen = step_generator(run.seed, self.step, micro, self.dist.rank, self.device)
+                gen = step_generator(run.seed, self.step, micro, self.device)
                 total, losses = self.engine(batch, mode, gen)
                 self.engine.backward(total)
-                if micro == run.grad_accum - 1 and self._logs_at(self.step + 1):
-                    self._grad_norm_fallback = self._plain_grad_norm()
+                if micro == run.grad_accum - 1:
+                    zero_fill_unused_grads(self.module, self.zero_stage)
+                    if self._logs_at(self.step + 1):
+                        self._grad_norm_fallback = self._plain_grad_norm()
                 self.engine.step()
+                if micro == run.grad_accum - 1:
+                    clear_zero3_grad_partitions(self.engine, self.zero_stage)
                 for name, value in {"total": total, **losses}.items():
                     losses_sum[name] = losses_sum.get(name, 0) + value.detach() / run.grad_accum
             momentum = teacher_momentum(self.step, run.max_steps, cfg.objectives.teacher.momentum,

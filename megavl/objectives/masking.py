@@ -66,22 +66,31 @@ def _uniform(shape: tuple[int, ...], device: torch.device | str, generator: torc
     return torch.rand(shape, generator=generator, device=gen_device).to(device)
 
 
+def _check_noise(noise: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    if tuple(noise.shape) != shape or not noise.dtype.is_floating_point:
+        raise ValueError(f"noise must be a float tensor of shape {shape}; got {noise.dtype} {tuple(noise.shape)}")
+    return noise
+
+
 def random_masking(batch_size: int, num_patches: int, mask_ratio: float, device: torch.device | str = "cpu",
-                   generator: torch.Generator | None = None) -> MaskSpec:
+                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> MaskSpec:
     """MAE random masking: each sample keeps a uniformly random subset of K = num_kept(N, ratio) patches.
 
     noise ~ U(0,1)^(B,N); the K patches with the smallest noise are kept (MAE's argsort(noise)).
-    Pass a torch.Generator for reproducible masks.
+    Pass a torch.Generator for reproducible masks, or the (B, N) noise itself (e.g. this rank's rows
+    of noise drawn for the global batch, so masks do not depend on how the batch is split).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     num_keep = num_kept(num_patches, mask_ratio)
-    noise = _uniform((batch_size, num_patches), device, generator)
+    if noise is None:
+        noise = _uniform((batch_size, num_patches), device, generator)
+    noise = _check_noise(noise, (batch_size, num_patches)).to(device)
     return _spec_from_order(torch.argsort(noise, dim=1), num_keep)
 
 
 def text_guided_masking(relevance: torch.Tensor, mask_ratio: float, randomness: float,
-                        generator: torch.Generator | None = None) -> MaskSpec:
+                        generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> MaskSpec:
     """Mask the patches most relevant to the text, mixed with random masking (SemMIM).
 
     relevance (B, N): text-to-patch relevance (e.g. momentum-model attention from text to patches);
@@ -94,6 +103,7 @@ def text_guided_masking(relevance: torch.Tensor, mask_ratio: float, randomness: 
 
     randomness = 0 masks exactly the top-M relevant patches; randomness = 1 is random masking (the
     score is pure noise). Ranks, not raw values, so the mixing does not depend on the relevance scale.
+    `noise` (B, N) in [0, 1), when given, is used as u instead of drawing from `generator`.
     """
     if relevance.dim() != 2:
         raise ValueError(f"relevance must be (B, N); got {tuple(relevance.shape)}")
@@ -107,7 +117,9 @@ def text_guided_masking(relevance: torch.Tensor, mask_ratio: float, randomness: 
     ranks = torch.argsort(torch.argsort(relevance, dim=1, stable=True), dim=1)
     score = ranks.to(torch.float64) / max(N - 1, 1)
     if randomness > 0:
-        noise = _uniform((B, N), relevance.device, generator).to(torch.float64)
+        if noise is None:
+            noise = _uniform((B, N), relevance.device, generator)
+        noise = _check_noise(noise, (B, N)).to(relevance.device, torch.float64)
         score = (1.0 - randomness) * score + randomness * noise
     # Ascending score: least relevant first, so the first K entries are the kept ones.
     order = torch.argsort(score, dim=1, stable=True)

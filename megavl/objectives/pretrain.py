@@ -18,6 +18,7 @@ Legend: B batch, N patches, K kept, M masked, L text length, W fusion width, E e
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from megavl.config import ModelConfig, ObjectivesConfig
@@ -25,7 +26,7 @@ from megavl.models.fusion import FusionOutput
 from megavl.models.vlp import VLPModel
 from megavl_kernels import gather_tokens, masked_patch_targets
 
-from .distributed import gather_features
+from .distributed import all_reduce_mean, gather_features, is_distributed
 from .itc import clamp_temperature_, itc_distill_loss, itc_loss
 from .itm import itm_loss, sample_hard_negatives, sample_random_negatives
 from .masking import MaskSpec, random_masking, text_guided_masking
@@ -34,6 +35,10 @@ from .mim_semantic import semantic_mim_loss, update_center
 from .mlm import mlm_loss
 from .scl import scl_loss
 from .teacher import ema_update_, make_teacher
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
 def _first_rows(fused: FusionOutput, rows: int) -> FusionOutput:
@@ -122,10 +127,7 @@ class PretrainModule(nn.Module):
             masked_txt = s.encode_text(batch["mlm_input_ids"], text_mask)
             fused_mt = s.fuse(img, masked_txt, text_mask, mode)
             if "mlm" in active:
-                labels = batch["mlm_labels"]
-                picked = labels != -100  # the vocabulary head runs on masked tokens only
-                logits = s.mlm_head(fused_mt.text_states[picked])
-                losses["mlm"] = mlm_loss(logits.unsqueeze(0), labels[picked].unsqueeze(0))
+                losses["mlm"] = self._mlm(fused_mt.text_states, batch["mlm_labels"])
 
         if "scl" in active:
             losses["scl"] = scl_loss(gather_features(fused_mi.image_global),
@@ -155,12 +157,16 @@ class PretrainModule(nn.Module):
         return out
 
     def _make_mask(self, batch_size: int, device, teacher_out, generator) -> MaskSpec:
-        m = self.cfg.masking
+        """Noise is drawn for the GLOBAL batch from a generator seeded alike on every rank, and each
+        rank takes its rows: a sample's mask does not depend on how the batch is split over ranks."""
+        m, n = self.cfg.masking, self.student.num_patches
+        rank, world = _rank_world()
+        gen_device = generator.device if generator is not None else device
+        noise = torch.rand((batch_size * world, n), generator=generator, device=gen_device)
+        noise = noise[rank * batch_size:(rank + 1) * batch_size].to(device)
         if m.text_guided:
-            return text_guided_masking(teacher_out["relevance"], m.image_mask_ratio, m.guided_randomness,
-                                       generator=generator)
-        return random_masking(batch_size, self.student.num_patches, m.image_mask_ratio, device,
-                              generator=generator)
+            return text_guided_masking(teacher_out["relevance"], m.image_mask_ratio, m.guided_randomness, noise=noise)
+        return random_masking(batch_size, n, m.image_mask_ratio, device, noise=noise)
 
     def _itc(self, img_emb, txt_emb, teacher_out) -> torch.Tensor:
         if self.cfg.itc.queue_size == 0:
@@ -185,25 +191,47 @@ class PretrainModule(nn.Module):
     def _fused_pass(self, img, txt, img_emb, txt_emb, batch, mode, generator, with_itm: bool):
         """One fusion call over [positives ; (neg image, text) ; (image, neg text)] (ALBEF's ITM batch).
 
-        Returns the positives' FusionOutput slice and the ITM loss. Without ITM only positives are fused.
+        Negatives come from the GLOBAL batch (as BLIP): similarities and image ids are gathered, every
+        rank draws the negatives of all global rows with the same generator and keeps its own rows, and
+        the negatives' tokens are gathered with gradients. So the ITM loss does not depend on the world
+        size, and a negative can be any sample of the step. Returns the positives' FusionOutput and the loss.
         """
         s, B, text_mask = self.student, img.shape[0], batch["attention_mask"]
         if not with_itm:
             return s.fuse(img, txt, text_mask, mode), {}
-        image_ids = batch["image_ids"]
+        rank, world = _rank_world()
+        ids_all = gather_features(batch["image_ids"], with_grad=False)
         if self.cfg.itm.hard_negatives:
-            sim = (img_emb @ txt_emb.t()).detach() / self.temp.detach()
-            neg_txt = sample_hard_negatives(sim, image_ids, image_ids, generator=generator)
-            neg_img = sample_hard_negatives(sim.t(), image_ids, image_ids, generator=generator)
+            img_all = gather_features(img_emb.detach(), with_grad=False)
+            txt_all = gather_features(txt_emb.detach(), with_grad=False)
+            sim = img_all @ txt_all.t() / self.temp.detach()
+            neg_txt = sample_hard_negatives(sim, ids_all, ids_all, generator=generator)
+            neg_img = sample_hard_negatives(sim.t(), ids_all, ids_all, generator=generator)
         else:
-            neg_txt = sample_random_negatives(image_ids, image_ids, generator=generator)
-            neg_img = sample_random_negatives(image_ids, image_ids, generator=generator)
-        neg_txt, neg_img = neg_txt.to(img.device), neg_img.to(img.device)
-        fused = s.fuse(torch.cat([img, img[neg_img], img]), torch.cat([txt, txt, txt[neg_txt]]),
-                       torch.cat([text_mask, text_mask, text_mask[neg_txt]]), mode)
+            neg_txt = sample_random_negatives(ids_all, ids_all, generator=generator)
+            neg_img = sample_random_negatives(ids_all, ids_all, generator=generator)
+        mine = slice(rank * B, (rank + 1) * B)
+        neg_txt, neg_img = neg_txt[mine].to(img.device), neg_img[mine].to(img.device)
+        img_tokens_all, txt_tokens_all = gather_features(img), gather_features(txt)
+        mask_all = gather_features(text_mask, with_grad=False)
+        fused = s.fuse(torch.cat([img, img_tokens_all[neg_img], img]),
+                       torch.cat([txt, txt, txt_tokens_all[neg_txt]]),
+                       torch.cat([text_mask, text_mask, mask_all[neg_txt]]), mode)
         logits = s.itm_head(fused.image_global, fused.text_global)
         labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(img.device)
         return _first_rows(fused, B), {"itm": itm_loss(logits, labels)}
+
+    def _mlm(self, text_states, labels) -> torch.Tensor:
+        """Mean over the masked tokens of the GLOBAL batch: this rank's sum over the global count, times
+        the world size (gradients are averaged over ranks). The vocabulary head runs on masked tokens only."""
+        picked = labels != -100
+        logits = self.student.mlm_head(text_states[picked])
+        local_sum = mlm_loss(logits.unsqueeze(0), labels[picked].unsqueeze(0)) * picked.sum()
+        _, world = _rank_world()
+        count = picked.sum().float()
+        if world > 1:
+            count = all_reduce_mean(count) * world
+        return local_sum * world / count.clamp_min(1.0)
 
     def _semantic_mim(self, global_BW, decoded_masked_BMD, spec: MaskSpec, teacher_out) -> torch.Tensor:
         cfg, s = self.cfg.mim_sem, self.student

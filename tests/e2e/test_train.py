@@ -1,0 +1,145 @@
+"""Real training runs of megavl/train.py on CPU: TensorBoard tags read back with TensorBoard's own
+reader, export + load_pretrained, and a 2-rank ZeRO-3 run killed with SIGKILL and resumed, which must
+reproduce the uninterrupted run's per-step losses and final weights."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import megavl
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    subprocess.run([sys.executable, "-m", "megavl.tools.synth_shapes", "--out", str(out), "--num-train", "256",
+                    "--num-val", "32", "--seed", "0", "--image-size", "64", "--samples-per-shard", "64"],
+                   check=True, capture_output=True)
+    return out
+
+
+def _sets(shards: Path, out: Path, *extra: str) -> list[str]:
+    return ["--set", f"run.output_dir={out}", f"data.train_shards={shards}/train-{{000000..000003}}.tar",
+            f"data.val_shards={shards}/val-000000.tar", "data.batch_size=8", "data.num_workers=1",
+            "run.log_every=1", *extra]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_ranks(ds_config: str, sets: list[str]) -> list[str]:
+    return [str(BIN / "deepspeed"), "--master_port", str(_free_port()), "--num_gpus", "2",
+            "megavl/train.py", "--ds_config", ds_config, "--config", "configs/tiny.yaml", *sets]
+
+
+def _scalars(out: Path) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}, acc.Tags()["images"]
+
+
+def test_one_process_run_logs_every_tag_and_exports(shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "megavl/train.py", "--ds_config", "ds_configs/zero0.json", "--config", "configs/tiny.yaml",
+           *_sets(shards, out, "run.max_steps=4", "run.checkpoint_every=2", "run.eval_every=2",
+                  "run.image_log_every=2")]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "retrieval i2t R@1" in proc.stdout + proc.stderr
+
+    scalars, images = _scalars(out)
+    expected = ["loss/total", "train/lr", "train/grad_norm", "train/itc_temperature", "train/teacher_momentum",
+                "curriculum/mode", "perf/samples_per_sec", "perf/tflops", "perf/data_wait",
+                "data/skipped/corrupt_image", "data/skipped/truncated_tar"]
+    expected += [f"loss/{name}" for name in ("itc", "itm", "mlm", "mim_pixel", "mim_sem", "scl")]
+    expected += [f"eval/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    missing = [t for t in expected if t not in scalars]
+    assert not missing, f"missing tags {missing}; have {sorted(scalars)}"
+    assert sorted(scalars["loss/total"]) == [1, 2, 3, 4]
+    assert sorted(scalars["eval/i2t_r1"]) == [0, 2, 4]  # before training, every 2 steps, at the end
+    assert [scalars["curriculum/mode"][s] for s in (1, 2, 3, 4)] == [0.0, 1.0, 0.0, 1.0]  # alternating
+    assert all(v > 0 for v in scalars["train/grad_norm"].values())
+    assert images, "no mask/reconstruction images"
+
+    export = tmp_path / "export"
+    subprocess.run([str(BIN / "megavl-export"), str(out / "checkpoints"), str(export)], check=True, cwd=REPO,
+                   env=_env(), capture_output=True)
+    model = megavl.load_pretrained(export)
+    saved = torch.load(out / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)["module"]
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, saved[f"student.{name}"], rtol=0, atol=0, msg=name)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, ckpt_dir: Path, tag: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        latest = ckpt_dir / "latest"
+        if latest.is_file() and latest.read_text().strip() >= tag:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (rc {proc.returncode}) before checkpoint {tag}")
+        time.sleep(0.2)
+    pytest.fail(f"no checkpoint {tag} within {timeout} s")
+
+
+def _export_weights(out: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    subprocess.run([str(BIN / "megavl-export"), str(out / "checkpoints"), str(tmp)], check=True, cwd=REPO,
+                   env=_env(), capture_output=True)
+    return load_file(str(tmp / "model.safetensors"))
+
+
+def test_zero3_two_ranks_killed_and_resumed_equals_uninterrupted(shards, tmp_path):
+    steps = 10
+    common = ("run.max_steps=10", "run.checkpoint_every=2", "run.eval_every=-1", "run.keep_checkpoints=2")
+
+    full = tmp_path / "full"
+    proc = subprocess.run(_two_ranks("ds_configs/zero3.json", _sets(shards, full, *common)), cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+
+    resumed = tmp_path / "resumed"
+    cmd = _two_ranks("ds_configs/zero3.json", _sets(shards, resumed, *common))
+    first = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        _wait_for_checkpoint(first, resumed / "checkpoints", "step_00000004", timeout=600)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the launcher and both ranks, with no chance to save
+        first.wait()
+    assert not (resumed / "checkpoints" / f"step_{steps:08d}").exists(), "the run finished before the kill"
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+
+    full_losses, _ = _scalars(full)
+    resumed_losses, _ = _scalars(resumed)
+    for tag in [t for t in full_losses if t.startswith("loss/")]:
+        for step in range(5, steps + 1):
+            assert resumed_losses[tag][step] == pytest.approx(full_losses[tag][step], rel=1e-5, abs=1e-6), (tag, step)
+    a, b = _export_weights(full, tmp_path / "export_full"), _export_weights(resumed, tmp_path / "export_resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
