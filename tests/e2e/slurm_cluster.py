@@ -105,6 +105,11 @@ class LocalSlurm:
         for node in NODES:
             self._run(["slurmd", "-f", str(self.conf), "-N", node])
             self._started.append(node)
+        return self.wait_nodes_idle(timeout)
+
+    def wait_nodes_idle(self, timeout: float = 60.0) -> "LocalSlurm":
+        """Until every node is idle: also after a job ends, while its steps are still being cleaned up
+        (a requeued job released too early is refused by slurmd: "Job N already killed")."""
         deadline = time.monotonic() + timeout
         states: list[str] = []
         while time.monotonic() < deadline:
