@@ -21,9 +21,7 @@ from megavl.models.vision import VisionTransformer
 from megavl.objectives.masking import num_kept
 from megavl.objectives.pretrain import PretrainModule
 
-from harness import Row, interleaved_median, synthetic_batch
-
-TINY_RECIPE = "configs/tiny.yaml"
+from harness import RECIPES, Row, interleaved_median, synthetic_batch
 
 
 # ----------------------------------------------------------------------------------- masked encoding
@@ -102,7 +100,7 @@ def flop_accounting(device: torch.device, quick: bool) -> list[Row]:
     """Analytic vs counted FLOPs of one step per curriculum mode, tiny geometry (CPU, fp32)."""
     del device  # counting FLOPs needs no speed: always the CPU, where "math" attention is exact
     batch_size, text_len = 4, 16
-    cfg = load_config(TINY_RECIPE, ["model.attention=math"])
+    cfg = load_config(RECIPES["tiny"], ["model.attention=math"])
     torch.manual_seed(0)
     module = PretrainModule(cfg.model, cfg.objectives, objectives_by_mode(cfg.curriculum))
     batch = synthetic_batch(cfg, batch_size, text_len, torch.device("cpu"))

@@ -25,7 +25,7 @@ from megavl.engine.optim import build_optimizer, build_scheduler, param_groups
 from megavl.engine.trainer import build_engine, clear_zero3_grad_partitions, step_generator, zero_fill_unused_grads
 from megavl.objectives.pretrain import PretrainModule
 
-from harness import Row, interleaved_median, sync, synthetic_batch
+from harness import DS_CONFIGS, RECIPES, Row, interleaved_median, sync, synthetic_batch
 
 MODES = ("single", "two")
 E2E_BATCHES = (128, 96, 64, 48, 32, 16, 8)   # tried largest first; the first that fits is reported
@@ -76,13 +76,13 @@ def _plain_step(module: PretrainModule, optimizer, scheduler, grad_clip: float, 
     return run
 
 
-def framework_overhead(device: torch.device, quick: bool, geometry: str, recipe: str, batch_size: int,
+def framework_overhead(device: torch.device, quick: bool, geometry: str, recipe, batch_size: int,
                        text_len: int, reps: int) -> Row:
     """Seconds per optimizer step (mean of a single- and a two-stream step), megavl vs plain PyTorch."""
     ensure_distributed()
     cfg = load_config(recipe, _batch_overrides(batch_size) + ["run.precision=fp32"])
     torch.manual_seed(0)
-    engine, _, stage = build_engine(cfg, "ds_configs/zero0.json", 1, device)
+    engine, _, stage = build_engine(cfg, str(DS_CONFIGS[0]), 1, device)
     torch.manual_seed(0)
     module = PretrainModule(cfg.model, cfg.objectives, objectives_by_mode(cfg.curriculum)).to(device)
     optimizer = build_optimizer(param_groups(module, cfg.optim), cfg.optim, device)
@@ -101,10 +101,10 @@ def framework_overhead(device: torch.device, quick: bool, geometry: str, recipe:
 
 def framework_rows(device: torch.device, quick: bool, include_base: bool) -> list[Row]:
     cpu = device.type == "cpu"
-    rows = [framework_overhead(device, quick, "tiny", "configs/tiny.yaml", 8 if quick else 16, 24,
+    rows = [framework_overhead(device, quick, "tiny", RECIPES["tiny"], 8 if quick else 16, 24,
                                reps=3 if quick else 7)]
     if include_base or (not quick and not cpu):
-        rows.append(framework_overhead(device, quick, "base (4M recipe)", "configs/pretrain_4m.yaml",
+        rows.append(framework_overhead(device, quick, "base (4M recipe)", RECIPES["4m"],
                                        2 if cpu else 16, 30, reps=3 if cpu else 10))
     else:
         rows.append(Row("framework overhead", "base (4M recipe)", "ms per step", None, None,
@@ -116,9 +116,9 @@ def framework_rows(device: torch.device, quick: bool, include_base: bool) -> lis
 # --------------------------------------------------------------------------------------- end to end
 def _time_e2e(batch_size: int, device: torch.device, steps: int) -> tuple[float, dict, object]:
     """Median seconds per optimizer step of the 4M recipe at this micro-batch (raises on OOM)."""
-    cfg = load_config("configs/pretrain_4m.yaml", _batch_overrides(batch_size) + ["run.precision=bf16"])
+    cfg = load_config(RECIPES["4m"], _batch_overrides(batch_size) + ["run.precision=bf16"])
     torch.manual_seed(0)
-    engine, _, stage = build_engine(cfg, "ds_configs/zero3.json", 1, device)
+    engine, _, stage = build_engine(cfg, str(DS_CONFIGS[3]), 1, device)
     try:
         text_len = cfg.data.max_text_len
         batch = synthetic_batch(cfg, batch_size, text_len, device, torch.bfloat16)

@@ -11,11 +11,16 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from megavl.config import Config
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = {"tiny": REPO / "configs/tiny.yaml", "4m": REPO / "configs/pretrain_4m.yaml"}
+DS_CONFIGS = {stage: REPO / f"ds_configs/zero{stage}.json" for stage in (0, 3)}
 
 
 @dataclass
