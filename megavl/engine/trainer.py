@@ -239,9 +239,20 @@ class Trainer:
         else:
             if run.eval_every >= 0:
                 results["eval_after"] = self.evaluate()
+                self._summarise_retrieval(results)
         results["end_step"] = self.step
         self.monitor.close()
         return results
+
+    def _summarise_retrieval(self, results: dict) -> None:
+        before, after = results.get("eval_before"), results.get("eval_after")
+        if not before or not after:
+            return
+        chance = 1.0 / after["num_texts"]
+        self.monitor.message(
+            f"retrieval R@1 before -> after: i2t {before['i2t_r1']:.3f} -> {after['i2t_r1']:.3f}, "
+            f"t2i {before['t2i_r1']:.3f} -> {after['t2i_r1']:.3f}; chance {chance:.4f} "
+            f"(after = {after['i2t_r1'] / chance:.1f}x chance i2t, {after['t2i_r1'] / chance:.1f}x t2i)")
 
     def _temperature(self) -> float:
         temp = self.module.temp
