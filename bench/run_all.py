@@ -1,0 +1,137 @@
+"""Run every megavl benchmark and write one table: megavl, its reference, the ratio and the goal.
+
+    python bench/run_all.py                  # the full harness on the available device
+    python bench/run_all.py --quick          # tiny shapes, few repetitions (the test runs this)
+    python bench/run_all.py --base           # also the base-geometry framework overhead on CPU (slow)
+
+Both sides of every figure are measured in the same run, their repetitions interleaved, medians
+reported. Writes <out>/bench.md and <out>/bench.json (default outputs/bench/) and prints the table
+with the machine line. On CPU the default is one torch thread: the machine is usually shared, and
+one thread keeps a neighbour's load from turning into timing noise (--threads to change it).
+
+`run(quick, out) -> list[dict]` is the importable entry point.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench modules, when imported from tests
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # the kernels run in Triton's interpreter without a GPU (as in tests)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from harness import REPO, Row, machine_line  # noqa: E402
+
+GOAL_NONE = ""
+
+
+def _data_rows(device: torch.device, quick: bool) -> list[Row]:
+    import data as data_bench
+
+    rows = data_bench.run(quick)
+    ours, plain = rows[0], rows[1]
+    return [Row("data", f"{ours['image']} -> {ours['size']} px, batch {ours['batch']}", "samples/s per core",
+                ours["samples_per_s_per_core"], plain["samples_per_s_per_core"], plain["pipeline"], GOAL_NONE,
+                note=f"{ours['samples']} samples, one core; higher is better")]
+
+
+def _kernel_rows(device: torch.device, quick: bool) -> list[Row]:
+    import kernels
+
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    shapes = None  # kernels.py's own: QUICK_SHAPES or the ViT-B/L batches of the goal
+    if device.type == "cpu" and not quick:  # the goal's B=256 takes minutes per op on a CPU
+        shapes = [kernels.Shape("vit_b16_224_b8", B=8, N=196, D=768, K=49)]
+    note = ("CPU: reference path (no Triton kernel runs), timings for reference only" if device.type == "cpu"
+            else "CUDA, L2 flushed")
+    return [Row("kernels", f"{r['op']} {r['shape']}", "ms", r["fused_ms"], r["composite_ms"], "torch composite",
+                GOAL_NONE, note=f"{note}; {r['backend']}, {r['dtype']}, fused/copy {r['fused_vs_copy']:.2f}")
+            for r in kernels.run(device, dtype, shapes=shapes, quick=quick)]
+
+
+def _sections(include_base: bool) -> list[tuple[str, Callable[[torch.device, bool], list[Row]]]]:
+    import bench_model
+    import bench_step
+    import bench_zero
+
+    return [
+        ("masked encoding", bench_model.masked_encoding),
+        ("framework overhead", lambda d, q: bench_step.framework_rows(d, q, include_base)),
+        ("ZeRO-3 memory", bench_zero.zero3_memory),
+        ("FLOP accounting", bench_model.flop_accounting),
+        ("data", _data_rows),
+        ("kernels", _kernel_rows),
+        ("attention", bench_model.attention_backends),
+        ("end to end", bench_step.end_to_end),
+    ]
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+
+
+def markdown(rows: list[dict], machine: str) -> str:
+    head = ["bench", "case", "metric", "megavl", "reference", "ratio", "goal", "met", "note"]
+    lines = [f"Machine: {machine}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ref = f"{_fmt(r['reference'])} ({r['reference_name']})" if r["reference_name"] else _fmt(r["reference"])
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}x"
+        met = {True: "yes", False: "NO", None: "-"}[r["met"]]
+        cells = [r["bench"], r["case"], r["metric"], _fmt(r["megavl"]), ref, ratio, r["goal"] or "-", met, r["note"]]
+        lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def run(quick: bool, out: Path, device: torch.device | None = None, include_base: bool = False,
+        only: list[str] | None = None) -> list[dict]:
+    """Run the benchmarks (all, or the sections named in `only`), write bench.md and bench.json to
+    `out`, and return the rows as dicts. A section that raises gives one FAILED row, not a lost table."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    machine = machine_line(device)
+    rows: list[dict] = []
+    for name, section in _sections(include_base):
+        if only and name not in only:
+            continue
+        print(f"[bench] {name} ...", flush=True)
+        try:
+            results = section(device, quick)
+        except Exception as err:  # noqa: BLE001 - one broken benchmark must not hide the others
+            traceback.print_exc()
+            results = [Row(name, "-", "-", None, None, "", "", note=f"FAILED: {type(err).__name__}: {err}")]
+        rows.extend(r.as_dict() for r in results)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.md").write_text(markdown(rows, machine) + "\n")
+    (out / "bench.json").write_text(json.dumps({"machine": machine, "quick": quick, "rows": rows}, indent=1))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
+    parser.add_argument("--base", action="store_true", help="base-geometry framework overhead also on CPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU default: 1)")
+    parser.add_argument("--only", nargs="*", default=None, help="section names to run (default: all)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads = args.threads or (1 if device.type == "cpu" else torch.get_num_threads())
+    torch.set_num_threads(threads)
+    rows = run(args.quick, args.out, device, include_base=args.base, only=args.only)
+    print(markdown(rows, machine_line(device)))
+    print(f"\nwritten: {args.out / 'bench.md'}, {args.out / 'bench.json'}")
+    return 1 if any(r["note"].startswith("FAILED") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
