@@ -64,7 +64,8 @@ def _has_full_data(p: torch.Tensor) -> bool:
 
 def _check_not_nvme(name: str, p: torch.Tensor) -> None:
     location = getattr(p.ds_tensor, "final_location", None)
-    if location is not None and "nvme" in str(location).lower():
+    # An enum (str, Enum): compare its value, not str(), whose text includes the class name.
+    if getattr(location, "value", location) == "nvme":
         raise NotImplementedError(f"{name}: EMA of NVMe-offloaded ZeRO-3 parameters is not supported")
 
 

@@ -143,3 +143,16 @@ def test_zero3_two_ranks_killed_and_resumed_equals_uninterrupted(shards, tmp_pat
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("ds_config", ["zero1", "zero2", "zero3_offload"])
+def test_every_ds_config_trains_and_checkpoints(shards, tmp_path, ds_config):
+    out = tmp_path / ds_config
+    cmd = [sys.executable, "megavl/train.py", "--ds_config", f"ds_configs/{ds_config}.json", "--config",
+           "configs/tiny.yaml", *_sets(shards, out, "run.max_steps=2", "run.checkpoint_every=2", "run.eval_every=-1",
+                                       "data.num_workers=0")]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    scalars, _ = _scalars(out)
+    assert sorted(scalars["loss/total"]) == [1, 2] and all(v > 0 for v in scalars["train/grad_norm"].values())
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
