@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 NODES = ("n1", "n2")
+CRED_EXPIRE_S = 10
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "scancel")
 
 
@@ -72,6 +73,9 @@ class LocalSlurm:
             f"SlurmctldPort={ctld_port}",
             "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/none", "CredType=cred/none",
+            # A requeued job may start again only once its old credential has expired (default 120 s);
+            # starting it earlier by hand races slurmd ("Job credential revoked").
+            f"AuthInfo=cred_expire={CRED_EXPIRE_S}",
             f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool/%n",
             f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd-%n.pid",
             f"SlurmctldLogFile={d}/slurmctld.log", f"SlurmdLogFile={d}/slurmd-%n.log",
