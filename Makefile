@@ -19,6 +19,7 @@ $(STAMP): setup.py
 
 # Generate the captioned-shapes shards, then pre-train the tiny recipe with ZeRO-3 on 2 CPU ranks.
 demo: $(STAMP)
+	rm -rf outputs/tiny  # a fresh run each time (--resume auto would otherwise find the finished one)
 	$(BIN)/megavl-synth-shapes --out outputs/shapes --num-train 4096 --num-val 256 --seed 0 \
 	    --image-size 64 --samples-per-shard 1024
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --num_gpus 2 megavl/train.py \
