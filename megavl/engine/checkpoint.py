@@ -59,6 +59,7 @@ def save(engine, module: torch.nn.Module, ckpt_dir: Path, step: int, rank: int, 
         "step": step,
         "teacher": {n: _local_tensor(p).detach().clone() for n, p in module.teacher.named_parameters()},
         "buffers": {n: b.detach().clone() for n, b in module.named_buffers() if not n.startswith(("student.", "teacher."))},
+        "teacher_master": {k: v.clone() for k, v in module.teacher_master.items()},
         "rng": rng_state(),
         **extra,
     }
@@ -120,5 +121,8 @@ def load(engine, module: torch.nn.Module, ckpt_dir: Path, tag: str, rank: int) -
         buffers = dict(module.named_buffers())
         for name, value in state["buffers"].items():
             buffers[name].copy_(value)
+        device = next(module.teacher.parameters()).device
+        module.teacher_master.clear()
+        module.teacher_master.update({k: v.to(device) for k, v in state.get("teacher_master", {}).items()})
     set_rng_state(state["rng"])
     return state

@@ -53,6 +53,7 @@ class PretrainModule(nn.Module):
         self.cfg = obj_cfg
         self.student = VLPModel(model_cfg)
         self.teacher = make_teacher(self.student)
+        self.teacher_master: dict[str, torch.Tensor] = {}  # fp32 EMA state of low-precision teacher shards
         enabled = set(obj_cfg.enabled())
         self.objectives_by_mode = {mode: [n for n in names if n in enabled]
                                    for mode, names in objectives_by_mode.items()}
@@ -76,7 +77,8 @@ class PretrainModule(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        ema_update_(self.teacher, self.student, momentum)
+        """EMA on this rank's shards; with bf16 weights the EMA runs on fp32 master copies."""
+        ema_update_(self.teacher, self.student, momentum, master=self.teacher_master)
 
     # ----------------------------------------------------------------------------------- step
     def forward(self, batch: dict, mode: str, generator: torch.Generator | None = None

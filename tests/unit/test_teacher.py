@@ -105,3 +105,26 @@ def test_gather_helpers_are_identity_without_distributed():
     assert gather_features(x) is x and gather_features(x, with_grad=False) is x
     mean = all_reduce_mean(x)
     assert torch.equal(mean, x) and not mean.requires_grad
+
+
+def test_bf16_teacher_follows_fp32_master_weights():
+    """At momentum 0.999 a bf16 teacher alone barely moves (updates fall below its rounding step);
+    with fp32 master copies it tracks the fp32 EMA to bf16 precision."""
+    torch.manual_seed(0)
+    student = nn.Linear(16, 16).to(torch.bfloat16)
+    plain, mastered = make_teacher(student), make_teacher(student)
+    reference = {n: p.detach().float().clone() for n, p in plain.named_parameters()}
+    master: dict = {}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.5)  # the student moves away; the teacher must follow slowly
+    for _ in range(200):
+        ema_update_(plain, student, 0.999)
+        ema_update_(mastered, student, 0.999, master=master)
+        for n, p in student.named_parameters():
+            reference[n].mul_(0.999).add_(p.float(), alpha=0.001)
+    for n, p in mastered.named_parameters():
+        torch.testing.assert_close(p.float(), reference[n], atol=1e-2, rtol=1e-2)
+    drift_plain = max((p.float() - reference[n]).abs().max().item() for n, p in plain.named_parameters())
+    assert drift_plain > 0.05, drift_plain  # without masters the bf16 EMA falls behind
+    assert set(master) == {"weight", "bias"} and all(v.dtype == torch.float32 for v in master.values())
