@@ -94,6 +94,9 @@ def build_engine(cfg: Config, ds_config_path: str, world_size: int, device: torc
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.run.max_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
+    if world_size == 1 and zero_stage(ds_config) == 0:
+        # DeepSpeed flattens, "all-reduces" over one rank and unflattens every gradient each step.
+        engine.enable_backward_allreduce = False
     return engine, scheduler, zero_stage(ds_config)
 
 
