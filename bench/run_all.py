@@ -34,7 +34,7 @@ GOAL_NONE = ""
 
 
 def _data_rows(device: torch.device, quick: bool) -> list[Row]:
-    import data as data_bench
+    import bench_data as data_bench
 
     rows = data_bench.run(quick)
     ours, plain = rows[0], rows[1]
@@ -44,10 +44,10 @@ def _data_rows(device: torch.device, quick: bool) -> list[Row]:
 
 
 def _kernel_rows(device: torch.device, quick: bool) -> list[Row]:
-    import kernels
+    import bench_kernels as kernels
 
     dtype = "bf16" if device.type == "cuda" else "fp32"
-    shapes = None  # kernels.py's own: QUICK_SHAPES or the ViT-B/L batches of the goal
+    shapes = None  # bench_kernels.py's own: QUICK_SHAPES or the ViT-B/L batches of the goal
     if device.type == "cpu" and not quick:  # the goal's B=256 takes minutes per op on a CPU
         shapes = [kernels.Shape("vit_b16_224_b8", B=8, N=196, D=768, K=49)]
     note = ("CPU: reference path (no Triton kernel runs), timings for reference only" if device.type == "cpu"

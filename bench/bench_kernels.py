@@ -1,7 +1,7 @@
 """Bandwidth benchmark for megavl_kernels: each fused op vs the torch composite it replaces vs a copy.
 
-    python bench/kernels.py                       # CUDA if present, bf16, ViT shapes
-    python bench/kernels.py --device cpu --quick  # tiny shapes, reference timings
+    python bench/bench_kernels.py                       # CUDA if present, bf16, ViT shapes
+    python bench/bench_kernels.py --device cpu --quick  # tiny shapes, reference timings
 
 Bytes are the op's *unique* traffic: what it must read once and write once (a gathered pos row is
 re-read from cache, so pos counts once as (N, D)). "copy" times ``dst.copy_(src)`` of exactly those

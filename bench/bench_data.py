@@ -6,7 +6,7 @@ normalise) -> tokenise to 30 tokens -> batch of 32. The plain pipeline is writte
 OpenCLIP's `get_wds_dataset` does it (tarfile_to_samples -> shuffle -> decode("pilrgb") -> map).
 megavl additionally draws the MLM and SCL masks.
 
-    python bench/data.py [--quick] [--image-width 512 --image-height 384]
+    python bench/bench_data.py [--quick] [--image-width 512 --image-height 384]
 
 `run(quick) -> list[dict]` returns one row per pipeline plus the ratio row.
 """
