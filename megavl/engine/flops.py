@@ -249,7 +249,8 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
     if masked_image:
         t.add("masked_image", conv + _vit_blocks(model_cfg, B, 1 + k), conv + 2 * _vit_blocks(model_cfg, B, 1 + k))
         t.add("masked_image", *_fusion(model_cfg, B, 1 + k, L, mode, "image"))
-        t.train("decoder", _decoder(model_cfg, B, k, n), trains=bool(on & {"mim_pixel", "mim_sem"}))
+        if on & {"mim_pixel", "mim_sem"}:
+            t.train("decoder", _decoder(model_cfg, B, k, n))
         if "mim_pixel" in on:
             t.train("mim_pixel", _gemm(B * (n - k), model_cfg.decoder.width, 3 * v.patch_size ** 2))
         if "mim_sem" in on:

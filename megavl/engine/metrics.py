@@ -56,27 +56,31 @@ class Monitor:
 
 
 class StepTimer:
-    """Splits wall time into waiting for data and computing, per logging window."""
+    """Splits step wall time into waiting for data and the rest, per logging window. Time between
+    steps (evaluation, image logs, checkpoints) is not counted."""
 
     def __init__(self) -> None:
         self.reset()
+        self.start_step()
 
     def reset(self) -> None:
         self.data_s = 0.0
         self.total_s = 0.0
         self.steps = 0
-        self._mark = time.perf_counter()
 
-    def data_ready(self) -> None:
-        now = time.perf_counter()
-        self.data_s += now - self._mark
-        self._data_at = now
+    def start_step(self) -> None:
+        self._start = time.perf_counter()
+
+    def next_batch(self, iterator):
+        """next(iterator), its wait counted as data time."""
+        before = time.perf_counter()
+        batch = next(iterator)
+        self.data_s += time.perf_counter() - before
+        return batch
 
     def step_done(self) -> None:
-        now = time.perf_counter()
-        self.total_s += now - self._mark
+        self.total_s += time.perf_counter() - self._start
         self.steps += 1
-        self._mark = now
 
     @property
     def seconds_per_step(self) -> float:

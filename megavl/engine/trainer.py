@@ -202,14 +202,13 @@ class Trainer:
         if self.step == 0 and run.eval_every >= 0:  # "before" figure for the retrieval gain
             results["eval_before"] = self.evaluate()
         data_iter = iter(self.loader)
-        timer, window = StepTimer(), {}
+        timer = StepTimer()
         while self.step < run.max_steps:
             mode = mode_at(self.step, self.loader.epoch, cfg.curriculum)
             losses_sum: dict[str, torch.Tensor] = {}
-            timer.reset() if not window else None
+            timer.start_step()
             for micro in range(run.grad_accum):
-                batch = _to_device(next(data_iter), self.device, self.dtype)
-                timer.data_ready()
+                batch = _to_device(timer.next_batch(data_iter), self.device, self.dtype)
                 gen = step_generator(run.seed, self.step, micro, self.device)
                 total, losses = self.engine(batch, mode, gen)
                 self.engine.backward(total)
@@ -227,7 +226,7 @@ class Trainer:
             self.module.update_teacher(momentum)
             self.step += 1
             timer.step_done()
-            window = self._log_step(mode, losses_sum, momentum, timer, batch, results)
+            self._log_step(mode, losses_sum, momentum, timer, batch, results)
             if run.image_log_every and self.step % run.image_log_every == 0:
                 log_mask_images(self.module, batch, mode, self.monitor, self.step, cfg)
             if run.eval_every > 0 and self.step % run.eval_every == 0 and self.step < run.max_steps:
@@ -275,11 +274,11 @@ class Trainer:
         grads = [p.grad for _, p in self.module.student_parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
-    def _log_step(self, mode, losses_sum, momentum, timer, batch, results) -> dict:
+    def _log_step(self, mode, losses_sum, momentum, timer, batch, results) -> None:
         cfg, run = self.cfg, self.cfg.run
         self.monitor.scalars(self.step, {"curriculum/mode": MODE_IDS[mode]})  # every step: it alternates
         if not self._logs_at(self.step):
-            return {"open": True}
+            return
         values = _mean_over_ranks(losses_sum)
         results["step_losses"][self.step] = values
         per_step = timer.seconds_per_step
@@ -309,4 +308,3 @@ class Trainer:
         self.monitor.progress(self.step, {"loss": values["total"], "mode": MODE_IDS[mode],
                                           "samples/s": samples / per_step})
         timer.reset()
-        return {}

@@ -115,6 +115,7 @@ class PretrainModule(nn.Module):
 
         if need_masked_image:
             fused_mi = s.fuse(s.encode_image(images, spec.keep_ids), txt, text_mask, mode)
+        if "mim_pixel" in active or "mim_sem" in active:  # SCL alone needs only the fused global
             decoded = s.decoder(fused_mi.image_states[:, 1:], spec.ids_restore)  # (B, N, Dd)
             decoded_masked = gather_tokens(decoded, spec.ids_masked)  # (B, M, Dd)
             if "mim_pixel" in active:
