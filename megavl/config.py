@@ -126,6 +126,7 @@ class ITCConfig:
     temp_max: float = 0.5
     queue_size: int = 0           # ALBEF: 65536; 0 = in-batch (gathered) negatives only
     distill_alpha: float = 0.0    # ALBEF momentum distillation: 0.4
+    same_image_positives: bool = True  # captions of one image are all positives (ALBEF retrieval idx)
 
 
 @dataclass
@@ -158,6 +159,13 @@ class MIMSemanticConfig:
 class SCLConfig:
     weight: float = 1.0
     temperature: float = 0.03     # SCL paper
+    # cross (IIGROUP/SCL's code): the image target from intact image + masked text, the text target from
+    # masked image + intact text; intact: both from intact image + intact text (ITM positives).
+    targets: str = "cross"
+    same_image_positives: bool = True  # samples of one image are positives, not negatives
+    # SCL's own masks (its own passes); 0 = share MIM's image mask / MLM's masked text. SCL: 0.8 and 0.4.
+    image_mask_ratio: float = 0.0     # random (MAE) masking at this ratio
+    text_mask_prob: float = 0.0       # [MASK]-only, no random/keep (the collate's scl_input_ids)
 
 
 @dataclass
@@ -271,6 +279,11 @@ def validate(cfg: Config) -> Config:
            "0 < momentum <= momentum_end <= 1", (o.teacher.momentum, o.teacher.momentum_end))
     _check(o.itc.temp_min <= o.itc.temp_init <= o.itc.temp_max, "objectives.itc.temp_init",
            f"within [temp_min={o.itc.temp_min}, temp_max={o.itc.temp_max}]", o.itc.temp_init)
+    _check(o.scl.targets in ("cross", "intact"), "objectives.scl.targets", "cross|intact", o.scl.targets)
+    _check(0.0 <= o.scl.image_mask_ratio < 1.0, "objectives.scl.image_mask_ratio",
+           "0 (share the MIM mask) or a value in (0, 1)", o.scl.image_mask_ratio)
+    _check(0.0 <= o.scl.text_mask_prob < 1.0, "objectives.scl.text_mask_prob",
+           "0 (share the MLM text) or a value in (0, 1)", o.scl.text_mask_prob)
     _check(cfg.optim.schedule in ("cosine", "linear"), "optim.schedule", "cosine|linear", cfg.optim.schedule)
     _check(len(cfg.optim.betas) == 2, "optim.betas", "two values", cfg.optim.betas)
     _check(r.precision in ("auto", "bf16", "fp32"), "run.precision", "auto|bf16|fp32", r.precision)

@@ -6,7 +6,8 @@ Batch (B = batch size, S = image_size, L = max_text_len; padding is always to ex
   attention_mask  int64   (B, L)        1 = real token
   mlm_input_ids   int64   (B, L)        BERT 80/10/10 masked ids
   mlm_labels      int64   (B, L)        original id where MLM-masked, -100 elsewhere
-  scl_input_ids   int64   (B, L)        SCL: non-special tokens -> [MASK] with scl_mask_prob
+  scl_input_ids   int64   (B, L)        SCL: non-special tokens -> [MASK] with scl_mask_prob ([MASK]-only;
+                                        read by SCL when objectives.scl.text_mask_prob > 0)
   keys            list[str] (B)         sample keys (`__key__` of the shard member)
   image_ids       int64   (B,)          same id = same image (ITM/retrieval positives)
 """

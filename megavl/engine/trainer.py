@@ -49,6 +49,8 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
         if torch.is_tensor(value):
             value = value.to(device, non_blocking=True)
             out[key] = value.to(dtype) if value.is_floating_point() else value
+            if key == "images" and value.is_floating_point() and value.dtype != dtype:
+                out["images_fp32"] = value  # MIM pixel targets come from the full-precision pixels
         else:
             out[key] = value
     return out
@@ -144,7 +146,8 @@ class Trainer:
 
         masking = cfg.objectives.masking
         self.loader = build_train_loader(cfg.data, rank=self.dist.rank, world_size=self.dist.world_size,
-                                         mlm_prob=masking.text_mask_prob, scl_mask_prob=masking.text_mask_prob,
+                                         mlm_prob=masking.text_mask_prob,
+                                         scl_mask_prob=cfg.objectives.scl.text_mask_prob,
                                          global_batch_size=cfg.run.global_batch_size
                                          or cfg.data.batch_size * cfg.run.grad_accum * self.dist.world_size)
         self.step = 0
@@ -219,6 +222,7 @@ class Trainer:
                     if self._logs_at(self.step + 1):
                         self._grad_norm_fallback = self._plain_grad_norm()
                 self.engine.step()
+                self.module.clamp_temperature()  # the optimizer's fp32 master too, not just the module's copy
                 if micro == run.grad_accum - 1:
                     clear_zero3_grad_partitions(self.engine, self.zero_stage)
                 for name, value in {"total": total, **losses}.items():
@@ -259,11 +263,8 @@ class Trainer:
             f"(after = {after['i2t_r1'] / chance:.1f}x chance i2t, {after['t2i_r1'] / chance:.1f}x t2i)")
 
     def _temperature(self) -> float:
-        temp = self.module.temp
-        if hasattr(temp, "ds_tensor"):  # a 1-element ZeRO-3 parameter: gather to read it
-            with deepspeed.zero.GatheredParameters([temp]):
-                return float(temp.detach().float())
-        return float(temp.detach().float())
+        """The temperature the last forward's ITC loss used (the clamped working copy)."""
+        return float(self.module.temperature_used)
 
     def _logs_at(self, step: int) -> bool:
         return step % self.cfg.run.log_every == 0 or step == self.cfg.run.max_steps

@@ -45,27 +45,56 @@ def clamp_temperature_(temp: torch.Tensor, min_temp: float = TEMP_MIN, max_temp:
     return temp
 
 
+def same_image_targets(ids_rows: torch.Tensor, ids_cols: torch.Tensor, dtype: torch.dtype = torch.float32
+                       ) -> torch.Tensor:
+    """ALBEF retrieval's `idx` targets: every column showing the row's image is a positive, equally weighted.
+
+    ids_rows (B,), ids_cols (C,) integer image ids -> (B, C) with row b = (ids_cols == ids_rows[b]) / count.
+    Each row must contain its own sample among the columns (the caller puts the batch first), so no row
+    is empty. COCO/VG give 5+ captions per image: without this they would be each other's negatives.
+    """
+    if ids_rows.dim() != 1 or ids_cols.dim() != 1:
+        raise ValueError(f"image ids must be 1-D; got {tuple(ids_rows.shape)} and {tuple(ids_cols.shape)}")
+    pos = (ids_rows[:, None] == ids_cols[None, :]).to(dtype)
+    return pos / pos.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def _fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Logits and softmax in at least float32 (bf16 features otherwise lose the small logit gaps)."""
+    return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+
+
 def itc_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor, temperature: float | torch.Tensor,
-             sim_targets: torch.Tensor | None = None) -> torch.Tensor:
+             sim_targets: torch.Tensor | None = None, image_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of matched pairs.
 
     img_feat (B, E), txt_feat (B, E): L2-normalised, row i of each is a matched pair (pass features
     already gathered across ranks for a global batch). temperature: float or 0-dim tensor (learnable).
     sim_targets (B, B) optional soft targets for both directions (rows sum to 1; e.g. ALBEF momentum
-    distillation); the t2i direction uses sim_targets.T. Default: identity.
+    distillation); the t2i direction uses sim_targets.T. image_ids (B,) optional: captions of the same
+    image are all positives (`same_image_targets`; exclusive with sim_targets). Default: identity.
 
         s = img @ txt.T / T
         L = 1/2 [ mean_i CE(s[i, :], y[i]) + mean_j CE(s.T[j, :], y.T[j]) ]
 
-    Returns a scalar: the MEAN of the image-to-text and text-to-image losses.
+    Computed in at least float32. Returns a scalar: the MEAN of the image-to-text and text-to-image losses.
     """
     _check_feats("img_feat", img_feat, "txt_feat", txt_feat)
     if img_feat.shape[0] != txt_feat.shape[0]:
         raise ValueError(f"itc_loss needs as many images as texts; got {img_feat.shape[0]} and {txt_feat.shape[0]}")
     _check_temperature(temperature)
+    if sim_targets is not None and image_ids is not None:
+        raise ValueError("pass sim_targets or image_ids, not both")
+    img_feat, txt_feat = _fp32(img_feat, txt_feat)
+    if torch.is_tensor(temperature):
+        temperature = temperature.to(img_feat.dtype)
     logits_i2t = img_feat @ txt_feat.t() / temperature
     logits_t2i = logits_i2t.t()
     B = img_feat.shape[0]
+    if image_ids is not None:
+        if image_ids.shape != (B,):
+            raise ValueError(f"image_ids must be ({B},); got {tuple(image_ids.shape)}")
+        sim_targets = same_image_targets(image_ids, image_ids, logits_i2t.dtype)
     if sim_targets is None:
         labels = torch.arange(B, device=img_feat.device)
         return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
@@ -78,21 +107,25 @@ def itc_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor, temperature: float 
 def itc_distill_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor,
                      img_feat_m: torch.Tensor, txt_feat_m: torch.Tensor,
                      img_queue: torch.Tensor, txt_queue: torch.Tensor,
-                     temperature: float | torch.Tensor, alpha: float) -> torch.Tensor:
+                     temperature: float | torch.Tensor, alpha: float,
+                     image_ids: torch.Tensor | None = None, queue_ids: torch.Tensor | None = None) -> torch.Tensor:
     """ALBEF ITC with a feature queue and momentum distillation.
 
     img_feat, txt_feat (B, E): online features; img_feat_m, txt_feat_m (B, E): momentum-encoder
     features; img_queue, txt_queue (Q, E): momentum features of earlier batches (ALBEF stores the
     queues as (E, Q); pass the transpose). All L2-normalised. alpha in [0, 1].
+    image_ids (B,), queue_ids (Q,) optional, together: the ground truth is ALBEF retrieval's `idx` targets
+    (every batch or queue entry showing the row's image is a positive, `same_image_targets`) instead of
+    the one-hot [I_B | 0]. A queue slot never filled should carry an id no image has.
 
         img_all = [img_m ; img_queue]  (B+Q, E),   txt_all = [txt_m ; txt_queue]
-        y_i2t = alpha * softmax(img_m @ txt_all.T / T) + (1 - alpha) * [I_B | 0]
-        y_t2i = alpha * softmax(txt_m @ img_all.T / T) + (1 - alpha) * [I_B | 0]
+        y_i2t = alpha * softmax(img_m @ txt_all.T / T) + (1 - alpha) * G,   G = [I_B | 0] or idx targets
+        y_t2i = alpha * softmax(txt_m @ img_all.T / T) + (1 - alpha) * G
         L = 1/2 [ -mean sum y_i2t log softmax(img @ txt_all.T / T)
                   -mean sum y_t2i log softmax(txt @ img_all.T / T) ]
 
-    Targets carry no gradient. Queue updates (enqueue the gathered momentum features) are the
-    caller's job. Returns a scalar.
+    Targets carry no gradient. Computed in at least float32. Queue updates (enqueue the gathered
+    momentum features and ids) are the caller's job. Returns a scalar.
     """
     for name, t in (("txt_feat", txt_feat), ("img_feat_m", img_feat_m), ("txt_feat_m", txt_feat_m)):
         _check_feats("img_feat", img_feat, name, t)
@@ -104,15 +137,28 @@ def itc_distill_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor,
         raise ValueError(f"queues differ in length: {img_queue.shape[0]} vs {txt_queue.shape[0]}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
+    if (image_ids is None) != (queue_ids is None):
+        raise ValueError("pass both image_ids and queue_ids, or neither")
     _check_temperature(temperature)
+    img_feat, txt_feat, img_feat_m, txt_feat_m, img_queue, txt_queue = _fp32(
+        img_feat, txt_feat, img_feat_m, txt_feat_m, img_queue, txt_queue)
+    if torch.is_tensor(temperature):
+        temperature = temperature.to(img_feat.dtype)
     B = img_feat.shape[0]
     with torch.no_grad():
         img_all = torch.cat([img_feat_m, img_queue], dim=0).detach()
         txt_all = torch.cat([txt_feat_m, txt_queue], dim=0).detach()
-        one_hot = torch.zeros(B, img_all.shape[0], dtype=img_feat.dtype, device=img_feat.device)
-        one_hot[:, :B] = torch.eye(B, dtype=img_feat.dtype, device=img_feat.device)
-        targets_i2t = alpha * F.softmax(img_feat_m @ txt_all.t() / temperature, dim=1) + (1 - alpha) * one_hot
-        targets_t2i = alpha * F.softmax(txt_feat_m @ img_all.t() / temperature, dim=1) + (1 - alpha) * one_hot
+        if image_ids is not None:
+            if image_ids.shape != (B,) or queue_ids.shape != (img_queue.shape[0],):
+                raise ValueError(f"image_ids must be ({B},) and queue_ids ({img_queue.shape[0]},); got "
+                                 f"{tuple(image_ids.shape)} and {tuple(queue_ids.shape)}")
+            truth = same_image_targets(image_ids, torch.cat([image_ids, queue_ids.to(image_ids.device)]),
+                                       img_feat.dtype)
+        else:
+            truth = torch.zeros(B, img_all.shape[0], dtype=img_feat.dtype, device=img_feat.device)
+            truth[:, :B] = torch.eye(B, dtype=img_feat.dtype, device=img_feat.device)
+        targets_i2t = alpha * F.softmax(img_feat_m @ txt_all.t() / temperature, dim=1) + (1 - alpha) * truth
+        targets_t2i = alpha * F.softmax(txt_feat_m @ img_all.t() / temperature, dim=1) + (1 - alpha) * truth
     loss_i2t = _soft_ce(img_feat @ txt_all.t() / temperature, targets_i2t)
     loss_t2i = _soft_ce(txt_feat @ img_all.t() / temperature, targets_t2i)
     return 0.5 * (loss_i2t + loss_t2i)

@@ -6,9 +6,14 @@ queues, SemMIM centers). Its forward runs each pass at most once per step:
 
     teacher pass      intact image + text        -> SemMIM targets, text-to-patch relevance, ITC momentum
     unimodal pass     intact image, intact text  -> ITC
-    fused pass        [pos ; hard-neg pairs]     -> ITM, SCL targets (the positives' globals)
-    masked image      kept patches + text        -> MIM-pixel, MIM-semantic, SCL-vision
-    masked text       intact image + MLM text    -> MLM, SCL-text
+    fused pass        [pos ; hard-neg pairs]     -> ITM (and SCL targets with `scl.targets: intact`)
+    masked image      kept patches + text        -> MIM-pixel, MIM-semantic, SCL-vision query, SCL-text target
+    masked text       intact image + MLM text    -> MLM, SCL-text query, SCL-vision target
+    SCL's own masks   (when scl.image_mask_ratio / scl.text_mask_prob > 0) replace the shared masked
+                      passes for SCL only: random masking at SCL's ratio, [MASK]-only text (scl_input_ids)
+
+The teacher is always in eval mode (no dropout / drop-path), whatever mode the student is in.
+Captions of the same image (equal `image_ids`) are positives in ITC (batch and queue) and SCL.
 
 Control flow depends only on config and curriculum mode, never on data, so every rank runs the same
 modules in the same order (ZeRO-3 gathers parameters in that order; a mismatch hangs).
@@ -35,6 +40,9 @@ from .mim_semantic import semantic_mim_loss, update_center
 from .mlm import mlm_loss
 from .scl import scl_loss
 from .teacher import ema_update_, make_teacher
+from .temperature import clamp_trained_temperature_
+
+EMPTY_QUEUE_ID = torch.iinfo(torch.int64).min  # image id of a queue slot never filled: matches no image
 
 
 def _rank_world() -> tuple[int, int]:
@@ -53,6 +61,7 @@ class PretrainModule(nn.Module):
         self.cfg = obj_cfg
         self.student = VLPModel(model_cfg)
         self.teacher = make_teacher(self.student)
+        self.teacher.eval()
         self.teacher_master: dict[str, torch.Tensor] = {}  # fp32 EMA state of low-precision teacher shards
         enabled = set(obj_cfg.enabled())
         self.objectives_by_mode = {mode: [n for n in names if n in enabled]
@@ -64,7 +73,22 @@ class PretrainModule(nn.Module):
         self.register_buffer("center_patch", torch.zeros(kp))
         self.register_buffer("image_queue", nn.functional.normalize(torch.randn(q, e), dim=-1))
         self.register_buffer("text_queue", nn.functional.normalize(torch.randn(q, e), dim=-1))
+        self.register_buffer("queue_image_ids", torch.full((q,), EMPTY_QUEUE_ID, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.temperature_used = self.temp.detach().float().clone()  # what the last ITC loss divided by
+
+    def train(self, mode: bool = True) -> "PretrainModule":
+        """The EMA teacher stays in eval mode: with dropout or drop-path its SemMIM targets, ITC momentum
+        features and text-guided relevance would be random draws instead of the teacher's function."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def clamp_temperature(self) -> None:
+        """Clamp the ITC temperature's optimizer master and working copies to [temp_min, temp_max]; call
+        on every rank right after each `engine.step()` (see objectives/temperature.py)."""
+        clamp_trained_temperature_(self.temp, self.cfg.itc.temp_min, self.cfg.itc.temp_max)
 
     def active(self, mode: str) -> list[str]:
         return self.objectives_by_mode[mode]
@@ -86,8 +110,13 @@ class PretrainModule(nn.Module):
         """batch: the data loader's dict; mode: "single" | "two". Returns (weighted total, raw losses)."""
         cfg, active = self.cfg, self.active(mode)
         images, ids, text_mask = batch["images"], batch["input_ids"], batch["attention_mask"]
+        images_fp32 = batch.get("images_fp32", images)  # pixel targets from full-precision images (bf16)
         s = self.student
-        need_masked_image = any(o in active for o in ("mim_pixel", "mim_sem", "scl"))
+        scl = "scl" in active
+        scl_own_image = scl and cfg.scl.image_mask_ratio > 0
+        scl_own_text = scl and cfg.scl.text_mask_prob > 0
+        mim = "mim_pixel" in active or "mim_sem" in active
+        need_masked_image = mim or (scl and not scl_own_image)
         guided = need_masked_image and cfg.masking.text_guided
         distill = "itc" in active and cfg.itc.queue_size > 0
         losses: dict[str, torch.Tensor] = {}
@@ -96,48 +125,59 @@ class PretrainModule(nn.Module):
         if "mim_sem" in active or guided or distill:
             teacher_out = self._teacher_pass(images, ids, text_mask, mode, guided, "mim_sem" in active, distill)
 
-        spec = None
+        spec = scl_spec = None
         if need_masked_image:
-            spec = self._make_mask(images.shape[0], images.device, teacher_out, generator)
+            spec = self._make_mask(images.shape[0], images.device, teacher_out, generator,
+                                   cfg.masking.image_mask_ratio, cfg.masking.text_guided)
+        if scl_own_image:  # SCL masks at random, at its own ratio (0.8 in the paper)
+            scl_spec = self._make_mask(images.shape[0], images.device, None, generator,
+                                       cfg.scl.image_mask_ratio, text_guided=False)
 
         img = s.encode_image(images)
         txt = s.encode_text(ids, text_mask)
         img_emb, txt_emb = s.image_embedding(img), s.text_embedding(txt)
         clamp_temperature_(self.temp, cfg.itc.temp_min, cfg.itc.temp_max)
+        self.temperature_used = self.temp.detach().float().reshape(-1)[0].clone()
         if "itc" in active:
-            losses["itc"] = self._itc(img_emb, txt_emb, teacher_out)
+            losses["itc"] = self._itc(img_emb, txt_emb, teacher_out, batch["image_ids"])
 
         fused_pos = None
-        if "itm" in active or "scl" in active:
+        if "itm" in active:
             fused_pos, losses_itm = self._fused_pass(img, txt, img_emb, txt_emb, batch, mode, generator,
-                                                     with_itm="itm" in active)
+                                                     with_itm=True)
             losses.update(losses_itm)
+        elif scl and cfg.scl.targets == "intact":
+            with torch.no_grad():  # SCL's targets are detached: this pass needs no graph
+                fused_pos = s.fuse(img, txt, text_mask, mode)
 
+        fused_mi = None
         if need_masked_image:
             fused_mi = s.fuse(s.encode_image(images, spec.keep_ids), txt, text_mask, mode)
-        if "mim_pixel" in active or "mim_sem" in active:  # SCL alone needs only the fused global
+        if mim:  # SCL alone needs only the fused global
             decoded = s.decoder(fused_mi.image_states[:, 1:], spec.ids_restore)  # (B, N, Dd)
             decoded_masked = gather_tokens(decoded, spec.ids_masked)  # (B, M, Dd)
             if "mim_pixel" in active:
-                target = masked_patch_targets(images, spec.ids_masked, s.patch_size,
+                target = masked_patch_targets(images_fp32, spec.ids_masked, s.patch_size,
                                               norm_pix=cfg.mim_pixel.norm_pix)
-                losses["mim_pixel"] = mim_pixel_loss(s.decoder.pixels(decoded_masked), target.to(decoded.dtype))
+                losses["mim_pixel"] = mim_pixel_loss(s.decoder.pixels(decoded_masked), target)  # fp32 inside
             if "mim_sem" in active:
                 losses["mim_sem"] = self._semantic_mim(fused_mi.image_global, decoded_masked, spec, teacher_out)
+        scl_mi = fused_mi
+        if scl_own_image:
+            scl_mi = s.fuse(s.encode_image(images, scl_spec.keep_ids), txt, text_mask, mode)
 
         fused_mt = None
-        if "mlm" in active or "scl" in active:
+        if "mlm" in active or (scl and not scl_own_text):
             masked_txt = s.encode_text(batch["mlm_input_ids"], text_mask)
             fused_mt = s.fuse(img, masked_txt, text_mask, mode)
             if "mlm" in active:
                 losses["mlm"] = self._mlm(fused_mt.text_states, batch["mlm_labels"])
+        scl_mt = fused_mt
+        if scl_own_text:  # [MASK]-only text at SCL's own ratio, built by the collate
+            scl_mt = s.fuse(img, s.encode_text(batch["scl_input_ids"], text_mask), text_mask, mode)
 
-        if "scl" in active:
-            losses["scl"] = scl_loss(gather_features(fused_mi.image_global),
-                                     gather_features(fused_pos.image_global.detach(), with_grad=False),
-                                     gather_features(fused_mt.text_global),
-                                     gather_features(fused_pos.text_global.detach(), with_grad=False),
-                                     temperature=cfg.scl.temperature)
+        if scl:
+            losses["scl"] = self._scl(scl_mi, scl_mt, fused_pos, batch["image_ids"])
 
         total = sum(getattr(cfg, name).weight * loss for name, loss in losses.items())
         return total, losses
@@ -159,7 +199,8 @@ class PretrainModule(nn.Module):
                 out["logits"] = t.prototype_head(fused.image_states)  # (B, 1 + N, Kp)
         return out
 
-    def _make_mask(self, batch_size: int, device, teacher_out, generator) -> MaskSpec:
+    def _make_mask(self, batch_size: int, device, teacher_out, generator, ratio: float,
+                   text_guided: bool) -> MaskSpec:
         """Noise is drawn for the GLOBAL batch from a generator seeded alike on every rank, and each
         rank takes its rows: a sample's mask does not depend on how the batch is split over ranks."""
         m, n = self.cfg.masking, self.student.num_patches
@@ -167,29 +208,49 @@ class PretrainModule(nn.Module):
         gen_device = generator.device if generator is not None else device
         noise = torch.rand((batch_size * world, n), generator=generator, device=gen_device)
         noise = noise[rank * batch_size:(rank + 1) * batch_size].to(device)
-        if m.text_guided:
-            return text_guided_masking(teacher_out["relevance"], m.image_mask_ratio, m.guided_randomness, noise=noise)
-        return random_masking(batch_size, n, m.image_mask_ratio, device, noise=noise)
+        if text_guided:
+            return text_guided_masking(teacher_out["relevance"], ratio, m.guided_randomness, noise=noise)
+        return random_masking(batch_size, n, ratio, device, noise=noise)
 
-    def _itc(self, img_emb, txt_emb, teacher_out) -> torch.Tensor:
-        if self.cfg.itc.queue_size == 0:
-            return itc_loss(gather_features(img_emb), gather_features(txt_emb), self.temp)
+    def _itc(self, img_emb, txt_emb, teacher_out, image_ids) -> torch.Tensor:
+        cfg = self.cfg.itc
+        ids_all = gather_features(image_ids, with_grad=False)
+        positives = ids_all if cfg.same_image_positives else None
+        if cfg.queue_size == 0:
+            return itc_loss(gather_features(img_emb), gather_features(txt_emb), self.temp, image_ids=positives)
         img_m = gather_features(teacher_out["img_emb"], with_grad=False)
         txt_m = gather_features(teacher_out["txt_emb"], with_grad=False)
         loss = itc_distill_loss(gather_features(img_emb), gather_features(txt_emb), img_m, txt_m,
                                 self.image_queue.clone(), self.text_queue.clone(), self.temp,
-                                self.cfg.itc.distill_alpha)
-        self._enqueue(img_m, txt_m)
+                                cfg.distill_alpha, image_ids=positives,
+                                queue_ids=self.queue_image_ids.clone() if positives is not None else None)
+        self._enqueue(img_m, txt_m, ids_all)
         return loss
 
     @torch.no_grad()
-    def _enqueue(self, img_m: torch.Tensor, txt_m: torch.Tensor) -> None:
-        """Ring buffer of gathered momentum features (identical on every rank)."""
+    def _enqueue(self, img_m: torch.Tensor, txt_m: torch.Tensor, image_ids: torch.Tensor) -> None:
+        """Ring buffer of gathered momentum features and their image ids (identical on every rank)."""
         q, n = self.image_queue.shape[0], img_m.shape[0]
         idx = (self.queue_ptr + torch.arange(n, device=img_m.device)) % q
         self.image_queue[idx] = img_m.to(self.image_queue.dtype)
         self.text_queue[idx] = txt_m.to(self.text_queue.dtype)
+        self.queue_image_ids[idx] = image_ids.to(self.queue_image_ids.device)
         self.queue_ptr.copy_((self.queue_ptr + n) % q)
+
+    def _scl(self, masked_image: FusionOutput, masked_text: FusionOutput, intact: FusionOutput | None,
+             image_ids: torch.Tensor) -> torch.Tensor:
+        """SCL on the gathered batch; targets per `scl.targets` (see objectives/scl.py), detached."""
+        cfg = self.cfg.scl
+        if cfg.targets == "cross":  # IIGROUP/SCL: each modality's target from the pass where it is intact
+            v_target, t_target = masked_text.image_global, masked_image.text_global
+        else:
+            v_target, t_target = intact.image_global, intact.text_global
+        ids = gather_features(image_ids, with_grad=False) if cfg.same_image_positives else None
+        return scl_loss(gather_features(masked_image.image_global),
+                        gather_features(v_target.detach(), with_grad=False),
+                        gather_features(masked_text.text_global),
+                        gather_features(t_target.detach(), with_grad=False),
+                        temperature=cfg.temperature, image_ids=ids)
 
     def _fused_pass(self, img, txt, img_emb, txt_emb, batch, mode, generator, with_itm: bool):
         """One fusion call over [positives ; (neg image, text) ; (image, neg text)] (ALBEF's ITM batch).

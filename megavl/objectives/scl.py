@@ -1,8 +1,24 @@
 """Semantic completion learning (SCL; Ji et al., CVPR 2023, arXiv 2211.13437, code IIGROUP/SCL).
 
 The global feature computed from MASKED data must recover the missing semantics: it is pulled towards
-the global feature of the same sample computed from INTACT data (a detached target) and pushed from
-other samples in the batch. Shapes: B batch (gather across ranks before calling), E width.
+a global feature of the same sample computed from data where that modality is INTACT (a detached
+target) and pushed from the other samples of the (gathered) batch.
+
+What IIGROUP/SCL's released code does (`scl/modules/objectives.py`, `compute_scl`), our default
+`objectives.scl.targets: cross`: two fusion passes with gradients,
+    pass A = masked image (its own ratio, 0.8) + intact text,
+    pass B = intact image + masked text ([MASK]-only, its own ratio `mtm_ratio` 0.4),
+and each modality's target comes from the OTHER pass, where that modality is intact:
+    vision: query = image global of A, target = sg(image global of B)
+    text:   query = text global of B,  target = sg(text global of A)
+No third (intact/intact) fusion pass is needed. `targets: intact` instead takes both targets from the
+intact image + intact text fusion (the ITM positives when ITM runs, else a no-grad fusion pass).
+
+Loss per modality: symmetric InfoNCE at a fixed temperature (0.03 in our recipes; `msm_temp` in SCL).
+IIGROUP/SCL's NormSoftmaxLoss SUMS the two directions; `symmetric_nce` AVERAGES them (as our ITC), so
+SCL's loss is 2x ours at the same weight. With image ids, every sample of the same image is a
+positive (ALBEF retrieval's `idx` targets): five COCO captions of one picture are not negatives.
+Shapes: B batch (gather across ranks before calling), E width.
 """
 from __future__ import annotations
 
@@ -11,34 +27,42 @@ import torch.nn.functional as F
 
 from .itc import itc_loss
 
+SCL_TARGETS = ("cross", "intact")
 
-def symmetric_nce(query: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+
+def symmetric_nce(query: torch.Tensor, target: torch.Tensor, temperature: float,
+                  image_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric in-batch InfoNCE between normalised `query` (B, E) and the DETACHED normalised `target` (B, E).
 
         q = query / |query|,  k = sg(target / |target|),  s = q k^T / T
-        NCE = 1/2 [ mean_i CE(s[i], i) + mean_j CE(s^T[j], j) ]
+        NCE = 1/2 [ mean_i CE(s[i], y[i]) + mean_j CE(s^T[j], y^T[j]) ]
+        y = I, or with image_ids (B,): y[i, j] = [id_i == id_j] / #{j: id_j == id_i}
+    Computed in at least float32.
     """
     acc = torch.promote_types(query.dtype, torch.float32)
     q = F.normalize(query.to(acc), dim=-1)
     k = F.normalize(target.detach().to(acc), dim=-1)
-    return itc_loss(q, k, temperature)
+    return itc_loss(q, k, temperature, image_ids=image_ids)
 
 
-def scl_loss(v_masked: torch.Tensor, v_full: torch.Tensor, t_masked: torch.Tensor, t_full: torch.Tensor,
-             temperature: float = 0.03) -> torch.Tensor:
+def scl_loss(v_masked: torch.Tensor, v_target: torch.Tensor, t_masked: torch.Tensor, t_target: torch.Tensor,
+             temperature: float = 0.03, image_ids: torch.Tensor | None = None) -> torch.Tensor:
     """L_SCL = NCE(v_m, v) + NCE(t_m, t), fixed temperature (0.03 in the paper).
 
-    v_masked (B, E): fused image global feature from masked image + intact text (pass A).
-    v_full (B, E):   fused image global feature from intact image + masked text (pass B); target.
-    t_masked (B, E): fused text global feature from intact image + masked text (pass B).
-    t_full (B, E):   fused text global feature from masked image + intact text (pass A); target.
-    Features are L2-normalised here; v_full and t_full are detached here. Returns a scalar.
+    v_masked (B, E): fused image global feature from the masked image + intact text (pass A).
+    v_target (B, E): fused image global feature with the image intact: from pass B (intact image +
+                     masked text; `targets: cross`, IIGROUP/SCL) or from intact image + intact text.
+    t_masked (B, E): fused text global feature from the intact image + masked text (pass B).
+    t_target (B, E): fused text global feature with the text intact: from pass A or intact + intact.
+    image_ids (B,) optional: same-image samples are positives. Features are L2-normalised here;
+    the targets are detached here. Returns a scalar.
     """
-    for name, x in (("v_full", v_full), ("t_masked", t_masked), ("t_full", t_full)):
+    for name, x in (("v_target", v_target), ("t_masked", t_masked), ("t_target", t_target)):
         if x.shape != v_masked.shape:
             raise ValueError(f"{name} shape {tuple(x.shape)} differs from v_masked {tuple(v_masked.shape)}")
     if v_masked.dim() != 2:
         raise ValueError(f"SCL features must be (B, E); got {tuple(v_masked.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
-    return symmetric_nce(v_masked, v_full, temperature) + symmetric_nce(t_masked, t_full, temperature)
+    return (symmetric_nce(v_masked, v_target, temperature, image_ids)
+            + symmetric_nce(t_masked, t_target, temperature, image_ids))
