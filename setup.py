@@ -19,7 +19,9 @@ setup(
     package_dir={"megavl_kernels": "kernels"},
     package_data={"megavl": ["py.typed"]},
     install_requires=TORCH_PINS + [
-        "deepspeed>=0.16",
+        # megavl uses DeepSpeed internals (megavl/engine/ds_compat.py checks each at start-up):
+        # pinned to the range the tests ran on.
+        "deepspeed>=0.19.8,<0.20",
         "timm>=1.0",
         "transformers>=4.40",
         "webdataset>=0.2.90",

@@ -9,6 +9,7 @@ source in a YAML comment; the dataclass defaults are the ViT-B/16 + BERT-base se
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import types
 import typing
@@ -34,6 +35,18 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     num_frames: int = 1          # SCL's flexible encoder: an image is a 1-frame video
     drop_path: float = 0.0
+    # Architecture details that differ between pretrained ViTs (DeiT/timm: the defaults; CLIP:
+    # pre_norm true, patch_bias false, layer_norm_eps 1e-5, act quick_gelu for OpenAI's weights).
+    pre_norm: bool = False       # LayerNorm on the tokens before the first block (CLIP's ln_pre)
+    act: str = "gelu"            # gelu | quick_gelu (MLP activation)
+    patch_bias: bool = True      # bias in the patch-embedding conv (CLIP has none)
+    layer_norm_eps: float = 1e-6
+    # Initial weights: a local file (.safetensors, .pth, .pt, .bin) of a timm/DeiT ViT state dict
+    # (init_format timm; a distilled DeiT's dist token is dropped) or of an OpenCLIP/OpenAI CLIP model
+    # (init_format openclip: its visual.* tower; the CLIP projection is dropped). Position embeddings
+    # are resampled to img_size. "" = random init.
+    init: str = ""
+    init_format: str = "timm"    # timm | openclip
 
 
 @dataclass
@@ -45,7 +58,12 @@ class TextConfig:
     intermediate: int = 3072
     max_position: int = 512
     type_vocab_size: int = 2
-    hf_path: str = ""            # local HF BERT checkpoint to initialise from ("" = random init)
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    # A local Hugging Face BERT directory (config.json + weights) to initialise from ("" = random
+    # init). The fields above are then read from its config.json where the recipe leaves them out;
+    # a recipe value that disagrees with config.json is an error naming the key.
+    hf_path: str = ""
 
 
 @dataclass
@@ -195,7 +213,7 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 1000
     schedule: str = "cosine"      # cosine | linear
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0     # the schedule decays to lr x this (ALBEF: 1e-5 / 1e-4 = 0.1)
     fusion_lr_mult: float = 1.0   # SCL: x5 for fusion and heads
     grad_clip: float = 1.0
 
@@ -252,6 +270,7 @@ def validate(cfg: Config) -> Config:
                               ("model.decoder", m.decoder.width, m.decoder.heads)]:
         _check(heads > 0 and width % heads == 0, f"{key}.heads", f"a positive divisor of {key}.width={width}", heads)
     _check(m.attention in ("auto", "flash", "sdpa", "math"), "model.attention", "auto|flash|sdpa|math", m.attention)
+    _validate_init_paths(m)
     _check(d.image_size == v.img_size, "data.image_size", f"equal to model.vision.img_size={v.img_size}",
            d.image_size)
     _check(d.max_text_len <= m.text.max_position, "data.max_text_len",
@@ -286,6 +305,7 @@ def validate(cfg: Config) -> Config:
            "0 (share the MLM text) or a value in (0, 1)", o.scl.text_mask_prob)
     _check(cfg.optim.schedule in ("cosine", "linear"), "optim.schedule", "cosine|linear", cfg.optim.schedule)
     _check(len(cfg.optim.betas) == 2, "optim.betas", "two values", cfg.optim.betas)
+    _check(0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "a value in [0, 1]", cfg.optim.min_lr_ratio)
     _check(r.precision in ("auto", "bf16", "fp32"), "run.precision", "auto|bf16|fp32", r.precision)
     _check(r.max_steps > 0, "run.max_steps", "> 0", r.max_steps)
     _check(r.grad_accum > 0, "run.grad_accum", "> 0", r.grad_accum)
@@ -293,6 +313,67 @@ def validate(cfg: Config) -> Config:
     _check(r.keep_checkpoints > 0, "run.keep_checkpoints", "> 0", r.keep_checkpoints)
     _validate_curriculum(cfg)
     return cfg
+
+
+VISION_INIT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+VISION_INIT_FORMATS = ("timm", "openclip")
+VISION_ACTS = ("gelu", "quick_gelu")
+
+
+def _validate_init_paths(m: ModelConfig) -> None:
+    """The pretrained-weight paths exist (checked at load, before any process group starts)."""
+    v, t = m.vision, m.text
+    _check(v.act in VISION_ACTS, "model.vision.act", "|".join(VISION_ACTS), v.act)
+    _check(v.init_format in VISION_INIT_FORMATS, "model.vision.init_format", "|".join(VISION_INIT_FORMATS),
+           v.init_format)
+    if v.init:
+        _check(Path(v.init).is_file(), "model.vision.init", "an existing local checkpoint file", v.init)
+        _check(Path(v.init).suffix in VISION_INIT_SUFFIXES, "model.vision.init",
+               f"a file ending in one of {VISION_INIT_SUFFIXES}", v.init)
+    if t.hf_path:
+        _check((Path(t.hf_path) / "config.json").is_file(), "model.text.hf_path",
+               "a local Hugging Face model directory with a config.json", t.hf_path)
+
+
+# TextConfig field -> Hugging Face BertConfig key.
+_HF_TEXT_FIELDS = {"vocab_size": "vocab_size", "width": "hidden_size", "depth": "num_hidden_layers",
+                   "heads": "num_attention_heads", "intermediate": "intermediate_size",
+                   "max_position": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
+                   "hidden_act": "hidden_act", "layer_norm_eps": "layer_norm_eps"}
+
+
+def _same_value(recipe: Any, hf: Any) -> bool:
+    if isinstance(hf, float) and not isinstance(recipe, bool):
+        try:
+            return float(recipe) == hf  # YAML 1.1 reads "1e-12" as a string
+        except (TypeError, ValueError):
+            return False
+    return recipe == hf
+
+
+def _text_from_hf(data: dict) -> dict:
+    """With model.text.hf_path set, fill the text-tower fields the recipe leaves out from the HF
+    config.json, and refuse any it sets to a different value (the FLOP count and an exported model's
+    rebuild read these fields, so they must describe the tower that is actually loaded)."""
+    text = data.get("model", {}).get("text", {}) if isinstance(data.get("model"), dict) else {}
+    if not isinstance(text, dict) or not text.get("hf_path"):
+        return data
+    config_json = Path(text["hf_path"]) / "config.json"
+    if not config_json.is_file():
+        raise ConfigError(f"model.text.hf_path: expected a local Hugging Face model directory with a "
+                          f"config.json, got {text['hf_path']!r}")
+    hf = json.loads(config_json.read_text())
+    _check(hf.get("model_type", "bert") == "bert", "model.text.hf_path",
+           f"a BERT checkpoint (model_type bert in {config_json})", hf.get("model_type"))
+    for ours, theirs in _HF_TEXT_FIELDS.items():
+        if theirs not in hf:
+            continue
+        if ours not in text:
+            text[ours] = hf[theirs]
+        elif not _same_value(text[ours], hf[theirs]):
+            raise ConfigError(f"model.text.{ours}: the recipe says {text[ours]!r} but {config_json} has "
+                              f"{theirs}={hf[theirs]!r}; remove the key or make them agree")
+    return data
 
 
 def _validate_curriculum(cfg: Config) -> None:
@@ -466,8 +547,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     data = apply_overrides(data, overrides or [])
-    return validate(_from_dict(Config, data))
+    return validate(_from_dict(Config, _text_from_hf(data)))
 
 
 def config_from_dict(data: dict) -> Config:
-    return validate(_from_dict(Config, data))
+    return validate(_from_dict(Config, _text_from_hf(data)))

@@ -27,16 +27,50 @@ def _resolve(ckpt: Path) -> tuple[Path, str]:
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of the whole PretrainModule: merged ZeRO shards, or the module states of ZeRO-0."""
+    """Full fp32 weights of the whole PretrainModule: the optimizer's fp32 master, never bf16 module copies.
+
+    ZeRO 1-3 write `[bf16_]zero_pp_rank_*_optim_states.pt` (the bf16_ prefix under bf16): merged by
+    DeepSpeed's zero_to_fp32. ZeRO-0 keeps everything in `mp_rank_*_model_states.pt`; under bf16 its
+    `module` entry holds bf16 weights and the fp32 master sits in the optimizer's `fp32_groups`.
+    """
     tag_dir = ckpt_dir / tag
-    if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
+    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not states:
         raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model states found")
-    return torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    state = torch.load(states[0], map_location="cpu", weights_only=False)
+    return _with_fp32_master(state["module"], state.get("optimizer"), states[0])
+
+
+def _with_fp32_master(module: dict[str, torch.Tensor], optimizer: dict | None, source: Path) -> dict[str, torch.Tensor]:
+    """ZeRO-0: replace low-precision module weights by the fp32 master copies of DeepSpeed's bf16/fp16
+    wrapper (`fp32_groups`, in the order of the param groups, whose "names" megavl's param_groups set)."""
+    low = [k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32]
+    if not low:
+        return module
+    masters = (optimizer or {}).get("fp32_groups")
+    groups = (optimizer or {}).get("optimizer_state_dict", {}).get("param_groups")
+    if masters is None or groups is None or any("names" not in g for g in groups):
+        raise ValueError(f"{source}: {len(low)} weights are {module[low[0]].dtype} and the checkpoint has no "
+                         f"fp32 master copies with parameter names to export instead")
+    out = dict(module)
+    by_storage = {}
+    for name, tensor in module.items():  # tied weights (MLM decoder = word embeddings) share storage
+        by_storage.setdefault(tensor.untyped_storage().data_ptr(), []).append(name)
+    for group, fp32 in zip(groups, masters):
+        if len(group["names"]) != len(fp32):
+            raise ValueError(f"{source}: a param group names {len(group['names'])} parameters but holds "
+                             f"{len(fp32)} fp32 masters")
+        for name, master in zip(group["names"], fp32):
+            if master.shape != module[name].shape:
+                raise ValueError(f"{source}: fp32 master of {name} has shape {tuple(master.shape)}, "
+                                 f"the module {tuple(module[name].shape)}")
+            for alias in by_storage[module[name].untyped_storage().data_ptr()]:
+                out[alias] = master
+    return out
 
 
 def export(ckpt: str | Path, out: str | Path) -> Path:

@@ -67,12 +67,9 @@ def fill_env_from_launcher(env: dict[str, str] | None = None) -> dict[str, str]:
 def _skip_shm_op_build() -> None:
     """DeepSpeed JIT-compiles a CPU shared-memory all-reduce op at every CPU init (a minute or more,
     and again whenever another environment shares ~/.cache/torch_extensions). gloo does not use it."""
-    import importlib
+    from .ds_compat import require_shm_op_hook
 
-    # import_module: `deepspeed.comm.torch` as an attribute is the torch package, not this module.
-    comm_torch = importlib.import_module("deepspeed.comm.torch")
-    if hasattr(comm_torch, "build_shm_op"):
-        comm_torch.build_shm_op = lambda: None
+    require_shm_op_hook().build_shm_op = lambda: None
 
 
 def init_distributed() -> DistInfo:

@@ -23,6 +23,7 @@ from megavl.objectives.teacher import teacher_momentum
 
 from . import checkpoint
 from .curriculum import MODE_IDS, mode_at, objectives_by_mode
+from .ds_compat import check_engine
 from .ds_config import build_ds_config, resolve_precision, zero_stage
 from .evaluate import evaluate_retrieval
 from .flops import mfu, peak_flops, step_flops
@@ -96,6 +97,7 @@ def build_engine(cfg: Config, ds_config_path: str, world_size: int, device: torc
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.run.max_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
+    check_engine(engine, zero_stage(ds_config))  # every private hook used below exists, or a clear error
     if world_size == 1 and zero_stage(ds_config) == 0:
         # DeepSpeed flattens, "all-reduces" over one rank and unflattens every gradient each step.
         engine.enable_backward_allreduce = False
@@ -123,9 +125,7 @@ def clear_zero3_grad_partitions(engine, zero_stage: int) -> None:
     """
     if zero_stage != 3:
         return
-    buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
-    if buffer is not None:
-        buffer.zero_()
+    engine.optimizer.grad_partitions_flat_buffer.zero_()  # presence checked by ds_compat.check_engine
 
 
 class Trainer:

@@ -21,6 +21,26 @@ def unpatchify(patches_BNP: torch.Tensor, patch: int, grid: tuple[int, int]) -> 
     return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, h * patch, w * patch)
 
 
+def prediction_to_pixels(pred_BNP: torch.Tensor, images_BCHW: torch.Tensor, patch: int, mean: list[float],
+                         std: list[float], norm_pix: bool, eps: float = 1e-6) -> torch.Tensor:
+    """Decoder pixel predictions (B, N, P) -> displayable pixels (B, N, P), [0, 1] for a perfect one.
+
+    The MIM target (`masked_patch_targets`) is built from the images the model sees, which are
+    already normalised per channel by data.mean/std; with norm_pix each patch of THOSE is further
+    normalised by its own mean and (unbiased) variance. So undo in reverse order: the per-patch
+    statistics of the normalised image first, then x * std + mean per channel. Patch vectors are in
+    (p, q, c) order, so the channel is the fastest axis.
+    """
+    pred = pred_BNP.float()
+    if norm_pix:
+        seen = patchify(images_BCHW.float(), patch)
+        mu, var = seen.mean(-1, keepdim=True), seen.var(-1, keepdim=True)
+        pred = pred * (var + eps).sqrt() + mu
+    std_P = torch.tensor(std, device=pred.device).repeat(patch * patch)
+    mean_P = torch.tensor(mean, device=pred.device).repeat(patch * patch)
+    return pred * std_P + mean_P
+
+
 def _masked_view(patches_1NP: torch.Tensor, mask_1N: torch.Tensor) -> torch.Tensor:
     return patches_1NP * (~mask_1N).unsqueeze(-1) + 0.5 * mask_1N.unsqueeze(-1)
 
@@ -50,9 +70,7 @@ def log_mask_images(module, batch: dict, mode: str, monitor, step: int, cfg: Con
         pixels = (images.float() * std + mean).clamp(0, 1)
         p, grid = student.patch_size, student.vision.grid_size
         target = patchify(pixels, p)  # (1, N, P)
-        if cfg.objectives.mim_pixel.norm_pix:  # predictions are per-patch normalised: undo with the truth's stats
-            mu, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            pred = pred * (var + 1e-6).sqrt() + mu
+        pred = prediction_to_pixels(pred, images, p, cfg.data.mean, cfg.data.std, cfg.objectives.mim_pixel.norm_pix)
         recon = torch.where(guided.mask.unsqueeze(-1), pred.clamp(0, 1), target)
         panels = [pixels, unpatchify(_masked_view(target, rand.mask), p, grid),
                   unpatchify(_masked_view(target, guided.mask), p, grid), unpatchify(recon, p, grid)]

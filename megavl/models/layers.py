@@ -10,12 +10,20 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP towers were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
 # One explicit table for activation names (the Hugging Face `hidden_act` spellings we support).
 # "gelu" is the exact erf GELU (BERT, ViT); the tanh approximation goes by several HF names.
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
     "gelu_new": lambda: nn.GELU(approximate="tanh"),
     "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "quick_gelu": QuickGELU,
     "relu": nn.ReLU,
     "silu": nn.SiLU,
     "swish": nn.SiLU,

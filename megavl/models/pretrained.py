@@ -14,8 +14,12 @@ from .vlp import VLPModel
 def load_pretrained(path: str | Path, strict: bool = True) -> VLPModel:
     """A VLPModel with the exported weights, built from the exported config (no hub access)."""
     path = Path(path)
-    cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
-    cfg.model.text.hf_path = ""  # the weights come from the export, not from the original init checkpoint
+    data = yaml.safe_load((path / "config.yaml").read_text())
+    # The weights come from the export, not from the original init checkpoints (which need not exist
+    # here); the exported config already holds the architecture read from them.
+    data["model"]["text"]["hf_path"] = ""
+    data["model"]["vision"]["init"] = ""
+    cfg = config_from_dict(data)
     model = VLPModel(cfg.model)
     missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     if strict and (missing or unexpected):

@@ -51,9 +51,9 @@ def resample_pos_embed(pos_embed_1LE: torch.Tensor, new_grid: tuple[int, int], o
 class PatchEmbed(nn.Module):
     """Non-overlapping patches by a strided conv: (B, C, H, W) -> (B, N, E), row-major patch order."""
 
-    def __init__(self, patch_size: int, in_chans: int, width: int) -> None:
+    def __init__(self, patch_size: int, in_chans: int, width: int, bias: bool = True) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, width, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, width, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         return self.proj(images_BCHW).flatten(2).transpose(1, 2)
@@ -81,13 +81,13 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)); (B, L, E) -> (B, L, E)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, qkv_bias: bool, eps: float,
-                 drop_path: float, backend: str) -> None:
+                 drop_path: float, backend: str, act: str = "gelu") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads, qkv_bias, backend)
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = Mlp(width, int(width * mlp_ratio), act="gelu")
+        self.mlp = Mlp(width, int(width * mlp_ratio), act=act)
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x_BLE: torch.Tensor) -> torch.Tensor:
@@ -101,12 +101,15 @@ class VisionTransformer(nn.Module):
     A 1-frame model has exactly timm's parameters. With num_frames > 1 a learned temporal
     embedding (num_frames, E), zero-initialised, is added to every patch token of frame t, so a
     model freshly loaded from timm encodes each frame as the plain ViT would (SCL's flexible encoder).
+    CLIP towers differ in three switches: pre_norm (a LayerNorm before the blocks, CLIP's ln_pre),
+    act="quick_gelu" (OpenAI's weights) and patch_bias=False.
     """
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  width: int = 768, depth: int = 12, heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, num_frames: int = 1, layer_norm_eps: float = 1e-6,
-                 drop_path: float = 0.0, attn_backend: str = "auto") -> None:
+                 drop_path: float = 0.0, attn_backend: str = "auto", pre_norm: bool = False,
+                 act: str = "gelu", patch_bias: bool = True) -> None:
         super().__init__()
         img_hw = _pair(img_size)
         if width % heads:
@@ -124,7 +127,7 @@ class VisionTransformer(nn.Module):
         self.num_frames = num_frames
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, width)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, width, bias=patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, width))
         if num_frames > 1:
@@ -133,8 +136,9 @@ class VisionTransformer(nn.Module):
             self.register_parameter("temporal_embed", None)
         # Stochastic depth grows linearly with depth, as in DeiT/timm.
         rates = torch.linspace(0.0, drop_path, depth).tolist()
+        self.norm_pre = nn.LayerNorm(width, eps=layer_norm_eps) if pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, qkv_bias, layer_norm_eps, rate, attn_backend) for rate in rates)
+            Block(width, heads, mlp_ratio, qkv_bias, layer_norm_eps, rate, attn_backend, act) for rate in rates)
         self.norm = nn.LayerNorm(width, eps=layer_norm_eps)
         self._init_weights()
 
@@ -229,7 +233,7 @@ class VisionTransformer(nn.Module):
         Returns (B, 1 + T*K, E) tokens after the final norm, [CLS] first (K = N without keep_ids).
         Masked patches are dropped, not replaced (MAE).
         """
-        x_BLE = self.embed(images, keep_ids)
+        x_BLE = self.norm_pre(self.embed(images, keep_ids))
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x_BLE = checkpoint(block, x_BLE, use_reentrant=False)
@@ -275,7 +279,7 @@ def _config_from_timm(timm_model: nn.Module) -> dict:
         "register tokens": timm_model.reg_token is not None,
         "pos embed without class entry (no_embed_class)": timm_model.no_embed_class,
         "no position embedding": timm_model.pos_embed is None,
-        "pre-norm (norm_pre)": not isinstance(timm_model.norm_pre, nn.Identity),
+        "pre-norm (norm_pre) not LayerNorm": not isinstance(timm_model.norm_pre, (nn.Identity, nn.LayerNorm)),
         "final norm not LayerNorm": not isinstance(timm_model.norm, nn.LayerNorm),
         "patch embed type or norm": not isinstance(timm_model.patch_embed, TimmPatchEmbed)
         or not isinstance(timm_model.patch_embed.norm, nn.Identity),
@@ -286,8 +290,8 @@ def _config_from_timm(timm_model: nn.Module) -> dict:
     unsupported["layer scale / qk-norm / extra norms"] = any(
         not isinstance(m, nn.Identity) for block in blocks
         for m in (block.ls1, block.ls2, block.attn.q_norm, block.attn.k_norm, block.attn.norm, block.mlp.norm))
-    unsupported["MLP activation other than exact GELU"] = any(
-        not (isinstance(block.mlp.act, nn.GELU) and block.mlp.act.approximate == "none") for block in blocks)
+    acts = {_timm_act_name(block.mlp.act) for block in blocks}
+    unsupported["MLP activation other than exact GELU or QuickGELU"] = None in acts or len(acts) != 1
     problems = [name for name, bad in unsupported.items() if bad]
     if problems:
         raise ValueError(f"timm model uses features megavl's ViT does not have: {problems}")
@@ -306,4 +310,18 @@ def _config_from_timm(timm_model: nn.Module) -> dict:
         mlp_ratio=mlp_ratio,
         qkv_bias=first.attn.qkv.bias is not None,
         layer_norm_eps=timm_model.norm.eps,
+        pre_norm=isinstance(timm_model.norm_pre, nn.LayerNorm),
+        act=acts.pop(),
+        patch_bias=timm_model.patch_embed.proj.bias is not None,
     )
+
+
+def _timm_act_name(act: nn.Module) -> str | None:
+    """Our name for a timm MLP activation, None for one we do not have."""
+    from timm.layers import QuickGELU as TimmQuickGELU
+
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return "gelu"
+    if isinstance(act, TimmQuickGELU):
+        return "quick_gelu"
+    return None

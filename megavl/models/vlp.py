@@ -7,16 +7,37 @@ Legend: B batch, N patches, K kept patches, L text length, W fusion width, E emb
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megavl.config import ModelConfig
+from megavl.config import ConfigError, ModelConfig
 
 from .fusion import FusionOutput, SemVLPFusion
 from .heads import ITMHead, MaskedImageDecoder, MLMHead, PrototypeHead
 from .text import TextEncoder
 from .vision import VisionTransformer
+from .vision_init import load_vision_init
+
+log = logging.getLogger(__name__)
+
+
+def _check_text_matches(text: TextEncoder, cfg: ModelConfig) -> None:
+    """The loaded BERT has the shape model.text describes (the FLOP count and an exported model's
+    rebuild read model.text). load_config fills these fields from the checkpoint's config.json; a
+    ModelConfig built by hand may still disagree."""
+    t = cfg.text
+    layer = text.layers[0] if len(text.layers) else None
+    actual = {"vocab_size": text.word_embeddings.num_embeddings, "width": text.width, "depth": len(text.layers),
+              "heads": layer.attn.heads if layer is not None else t.heads,
+              "intermediate": layer.mlp.fc1.out_features if layer is not None else t.intermediate,
+              "max_position": text.max_position, "type_vocab_size": text.type_vocab_size}
+    for key, value in actual.items():
+        if getattr(t, key) != value:
+            raise ConfigError(f"model.text.{key}: the config says {getattr(t, key)!r} but the checkpoint in "
+                              f"model.text.hf_path={t.hf_path!r} has {value!r}")
 
 
 class VLPModel(nn.Module):
@@ -27,13 +48,21 @@ class VLPModel(nn.Module):
         self.vision = VisionTransformer(img_size=v.img_size, patch_size=v.patch_size, width=v.width,
                                         depth=v.depth, heads=v.heads, mlp_ratio=v.mlp_ratio,
                                         num_frames=v.num_frames, drop_path=v.drop_path,
-                                        attn_backend=cfg.attention)
+                                        attn_backend=cfg.attention, pre_norm=v.pre_norm, act=v.act,
+                                        patch_bias=v.patch_bias, layer_norm_eps=v.layer_norm_eps)
+        if v.init:
+            load_vision_init(self.vision, v)
+        else:
+            log.info("model.vision.init is empty: the vision tower starts from random weights")
         if t.hf_path:
             self.text = TextEncoder.from_hf(t.hf_path, attn_backend=cfg.attention)
+            _check_text_matches(self.text, cfg)
         else:
+            log.info("model.text.hf_path is empty: the text tower starts from random weights")
             self.text = TextEncoder(vocab_size=t.vocab_size, width=t.width, depth=t.depth, heads=t.heads,
                                     intermediate=t.intermediate, max_position=t.max_position,
-                                    type_vocab_size=t.type_vocab_size, attn_backend=cfg.attention)
+                                    type_vocab_size=t.type_vocab_size, layer_norm_eps=t.layer_norm_eps,
+                                    hidden_act=t.hidden_act, attn_backend=cfg.attention)
         self.fusion = SemVLPFusion(width=f.width, depth=f.depth, heads=f.heads, mlp_ratio=f.mlp_ratio,
                                    vision_width=v.width, text_width=self.text.width,
                                    cross_attention=f.cross_attention, attn_backend=cfg.attention)

@@ -154,3 +154,44 @@ def test_env_from_slurm_and_defaults():
     assert (alone["RANK"], alone["WORLD_SIZE"]) == ("0", "1") and int(alone["MASTER_PORT"]) > 0
     with pytest.raises(RuntimeError, match="MASTER_PORT"):
         fill_env_from_launcher({"RANK": "0", "WORLD_SIZE": "2"})
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_mim_reconstruction_pixels_by_hand(norm_pix):
+    """A perfect MIM prediction (the loss's own target) is drawn as the original pixels (issue 15 item 9)."""
+    from megavl.engine.visuals import prediction_to_pixels
+    from megavl_kernels import masked_patch_targets
+
+    torch.manual_seed(0)
+    mean, std, p = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3], 2
+    pixels = torch.rand(1, 3, 4, 6)  # what the picture should show
+    images = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)  # the model's input
+    all_patches = torch.arange(6)[None]
+    perfect = masked_patch_targets(images, all_patches, p, norm_pix=norm_pix)
+    drawn = prediction_to_pixels(perfect, images, p, mean, std, norm_pix)
+    # By hand, patch n = (row r, col c) of the 2x3 grid, element (y, x, channel) in MAE's (p, q, c) order.
+    for n in range(6):
+        r, c = divmod(n, 3)
+        for k in range(p * p * 3):
+            y, x, ch = k // (p * 3), (k // 3) % p, k % 3
+            assert drawn[0, n, k].item() == pytest.approx(pixels[0, ch, r * p + y, c * p + x].item(), abs=1e-5)
+
+
+def test_log_mask_images_draws_four_panels(tiny_module):
+    from megavl.engine.visuals import log_mask_images
+
+    cfg, module = tiny_module
+    images = torch.randn(2, 3, 64, 64)
+    ids = torch.randint(1000, 2000, (2, 10))
+    batch = {"images": images, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    drawn = {}
+
+    class Monitor:
+        def image(self, step, tag, image_CHW):
+            drawn[tag] = image_CHW
+
+    log_mask_images(module, batch, "two", Monitor(), 3, cfg)
+    (image,) = drawn.values()
+    assert image.shape == (3, 64, 4 * 64)
+    pixels = (images[0] * torch.tensor(cfg.data.std).view(3, 1, 1) + torch.tensor(cfg.data.mean).view(3, 1, 1))
+    assert torch.allclose(image[:, :, :64], pixels.clamp(0, 1))

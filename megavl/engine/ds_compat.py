@@ -1,0 +1,76 @@
+"""Every private DeepSpeed hook megavl relies on, checked once at start-up against the installed version.
+
+DeepSpeed's internals change between releases; a missing attribute read with `getattr(..., None)`
+would silently turn a correctness fix into a no-op. So each hook is listed here with what needs
+it, and `check_engine` (from `build_engine`) / `require_shm_op_hook` (from `init_distributed`) raise
+`DeepSpeedCompatError` naming the installed version and every missing hook. setup.py pins the range
+these were tested with; a new DeepSpeed means re-running the tests and updating this table.
+
+    hook                                          used by
+    engine.enable_backward_allreduce              trainer.build_engine: skip the world-of-one all-reduce
+    ZeRO-3 optimizer.grad_partitions_flat_buffer  trainer.clear_zero3_grad_partitions (stale gradients)
+    ZeRO-3 param.ds_tensor/ds_id/ds_shape/ds_numel objectives/teacher.py EMA on shards, engine/checkpoint.py
+    deepspeed.comm.torch.build_shm_op             launch._skip_shm_op_build (no CPU op JIT under gloo)
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+TESTED_RANGE = ">=0.19.8,<0.20"  # setup.py's pin; the tests ran on 0.19.8
+
+ZERO3_PARAM_ATTRS = ("ds_tensor", "ds_id", "ds_shape", "ds_numel")
+
+
+class DeepSpeedCompatError(RuntimeError):
+    """The installed DeepSpeed lacks an internal attribute megavl needs."""
+
+
+def _version() -> str:
+    import deepspeed
+
+    return getattr(deepspeed, "__version__", "unknown")
+
+
+def _fail(missing: list[str]) -> None:
+    raise DeepSpeedCompatError(
+        f"deepspeed {_version()} lacks internals megavl relies on: {'; '.join(missing)}. megavl is tested "
+        f"with deepspeed{TESTED_RANGE} (setup.py): install that range, or port the code named above "
+        f"and megavl/engine/ds_compat.py to this version")
+
+
+def missing_engine_hooks(engine, zero_stage: int) -> list[str]:
+    """Descriptions of the hooks this engine lacks (empty when all are there)."""
+    missing = []
+    if not isinstance(getattr(engine, "enable_backward_allreduce", None), bool):
+        missing.append("engine.enable_backward_allreduce (a bool; trainer.build_engine turns off the "
+                       "world-of-one gradient all-reduce with it)")
+    if zero_stage == 3:
+        buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
+        if not torch.is_tensor(buffer):
+            missing.append(f"{type(engine.optimizer).__name__}.grad_partitions_flat_buffer (a tensor; "
+                           "trainer.clear_zero3_grad_partitions zeroes it so unused parameters get no stale gradient)")
+        param = next(iter(engine.module.parameters()), None)
+        absent = [a for a in ZERO3_PARAM_ATTRS if param is not None and not hasattr(param, a)]
+        if absent:
+            missing.append(f"ZeRO-3 parameter attributes {absent} (the EMA teacher and the checkpoint read "
+                           "each rank's shard through them)")
+    return missing
+
+
+def check_engine(engine, zero_stage: int) -> None:
+    """Raise DeepSpeedCompatError if the engine lacks a hook megavl uses at this ZeRO stage."""
+    missing = missing_engine_hooks(engine, zero_stage)
+    if missing:
+        _fail(missing)
+
+
+def require_shm_op_hook():
+    """The module whose `build_shm_op` megavl replaces under gloo; raises if it is not there."""
+    # import_module: `deepspeed.comm.torch` as an attribute is the torch package, not this module.
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    if not callable(getattr(comm_torch, "build_shm_op", None)):
+        _fail(["deepspeed.comm.torch.build_shm_op (launch._skip_shm_op_build replaces it so a CPU run does "
+               "not JIT-compile a shared-memory op gloo never uses)"])
+    return comm_torch
