@@ -205,7 +205,9 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
     k = num_kept(n, o.masking.image_mask_ratio)
     gathered = world_size * B
     on = set(active)
-    masked_image = bool(on & {"mim_pixel", "mim_sem", "scl"})
+    scl_own_image = "scl" in on and o.scl.image_mask_ratio > 0   # SCL's own masked passes
+    scl_own_text = "scl" in on and o.scl.text_mask_prob > 0
+    masked_image = bool(on & {"mim_pixel", "mim_sem"}) or ("scl" in on and not scl_own_image)
     guided = masked_image and o.masking.text_guided
     distill = "itc" in on and o.itc.queue_size > 0
     t = _Tally()
@@ -226,7 +228,7 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
     image_trains = bool(on & {"itc", "itm", "mlm", "scl"})
     conv, blocks = _patch_embed(model_cfg, B), _vit_blocks(model_cfg, B, 1 + n)
     t.add("image", conv + blocks, (conv + 2 * blocks) * image_trains)
-    t.train("text", _text_tower(model_cfg, B, L), trains=bool(on & {"itc", "itm"}) or masked_image)
+    t.train("text", _text_tower(model_cfg, B, L), trains=bool(on & {"itc", "itm"}) or masked_image or scl_own_image)
     # Embeddings are always computed (ITM's hard negatives read them too); they train only under ITC.
     t.train("itc", _gemm(B, v.width, e) + _gemm(B, wt, e), trains="itc" in on)
     if "itc" in on and o.itc.queue_size == 0:
@@ -242,7 +244,7 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
             t.add("itm", _gemm(B, e, B), 0)                                # detached ITC similarities
         t.add("itm", *_fusion(model_cfg, 3 * B, 1 + n, L, mode, "both"))
         t.train("itm", _gemm(3 * B, 2 * w, w) + _gemm(3 * B, w, 2))
-    elif "scl" in on:
+    elif "scl" in on and o.scl.targets == "intact":
         t.add("scl", _fusion(model_cfg, B, 1 + n, L, mode, "none")[0], 0)
 
     # Masked image: kept patches + intact text; only its image side feeds a loss.
@@ -257,12 +259,20 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
             t.train("mim_sem", _gemm(B * (n - k), model_cfg.decoder.width, w)
                     + _prototype_head(model_cfg, B) + _prototype_head(model_cfg, B * (n - k)))
 
+    if scl_own_image:  # SCL's own random mask at its own ratio: one more masked-image pass
+        ks = num_kept(n, o.scl.image_mask_ratio)
+        t.add("scl", conv + _vit_blocks(model_cfg, B, 1 + ks), conv + 2 * _vit_blocks(model_cfg, B, 1 + ks))
+        t.add("scl", *_fusion(model_cfg, B, 1 + ks, L, mode, "image"))
+
     # Masked text: intact image + MLM text; only its text side feeds a loss.
-    if on & {"mlm", "scl"}:
+    if "mlm" in on or ("scl" in on and not scl_own_text):
         t.train("masked_text", _text_tower(model_cfg, B, L))
         t.add("masked_text", *_fusion(model_cfg, B, 1 + n, L, mode, "text"))
         if "mlm" in on:
             t.train("mlm", _gemm(num_mlm_tokens, w, wt) + _gemm(num_mlm_tokens, wt, model_cfg.text.vocab_size))
+    if scl_own_text:  # SCL's [MASK]-only text: one more text pass and text-side fusion
+        t.train("scl", _text_tower(model_cfg, B, L))
+        t.add("scl", *_fusion(model_cfg, B, 1 + n, L, mode, "text"))
 
     if "scl" in on:  # two InfoNCE terms against detached targets: grad w.r.t. the query side only
         t.add("scl", 2 * _gemm(gathered, w, gathered), 2 * _gemm(gathered, gathered, w))

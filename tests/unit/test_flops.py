@@ -52,7 +52,8 @@ def make_batch(image_size: int, vocab: int, seed: int = 0) -> dict:
         labels[row, cols] = ids[row, cols]
     mlm_ids = ids.masked_fill(labels != -100, 2)
     return {"images": torch.randn(B, 3, image_size, image_size, generator=gen), "input_ids": ids,
-            "attention_mask": mask, "mlm_input_ids": mlm_ids, "mlm_labels": labels, "image_ids": torch.arange(B)}
+            "attention_mask": mask, "mlm_input_ids": mlm_ids, "mlm_labels": labels, "image_ids": torch.arange(B),
+            "scl_input_ids": ids.masked_fill(labels != -100, 2)}
 
 
 def counted_step(module: PretrainModule, batch: dict, mode: str) -> tuple[int, int]:
@@ -72,6 +73,10 @@ CASES = {
     "wide-two-itc+mlm": (WIDE, ["itc", "mlm"], "two"),
     # SCL alone: the positives' fusion and the MAE decoder run forward only; random masking, no teacher.
     "wide-two-scl-random": (WIDE + ["objectives.masking.text_guided=false"], ["scl"], "two"),
+    # SCL with intact targets (a no-grad fusion of the positives) and its own image and text masks.
+    "wide-single-scl-intact-own-masks": (WIDE + ["objectives.scl.targets=intact objectives.scl.image_mask_ratio=0.8",
+                                                 "objectives.scl.text_mask_prob=0.4"],
+                                         ["scl", "mlm", "mim_pixel"], "single"),
     # ALBEF queue + momentum distillation, random ITM negatives, semantic MIM without pixel MIM.
     "wide-single-queue-itm-semmim": (WIDE + ["objectives.itc.queue_size=8 objectives.itc.distill_alpha=0.4",
                                              "objectives.itm.hard_negatives=false"],
