@@ -192,7 +192,8 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
     world_size: ranks the contrastive features are gathered over (ITC, SCL logits are
     (world*B) x (world*B) on every rank). Every other term is linear in batch_size, so passing the
     global batch with world_size=1 gives the global step FLOPs up to those small similarity matrices.
-    The model's shapes are read from model_cfg (a BERT loaded by text.hf_path must match model_cfg.text).
+    The model's shapes are read from model_cfg: load_config fills model.text from the config.json of a
+    BERT loaded by text.hf_path, and VLPModel refuses a model.text that disagrees with the loaded tower.
     """
     if mode not in ("single", "two"):
         raise ValueError(f"unknown mode {mode!r}; choose single | two")

@@ -136,9 +136,10 @@ def _check_architecture(state: dict[str, torch.Tensor], cfg: VisionConfig, sourc
     expect(depth == cfg.depth, "depth", cfg.depth, depth)
     hidden = state["blocks.0.mlp.fc1.weight"].shape[0] if depth else None
     expect(hidden == int(cfg.width * cfg.mlp_ratio), "mlp_ratio", cfg.mlp_ratio, f"MLP width {hidden}")
-    expect(("norm_pre.weight" in state) == cfg.pre_norm, "pre_norm", cfg.pre_norm, "norm_pre" in str(list(state)))
+    expect(("norm_pre.weight" in state) == cfg.pre_norm, "pre_norm", cfg.pre_norm,
+           "a pre-norm (ln_pre / norm_pre)" if "norm_pre.weight" in state else "no pre-norm")
     expect(("patch_embed.proj.bias" in state) == cfg.patch_bias, "patch_bias", cfg.patch_bias,
-           "patch_embed.proj.bias" in state)
+           "a patch-embedding bias" if "patch_embed.proj.bias" in state else "no patch-embedding bias")
 
 
 def load_vision_init(vision: VisionTransformer, cfg: VisionConfig) -> None:

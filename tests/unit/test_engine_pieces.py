@@ -12,7 +12,7 @@ from megavl.engine.curriculum import mode_at
 from megavl.engine.ds_config import build_ds_config
 from megavl.engine.evaluate import recall_at_k
 from megavl.engine.launch import fill_env_from_launcher
-from megavl.engine.optim import lr_factor, param_groups
+from megavl.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from megavl.objectives.pretrain import PretrainModule
 
 CPU = torch.device("cpu")
@@ -195,3 +195,25 @@ def test_log_mask_images_draws_four_panels(tiny_module):
     assert image.shape == (3, 64, 4 * 64)
     pixels = (images[0] * torch.tensor(cfg.data.std).view(3, 1, 1) + torch.tensor(cfg.data.mean).view(3, 1, 1))
     assert torch.allclose(image[:, :, :64], pixels.clamp(0, 1))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_schedule_decays_every_group_to_min_lr_ratio(tiny_module, schedule):
+    """optim.min_lr_ratio (ALBEF: 1e-5 / 1e-4): the real scheduler ends each group at its rate x ratio."""
+    cfg, module = tiny_module
+    optim = load_config("configs/tiny.yaml", [f"optim.min_lr_ratio=0.1 optim.schedule={schedule}",
+                                              "optim.warmup_steps=2 optim.lr=1e-4 optim.fusion_lr_mult=5.0"]).optim
+    optimizer = build_optimizer(param_groups(module, optim), optim, torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, optim, total_steps=12)
+    base = [g["initial_lr"] for g in optimizer.param_groups]
+    assert sorted(set(base)) == pytest.approx([1e-4, 5e-4])
+    seen = []
+    for _ in range(12):
+        seen.append(scheduler.get_last_lr())
+        optimizer.step()
+        scheduler.step()
+    middle = 0.1 + 0.9 * (0.5 if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert seen[7] == pytest.approx([b * middle for b in base])  # halfway through the 10 decay steps
+    assert scheduler.get_last_lr() == pytest.approx([b * 0.1 for b in base])  # at total_steps: lr x 0.1, not 0
+    with pytest.raises(ConfigError, match="optim.min_lr_ratio"):
+        load_config("configs/tiny.yaml", ["optim.min_lr_ratio=1.5"])

