@@ -253,3 +253,13 @@ def test_queue_stores_image_ids_and_wraps():
     for image_id, slot in sorted(slots.items()):  # later steps overwrite earlier ones
         expected[slot] = image_id
     torch.testing.assert_close(module.queue_image_ids, expected)
+
+
+def test_clamp_trained_temperature_plain_parameter_and_bounds():
+    from megavl.objectives.temperature import clamp_trained_temperature_
+
+    t = torch.nn.Parameter(torch.tensor([0.9]))
+    clamp_trained_temperature_(t, 0.01, 0.5)
+    assert t.item() == 0.5 and t.requires_grad
+    with pytest.raises(ValueError):
+        clamp_trained_temperature_(t, 0.5, 0.1)
