@@ -245,7 +245,7 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
             t.add("itm", _gemm(B, e, B), 0)                                # detached ITC similarities
         t.add("itm", *_fusion(model_cfg, 3 * B, 1 + n, L, mode, "both"))
         t.train("itm", _gemm(3 * B, 2 * w, w) + _gemm(3 * B, w, 2))
-    elif "scl" in on and o.scl.targets == "intact":
+    elif "scl" in on and o.scl.targets == "intact":  # "cross" takes its targets from the masked passes
         t.add("scl", _fusion(model_cfg, B, 1 + n, L, mode, "none")[0], 0)
 
     # Masked image: kept patches + intact text; only its image side feeds a loss.

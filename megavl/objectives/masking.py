@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+RELEVANCE_LEVELS = 1024  # text-guided masking: relevance resolution (see text_guided_masking)
+
 
 @dataclass(frozen=True)
 class MaskSpec:
@@ -96,13 +98,17 @@ def text_guided_masking(relevance: torch.Tensor, mask_ratio: float, randomness: 
     relevance (B, N): text-to-patch relevance (e.g. momentum-model attention from text to patches);
     higher = more relevant. randomness in [0, 1]. SemMIM's exact mixing rule is UNVERIFIED; this one:
 
-        r[b, n]     = rank of relevance[b, n] within row b / (N - 1)     (0 = least, 1 = most relevant;
-                                                                           ties by index, stable)
+        q[b, n]     = round(1024 * (relevance[b, n] - min_b) / (max_b - min_b))   (quantised relevance)
+        r[b, n]     = rank of q[b, n] within row b / (N - 1)     (0 = least, 1 = most relevant;
+                                                                   ties by index, stable)
         score[b, n] = (1 - randomness) * r[b, n] + randomness * u[b, n],   u ~ U(0, 1)
         masked      = the M = N - K patches with the highest score
 
     randomness = 0 masks exactly the top-M relevant patches; randomness = 1 is random masking (the
     score is pure noise). Ranks, not raw values, so the mixing does not depend on the relevance scale.
+    Relevances closer than 1/1024 of the row's range are ties broken by patch index: the mask then does
+    not hinge on the last bits of a reduction (which differ between a sharded and an unsharded run, or
+    between GPU kernels), so ZeRO-k equals ZeRO-0 exactly.
     `noise` (B, N) in [0, 1), when given, is used as u instead of drawing from `generator`.
     """
     if relevance.dim() != 2:
@@ -113,8 +119,10 @@ def text_guided_masking(relevance: torch.Tensor, mask_ratio: float, randomness: 
         raise TypeError(f"relevance must be floating point; got {relevance.dtype}")
     B, N = relevance.shape
     num_keep = num_kept(N, mask_ratio)
-    relevance = relevance.detach()
-    ranks = torch.argsort(torch.argsort(relevance, dim=1, stable=True), dim=1)
+    relevance = relevance.detach().double()
+    low, high = relevance.amin(dim=1, keepdim=True), relevance.amax(dim=1, keepdim=True)
+    quantised = torch.round(RELEVANCE_LEVELS * (relevance - low) / (high - low).clamp_min(1e-30))
+    ranks = torch.argsort(torch.argsort(quantised, dim=1, stable=True), dim=1)
     score = ranks.to(torch.float64) / max(N - 1, 1)
     if randomness > 0:
         if noise is None:

@@ -1,27 +1,41 @@
-"""Worker for test_sharded_equals_unsharded.py: a few training steps of the tiny model on a fixed
-global batch, either as one process (ZeRO-0, the whole batch) or as one of 2 ranks (ZeRO-3, its half).
+"""Worker for test_sharded_equals_unsharded.py: STEPS optimizer steps (grad_accum 2) of the tiny model on
+fixed global batches, either as one process (ZeRO-0, the whole batch) or as one of 2 ranks (its half),
+for each ZeRO stage named, one after the other in the same process (one DeepSpeed start-up for all).
 
-    python sharded_step_worker.py OUT.json DS_CONFIG [launched by deepspeed for the 2-rank case]
+    RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. python sharded_step_worker.py OUT_DIR STAGE [STAGE ...]
+
+Per stage it writes OUT_DIR/stage{S}_rank{R}.json: per-step losses (averaged over ranks), the ITC
+temperature the loss used and the optimizer's fp32 master after each step, and the queue state (pointer,
+image ids, a checksum of the features) after each step and after a checkpoint save + load into a fresh
+engine. The test asserts; the worker only measures.
 """
+import hashlib
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from megavl.config import load_config
+from megavl.engine import checkpoint
 from megavl.engine.curriculum import mode_at
 from megavl.engine.launch import init_distributed
 from megavl.engine.trainer import (build_engine, clear_zero3_grad_partitions, step_generator,
                                    zero_fill_unused_grads)
 from megavl.objectives.teacher import teacher_momentum
 
-GLOBAL_BATCH, TEXT_LEN, STEPS = 8, 16, 4
+GLOBAL_BATCH, TEXT_LEN, STEPS, ACCUM = 8, 16, 6, 2
+TEMP_MIN, TEMP_MAX = 0.0695, 0.0705  # lr 1e-3 moves the temperature ~1e-3 a step: out in one step unclamped
+OVERRIDES = [f"data.max_text_len={TEXT_LEN}", "optim.warmup_steps=1", "optim.lr=1e-3", f"run.max_steps={STEPS}",
+             f"run.grad_accum={ACCUM}", "objectives.itc.queue_size=24", "objectives.itc.distill_alpha=0.4",
+             "objectives.masking.text_guided=true", f"objectives.itc.temp_min={TEMP_MIN}",
+             f"objectives.itc.temp_max={TEMP_MAX}", "curriculum.cycle=[[single, 2], [two, 1]]"]
 
 
-def global_batch(step: int) -> dict:
-    """A fixed batch per step; two samples share an image id (ITM must never pair them as negatives)."""
-    g = torch.Generator().manual_seed(1000 + step)
+def global_batch(step: int, micro: int) -> dict:
+    """A fixed batch per (step, micro); samples 0/1 and 4/5 share an image id (two captions each)."""
+    g = torch.Generator().manual_seed(1000 + 10 * step + micro)
     B, L = GLOBAL_BATCH, TEXT_LEN
     ids = torch.randint(1000, 3000, (B, L), generator=g)
     ids[:, 0] = 101
@@ -32,45 +46,87 @@ def global_batch(step: int) -> dict:
     picked[:, 0] = False
     mlm_ids = torch.where(picked, torch.full_like(ids, 103), ids)
     labels = torch.where(picked, ids, torch.full_like(ids, -100))
-    image_ids = torch.arange(B) + 10 * step
-    image_ids[1] = image_ids[0]
+    image_ids = torch.arange(B) + 100 * step + 10 * micro
+    image_ids[1], image_ids[5] = image_ids[0], image_ids[4]
+    # Step 3 repeats step 0's images: the queue then holds positives of the current batch.
+    if step == 3:
+        image_ids = torch.arange(B) + 10 * micro
+        image_ids[1], image_ids[5] = image_ids[0], image_ids[4]
     return {"images": torch.randn(B, 3, 64, 64, generator=g), "input_ids": ids, "attention_mask": mask,
             "mlm_input_ids": mlm_ids, "mlm_labels": labels, "scl_input_ids": mlm_ids, "image_ids": image_ids}
 
 
-def main(out_path: str, ds_config: str) -> None:
-    info = init_distributed()
-    torch.set_num_threads(1)
+def _fp32_master(param: torch.nn.Parameter, stage: int) -> float:
+    """The value the optimizer steps (collective under ZeRO-1/2/3)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if stage == 0:
+        return float(param.detach().float().reshape(-1)[0])
+    return float(safe_get_full_fp32_param(param).reshape(-1)[0])
+
+
+def _queue_state(module) -> dict:
+    digest = hashlib.sha256(module.image_queue.detach().float().numpy().tobytes()
+                            + module.text_queue.detach().float().numpy().tobytes()).hexdigest()
+    return {"ptr": int(module.queue_ptr), "ids": module.queue_image_ids.tolist(), "features_sha": digest}
+
+
+def run_stage(stage: int, info, out_dir: Path) -> dict:
     world = info.world_size
-    cfg = load_config("configs/tiny.yaml", [f"data.batch_size={GLOBAL_BATCH // world}", "data.max_text_len=16",
-                                            "optim.warmup_steps=1", "optim.lr=1e-3", f"run.max_steps={STEPS}",
-                                            # Text-guided masks rank near-tied relevances: a 1e-6 rounding
-                                            # difference can flip which patch is masked, a discontinuity
-                                            # that is not a sharding error. Random masks are exact.
-                                            "objectives.masking.text_guided=false"])
+    cfg = load_config("configs/tiny.yaml", [f"data.batch_size={GLOBAL_BATCH // world}", *OVERRIDES])
     torch.manual_seed(cfg.run.seed)
-    engine, _, stage = build_engine(cfg, ds_config, world, info.device)
+    engine, _, zero = build_engine(cfg, f"ds_configs/zero{stage}.json", world, info.device)
+    assert zero == stage
+    module = engine.module
     rows = slice(info.rank * GLOBAL_BATCH // world, (info.rank + 1) * GLOBAL_BATCH // world)
-    history = []
+    out = {"losses": [], "temperature_used": [], "temperature_master": [], "queue": [], "modes": []}
     for step in range(STEPS):
-        batch = {k: v[rows] for k, v in global_batch(step).items()}
         mode = mode_at(step, 0, cfg.curriculum)
-        total, losses = engine(batch, mode, step_generator(cfg.run.seed, step, 0, info.device))
-        engine.backward(total)
-        zero_fill_unused_grads(engine.module, stage)
-        engine.step()
-        clear_zero3_grad_partitions(engine, stage)
-        engine.module.update_teacher(teacher_momentum(step, STEPS, cfg.objectives.teacher.momentum))
-        values = torch.stack([total.detach()] + [losses[k].detach() for k in sorted(losses)])
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(ACCUM):  # the Trainer's loop
+            batch = {k: v[rows] for k, v in global_batch(step, micro).items()}
+            total, losses = engine(batch, mode, step_generator(cfg.run.seed, step, micro, info.device))
+            engine.backward(total)
+            if micro == ACCUM - 1:
+                zero_fill_unused_grads(module, zero)
+            engine.step()
+            module.clamp_temperature()
+            if micro == ACCUM - 1:
+                clear_zero3_grad_partitions(engine, zero)
+            for name, value in {"total": total, **losses}.items():
+                sums[name] = sums.get(name, 0) + value.detach() / ACCUM
+        module.update_teacher(teacher_momentum(step, STEPS, cfg.objectives.teacher.momentum))
+        names = sorted(sums)
+        values = torch.stack([sums[n] for n in names])
         if world > 1:
             dist.all_reduce(values)
             values /= world
-        history.append(dict(zip(["total"] + sorted(losses), values.tolist())))
-    if info.rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(history, f)
+        out["losses"].append(dict(zip(names, values.tolist())))
+        out["temperature_used"].append(float(module.temperature_used))
+        out["temperature_master"].append(_fp32_master(module.temp, zero))
+        out["queue"].append(_queue_state(module))
+        out["modes"].append(mode)
+
+    # Save, then load into a fresh engine: the queue (features, ids, pointer) comes back as it was.
+    ckpt = out_dir / f"ckpt_stage{stage}"
+    checkpoint.save(engine, module, ckpt, STEPS, info.rank, {}, keep=1)
+    torch.manual_seed(123)  # a different initial state, so the restore must really overwrite it
+    fresh, _, _ = build_engine(cfg, f"ds_configs/zero{stage}.json", world, info.device)
+    checkpoint.load(fresh, fresh.module, ckpt, checkpoint.tag_for(STEPS), info.rank)
+    out["queue_restored"] = _queue_state(fresh.module)
+    return out
+
+
+def main(out_dir: str, *stages: str) -> None:
+    info = init_distributed()
+    torch.set_num_threads(1)
+    for stage in map(int, stages):
+        result = run_stage(stage, info, Path(out_dir))
+        with open(Path(out_dir) / f"stage{stage}_rank{info.rank}.json", "w") as f:
+            json.dump(result, f)
+        if dist.is_initialized():
+            dist.barrier()
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    main(*args)
+    main(*[a for a in sys.argv[1:] if not a.startswith("--local_rank")])

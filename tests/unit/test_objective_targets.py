@@ -253,3 +253,32 @@ def test_queue_stores_image_ids_and_wraps():
     for image_id, slot in sorted(slots.items()):  # later steps overwrite earlier ones
         expected[slot] = image_id
     torch.testing.assert_close(module.queue_image_ids, expected)
+
+
+def test_clamp_trained_temperature_plain_parameter_and_bounds():
+    from megavl.objectives.temperature import clamp_trained_temperature_
+
+    t = torch.nn.Parameter(torch.tensor([0.9]))
+    clamp_trained_temperature_(t, 0.01, 0.5)
+    assert t.item() == 0.5 and t.requires_grad
+    with pytest.raises(ValueError):
+        clamp_trained_temperature_(t, 0.5, 0.1)
+
+
+def test_mim_pixel_targets_come_from_the_fp32_images(monkeypatch):
+    """Under bf16 the Trainer casts the batch to bf16 and keeps `images_fp32`; the pixel targets use it."""
+    from megavl.engine.trainer import _to_device
+
+    batch = _batch()
+    moved = _to_device(batch, torch.device("cpu"), torch.bfloat16)
+    assert moved["images"].dtype == torch.bfloat16 and moved["images_fp32"].dtype == torch.float32
+    assert torch.equal(moved["images_fp32"], batch["images"])
+    assert "images_fp32" not in _to_device(batch, torch.device("cpu"), torch.float32)
+
+    module = _module(objectives=["mim_pixel"])
+    seen = []
+    real = pretrain_mod.masked_patch_targets
+    monkeypatch.setattr(pretrain_mod, "masked_patch_targets", lambda images, *a, **k: seen.append(images) or real(images, *a, **k))
+    batch["images_fp32"] = batch["images"] + 1.0  # a marker: the model itself reads "images"
+    module(batch, "two", torch.Generator().manual_seed(0))
+    assert len(seen) == 1 and seen[0] is batch["images_fp32"]
