@@ -215,3 +215,16 @@ def test_bad_samples_fill_within_the_share_good_ones_unchanged(tmp_path):
                                    if truth[q] not in corrupt} or share == 1
             if truth[p] not in corrupt:
                 assert torch.equal(one[step]["images"][row], four[step]["images"][row])
+
+
+def test_resampled_mode_is_world_independent_too(shards):
+    """Resampled epochs are whole shards drawn with replacement by ONE epoch generator, then the
+    same global order: world 1 and world 2 read the same global batches."""
+    one, _ = global_batches(shards, world=1, workers=0, steps=6, resampled=True,
+                            samples_per_epoch=16)
+    two, _ = global_batches(shards, world=2, workers=0, steps=6, resampled=True,
+                            samples_per_epoch=16)
+    assert_same(two, one)
+    keys = [k for b in one[:4] for k in b["keys"]]
+    assert len(keys) == 16  # epochs of 16 positions (4 micro-steps of 4)
+    assert [k for b in one[4:] for k in b["keys"]] != keys[:8], "epoch 1 draws again"
