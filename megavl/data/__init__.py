@@ -1,7 +1,9 @@
-"""Webdataset pipeline: shards -> deterministic per-rank order -> decode -> transforms -> batch.
+"""Webdataset pipeline: shards -> world-independent global order -> rank share -> decode ->
+transforms -> batch (plan.py, order.py, stream.py, reader.py, decode.py, collate.py).
 
 Public API (what the trainer calls):
-  build_train_loader(cfg, *, rank, world_size, mlm_prob, scl_mask_prob, epoch_start_state=None)
+  build_train_loader(cfg, *, rank, world_size, mlm_prob, scl_mask_prob, global_batch_size=0,
+                     epoch_start_state=None)       state dict format: loader.py
   build_eval_loader(cfg, *, rank, world_size)
   build_tokenizer(path_or_empty)
 The batch dict is documented in collate.py, the skip reasons in decode.py.

@@ -12,7 +12,9 @@ State (`state_dict`), identical on every rank except the skip counts:
                     what fixes the order: must match on resume, else a clear error
   world_size, batch_size, num_workers
                     informative only: a resume may change them (the same global batch kept)
-  counts            skip counts of the saving rank (logging only)
+  counts            skip counts of the saving rank (logging only; restored on rank 0 only, so
+                    the all-rank sum the trainer logs is not multiplied by the world; a saver
+                    may store the all-rank sum here instead)
 A resumed run on any world / micro-batch / workers continues at the same global position and reads
 exactly the samples the uninterrupted run would have, in the same order, with the same crops/masks.
 
@@ -145,7 +147,9 @@ class TrainLoader:
                              f"an optimizer step")
         self.close()
         self.epoch, self.batches_in_epoch = int(state["epoch"]), position // micro
-        self._base_counts = Counter(state.get("counts", {}))
+        # counts are logged as the sum over ranks: carry them on one rank only, so a resume does not
+        # multiply them by the world (the saver may store the all-rank sum in state["counts"])
+        self._base_counts = Counter(state.get("counts", {}) if self.plan.rank == 0 else {})
         self._worker_counts = {}
 
     def skip_counts(self) -> dict[str, int]:

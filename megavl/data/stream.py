@@ -91,6 +91,13 @@ class TrainPlan:
             segments = epoch_segments(self.sources, self.quotas, self.seed, epoch)
         return EpochOrder(segments, self.shuffle_buffer, self.seed, epoch, self.epoch_length)
 
+    def max_open_shards(self) -> int:
+        """Handles a worker keeps: two windows' worth of shards of median size (order.py), within
+        [16, 256] (file descriptors)."""
+        sizes = sorted(n for s in self.sources for n in s.sizes if n > 0) or [1]
+        per_window = -(-max(1, self.shuffle_buffer) // sizes[len(sizes) // 2]) + 1
+        return min(256, max(16, 2 * per_window + 2))
+
     def share(self, t: int) -> tuple[int, list[int]]:
         """(epoch, global positions) of this rank's batch number t (counted across epochs)."""
         epoch, j = divmod(t, self.batches_per_epoch)
@@ -109,7 +116,7 @@ class TrainStream(IterableDataset):
         step = num_workers or 1
         counts: Counter = Counter()
         self._orders: dict[int, EpochOrder] = {}
-        self._reader = ShardReader(counts)
+        self._reader = ShardReader(counts, max_open=self.plan.max_open_shards())
         try:
             t = self.start_batch + worker
             while True:

@@ -179,3 +179,52 @@ def test_windows_are_whole_segments_and_permute_within():
                                                                                     for i in range(3)]
     plain = EpochOrder(segments, shuffle_buffer=0, seed=1, epoch=0, length=18)
     assert [plain.locate(p) for p in range(6)] == [("u0", i) for i in range(5)] + [("u1", 0)]
+
+
+@pytest.mark.slow
+def test_bad_samples_fill_within_the_share_good_ones_unchanged(tmp_path):
+    """Corrupt samples are skipped and counted at any world; a good sample sits at the same global
+    position with the same pixels at world 1 and 4; a bad slot repeats a good sample of its own
+    rank share, deterministically."""
+    writer = ShardWriter(str(tmp_path), prefix="b-")
+    for index in range(20):
+        image = b"not an image" if index % 5 == 2 else png_bytes(index)
+        writer.write(f"s{index:04d}", {"png": image, "txt": f"sample {index}".encode()})
+    writer.close()
+    pattern = str(tmp_path / "b-000000.tar")
+    one, _ = global_batches(pattern, world=1, workers=0, steps=4)
+    again, _ = global_batches(pattern, world=1, workers=0, steps=4)
+    assert_same(again, one)
+    four, _ = global_batches(pattern, world=4, workers=1, steps=4)
+    cfg = make_cfg(pattern)
+    order = build_train_loader(cfg, rank=0, world_size=1, mlm_prob=0.3, scl_mask_prob=0.4,
+                               global_batch_size=GLOBAL_BATCH).plan.epoch_order(0)
+    truth = [f"s{order.locate(p)[1]:04d}" for p in range(16)]
+    corrupt = {f"s{i:04d}" for i in range(20) if i % 5 == 2}
+    for step in range(4):
+        for row in range(4):
+            p = step * 4 + row
+            for merged, share in ((one, 4), (four, 1)):
+                key = merged[step]["keys"][row]
+                assert key not in corrupt
+                if truth[p] not in corrupt:
+                    assert key == truth[p]
+                else:  # repeats a good sample of the same rank share
+                    first = row // share * share
+                    assert key in {truth[q] for q in range(step * 4 + first, step * 4 + first + share)
+                                   if truth[q] not in corrupt} or share == 1
+            if truth[p] not in corrupt:
+                assert torch.equal(one[step]["images"][row], four[step]["images"][row])
+
+
+def test_resampled_mode_is_world_independent_too(shards):
+    """Resampled epochs are whole shards drawn with replacement by ONE epoch generator, then the
+    same global order: world 1 and world 2 read the same global batches."""
+    one, _ = global_batches(shards, world=1, workers=0, steps=6, resampled=True,
+                            samples_per_epoch=16)
+    two, _ = global_batches(shards, world=2, workers=0, steps=6, resampled=True,
+                            samples_per_epoch=16)
+    assert_same(two, one)
+    keys = [k for b in one[:4] for k in b["keys"]]
+    assert len(keys) == 16  # epochs of 16 positions (4 micro-steps of 4)
+    assert [k for b in one[4:] for k in b["keys"]] != keys[:8], "epoch 1 draws again"

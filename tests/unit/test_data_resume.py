@@ -83,7 +83,8 @@ def test_resume_continues_exactly(shards, stop_at):
         resumed = build(cfg, rank, state)
         got += run(resumed, TOTAL_BATCHES - stop_at)
         assert_same_batches(got, want)
-        assert resumed.skip_counts()["corrupt_image"] >= counts_before["corrupt_image"]
+        if rank == 0:  # counts carry on on rank 0 only (the trainer logs their sum over ranks)
+            assert resumed.skip_counts()["corrupt_image"] >= counts_before["corrupt_image"]
         resumed.close()
 
 
