@@ -31,7 +31,7 @@ from megavl.tasks.retrieval_eval import retrieval_scores
 from harness import RECIPES, Row, sync
 
 CAPTIONS_PER_IMAGE, TEXT_LEN, K, MODE, PAIR_BATCH = 5, 24, 16, "two", 512
-FULL_IMAGES, CPU_IMAGES, QUICK_IMAGES = 1000, 200, 24  # the size; CPU default (about
+FULL_IMAGES, CPU_IMAGES, QUICK_IMAGES = 1000, 200, 12  # the size; CPU default (about
 # 6 ms of CPU per fused pair here: 1,000 images are ~10 min per side); --quick
 
 
