@@ -116,15 +116,16 @@ def time_rerank(num_images: int, device: torch.device, reps: int) -> tuple[float
     _, img_tok, img_emb = retrieval_eval._embed_images(model, img, device, torch.float32)
     _, txt_tok, txt_mask, txt_emb = retrieval_eval._embed_texts(model, txt, device, torch.float32)
     sim = img_emb @ txt_emb.t()
+    k = min(K, num_images)  # as retrieval_scores clamps it
 
     def batched():
-        retrieval_eval._rerank(model, sim, True, img_tok, txt_tok, txt_mask, K, MODE, "itm", PAIR_BATCH)
-        retrieval_eval._rerank(model, sim.t(), False, img_tok, txt_tok, txt_mask, K, MODE, "itm", PAIR_BATCH)
+        retrieval_eval._rerank(model, sim, True, img_tok, txt_tok, txt_mask, k, MODE, "itm", PAIR_BATCH)
+        retrieval_eval._rerank(model, sim.t(), False, img_tok, txt_tok, txt_mask, k, MODE, "itm", PAIR_BATCH)
 
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     times: dict[str, list[float]] = {"loop": [], "batched": []}
     for _ in range(reps):  # interleaved: a neighbour's load hits both sides alike
-        for name, fn in (("loop", lambda: round1_loop_rerank(model, sim, img_tok, txt_tok, txt_mask, K, MODE)),
+        for name, fn in (("loop", lambda: round1_loop_rerank(model, sim, img_tok, txt_tok, txt_mask, k, MODE)),
                          ("batched", batched)):
             sync(device)
             start = clock()
@@ -137,7 +138,7 @@ def time_rerank(num_images: int, device: torch.device, reps: int) -> tuple[float
 
 def rows(device: torch.device, quick: bool, num_images: int | None = None) -> list[Row]:
     n = num_images or (QUICK_IMAGES if quick else FULL_IMAGES if device.type == "cuda" else CPU_IMAGES)
-    case = f"tiny, {n} images x {n * CAPTIONS_PER_IMAGE} texts, k={K}, {MODE}-stream"
+    case = f"tiny, {n} images x {n * CAPTIONS_PER_IMAGE} texts, k={min(K, n)}, {MODE}-stream"
     out = []
     if device.type == "cpu":  # ranks = gloo processes on this machine's cores
         one, two = time_ranks(1, n), time_ranks(2, n)
