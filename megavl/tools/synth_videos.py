@@ -14,8 +14,9 @@ or the middle frame a 1-frame evaluation takes) has the same distribution for bo
                         [--num-frames 16] [--fps 8] [--samples-per-shard K]
 writes DIR/train-NNNNNN.tar, DIR/val-NNNNNN.tar (members KEY.mp4, KEY.txt, KEY.json) and
 DIR/stats.json. H.264 (libx264, one thread) in mp4 through PyAV. Same arguments, same clips:
-captions, json and decoded frames are identical; the mp4 bytes may differ in a few entropy-coded
-bits between encoder instances in one process (seen with x264 core 165), never in content.
+the trajectories, captions and json are identical; x264 (core 165 in PyAV 18's wheel) is not
+bit-reproducible between encoder instances in one process, so the mp4 bytes and the decoded
+pixels can differ slightly (mean |diff| well under 2 of 255), never in what a clip shows.
 """
 from __future__ import annotations
 
