@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from megavl.data.collate import Collator
-from megavl.data.decode import Decoded, decode_sample
+from megavl.data.decode import Decoded
+from megavl.data.video import decode_any, frame_seed
 from megavl.data.plan import (Segment, Source, derive_seed, epoch_segments, resampled_segments,
                               slice_segments, worker_chunk)
 from megavl.data.shards import RawSample, iter_raw_samples
@@ -85,6 +86,8 @@ class TrainPlan:
     caption_key: str
     max_pixels: int
     draft_size: int
+    num_frames: int = 4          # frames per video clip (image samples are unaffected)
+    max_video_frames: int = 18_000
 
 
 class TrainStream(IterableDataset):
@@ -149,14 +152,14 @@ class TrainStream(IterableDataset):
 
         for j in range(first_j, plan.batches_per_worker):
             slot = next_slot()
-            decoded = [self._decode(r) for r in slot]
+            decoded = [self._decode(r, epoch) for r in slot]
             for d in decoded:
                 if isinstance(d, str):
                     counts[d] += 1
             counts["repeated"] += sum(1 for r in slot if r.get("__pass__", 0) > 0)
             good = [d for d in decoded if isinstance(d, Decoded)]
             if not good:
-                good = self._borrow(pending, raw, slot)
+                good = self._borrow(pending, raw, slot, epoch)
             samples, bad = [], 0
             for d in decoded:
                 if isinstance(d, Decoded):
@@ -170,19 +173,20 @@ class TrainStream(IterableDataset):
             batch["_meta"] = {"epoch": epoch, "index": index, "counts": dict(counts)}
             yield batch
 
-    def _decode(self, raw: RawSample) -> Decoded | str:
+    def _decode(self, raw: RawSample, epoch: int) -> Decoded | str:
         plan = self.plan
-        return decode_sample(raw, caption_key=plan.caption_key, max_pixels=plan.max_pixels,
-                             draft_size=plan.draft_size)
+        return decode_any(raw, caption_key=plan.caption_key, max_pixels=plan.max_pixels,
+                          draft_size=plan.draft_size, num_frames=plan.num_frames, train=True,
+                          seed=frame_seed(plan.seed, raw, epoch), max_video_frames=plan.max_video_frames)
 
     def _borrow(self, pending: deque, raw: Iterator[RawSample],
-                slot: list[RawSample]) -> list[Decoded]:
+                slot: list[RawSample], epoch: int) -> list[Decoded]:
         """Good samples for a batch whose samples all failed: from the next batches' samples
         (read ahead into `pending`, which later serves those batches as usual)."""
         for depth in range(MAX_LOOKAHEAD_SLOTS):
             if len(pending) <= depth:
                 pending.append(list(itertools.islice(raw, self.plan.batch_size)))
-            good = [d for d in map(self._decode, pending[depth]) if isinstance(d, Decoded)]
+            good = [d for d in (self._decode(r, epoch) for r in pending[depth]) if isinstance(d, Decoded)]
             if good:
                 return good
         urls = sorted({r["__url__"] for r in slot})
@@ -217,6 +221,8 @@ class EvalPlan:
     caption_key: str
     max_pixels: int
     draft_size: int
+    num_frames: int = 4
+    max_video_frames: int = 18_000
 
 
 class EvalStream(IterableDataset):
@@ -238,8 +244,9 @@ class EvalStream(IterableDataset):
         raws = read_segments(slice_segments(plan.segments, lo, hi), counts)
         for raw in itertools.chain(raws, [None]):
             if raw is not None:
-                d = decode_sample(raw, caption_key=plan.caption_key, max_pixels=plan.max_pixels,
-                                  draft_size=plan.draft_size)
+                d = decode_any(raw, caption_key=plan.caption_key, max_pixels=plan.max_pixels,
+                               draft_size=plan.draft_size, num_frames=plan.num_frames, train=False,
+                               max_video_frames=plan.max_video_frames)
                 if isinstance(d, str):
                     counts[d] += 1
                     continue

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megavl.data.decode import Decoded, _caption, _image_id, _Skip
+from megavl.data.decode import SKIP_REASONS, Decoded, _caption, _image_id, _Skip, decode_sample
+from megavl.data.plan import derive_seed
 from megavl.data.shards import RawSample, read_field
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
@@ -38,6 +39,8 @@ VIDEO_SKIP_REASONS = ("missing_video", "empty_video", "corrupt_video", "no_frame
                       "too_many_frames", "too_many_pixels", "missing_caption", "empty_caption",
                       "caption_not_utf8", "bad_json", "truncated_tar")
 DEFAULT_MAX_VIDEO_FRAMES = 18_000  # 10 minutes at 30 fps; WebVid clips average ~18 s
+# Every reason the pipeline can count: images' and videos' (the trainer logs each as a tag).
+ALL_SKIP_REASONS = SKIP_REASONS + tuple(r for r in VIDEO_SKIP_REASONS if r not in SKIP_REASONS)
 
 
 @dataclass
@@ -175,3 +178,20 @@ def decode_video_sample(raw: RawSample, *, caption_key: str, max_pixels: int, nu
         return skip.reason
     except (OSError, EOFError):  # the shard changed or was cut after its headers were read
         return "truncated_tar"
+
+
+def frame_seed(run_seed: int, raw: RawSample, epoch: int) -> int:
+    """The training frame draw of one sample: a function of (run seed, epoch, where the sample lies),
+    so every epoch draws new frames and a resumed run the same ones."""
+    return derive_seed(run_seed, "frames", epoch, raw["__url__"], raw["__index__"], raw.get("__pass__", 0))
+
+
+def decode_any(raw: RawSample, *, caption_key: str, max_pixels: int, draft_size: int = 0,
+               num_frames: int = 4, train: bool = True, seed: int = 0,
+               max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES) -> Decoded | str:
+    """The pipeline's decode stage for image and video shards alike: a sample with a video member
+    (VIDEO_EXTS) decodes as a clip (decode_video_sample), any other as an image (decode_sample)."""
+    if any(ext in raw for ext in VIDEO_EXTS):
+        return decode_video_sample(raw, caption_key=caption_key, max_pixels=max_pixels, num_frames=num_frames,
+                                   train=train, seed=seed, max_video_frames=max_video_frames)
+    return decode_sample(raw, caption_key=caption_key, max_pixels=max_pixels, draft_size=draft_size)
