@@ -341,3 +341,17 @@ def test_from_timm_refuses_what_it_cannot_copy():
         VisionTransformer.from_timm(timm_tiny(init_values=1e-5, depth=1))
     with pytest.raises(TypeError, match="timm VisionTransformer"):
         VisionTransformer.from_timm(torch.nn.Linear(2, 2))
+
+
+def test_image_only_timm_weights_load_into_the_video_encoder():
+    """timm (image-only) weights load with a zero temporal embedding: a clip of T copies of an image
+    then gives timm's features for every frame and for the clip [CLS]."""
+    timm_model = timm_tiny(depth=2)
+    model = VisionTransformer.from_timm(timm_model, num_frames=8).eval()
+    assert torch.equal(model.temporal_embed, torch.zeros(8, 192))
+    image = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        theirs = timm_model.forward_features(image)
+        frames = model.forward_frames(image[:, None].expand(-1, 4, -1, -1, -1))
+    for t in range(4):
+        assert (frames[:, t] - theirs).abs().max().item() <= TOL
