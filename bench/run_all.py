@@ -48,6 +48,27 @@ def _data_rows(device: torch.device, quick: bool) -> list[Row]:
                 note="one open per shard per worker; round-1 megavl: 2 (image + txt), 3 with json")]
 
 
+def _video_rows(device: torch.device, quick: bool) -> list[Row]:
+    import bench_video
+
+    rows = {r["decoder"]: r for r in bench_video.run(quick)}
+    ours = rows["pyav"]
+    case = f"{bench_video.WIDTH}x{bench_video.HEIGHT} H.264 -> T={ours['frames']} at {ours['size']} px"
+    out = []
+    for name in ("torchcodec", "torchcodec-approx"):
+        other = rows[name]
+        reference = name.replace("-approx", " (approximate seek)")
+        if other["error"]:  # no reference side: the PyAV figure goes in the note
+            out.append(Row("video decoding", case, "clips/s per core", None, None, reference, GOAL_NONE,
+                           note=f"skipped: torchcodec failed ({other['error']}); PyAV alone "
+                                f"{ours['clips_per_s_per_core']} clips/s"))
+            continue
+        note = f"{ours['clips']} clips, one core; higher is better; {other['note'] or 'system FFmpeg'}"
+        out.append(Row("video decoding", case, "clips/s per core", ours["clips_per_s_per_core"],
+                       other["clips_per_s_per_core"], reference, GOAL_NONE, note=note))
+    return out
+
+
 def _kernel_rows(device: torch.device, quick: bool) -> list[Row]:
     import bench_kernels as kernels
 
@@ -74,6 +95,7 @@ def _sections(include_base: bool) -> list[tuple[str, Callable[[torch.device, boo
         ("ZeRO-3 memory", bench_zero.zero3_memory),
         ("FLOP accounting", bench_model.flop_accounting),
         ("data", _data_rows),
+        ("video decoding", _video_rows),
         ("kernels", _kernel_rows),
         ("attention", bench_model.attention_backends),
         ("end to end", bench_step.end_to_end),

@@ -117,6 +117,8 @@ class DataConfig:
     max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit
     caption_key: str = "caption"
     seed: int = 0
+    num_frames: int = 4           # video shards: T frames sampled per clip (SCL: 4); images stay 1 frame
+    max_video_frames: int = 18_000  # longer video files are skipped (too_many_frames)
 
 
 # ------------------------------------------------------------------------------------ objectives
@@ -280,6 +282,9 @@ def validate(cfg: Config) -> Config:
     _check(d.max_text_len <= m.text.max_position, "data.max_text_len",
            f"<= model.text.max_position={m.text.max_position}", d.max_text_len)
     _check(d.batch_size > 0, "data.batch_size", "> 0", d.batch_size)
+    _check(d.num_frames >= 1, "data.num_frames", ">= 1", d.num_frames)
+    _check(d.max_video_frames >= d.num_frames, "data.max_video_frames", f">= data.num_frames={d.num_frames}",
+           d.max_video_frames)
     _check(not d.train_weights or len(d.train_weights) == len(d.train_shards), "data.train_weights",
            f"one weight per data.train_shards entry ({len(d.train_shards)})", d.train_weights)
     _check(all(w >= 0 for w in d.train_weights), "data.train_weights", "non-negative weights", d.train_weights)

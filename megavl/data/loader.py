@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from megavl.config import DataConfig
 from megavl.data.collate import Collator
-from megavl.data.decode import SKIP_REASONS
+from megavl.data.video import ALL_SKIP_REASONS as SKIP_REASONS
 from megavl.data.plan import Segment, Source, eval_rank_range, source_quotas
 from megavl.data.shards import check_shards_exist, expand_urls, shard_sizes
 from megavl.data.stream import EvalPlan, EvalStream, TrainPlan, TrainStream
@@ -225,7 +225,8 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob:
                      shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, batch_size=cfg.batch_size,
                      rank=rank, world_size=world_size, caption_key=cfg.caption_key,
                      max_pixels=cfg.max_image_pixels,
-                     draft_size=train_draft_size(cfg.image_size, cfg.train_crop_scale))
+                     draft_size=train_draft_size(cfg.image_size, cfg.train_crop_scale),
+                     num_frames=cfg.num_frames, max_video_frames=cfg.max_video_frames)
     transform = train_transform(cfg.image_size, cfg.train_crop_scale, cfg.hflip, cfg.randaugment)
     collator = Collator(build_tokenizer(cfg.tokenizer), transform, cfg.mean, cfg.std,
                         cfg.max_text_len, mlm_prob, scl_mask_prob)
@@ -278,7 +279,8 @@ def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: 
     plan = EvalPlan(segments=segments, begin=begin, end=end, batch_size=cfg.batch_size,
                     num_workers=max(1, cfg.num_workers), seed=cfg.seed, rank=rank,
                     caption_key=cfg.caption_key, max_pixels=cfg.max_image_pixels,
-                    draft_size=cfg.image_size)
+                    draft_size=cfg.image_size, num_frames=cfg.num_frames,
+                    max_video_frames=cfg.max_video_frames)
     collator = Collator(build_tokenizer(cfg.tokenizer), eval_transform(cfg.image_size), cfg.mean,
                         cfg.std, cfg.max_text_len, mlm_prob, scl_mask_prob)
     return EvalLoader(plan, collator, cfg.num_workers, sizing_counts)

@@ -5,7 +5,7 @@
                       j = t % batches_per_epoch, positions [j*G + r*B, j*G + (r+1)*B), G = B * world
                       (contiguous shares: rank r's rows are rows r*B.. of the global batch)
   reader.py           raw samples, one open handle per shard, member bytes by seek
-  decode_sample       RGB image + caption + image id, or a skip reason (counted)
+  decode_any          RGB image + caption + image id, or a skip reason (counted)
   fill                a bad slot repeats a good sample of the same rank share (i-th bad slot takes
                       good[i % len(good)]); an all-bad share borrows from the rank's next shares
   Collator            the batch dict (collate.py); augmentation and masks seeded PER SAMPLE from
@@ -28,11 +28,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from megavl.data.collate import Collator
-from megavl.data.decode import Decoded, decode_sample
+from megavl.data.decode import Decoded
 from megavl.data.order import EpochOrder
 from megavl.data.plan import (Segment, Source, derive_seed, epoch_segments,
                               resampled_epoch_segments, slice_segments)
 from megavl.data.reader import ShardReader
+from megavl.data.video import decode_any
 from megavl.data.shards import RawSample, iter_raw_samples
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class TrainPlan:
     caption_key: str
     max_pixels: int
     draft_size: int
+    num_frames: int = 4          # frames per video clip (image samples are unaffected)
+    max_video_frames: int = 18_000
 
     @property
     def micro_global_batch(self) -> int:
@@ -138,7 +141,7 @@ class TrainStream(IterableDataset):
         decoded = []
         for p in positions:
             raw = self._reader.read(*order.locate(p))
-            decoded.append(None if raw is None else self._decode(raw))
+            decoded.append(None if raw is None else self._decode(raw, derive_seed(self.plan.seed, "frames", epoch, p)))
         return epoch, positions, decoded
 
     def _batch(self, t: int, worker: int, counts: Counter) -> dict:
@@ -162,10 +165,13 @@ class TrainStream(IterableDataset):
         batch["_meta"] = {"batch": t, "worker": worker, "counts": dict(counts)}
         return batch
 
-    def _decode(self, raw: RawSample) -> Decoded | str:
+    def _decode(self, raw: RawSample, frame_seed: int) -> Decoded | str:
+        """An image, or a clip whose training frames are drawn with `frame_seed` (a function of the
+        seed, epoch and global position: the same frames at any world size)."""
         plan = self.plan
-        return decode_sample(raw, caption_key=plan.caption_key, max_pixels=plan.max_pixels,
-                             draft_size=plan.draft_size)
+        return decode_any(raw, caption_key=plan.caption_key, max_pixels=plan.max_pixels,
+                          draft_size=plan.draft_size, num_frames=plan.num_frames, train=True,
+                          seed=frame_seed, max_video_frames=plan.max_video_frames)
 
     def _borrow(self, t: int, positions: list[int]) -> list[Decoded]:
         """Good samples for a share whose samples all failed: from the rank's next shares (their
@@ -194,6 +200,8 @@ class EvalPlan:
     caption_key: str
     max_pixels: int
     draft_size: int
+    num_frames: int = 4          # frames per video clip (image samples are unaffected)
+    max_video_frames: int = 18_000
 
 
 class EvalStream(IterableDataset):
@@ -215,8 +223,9 @@ class EvalStream(IterableDataset):
         seeds: list[int] = []
         for raw in itertools.chain(raws, [None]):
             if raw is not None:
-                d = decode_sample(raw, caption_key=plan.caption_key, max_pixels=plan.max_pixels,
-                                  draft_size=plan.draft_size)
+                d = decode_any(raw, caption_key=plan.caption_key, max_pixels=plan.max_pixels,
+                               draft_size=plan.draft_size, num_frames=plan.num_frames, train=False,
+                               max_video_frames=plan.max_video_frames)
                 if isinstance(d, str):
                     counts[d] += 1
                     continue

@@ -97,6 +97,29 @@ def _vit_blocks(model: ModelConfig, batch: int, tokens: int) -> int:
     return v.depth * _vit_block(batch, tokens, v.width, int(v.width * v.mlp_ratio))
 
 
+def vision_tower_flops(model: ModelConfig, batch: int, num_frames: int = 1, kept: int | None = None) -> int:
+    """Forward FLOPs of the vision tower (models/vision.py) on B clips of T frames, K kept patches
+    per frame (None: all N), S = 1 + K tokens per frame.
+
+    Patch embedding over all B*T*N patches; per block the token-wise GEMMs on B*T*S tokens, and the
+    divided attention: T = 1 full attention over S; T > 1 patch queries over their frame's S keys
+    plus each frame's [CLS] query over the clip's T*S keys.
+    """
+    v = model.vision
+    n = (v.img_size // v.patch_size) ** 2
+    k = n if kept is None else kept
+    s, t, hidden = 1 + k, num_frames, int(v.width * v.mlp_ratio)
+    tokens = batch * t * s
+    if t == 1:
+        attn = _attention(batch, s, s, v.width)
+    else:
+        attn = _attention(batch * t, k, s, v.width) + _attention(batch, t, t * s, v.width)
+    block = (_gemm(tokens, v.width, 3 * v.width) + _gemm(tokens, v.width, v.width) + attn
+             + _gemm(tokens, v.width, hidden) + _gemm(tokens, hidden, v.width))
+    conv = _gemm(batch * t * n, _IN_CHANS * v.patch_size ** 2, v.width)
+    return conv + v.depth * block
+
+
 def _text_tower(model: ModelConfig, batch: int, text_len: int) -> int:
     """BERT layers (models/text.py): q, k, v, out, attention, intermediate, output."""
     t, w = batch * text_len, model.text.width

@@ -1,11 +1,20 @@
 """Vision tower: a timm-compatible ViT that can encode only the kept patches (MAE) and several frames.
 
 Legend: B batch, T frames, C channels, H/W image height/width, N patches per frame, K kept patches
-per frame, E width, L sequence length (1 + T*K), Hd heads, D head dim.
+per frame, S = 1 + K tokens of one frame, E width, L sequence length, Hd heads, D head dim.
 
-Token layout of the output: [CLS], then frame 0's kept patches, frame 1's, ... (frame-major), all
-after the final LayerNorm, as timm's `forward_features`. Parameter names mirror timm's
-`VisionTransformer` so `from_timm` is a straight state-dict copy.
+SCL's flexible encoder (IIGROUP/SCL `clip_model_video.py`): every frame gets its own [CLS] token;
+inside the blocks a frame's [CLS] attends to the tokens of ALL frames while its patch tokens attend
+only within their own frame (divided attention: the [CLS] tokens carry the temporal exchange, so
+the cost grows like T*S^2 + T^2*S, not (T*S)^2). One image is a 1-frame clip through the same
+weights, where this is exactly timm's ViT. Position embeddings: the spatial table tiled over the
+frames plus a learned temporal embedding (zero at init, `num_frames` entries, linearly resampled
+when a clip has another T).
+
+Token layout of the output (B, 1 + T*K, E): the clip [CLS] = the mean of the T frame [CLS] tokens,
+then frame 0's kept patches, frame 1's, ... (frame-major), all after the final LayerNorm, as timm's
+`forward_features` for T = 1. Parameter names mirror timm's `VisionTransformer` so `from_timm` is a
+straight state-dict copy.
 """
 from __future__ import annotations
 
@@ -69,12 +78,35 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x_BLE: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BLE: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+        """x (B, T*S, E), frame-major with each frame's [CLS] first; T = num_frames.
+
+        T = 1: plain self-attention. T > 1: patch tokens attend within their frame, [CLS] tokens
+        over every token of the clip (SCL's `attention_frames_g`).
+        """
         B, L, E = x_BLE.shape
-        qkv_3BHLD = self.qkv(x_BLE).view(B, L, 3, self.heads, E // self.heads).permute(2, 0, 3, 1, 4)
-        q_BHLD, k_BHLD, v_BHLD = qkv_3BHLD.unbind(0)
-        out_BHLD = attention(q_BHLD, k_BHLD, v_BHLD, backend=self.backend)
-        return self.proj(merge_heads(out_BHLD))
+        Hd, D = self.heads, E // self.heads
+        if num_frames == 1:
+            qkv_3BHLD = self.qkv(x_BLE).view(B, L, 3, Hd, D).permute(2, 0, 3, 1, 4)
+            q_BHLD, k_BHLD, v_BHLD = qkv_3BHLD.unbind(0)
+            return self.proj(merge_heads(attention(q_BHLD, k_BHLD, v_BHLD, backend=self.backend)))
+        T, S = num_frames, L // num_frames
+        qkv_3BTSHD = self.qkv(x_BLE).view(B, T, S, 3, Hd, D).permute(3, 0, 1, 2, 4, 5)
+        q_BTSHD, k_BTSHD, v_BTSHD = qkv_3BTSHD.unbind(0)
+
+        def per_frame(t_BTSHD: torch.Tensor) -> torch.Tensor:  # -> (B*T, Hd, S or K, D)
+            return t_BTSHD.reshape(B * T, -1, Hd, D).transpose(1, 2)
+
+        def whole_clip(t_BTSHD: torch.Tensor) -> torch.Tensor:  # -> (B, Hd, T*S, D)
+            return t_BTSHD.reshape(B, T * S, Hd, D).transpose(1, 2)
+
+        patches_XHKD = attention(per_frame(q_BTSHD[:, :, 1:]), per_frame(k_BTSHD), per_frame(v_BTSHD),
+                                 backend=self.backend)
+        cls_BHTD = attention(q_BTSHD[:, :, 0].transpose(1, 2), whole_clip(k_BTSHD), whole_clip(v_BTSHD),
+                             backend=self.backend)
+        cls_BT1E = cls_BHTD.transpose(1, 2).reshape(B, T, 1, E)
+        patches_BTKE = patches_XHKD.transpose(1, 2).reshape(B, T, S - 1, E)
+        return self.proj(torch.cat([cls_BT1E, patches_BTKE], dim=2).view(B, L, E))
 
 
 class Block(nn.Module):
@@ -90,8 +122,8 @@ class Block(nn.Module):
         self.mlp = Mlp(width, int(width * mlp_ratio), act=act)
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x_BLE: torch.Tensor) -> torch.Tensor:
-        x_BLE = x_BLE + self.drop_path1(self.attn(self.norm1(x_BLE)))
+    def forward(self, x_BLE: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+        x_BLE = x_BLE + self.drop_path1(self.attn(self.norm1(x_BLE), num_frames))
         return x_BLE + self.drop_path2(self.mlp(self.norm2(x_BLE)))
 
 
@@ -99,8 +131,9 @@ class VisionTransformer(nn.Module):
     """ViT encoder over one image or T frames, optionally on a subset of patches (keep_ids).
 
     A 1-frame model has exactly timm's parameters. With num_frames > 1 a learned temporal
-    embedding (num_frames, E), zero-initialised, is added to every patch token of frame t, so a
-    model freshly loaded from timm encodes each frame as the plain ViT would (SCL's flexible encoder).
+    embedding (num_frames, E), zero-initialised, is added to every token of frame t (its [CLS]
+    included); clips of another length T use it linearly resampled to T entries. A model freshly
+    loaded from timm therefore starts with no notion of frame order (SCL's flexible encoder).
     CLIP towers differ in three switches: pre_norm (a LayerNorm before the blocks, CLIP's ln_pre),
     act="quick_gelu" (OpenAI's weights) and patch_bias=False.
     """
@@ -194,8 +227,9 @@ class VisionTransformer(nn.Module):
         if (H, W) != self.img_size:
             raise ValueError(f"expected {self.img_size[0]}x{self.img_size[1]} images, got {H}x{W}; "
                              "call resize_pos_embed() to change the resolution")
-        if not 1 <= T <= self.num_frames:
-            raise ValueError(f"got {T} frames; this model has a temporal embedding for {self.num_frames}")
+        if T < 1 or (T > 1 and self.temporal_embed is None):
+            raise ValueError(f"got {T} frames; this model has no temporal embedding "
+                             "(build it with num_frames > 1 to encode clips)")
         return images
 
     def _check_keep_ids(self, keep_ids: torch.Tensor, batch: int) -> None:
@@ -209,8 +243,19 @@ class VisionTransformer(nn.Module):
         in_range = ((keep_ids >= 0) & (keep_ids < self.num_patches)).all()
         torch._assert_async(in_range, f"keep_ids out of range [0, {self.num_patches})")
 
+    def temporal_embedding(self, num_frames: int) -> torch.Tensor | None:
+        """(T, E): the learned table, linearly resampled (segment centres) when T != num_frames."""
+        if self.temporal_embed is None:
+            return None
+        if num_frames == self.num_frames:
+            return self.temporal_embed
+        table_1ET = self.temporal_embed.t()[None]
+        return F.interpolate(table_1ET, size=num_frames, mode="linear", align_corners=False)[0].t()
+
     def embed(self, images: torch.Tensor, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings before the blocks: (B, 1 + T*K, E) = [cls + pos_cls, (patch + pos + temporal)[keep]]."""
+        """Token embeddings before the blocks: (B, T*S, E), per frame t
+        [cls + pos_cls + temporal_t, (patch + pos + temporal_t)[keep]] (tube masking: the same
+        `keep_ids` in every frame)."""
         frames_BTCHW = self._as_frames(images)
         B, T = frames_BTCHW.shape[:2]
         patches_XNE = self.patch_embed(frames_BTCHW.flatten(0, 1))  # X = B*T, frame-major per sample
@@ -219,27 +264,41 @@ class VisionTransformer(nn.Module):
             tokens_XKE = patches_XNE + pos_NE
         else:
             self._check_keep_ids(keep_ids, B)
-            # The same patches are kept in every frame of a sample.
             tokens_XKE = gather_tokens(patches_XNE, keep_ids.repeat_interleave(T, dim=0), pos_NE)
         tokens_BTKE = tokens_XKE.view(B, T, tokens_XKE.shape[1], -1)
-        if self.temporal_embed is not None:
-            tokens_BTKE = tokens_BTKE + self.temporal_embed[:T, None, :]
-        cls_B1E = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
-        return torch.cat([cls_B1E, tokens_BTKE.flatten(1, 2)], dim=1)
+        cls_BT1E = (self.cls_token + self.pos_embed[:, :1]).expand(B, T, 1, -1)
+        tokens_BTSE = torch.cat([cls_BT1E, tokens_BTKE], dim=2)
+        temporal_TE = self.temporal_embedding(T)
+        if temporal_TE is not None:
+            tokens_BTSE = tokens_BTSE + temporal_TE[:, None, :]
+        return tokens_BTSE.flatten(1, 2)
 
     def forward(self, images: torch.Tensor, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, C, H, W) or (B, T, C, H, W); keep_ids (B, K) int patch indices in [0, N) or None.
 
-        Returns (B, 1 + T*K, E) tokens after the final norm, [CLS] first (K = N without keep_ids).
-        Masked patches are dropped, not replaced (MAE).
+        Returns (B, 1 + T*K, E) tokens after the final norm: the clip [CLS] (mean of the frame
+        [CLS] tokens) first, then the patches frame-major (K = N without keep_ids). Masked patches
+        are dropped, not replaced (MAE), at the same positions in every frame.
         """
+        return self.clip_tokens(self.forward_frames(images, keep_ids))
+
+    def forward_frames(self, images: torch.Tensor, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """As forward, but (B, T, S, E): every frame's own [CLS] and kept patches."""
+        T = 1 if images.ndim == 4 else images.shape[1]
         x_BLE = self.norm_pre(self.embed(images, keep_ids))
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x_BLE = checkpoint(block, x_BLE, use_reentrant=False)
+                x_BLE = checkpoint(block, x_BLE, T, use_reentrant=False)
             else:
-                x_BLE = block(x_BLE)
-        return self.norm(x_BLE)
+                x_BLE = block(x_BLE, T)
+        x_BLE = self.norm(x_BLE)
+        return x_BLE.view(x_BLE.shape[0], T, x_BLE.shape[1] // T, -1)
+
+    @staticmethod
+    def clip_tokens(frames_BTSE: torch.Tensor) -> torch.Tensor:
+        """(B, T, S, E) -> (B, 1 + T*(S-1), E): mean of the frame [CLS] tokens, then the patches."""
+        cls_B1E = frames_BTSE[:, :, 0].mean(dim=1, keepdim=True)
+        return torch.cat([cls_B1E, frames_BTSE[:, :, 1:].flatten(1, 2)], dim=1)
 
     @classmethod
     def from_timm(cls, timm_model: nn.Module, img_size: int | tuple[int, int] | None = None,

@@ -1,6 +1,13 @@
 """Patch masking as pure functions: random (MAE) and text-guided (SemMIM) -> MaskSpec.
 
-Shapes: B batch, N patches, K kept = N - M, M masked.
+Shapes: B batch, T frames, N patches per frame, K kept = N - M, M masked.
+
+Clips use TUBE masking (SCL, VideoMAE): a MaskSpec is over the N spatial positions and every frame
+drops the same ones (the vision tower applies `keep_ids` to each frame). Per-frame masks would let
+the model copy a masked patch from the same place in a neighbouring frame. `MaskSpec.per_frame(T)`
+repeats each row for ops that run on frames flattened to (B*T, ...) (MAE decoder scatter, pixel
+targets); text-guided masking takes relevance over all T*N patches and ranks positions by it
+summed over frames.
 
 Convention (shared with megavl_kernels): ids_shuffle = cat(keep_ids, ids_masked) along dim 1 and
 ids_restore = argsort(ids_shuffle), so `scatter_tokens(kept (B,K,D), ids_restore, mask_token)` puts every
@@ -41,6 +48,16 @@ class MaskSpec:
     @property
     def num_masked(self) -> int:
         return self.ids_masked.shape[1]
+
+    def per_frame(self, num_frames: int) -> "MaskSpec":
+        """The tube mask as B*T rows, sample b's row repeated for its T frames (frame-major, as
+        the vision tower flattens (B, T) frames)."""
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1; got {num_frames}")
+        if num_frames == 1:
+            return self
+        rep = lambda t: t.repeat_interleave(num_frames, dim=0)  # noqa: E731
+        return MaskSpec(rep(self.keep_ids), rep(self.ids_masked), rep(self.ids_restore), rep(self.mask))
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
@@ -91,8 +108,16 @@ def random_masking(batch_size: int, num_patches: int, mask_ratio: float, device:
     return _spec_from_order(torch.argsort(noise, dim=1), num_keep)
 
 
+def tube_relevance(relevance: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B, T*N) text-to-patch relevance over a clip's frame-major patches -> (B, N) summed over frames."""
+    if relevance.dim() != 2 or relevance.shape[1] % num_frames:
+        raise ValueError(f"relevance must be (B, T*N) with T={num_frames}; got {tuple(relevance.shape)}")
+    return relevance.view(relevance.shape[0], num_frames, -1).sum(dim=1)
+
+
 def text_guided_masking(relevance: torch.Tensor, mask_ratio: float, randomness: float,
-                        generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> MaskSpec:
+                        generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                        num_frames: int = 1) -> MaskSpec:
     """Mask the patches most relevant to the text, mixed with random masking (SemMIM).
 
     relevance (B, N): text-to-patch relevance (e.g. momentum-model attention from text to patches);
@@ -110,9 +135,15 @@ def text_guided_masking(relevance: torch.Tensor, mask_ratio: float, randomness: 
     not hinge on the last bits of a reduction (which differ between a sharded and an unsharded run, or
     between GPU kernels), so ZeRO-k equals ZeRO-0 exactly.
     `noise` (B, N) in [0, 1), when given, is used as u instead of drawing from `generator`.
+
+    Clips (num_frames = T > 1): relevance is (B, T*N) over the frame-major patches of all frames;
+    positions are ranked by relevance summed over the frames (`tube_relevance`) and the result is
+    a tube mask over the N positions.
     """
     if relevance.dim() != 2:
         raise ValueError(f"relevance must be (B, N); got {tuple(relevance.shape)}")
+    if num_frames > 1:
+        relevance = tube_relevance(relevance, num_frames)
     if not 0.0 <= randomness <= 1.0:
         raise ValueError(f"randomness must be in [0, 1]; got {randomness}")
     if not relevance.dtype.is_floating_point:

@@ -85,19 +85,23 @@ def draw(shapes: list[Shape], image_size: int, rng: random.Random) -> Image.Imag
         slack = (cell - side) / 2
         cx = (s.col + 0.5) * cell + rng.uniform(-slack, slack) * 0.8
         cy = (s.row + 0.5) * cell + rng.uniform(-slack, slack) * 0.8
-        h = side / 2
-        colour = COLOURS[s.colour]
-        if s.kind == "circle":
-            pen.ellipse([cx - h, cy - h, cx + h, cy + h], fill=colour)
-        elif s.kind == "square":
-            pen.rectangle([cx - h * 0.85, cy - h * 0.85, cx + h * 0.85, cy + h * 0.85], fill=colour)
-        elif s.kind == "triangle":
-            pen.polygon([(cx, cy - h), (cx - h, cy + h * 0.8), (cx + h, cy + h * 0.8)], fill=colour)
-        else:  # cross
-            t = h / 3
-            pen.rectangle([cx - h, cy - t, cx + h, cy + t], fill=colour)
-            pen.rectangle([cx - t, cy - h, cx + t, cy + h], fill=colour)
+        draw_shape(pen, s.kind, cx, cy, side / 2, COLOURS[s.colour])
     return image.resize((image_size, image_size), Image.Resampling.LANCZOS)
+
+
+def draw_shape(pen: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, h: float,
+               colour: tuple[int, int, int]) -> None:
+    """One filled shape centred at (cx, cy) with half-side h (also used by synth_videos)."""
+    if kind == "circle":
+        pen.ellipse([cx - h, cy - h, cx + h, cy + h], fill=colour)
+    elif kind == "square":
+        pen.rectangle([cx - h * 0.85, cy - h * 0.85, cx + h * 0.85, cy + h * 0.85], fill=colour)
+    elif kind == "triangle":
+        pen.polygon([(cx, cy - h), (cx - h, cy + h * 0.8), (cx + h, cy + h * 0.8)], fill=colour)
+    else:  # cross
+        t = h / 3
+        pen.rectangle([cx - h, cy - t, cx + h, cy + t], fill=colour)
+        pen.rectangle([cx - t, cy - h, cx + t, cy + h], fill=colour)
 
 
 def write_split(out: str, split: str, count: int, seed: int, image_size: int,

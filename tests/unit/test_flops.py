@@ -186,3 +186,22 @@ def test_flops_follow_a_text_tower_loaded_from_hugging_face(mode: str = "two") -
     cfg.model.text.width = 128
     with pytest.raises(ConfigError, match="model.text.width"):
         VLPModel(cfg.model)
+
+@pytest.mark.parametrize("frames, kept", [(1, None), (1, 5), (3, None), (3, 5), (4, 1)])
+def test_vision_tower_flops_cover_clips(frames, kept):
+    """vision_tower_flops against FlopCounterMode on the real tower, images and clips, masked or not."""
+    from megavl.engine.flops import vision_tower_flops
+    from megavl.models.vision import VisionTransformer
+
+    from megavl.config import ModelConfig, VisionConfig
+
+    model_cfg = ModelConfig(vision=VisionConfig(img_size=32, patch_size=8, width=48, depth=2, heads=4,
+                                                num_frames=4))
+    v = model_cfg.vision
+    tower = VisionTransformer(img_size=v.img_size, patch_size=v.patch_size, width=v.width, depth=v.depth,
+                              heads=v.heads, num_frames=v.num_frames, attn_backend="math")
+    video = torch.randn(2, frames, 3, 32, 32)
+    keep_ids = None if kept is None else torch.stack([torch.randperm(16)[:kept] for _ in range(2)])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        tower(video, keep_ids)
+    assert vision_tower_flops(model_cfg, 2, frames, kept) == counter.get_total_flops()

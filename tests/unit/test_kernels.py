@@ -315,6 +315,48 @@ def test_patch_targets_reject_bad_input(backend):
 
 
 # ---------------------------------------------------------------- interpreter suite when triton came in compiled
+@on_triton_device
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernels_at_several_frames_match_a_frame_by_frame_reference(dtype):
+    """Clips (T = 3 frames): the vision tower gathers the kept patches of its (B*T, N, D) frames with
+    the tube mask's keep_ids repeated per frame (MaskSpec.per_frame), the MAE decoder scatters the
+    same way and the pixel targets read each frame's masked patches. Triton on those rows equals a
+    loop over samples and frames, values and gradients."""
+    from megavl.objectives.masking import random_masking
+
+    torch.manual_seed(0)
+    B, T, N, D, patch = 2, 3, 16, 12, 4
+    spec = random_masking(B, N, 0.7, generator=torch.Generator().manual_seed(0))
+    tube = spec.per_frame(T)
+    x = torch.randn(B * T, N, D, dtype=dtype, device=DEV)
+    pos = torch.randn(N, D, dtype=dtype, device=DEV)
+    (out_t, grads_t), (out_r, grads_r) = run_both(K.gather_tokens, {"x": x, "ids": tube.keep_ids.to(DEV), "pos": pos},
+                                                  ["x", "pos"])
+    expected = torch.stack([x[b * T + t][spec.keep_ids[b]] + pos[spec.keep_ids[b]]
+                            for b in range(B) for t in range(T)])
+    close(out_t, expected, dtype)
+    for g_t, g_r in zip(grads_t, grads_r):
+        close(g_t, g_r, dtype)
+
+    kept = torch.randn(B * T, spec.num_keep, D, dtype=dtype, device=DEV)
+    mask_token = torch.randn(D, dtype=dtype, device=DEV)
+    (out_t, grads_t), (out_r, grads_r) = run_both(
+        K.scatter_tokens, {"kept": kept, "ids_restore": tube.ids_restore.to(DEV), "mask_token": mask_token},
+        ["kept", "mask_token"])
+    expected = torch.stack([torch.stack([kept[b * T + t, spec.ids_restore[b, n]] if not spec.mask[b, n] else mask_token
+                                         for n in range(N)]) for b in range(B) for t in range(T)])
+    close(out_t, expected, dtype)
+    for g_t, g_r in zip(grads_t, grads_r):
+        close(g_t, g_r, dtype)
+
+    frames = torch.randn(B * T, 3, 16, 16, dtype=dtype, device=DEV)
+    targets = K.masked_patch_targets(frames, tube.ids_masked.to(DEV), patch, False, backend="triton")
+    expected = torch.stack([torch.stack([frames[b * T + t, :, (n // 4) * patch:(n // 4 + 1) * patch,
+                                                (n % 4) * patch:(n % 4 + 1) * patch].permute(1, 2, 0).reshape(-1)
+                                         for n in spec.ids_masked[b].tolist()]) for b in range(B) for t in range(T)])
+    close(targets, expected, dtype)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED or IN_CHILD or torch.cuda.is_available(),
                     reason="the interpreter tests already ran in this process")

@@ -24,23 +24,47 @@ def timm_tiny(**kwargs) -> torch.nn.Module:
 
 
 def reference_forward(model: VisionTransformer, frames_BTCHW: torch.Tensor, keep_ids: torch.Tensor) -> torch.Tensor:
-    """Spelled out: [cls + pos_0] + per frame (patch + pos + temporal)[keep] -> blocks -> norm."""
+    """Spelled out, frame by frame: per frame t [cls + pos_0 + temp_t] + (patch + pos + temp_t)[keep];
+    each block's attention over the whole clip under an explicit mask (a frame's [CLS] row sees every
+    token, a patch row only its own frame's tokens), softmax in float64; then norm; the clip [CLS] is
+    the mean of the frame [CLS] tokens. temp_t = the temporal table resampled to T by hand (linear,
+    segment centres)."""
     B, T = frames_BTCHW.shape[:2]
     pos_cls, pos_patches = model.pos_embed[0, :1], model.pos_embed[0, 1:]
+    table = model.temporal_embed
+    temporal = []
+    for t in range(T):
+        if table is None:
+            temporal.append(0.0)
+            continue
+        x = min(max((t + 0.5) * table.shape[0] / T - 0.5, 0.0), table.shape[0] - 1)
+        lo = int(x)
+        hi = min(lo + 1, table.shape[0] - 1)
+        temporal.append(table[lo] * (1 - (x - lo)) + table[hi] * (x - lo))
     rows = []
     for b in range(B):
-        tokens = [model.cls_token[0] + pos_cls]
+        tokens = []
         for t in range(T):
             patches = model.patch_embed.proj(frames_BTCHW[b, t:t + 1]).flatten(2)[0].T  # (N, E)
-            frame = (patches + pos_patches)[keep_ids[b]]
-            if model.temporal_embed is not None:
-                frame = frame + model.temporal_embed[t]
-            tokens.append(frame)
+            frame = torch.cat([model.cls_token[0] + pos_cls, (patches + pos_patches)[keep_ids[b]]])
+            tokens.append(frame + temporal[t])
         rows.append(torch.cat(tokens))
     x = torch.stack(rows)
+    S = x.shape[1] // T
+    frame_of = torch.arange(T * S) // S
+    is_cls = torch.arange(T * S) % S == 0
+    allowed = is_cls[:, None] | (frame_of[:, None] == frame_of[None, :])  # (query, key)
     for block in model.blocks:
-        x = block(x)
-    return model.norm(x)
+        h = block.norm1(x)
+        Hd, E = block.attn.heads, x.shape[-1]
+        q, k, v = block.attn.qkv(h).view(B, T * S, 3, Hd, E // Hd).permute(2, 0, 3, 1, 4).double()
+        scores = (q @ k.transpose(-1, -2)) / (E // Hd) ** 0.5
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        attn = (probs @ v).float().transpose(1, 2).reshape(B, T * S, E)
+        x = x + block.attn.proj(attn)
+        x = x + block.mlp(block.norm2(x))
+    x = model.norm(x).view(B, T, S, -1)
+    return torch.cat([x[:, :, 0].mean(1, keepdim=True), x[:, :, 1:].flatten(1, 2)], dim=1)
 
 
 @pytest.mark.parametrize("backend, timm_fused, depth", [
@@ -157,20 +181,61 @@ def test_one_frame_video_equals_image_and_timm():
         assert (as_image - timm_model.forward_features(images)).abs().max().item() <= TOL
 
 
-def test_two_frames_shape_reference_and_temporal_embedding_used():
+@pytest.mark.parametrize("frames", [2, 3, 5])  # fewer than, as many as, more than the table's 3
+def test_frames_match_the_masked_attention_reference_and_temporal_embedding_used(frames):
     torch.manual_seed(0)
     model = tiny_vit(num_frames=3).eval()
     with torch.no_grad():
         model.temporal_embed.normal_()
-    video = torch.randn(2, 2, 3, 32, 32)
+    video = torch.randn(2, frames, 3, 32, 32)
     keep_ids = torch.stack([torch.randperm(model.num_patches)[:6] for _ in range(2)])
     with torch.no_grad():
         ours = model(video, keep_ids)
         expected = reference_forward(model, video, keep_ids)
-        assert ours.shape == (2, 1 + 2 * 6, 32)
+        assert ours.shape == (2, 1 + frames * 6, 32)
         assert (ours - expected).abs().max().item() <= TOL
+        full = model(video)
+        assert (full - reference_forward(model, video, torch.arange(16).expand(2, 16))).abs().max() <= TOL
         model.temporal_embed.zero_()
         assert (model(video, keep_ids) - ours).abs().max().item() > 1e-3
+
+
+def test_patches_see_only_their_frame_and_cls_sees_all():
+    """One block: frame 0's patch outputs ignore frame 1; frame 0's [CLS] does not."""
+    torch.manual_seed(0)
+    model = tiny_vit(num_frames=2, depth=1).eval()
+    video = torch.randn(1, 2, 3, 32, 32)
+    changed = video.clone()
+    changed[:, 1] = torch.randn(3, 32, 32)
+    with torch.no_grad():
+        a, b = model.forward_frames(video), model.forward_frames(changed)
+    assert torch.allclose(a[:, 0, 1:], b[:, 0, 1:], atol=1e-6)
+    assert not torch.allclose(a[:, 0, 0], b[:, 0, 0], atol=1e-3)
+
+
+def test_clip_embedding_is_mean_of_frame_cls_and_identical_frames_give_the_image():
+    """With a zero temporal embedding a clip of T copies of an image encodes as that image (an
+    image is a 1-frame clip through the same weights)."""
+    torch.manual_seed(0)
+    model = tiny_vit(num_frames=4).eval()
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        frames = model.forward_frames(image[:, None].expand(-1, 4, -1, -1, -1))
+        assert (model(image[:, None].expand(-1, 4, -1, -1, -1))[:, 0] - frames[:, :, 0].mean(1)).abs().max() <= TOL
+        single = model(image)
+        assert (frames[:, :, 0] - single[:, None, 0]).abs().max() <= TOL
+        assert (frames[:, 2, 1:] - single[:, 1:]).abs().max() <= TOL
+
+
+def test_temporal_embedding_resampled_linearly():
+    model = tiny_vit(num_frames=4)
+    with torch.no_grad():
+        model.temporal_embed.copy_(torch.arange(4.0)[:, None].expand(4, 32))
+    assert torch.equal(model.temporal_embedding(4), model.temporal_embed)
+    assert torch.allclose(model.temporal_embedding(2)[:, 0], torch.tensor([0.5, 2.5]))
+    assert torch.allclose(model.temporal_embedding(1)[:, 0], torch.tensor([1.5]))
+    assert torch.allclose(model.temporal_embedding(8)[:, 0],
+                          torch.tensor([0.0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0]))
 
 
 def test_temporal_embedding_zero_init_and_absent_for_one_frame():
@@ -234,11 +299,15 @@ def test_no_weight_decay_names():
     (torch.randn(2, 3, 40, 32), "32x32"),
     (torch.randn(2, 1, 32, 32), "channels"),
     (torch.randn(3, 32, 32), r"\(B, C, H, W\)"),
-    (torch.randn(2, 3, 3, 32, 32), "frames"),
 ])
 def test_bad_images_raise(images, match):
     with pytest.raises(ValueError, match=match):
         tiny_vit(num_frames=2)(images)
+
+
+def test_clip_into_a_model_without_temporal_embedding_raises():
+    with pytest.raises(ValueError, match="temporal embedding"):
+        tiny_vit()(torch.randn(2, 3, 3, 32, 32))
 
 
 @pytest.mark.parametrize("keep_ids, error, match", [
@@ -272,3 +341,17 @@ def test_from_timm_refuses_what_it_cannot_copy():
         VisionTransformer.from_timm(timm_tiny(init_values=1e-5, depth=1))
     with pytest.raises(TypeError, match="timm VisionTransformer"):
         VisionTransformer.from_timm(torch.nn.Linear(2, 2))
+
+
+def test_image_only_timm_weights_load_into_the_video_encoder():
+    """timm (image-only) weights load with a zero temporal embedding: a clip of T copies of an image
+    then gives timm's features for every frame and for the clip [CLS]."""
+    timm_model = timm_tiny(depth=2)
+    model = VisionTransformer.from_timm(timm_model, num_frames=8).eval()
+    assert torch.equal(model.temporal_embed, torch.zeros(8, 192))
+    image = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        theirs = timm_model.forward_features(image)
+        frames = model.forward_frames(image[:, None].expand(-1, 4, -1, -1, -1))
+    for t in range(4):
+        assert (frames[:, t] - theirs).abs().max().item() <= TOL
