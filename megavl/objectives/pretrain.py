@@ -26,7 +26,7 @@ from megavl.models.fusion import FusionOutput
 from megavl.models.vlp import VLPModel
 from megavl_kernels import gather_tokens, masked_patch_targets
 
-from .distributed import all_reduce_mean, gather_features, is_distributed
+from .distributed import RowPlan, all_reduce_mean, gather_features, is_distributed
 from .itc import clamp_temperature_, itc_distill_loss, itc_loss
 from .itm import itm_loss, sample_hard_negatives, sample_random_negatives
 from .masking import MaskSpec, random_masking, text_guided_masking
@@ -195,14 +195,16 @@ class PretrainModule(nn.Module):
         """One fusion call over [positives ; (neg image, text) ; (image, neg text)] (ALBEF's ITM batch).
 
         Negatives come from the GLOBAL batch (as BLIP): similarities and image ids are gathered, every
-        rank draws the negatives of all global rows with the same generator and keeps its own rows, and
-        the negatives' tokens are gathered with gradients. So the ITM loss does not depend on the world
-        size, and a negative can be any sample of the step. Returns the positives' FusionOutput and the loss.
+        rank draws the negatives of all global rows with the same generator, so every rank knows which
+        rows every other rank needs; only those rows' tokens move (`RowPlan`: an all_to_all of the
+        picked rows, their gradients sent back in backward), not every rank's token tensors. So the ITM
+        loss does not depend on the world size, a negative can be any sample of the step, and the bytes
+        per rank do not grow with the world size. Returns the positives' FusionOutput and the loss.
         """
         s, B, text_mask = self.student, img.shape[0], batch["attention_mask"]
         if not with_itm:
             return s.fuse(img, txt, text_mask, mode), {}
-        rank, world = _rank_world()
+        _, world = _rank_world()
         ids_all = gather_features(batch["image_ids"], with_grad=False)
         if self.cfg.itm.hard_negatives:
             img_all = gather_features(img_emb.detach(), with_grad=False)
@@ -213,15 +215,18 @@ class PretrainModule(nn.Module):
         else:
             neg_txt = sample_random_negatives(ids_all, ids_all, generator=generator)
             neg_img = sample_random_negatives(ids_all, ids_all, generator=generator)
-        mine = slice(rank * B, (rank + 1) * B)
-        neg_txt, neg_img = neg_txt[mine].to(img.device), neg_img[mine].to(img.device)
-        img_tokens_all, txt_tokens_all = gather_features(img), gather_features(txt)
-        mask_all = gather_features(text_mask, with_grad=False)
-        fused = s.fuse(torch.cat([img, img_tokens_all[neg_img], img]),
-                       torch.cat([txt, txt, txt_tokens_all[neg_txt]]),
-                       torch.cat([text_mask, text_mask, mask_all[neg_txt]]), mode)
+        neg_txt, neg_img = neg_txt.view(world, B).to(img.device), neg_img.view(world, B).to(img.device)
+        if is_distributed():
+            txt_plan, img_plan = RowPlan(neg_txt, B), RowPlan(neg_img, B)
+            neg_img_tokens = img_plan.gather(img, "itm/image_tokens")
+            neg_txt_tokens, neg_mask = txt_plan.gather(txt, "itm/text_tokens"), txt_plan.gather(text_mask, "itm/mask")
+        else:
+            neg_img_tokens, neg_txt_tokens, neg_mask = img[neg_img[0]], txt[neg_txt[0]], text_mask[neg_txt[0]]
+        fused = s.fuse(torch.cat([img, neg_img_tokens, img]), torch.cat([txt, txt, neg_txt_tokens]),
+                       torch.cat([text_mask, text_mask, neg_mask]), mode)
         logits = s.itm_head(fused.image_global, fused.text_global)
-        labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(img.device)
+        labels = torch.cat([torch.ones(B, dtype=torch.long, device=img.device),
+                            torch.zeros(2 * B, dtype=torch.long, device=img.device)])
         return _first_rows(fused, B), {"itm": itm_loss(logits, labels)}
 
     def _mlm(self, text_states, labels) -> torch.Tensor:
