@@ -130,7 +130,7 @@ class PretrainModule(nn.Module):
             masked_txt = s.encode_text(batch["mlm_input_ids"], text_mask)
             fused_mt = s.fuse(img, masked_txt, text_mask, mode)
             if "mlm" in active:
-                losses["mlm"] = self._mlm(fused_mt.text_states, batch["mlm_labels"])
+                losses["mlm"] = self._mlm(fused_mt.text_states, batch["mlm_labels"], batch.get("mlm_count"))
 
         if "scl" in active:
             losses["scl"] = scl_loss(gather_features(fused_mi.image_global),
@@ -229,17 +229,27 @@ class PretrainModule(nn.Module):
                             torch.zeros(2 * B, dtype=torch.long, device=img.device)])
         return _first_rows(fused, B), {"itm": itm_loss(logits, labels)}
 
-    def _mlm(self, text_states, labels) -> torch.Tensor:
+    def _mlm(self, text_states, labels, count: int | None = None) -> torch.Tensor:
         """Mean over the masked tokens of the GLOBAL batch: this rank's sum over the global count, times
-        the world size (gradients are averaged over ranks). The vocabulary head runs on masked tokens only."""
+        the world size (gradients are averaged over ranks). The vocabulary head runs on masked tokens only.
+
+        count: this rank's number of masked tokens, counted on the host from the CPU batch (the
+        Trainer's `_to_device` adds it as batch["mlm_count"]). With it the masked tokens are taken by a
+        fixed-size stable sort (row-major order, as boolean indexing) and the step does not wait on the
+        device; without it, boolean indexing (one host sync to size the result)."""
         picked = labels != -100
-        logits = self.student.mlm_head(text_states[picked])
-        local_sum = mlm_loss(logits.unsqueeze(0), labels[picked].unsqueeze(0)) * picked.sum()
+        if count is None:
+            states, targets = text_states[picked], labels[picked]
+        else:
+            order = torch.argsort((~picked).flatten().to(torch.uint8), stable=True)[:count]
+            states, targets = text_states.flatten(0, 1)[order], labels.flatten()[order]
+        logits = self.student.mlm_head(states)
+        local_sum = mlm_loss(logits.unsqueeze(0), targets.unsqueeze(0)) * picked.sum()
         _, world = _rank_world()
-        count = picked.sum().float()
+        count_all = picked.sum().float()
         if world > 1:
-            count = all_reduce_mean(count) * world
-        return local_sum * world / count.clamp_min(1.0)
+            count_all = all_reduce_mean(count_all) * world
+        return local_sum * world / count_all.clamp_min(1.0)
 
     def _semantic_mim(self, global_BW, decoded_masked_BMD, spec: MaskSpec, teacher_out) -> torch.Tensor:
         cfg, s = self.cfg.mim_sem, self.student
