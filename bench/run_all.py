@@ -84,15 +84,21 @@ def _kernel_rows(device: torch.device, quick: bool) -> list[Row]:
 
 
 def _sections(include_base: bool) -> list[tuple[str, Callable[[torch.device, bool], list[Row]]]]:
+    import bench_ema
+    import bench_itm_exchange
     import bench_model
     import bench_retrieval
     import bench_step
     import bench_zero
+    import bench_zero3_curriculum
 
     return [
         ("masked encoding", bench_model.masked_encoding),
         ("framework overhead", lambda d, q: bench_step.framework_rows(d, q, include_base)),
         ("ZeRO-3 memory", bench_zero.zero3_memory),
+        ("ITM negatives", bench_itm_exchange.rows),
+        ("EMA teacher", bench_ema.rows),
+        ("ZeRO-3 curriculum", bench_zero3_curriculum.rows),
         ("FLOP accounting", bench_model.flop_accounting),
         ("data", _data_rows),
         ("video decoding", _video_rows),

@@ -1,9 +1,12 @@
 """Input validation shared by every backend, so bad input fails the same way on CPU and CUDA.
 
 Shape, dtype and device checks are free (metadata only). Range checks read the index tensors'
-min/max (and, for ``scatter_tokens``, count each index once to prove a permutation): on CUDA that
-is one small kernel plus one host sync per op. They run when ``check=True`` (the default); pass
-``check=False`` in a hot loop whose indices are known good (e.g. straight from ``argsort``).
+min/max (and, for ``scatter_tokens``, count each index once to prove a permutation). On CPU they
+raise IndexError/ValueError with the offending values. On CUDA they never make the host wait: the
+condition is computed on the device and enforced by ``torch._assert_async`` (a device-side assert
+carrying the same message, reported at the next synchronisation), so the checks can stay on in the
+training step (a steady-state step has no host sync; see tests/unit/test_sync_free_step.py).
+They run when ``check=True`` (the default); ``check=False`` skips even the small device kernels.
 Without the check an out-of-range index is undefined behaviour in the Triton kernels.
 """
 from __future__ import annotations
@@ -29,8 +32,11 @@ def _check_index(name: str, ids: torch.Tensor, batch: int, device: torch.device)
 
 
 def _check_range(name: str, ids: torch.Tensor, upper: int) -> None:
-    """All of ids in [0, upper); one min/max reduction and one host sync."""
+    """All of ids in [0, upper): one min/max reduction; a host sync on CPU only."""
     if ids.numel() == 0:
+        return
+    if ids.is_cuda:
+        torch._assert_async(((ids >= 0) & (ids < upper)).all(), f"{name} must lie in [0, {upper})")
         return
     low, high = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())
     if low < 0 or high >= upper:
@@ -75,8 +81,11 @@ def check_scatter(kept: torch.Tensor, ids_restore: torch.Tensor, mask_token: tor
         # Repeated indices would make the gradient of kept a race; a permutation hits each slot once.
         hits = torch.zeros(B, N, dtype=torch.int32, device=ids_restore.device)
         hits.scatter_add_(1, ids_restore.long(), torch.ones_like(hits))
-        if not bool((hits == 1).all()):
-            raise ValueError("ids_restore must be a permutation of [0, N) in every row (it has repeats)")
+        message = "ids_restore must be a permutation of [0, N) in every row (it has repeats)"
+        if ids_restore.is_cuda:
+            torch._assert_async((hits == 1).all(), message)
+        elif not bool((hits == 1).all()):
+            raise ValueError(message)
 
 
 def check_patch_targets(images: torch.Tensor, ids_masked: torch.Tensor, patch: int, check: bool) -> None:

@@ -247,6 +247,7 @@ class RunConfig:
     image_log_every: int = 0      # 0 = never
     seed: int = 0
     precision: str = "auto"       # auto (bf16 on GPUs that support it, else fp32) | bf16 | fp32
+    stop_check_every: int = 10    # ranks agree on a stop signal every N steps (a checkpoint follows within N)
 
 
 @dataclass
@@ -319,6 +320,7 @@ def validate(cfg: Config) -> Config:
     _check(r.max_steps > 0, "run.max_steps", "> 0", r.max_steps)
     _check(r.grad_accum > 0, "run.grad_accum", "> 0", r.grad_accum)
     _check(r.checkpoint_every > 0, "run.checkpoint_every", "> 0", r.checkpoint_every)
+    _check(r.stop_check_every > 0, "run.stop_check_every", "> 0", r.stop_check_every)
     _check(r.keep_checkpoints > 0, "run.keep_checkpoints", "> 0", r.keep_checkpoints)
     _check(r.eval_itm_rerank_k >= 0, "run.eval_itm_rerank_k", ">= 0", r.eval_itm_rerank_k)
     _check(r.eval_rerank in ("itm", "itm+itc"), "run.eval_rerank", "itm|itm+itc", r.eval_rerank)

@@ -57,19 +57,36 @@ class Monitor:
 
 class StepTimer:
     """Splits step wall time into waiting for data and the rest, per logging window. Time between
-    steps (evaluation, image logs, checkpoints) is not counted."""
+    steps (evaluation, image logs, checkpoints) is not counted.
 
-    def __init__(self) -> None:
+    On CUDA the step time is taken on the DEVICE: a CUDA event is recorded at the start and the end
+    of every step and the window's time is the sum of the event pairs' elapsed times, read (with one
+    synchronize on the last event) only when `seconds_per_step` is asked for, at log steps. Host
+    time would stop the clock when the host has queued a step, not when the GPU has run it, and
+    overstate samples/s, TFLOP/s and MFU. On CPU the host time is the step time.
+    """
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.on_device = device is not None and torch.device(device).type == "cuda"
         self.reset()
         self.start_step()
 
     def reset(self) -> None:
         self.data_s = 0.0
-        self.total_s = 0.0
+        self.total_s = 0.0  # host time
         self.steps = 0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def _event(self):
+        if not self.on_device:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def start_step(self) -> None:
         self._start = time.perf_counter()
+        self._start_event = self._event()
 
     def next_batch(self, iterator):
         """next(iterator), its wait counted as data time."""
@@ -81,13 +98,24 @@ class StepTimer:
     def step_done(self) -> None:
         self.total_s += time.perf_counter() - self._start
         self.steps += 1
+        if self.on_device:
+            self._events.append((self._start_event, self._event()))
+
+    @property
+    def step_seconds(self) -> float:
+        """Time of the window's steps: device time on CUDA (waits for the last step), else host time."""
+        if not self._events:
+            return self.total_s
+        self._events[-1][1].synchronize()
+        return sum(start.elapsed_time(end) for start, end in self._events) / 1e3
 
     @property
     def seconds_per_step(self) -> float:
-        return self.total_s / max(1, self.steps)
+        return self.step_seconds / max(1, self.steps)
 
     @property
     def data_wait(self) -> float:
+        """Fraction of the host's step time spent waiting for the next batch."""
         return self.data_s / self.total_s if self.total_s > 0 else 0.0
 
 

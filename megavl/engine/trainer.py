@@ -46,6 +46,8 @@ def step_generator(seed: int, step: int, micro: int, device: torch.device) -> to
 
 def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     out = {}
+    if "mlm_labels" in batch:  # counted on the host: the MLM head's selection then needs no device sync
+        out["mlm_count"] = int((batch["mlm_labels"] != -100).sum())
     for key, value in batch.items():
         if torch.is_tensor(value):
             value = value.to(device, non_blocking=True)
@@ -213,7 +215,7 @@ class Trainer:
         if self.step == 0 and run.eval_every >= 0:  # "before" figure for the retrieval gain
             results["eval_before"] = self.evaluate()
         data_iter = iter(self.loader)
-        timer = StepTimer()
+        timer = StepTimer(self.device)  # device time on CUDA: honest samples/s and MFU
         while self.step < run.max_steps:
             mode = mode_at(self.step, self.loader.epoch, cfg.curriculum)
             losses_sum: dict[str, torch.Tensor] = {}
@@ -243,7 +245,7 @@ class Trainer:
                 log_mask_images(self.module, batch, mode, self.monitor, self.step, cfg)
             if run.eval_every > 0 and self.step % run.eval_every == 0 and self.step < run.max_steps:
                 self.evaluate()
-            stop = self.stop.agreed(self.device)
+            stop = self.stop.agreed_at(self.step, run.stop_check_every, self.device)
             if stop or self.step % run.checkpoint_every == 0 or self.step == run.max_steps:
                 self.save()
             if stop:

@@ -19,10 +19,14 @@ def _valid_columns(image_ids_rows: torch.Tensor, image_ids_cols: torch.Tensor) -
     if image_ids_rows.dim() != 1 or image_ids_cols.dim() != 1:
         raise ValueError(f"image ids must be 1-D; got {tuple(image_ids_rows.shape)} and {tuple(image_ids_cols.shape)}")
     valid = image_ids_rows[:, None] != image_ids_cols[None, :]
-    # One host sync per call; a row without any negative would otherwise make multinomial
-    # fail with an opaque message (or, with tiny smoothing weights, return a positive).
+    # A row without any negative would otherwise make multinomial fail with an opaque message (or,
+    # with tiny smoothing weights, return a positive). On CUDA a device-side assert, so the step does
+    # not wait on the device; on CPU a clear error naming the rows.
     stranded = ~valid.any(dim=1)
-    if bool(stranded.any()):
+    if valid.is_cuda:
+        torch._assert_async(~stranded.any(), "a row has no candidate with a different image id, so no ITM "
+                                             "negative exists (batch of one image?)")
+    elif bool(stranded.any()):
         rows = stranded.nonzero().flatten().tolist()
         raise ValueError(f"rows {rows} have no candidate with a different image id; every candidate shows "
                          f"the same image, so no ITM negative exists (batch of one image?)")

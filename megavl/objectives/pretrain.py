@@ -31,7 +31,7 @@ from megavl.models.fusion import FusionOutput
 from megavl.models.vlp import VLPModel
 from megavl_kernels import gather_tokens, masked_patch_targets
 
-from .distributed import all_reduce_mean, gather_features, is_distributed
+from .distributed import RowPlan, all_reduce_mean, gather_features, is_distributed
 from .itc import clamp_temperature_, itc_distill_loss, itc_loss
 from .itm import itm_loss, sample_hard_negatives, sample_random_negatives
 from .masking import MaskSpec, random_masking, text_guided_masking
@@ -171,7 +171,7 @@ class PretrainModule(nn.Module):
             masked_txt = s.encode_text(batch["mlm_input_ids"], text_mask)
             fused_mt = s.fuse(img, masked_txt, text_mask, mode)
             if "mlm" in active:
-                losses["mlm"] = self._mlm(fused_mt.text_states, batch["mlm_labels"])
+                losses["mlm"] = self._mlm(fused_mt.text_states, batch["mlm_labels"], batch.get("mlm_count"))
         scl_mt = fused_mt
         if scl_own_text:  # [MASK]-only text at SCL's own ratio, built by the collate
             scl_mt = s.fuse(img, s.encode_text(batch["scl_input_ids"], text_mask), text_mask, mode)
@@ -256,14 +256,16 @@ class PretrainModule(nn.Module):
         """One fusion call over [positives ; (neg image, text) ; (image, neg text)] (ALBEF's ITM batch).
 
         Negatives come from the GLOBAL batch (as BLIP): similarities and image ids are gathered, every
-        rank draws the negatives of all global rows with the same generator and keeps its own rows, and
-        the negatives' tokens are gathered with gradients. So the ITM loss does not depend on the world
-        size, and a negative can be any sample of the step. Returns the positives' FusionOutput and the loss.
+        rank draws the negatives of all global rows with the same generator, so every rank knows which
+        rows every other rank needs; only those rows' tokens move (`RowPlan`: an all_to_all of the
+        picked rows, their gradients sent back in backward), not every rank's token tensors. So the ITM
+        loss does not depend on the world size, a negative can be any sample of the step, and the bytes
+        per rank do not grow with the world size. Returns the positives' FusionOutput and the loss.
         """
         s, B, text_mask = self.student, img.shape[0], batch["attention_mask"]
         if not with_itm:
             return s.fuse(img, txt, text_mask, mode), {}
-        rank, world = _rank_world()
+        _, world = _rank_world()
         ids_all = gather_features(batch["image_ids"], with_grad=False)
         if self.cfg.itm.hard_negatives:
             img_all = gather_features(img_emb.detach(), with_grad=False)
@@ -274,28 +276,41 @@ class PretrainModule(nn.Module):
         else:
             neg_txt = sample_random_negatives(ids_all, ids_all, generator=generator)
             neg_img = sample_random_negatives(ids_all, ids_all, generator=generator)
-        mine = slice(rank * B, (rank + 1) * B)
-        neg_txt, neg_img = neg_txt[mine].to(img.device), neg_img[mine].to(img.device)
-        img_tokens_all, txt_tokens_all = gather_features(img), gather_features(txt)
-        mask_all = gather_features(text_mask, with_grad=False)
-        fused = s.fuse(torch.cat([img, img_tokens_all[neg_img], img]),
-                       torch.cat([txt, txt, txt_tokens_all[neg_txt]]),
-                       torch.cat([text_mask, text_mask, mask_all[neg_txt]]), mode)
+        neg_txt, neg_img = neg_txt.view(world, B).to(img.device), neg_img.view(world, B).to(img.device)
+        if is_distributed():
+            txt_plan, img_plan = RowPlan(neg_txt, B), RowPlan(neg_img, B)
+            neg_img_tokens = img_plan.gather(img, "itm/image_tokens")
+            neg_txt_tokens, neg_mask = txt_plan.gather(txt, "itm/text_tokens"), txt_plan.gather(text_mask, "itm/mask")
+        else:
+            neg_img_tokens, neg_txt_tokens, neg_mask = img[neg_img[0]], txt[neg_txt[0]], text_mask[neg_txt[0]]
+        fused = s.fuse(torch.cat([img, neg_img_tokens, img]), torch.cat([txt, txt, neg_txt_tokens]),
+                       torch.cat([text_mask, text_mask, neg_mask]), mode)
         logits = s.itm_head(fused.image_global, fused.text_global)
-        labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(img.device)
+        labels = torch.cat([torch.ones(B, dtype=torch.long, device=img.device),
+                            torch.zeros(2 * B, dtype=torch.long, device=img.device)])
         return _first_rows(fused, B), {"itm": itm_loss(logits, labels)}
 
-    def _mlm(self, text_states, labels) -> torch.Tensor:
+    def _mlm(self, text_states, labels, count: int | None = None) -> torch.Tensor:
         """Mean over the masked tokens of the GLOBAL batch: this rank's sum over the global count, times
-        the world size (gradients are averaged over ranks). The vocabulary head runs on masked tokens only."""
+        the world size (gradients are averaged over ranks). The vocabulary head runs on masked tokens only.
+
+        count: this rank's number of masked tokens, counted on the host from the CPU batch (the
+        Trainer's `_to_device` adds it as batch["mlm_count"]). With it the masked tokens are taken by a
+        fixed-size stable sort (row-major order, as boolean indexing) and the step does not wait on the
+        device; without it, boolean indexing (one host sync to size the result)."""
         picked = labels != -100
-        logits = self.student.mlm_head(text_states[picked])
-        local_sum = mlm_loss(logits.unsqueeze(0), labels[picked].unsqueeze(0)) * picked.sum()
+        if count is None:
+            states, targets = text_states[picked], labels[picked]
+        else:
+            order = torch.argsort((~picked).flatten().to(torch.uint8), stable=True)[:count]
+            states, targets = text_states.flatten(0, 1)[order], labels.flatten()[order]
+        logits = self.student.mlm_head(states)
+        local_sum = mlm_loss(logits.unsqueeze(0), targets.unsqueeze(0)) * picked.sum()
         _, world = _rank_world()
-        count = picked.sum().float()
+        count_all = picked.sum().float()
         if world > 1:
-            count = all_reduce_mean(count) * world
-        return local_sum * world / count.clamp_min(1.0)
+            count_all = all_reduce_mean(count_all) * world
+        return local_sum * world / count_all.clamp_min(1.0)
 
     def _semantic_mim(self, global_BW, decoded_masked_BMD, spec: MaskSpec, teacher_out) -> torch.Tensor:
         cfg, s = self.cfg.mim_sem, self.student

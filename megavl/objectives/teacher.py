@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from typing import Literal
 
 import torch
@@ -85,48 +86,100 @@ def _paired(teacher_items: dict[str, torch.Tensor], student_items: dict[str, tor
     return pairs
 
 
-@torch.no_grad()
-def _lerp_(t: torch.Tensor, s: torch.Tensor, momentum: float, master: dict | None = None, key: str = "") -> None:
-    """t <- momentum * t + (1 - momentum) * s, in place, computed in at least float32.
-
-    A bf16 teacher at momentum >= 0.996 would lose most of each update to rounding (8-bit mantissa).
-    With `master` (a dict kept by the caller), a bf16/fp16 tensor's EMA runs on an fp32 copy stored
-    under `key`, and the tensor only receives its rounding: the fp32 master weights of the teacher.
-    """
-    if t.dtype not in (torch.float16, torch.bfloat16):
-        t.mul_(momentum).add_(s.to(t.dtype), alpha=1.0 - momentum)
-        return
-    exact = master.get(key) if master is not None else None
-    if exact is None or exact.shape != t.shape:
-        exact = t.float()
-        if master is not None:
-            master[key] = exact
-    exact.mul_(momentum).add_(s.float(), alpha=1.0 - momentum)
-    t.copy_(exact)
-
-
-@torch.no_grad()
-def _ema_param(name: str, t: nn.Parameter, s: nn.Parameter, momentum: float, master: dict | None) -> None:
+def _check_pair_shards(name: str, t: torch.Tensor, s: torch.Tensor) -> None:
     if _is_partitioned(t) != _is_partitioned(s):
         raise ValueError(f"{name}: one of teacher/student is ZeRO-3 partitioned and the other is not; "
                          f"wrap both in one module before deepspeed.initialize")
     if not _is_partitioned(t):
-        _lerp_(t.data, s.data, momentum, master, name)
         return
     _check_not_nvme(name, t)
     _check_not_nvme(name, s)
     if t.ds_tensor.shape != s.ds_tensor.shape:
         raise ValueError(f"{name}: teacher and student shards differ ({tuple(t.ds_tensor.shape)} vs "
                          f"{tuple(s.ds_tensor.shape)}); they must be partitioned by the same engine")
-    _lerp_(t.ds_tensor.data, s.ds_tensor.data, momentum, master, name)
-    if _has_full_data(t):
-        if not _has_full_data(s):
-            raise RuntimeError(f"{name}: teacher is gathered but student is not; cannot update the teacher's "
-                               f"full copy (are their persistence thresholds different?)")
-        _lerp_(t.data, s.data, momentum, master, f"{name}/full")
-    # ZeRO++ hpZ keeps a secondary shard copy; drop it so the next gather reads the updated primary.
-    if getattr(t, "ds_secondary_tensor", None) is not None:
-        t.ds_secondary_tensor = None
+
+
+class _EmaPlan:
+    """The validated (name, teacher, student) pairs of one teacher/student couple, built once.
+
+    Parameter objects stay the same for a module's life (DeepSpeed partitions them in place), so the
+    name dicts and checks are not redone every step; only the tensors to update (`.data`, the ZeRO-3
+    shard, a gathered full copy) are read at each call, as they can change between steps."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
+        self.student_ref = weakref.ref(student)
+        self.params = _paired(dict(teacher.named_parameters()), dict(student.named_parameters()), "parameters")
+        for name, t, s in self.params:
+            _check_pair_shards(name, t, s)
+        self.buffers = _paired(dict(teacher.named_buffers()), dict(student.named_buffers()), "buffers")
+
+    def targets(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(master key, teacher tensor, student tensor) to update this step, for every parameter."""
+        out = []
+        for name, t, s in self.params:
+            if not _is_partitioned(t):
+                out.append((name, t.data, s.data))
+                continue
+            out.append((name, t.ds_tensor.data, s.ds_tensor.data))
+            if _has_full_data(t):
+                if not _has_full_data(s):
+                    raise RuntimeError(f"{name}: teacher is gathered but student is not; cannot update the "
+                                       f"teacher's full copy (are their persistence thresholds different?)")
+                out.append((f"{name}/full", t.data, s.data))
+            # ZeRO++ hpZ keeps a secondary shard copy; drop it so the next gather reads the updated primary.
+            if getattr(t, "ds_secondary_tensor", None) is not None:
+                t.ds_secondary_tensor = None
+        return out
+
+
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, _EmaPlan]" = weakref.WeakKeyDictionary()
+
+
+def _plan_for(teacher: nn.Module, student: nn.Module) -> _EmaPlan:
+    plan = _PLANS.get(teacher)
+    if plan is None or plan.student_ref() is not student:
+        plan = _PLANS[teacher] = _EmaPlan(teacher, student)
+    return plan
+
+
+def forget_ema_plan(teacher: nn.Module) -> None:
+    """Drop the cached pairs of `teacher` (call after replacing its or its student's parameter objects)."""
+    _PLANS.pop(teacher, None)
+
+
+@torch.no_grad()
+def _foreach_ema_(targets: list[tuple[str, torch.Tensor, torch.Tensor]], momentum: float,
+                  master: dict | None) -> None:
+    """t <- momentum * t + (1 - momentum) * s for every (key, t, s), grouped into foreach calls.
+
+    Same arithmetic as one `t.mul_(m).add_(s, alpha=1-m)` per tensor (the CPU results are bitwise
+    equal). Low-precision tensors (bf16/fp16) are updated in float32: with `master` (a dict kept by the
+    caller), on fp32 copies stored under `key` that the tensor only receives the rounding of (the
+    teacher's fp32 master weights; a bf16 EMA at momentum >= 0.996 loses most updates to rounding);
+    without it, on a temporary fp32 copy.
+    """
+    full_t, full_s, low_t, low_exact, low_s = [], [], [], [], []
+    for key, t, s in targets:
+        if t.numel() == 0:
+            continue
+        if t.dtype not in (torch.float16, torch.bfloat16):
+            full_t.append(t)
+            full_s.append(s if s.dtype == t.dtype else s.to(t.dtype))
+            continue
+        exact = master.get(key) if master is not None else None
+        if exact is None or exact.shape != t.shape:
+            exact = t.float()
+            if master is not None:
+                master[key] = exact
+        low_t.append(t)
+        low_exact.append(exact)
+        low_s.append(s)
+    for group_t, group_s in ((full_t, full_s), (low_exact, low_s)):
+        if group_t:
+            torch._foreach_mul_(group_t, momentum)
+            torch._foreach_add_(group_t, group_s, alpha=1.0 - momentum)  # promotes bf16 s to fp32
+    if low_t:
+        torch._foreach_copy_(low_t, low_exact)
 
 
 @torch.no_grad()
@@ -139,18 +192,20 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float,
     "copy" copies every buffer; "skip" leaves teacher buffers alone (DINO). Buffers are never partitioned.
     master: a dict the caller keeps across calls; bf16/fp16 teacher tensors then follow fp32 master
     copies (this rank's shards only) instead of losing small updates to rounding.
+    The pairs are matched and checked once per (teacher, student) and cached (`forget_ema_plan`);
+    the update runs as a few grouped torch._foreach_* calls, not 3-4 kernels per tensor from Python.
     Raises ValueError if the teacher does not mirror the student (names or shapes).
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1]; got {momentum}")
     if buffers not in ("ema", "copy", "skip"):
         raise ValueError(f"buffers must be 'ema', 'copy' or 'skip'; got {buffers!r}")
-    for name, t, s in _paired(dict(teacher.named_parameters()), dict(student.named_parameters()), "parameters"):
-        _ema_param(name, t, s, momentum, master)
+    plan = _plan_for(teacher, student)
+    _foreach_ema_(plan.targets(), momentum, master)
     if buffers == "skip":
         return
-    for name, t, s in _paired(dict(teacher.named_buffers()), dict(student.named_buffers()), "buffers"):
-        if buffers == "ema" and t.dtype.is_floating_point:
-            _lerp_(t, s, momentum)
-        else:
+    floating = [(name, t, s) for name, t, s in plan.buffers if buffers == "ema" and t.dtype.is_floating_point]
+    _foreach_ema_(floating, momentum, None)
+    for _, t, s in plan.buffers:
+        if not (buffers == "ema" and t.dtype.is_floating_point):
             t.copy_(s)
