@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from megavl.data.decode import Decoded
+from megavl.data.plan import derive_seed
 from megavl.data.text import mlm_mask, scl_mask, special_tokens_mask
 from megavl.data.transforms import Transform, normalize_batch
 
@@ -37,26 +38,36 @@ class Collator:
         self.special_ids = sorted(set(tokenizer.all_special_ids))
         self.vocab_size = len(tokenizer)
 
-    def __call__(self, samples: list[Decoded], seed: int) -> dict:
-        """One batch; `seed` fixes augmentation and masks (derived from epoch/rank/batch index)."""
+    def __call__(self, samples: list[Decoded], seeds: list[int]) -> dict:
+        """One batch; `seeds[i]` fixes sample i's augmentation and text masks (the stream derives
+        it from (seed, epoch, global position)), so a sample looks the same in any batch layout."""
+        if len(seeds) != len(samples):
+            raise ValueError(f"{len(samples)} samples but {len(seeds)} seeds")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            images = torch.stack([self.transform(s.image) for s in samples])  # uint8
+            images = []
+            for sample, seed in zip(samples, seeds):
+                torch.manual_seed(seed)
+                images.append(self.transform(sample.image))  # uint8
         tokens = self.tokenizer([s.caption for s in samples], padding="max_length", truncation=True,
                                 max_length=self.max_text_len, return_tensors="pt")
         input_ids = tokens["input_ids"].long()
         special = special_tokens_mask(input_ids, self.special_ids)
-        generator = torch.Generator().manual_seed(seed)
         mask_id = self.tokenizer.mask_token_id
-        mlm_input_ids, mlm_labels = mlm_mask(input_ids, special, self.mlm_prob, mask_id,
-                                             self.vocab_size, generator)
+        mlm_rows, label_rows, scl_rows = [], [], []
+        for i, seed in enumerate(seeds):  # one generator per sample, rows masked independently
+            generator = torch.Generator().manual_seed(derive_seed(seed, "text"))
+            ids, sp = input_ids[i:i + 1], special[i:i + 1]
+            mlm_ids, labels = mlm_mask(ids, sp, self.mlm_prob, mask_id, self.vocab_size, generator)
+            mlm_rows.append(mlm_ids)
+            label_rows.append(labels)
+            scl_rows.append(scl_mask(ids, sp, self.scl_mask_prob, mask_id, generator))
         return {
-            "images": normalize_batch(images, self.mean, self.std),
+            "images": normalize_batch(torch.stack(images), self.mean, self.std),
             "input_ids": input_ids,
             "attention_mask": tokens["attention_mask"].long(),
-            "mlm_input_ids": mlm_input_ids,
-            "mlm_labels": mlm_labels,
-            "scl_input_ids": scl_mask(input_ids, special, self.scl_mask_prob, mask_id, generator),
+            "mlm_input_ids": torch.cat(mlm_rows),
+            "mlm_labels": torch.cat(label_rows),
+            "scl_input_ids": torch.cat(scl_rows),
             "keys": [s.key for s in samples],
             "image_ids": torch.tensor([s.image_id for s in samples], dtype=torch.long),
         }

@@ -1,11 +1,20 @@
 """The loaders the trainer calls: `build_train_loader`, `build_eval_loader` (+ `build_tokenizer`).
 
-Train: `TrainLoader` is an endless iterator of batches (collate.py) that advances epochs itself.
-Its state is `(epoch, batches consumed in the epoch)` plus validation fields and skip counts; the
-sample order is a pure function of (seed, epoch, rank, world_size, num_workers, batch_size), so
-every rank's state after the same number of steps is identical except for its skip counts, and a
-restart with the same settings continues the stream exactly. Saving rank 0's state is enough to
-resume every rank (its skip counts are rank 0's, which only affects logging).
+Train: `TrainLoader` is an endless iterator of this rank's batches (collate.py) that advances epochs
+itself. The sample stream is a function of (seed, epoch, ONE global position) only (order.py): the
+micro-step's global batch k is positions [k*G, (k+1)*G), G = batch_size * world_size, rank r takes
+the contiguous rows [r*B, (r+1)*B). The epoch is cut to a multiple of the optimizer-step global
+batch (`global_batch_size`), so its length and every rank's batch count are the same at any world.
+
+State (`state_dict`), identical on every rank except the skip counts:
+  epoch, position   global samples consumed in the epoch (a multiple of the micro global batch)
+  seed, samples_per_epoch, global_batch_size, shuffle_buffer, resampled, order_digest
+                    what fixes the order: must match on resume, else a clear error
+  world_size, batch_size, num_workers
+                    informative only: a resume may change them (the same global batch kept)
+  counts            skip counts of the saving rank (logging only)
+A resumed run on any world / micro-batch / workers continues at the same global position and reads
+exactly the samples the uninterrupted run would have, in the same order, with the same crops/masks.
 
 Eval: every val sample is seen once across ranks (contiguous shares); shares and hence batch
 counts may differ by one sample between ranks, so gather variable-length features or run eval on
@@ -13,6 +22,7 @@ rank 0 with world_size=1 (what the trainer does by default is its choice).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -36,7 +46,8 @@ logger = logging.getLogger(__name__)
 # Forked workers + the Rust tokenizer's thread pool can deadlock; our workers tokenise serially.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_STATE_CHECKED = ("world_size", "num_workers", "batch_size", "seed", "resampled", "batches_per_epoch")
+_STATE_CHECKED = ("seed", "samples_per_epoch", "global_batch_size", "shuffle_buffer", "resampled",
+                  "order_digest")
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -63,58 +74,77 @@ def _sum_counts(base: Counter, per_worker: dict[int, dict]) -> Counter:
 class TrainLoader:
     """Endless iterator over this rank's training batches; see the module docstring."""
 
-    def __init__(self, plan: TrainPlan, collator: Collator, num_workers: int,
-                 sizing_counts: Counter | None = None):
+    def __init__(self, plan: TrainPlan, collator: Collator, num_workers: int, global_batch_size: int,
+                 order_digest: str, sizing_counts: Counter | None = None):
         self.plan, self.collator, self.num_workers = plan, collator, num_workers
+        self.global_batch_size, self.order_digest = global_batch_size, order_digest
         self.epoch = 0
         self.batches_in_epoch = 0
-        self.batches_per_epoch = plan.batches_per_worker * plan.num_workers
+        self.batches_per_epoch = plan.batches_per_epoch  # the same on every rank
         # shards found truncated while counting their samples (no stats.json), counted once
         self._base_counts: Counter = Counter(sizing_counts or {})
         self._worker_counts: dict[int, dict] = {}
         self._iterator: Iterator[dict] | None = None
 
+    @property
+    def position(self) -> int:
+        """Global samples of the epoch consumed (by all ranks together) before the next batch."""
+        return self.batches_in_epoch * self.plan.micro_global_batch
+
     def __iter__(self) -> "TrainLoader":
         return self
 
     def __next__(self) -> dict:
+        expected = self.epoch * self.batches_per_epoch + self.batches_in_epoch
         if self._iterator is None:
-            stream = TrainStream(self.plan, self.collator, self.epoch, self.batches_in_epoch)
+            stream = TrainStream(self.plan, self.collator, expected)
             self._iterator = iter(_make_loader(stream, self.num_workers))
         batch = next(self._iterator)
         meta = batch.pop("_meta")
-        if (meta["epoch"], meta["index"]) != (self.epoch, self.batches_in_epoch):
-            raise RuntimeError(f"batch {meta['epoch']}/{meta['index']} arrived, expected "
-                               f"{self.epoch}/{self.batches_in_epoch}: worker order broke")
-        self._worker_counts[meta["index"] % self.plan.num_workers] = meta["counts"]
+        if meta["batch"] != expected:
+            raise RuntimeError(f"rank batch {meta['batch']} arrived, expected {expected}: "
+                               f"worker order broke")
+        self._worker_counts[meta["worker"]] = meta["counts"]
         self.batches_in_epoch += 1
         if self.batches_in_epoch == self.batches_per_epoch:
             self.epoch, self.batches_in_epoch = self.epoch + 1, 0
         return batch
 
     def _settings(self) -> dict:
-        return {"world_size": self.plan.world_size, "num_workers": self.plan.num_workers,
-                "batch_size": self.plan.batch_size, "seed": self.plan.seed,
-                "resampled": self.plan.resampled, "batches_per_epoch": self.batches_per_epoch}
+        return {"seed": self.plan.seed, "samples_per_epoch": self.plan.epoch_length,
+                "global_batch_size": self.global_batch_size,
+                "shuffle_buffer": self.plan.shuffle_buffer, "resampled": self.plan.resampled,
+                "order_digest": self.order_digest}
 
     def state_dict(self) -> dict:
-        """Position after the last batch handed out, the settings it depends on, skip counts."""
+        """Global position after the last batch handed out, what fixes the order, skip counts."""
         counts = _sum_counts(self._base_counts, self._worker_counts)
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                **self._settings(), "counts": dict(counts)}
+        return {"epoch": self.epoch, "position": self.position, **self._settings(),
+                "world_size": self.plan.world_size, "batch_size": self.plan.batch_size,
+                "num_workers": self.num_workers, "counts": dict(counts)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position; the settings that fix the order must be unchanged."""
+        """Continue at a saved global position. What fixes the order must be unchanged; the world
+        size, micro-batch and workers may differ."""
+        if "position" not in state:
+            raise ValueError("the data state has no global 'position' (a round-1 checkpoint, whose "
+                             "order depended on the world size): it cannot be continued exactly; "
+                             "start a fresh run or resume without the data state")
         settings = self._settings()
         wrong = [f"{k}: saved {state.get(k)!r}, now {settings[k]!r}"
                  for k in _STATE_CHECKED if state.get(k) != settings[k]]
         if wrong:
-            raise ValueError("cannot resume the data stream exactly, settings changed:\n  "
-                             + "\n  ".join(wrong))
-        if not 0 <= state["batches_in_epoch"] < self.batches_per_epoch:
-            raise ValueError(f"batches_in_epoch {state['batches_in_epoch']} out of range")
+            raise ValueError("cannot resume the data stream exactly, what fixes the sample order "
+                             "changed (seed, shards or their sizes, weights, epoch size, global "
+                             "batch, shuffle buffer):\n  " + "\n  ".join(wrong))
+        position, micro = int(state["position"]), self.plan.micro_global_batch
+        if not 0 <= position < self.plan.epoch_length or position % micro:
+            raise ValueError(f"data position {position} is not a multiple of the micro-step global "
+                             f"batch {micro} (batch_size x world) inside the epoch's "
+                             f"{self.plan.epoch_length}: keep run.global_batch_size and resume at "
+                             f"an optimizer step")
         self.close()
-        self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
+        self.epoch, self.batches_in_epoch = int(state["epoch"]), position // micro
         self._base_counts = Counter(state.get("counts", {}))
         self._worker_counts = {}
 
@@ -124,7 +154,7 @@ class TrainLoader:
         return {reason: counts.get(reason, 0) for reason in SKIP_REASONS}
 
     def repeat_count(self) -> int:
-        """Samples repeated to fill the batch slots of skipped ones (or of short shards)."""
+        """Slots filled with a repeat of a good sample of the same share (bad or missing ones)."""
         return _sum_counts(self._base_counts, self._worker_counts).get("repeated", 0)
 
     def close(self) -> None:
@@ -148,41 +178,58 @@ def _train_sources(cfg: DataConfig, skips: Counter) -> list[Source]:
         raise ValueError(f"data.train_weights must be >= 0 with a positive sum: {cfg.train_weights}")
     url_lists = [expand_urls(p) for p in cfg.train_shards]
     check_shards_exist([u for urls in url_lists for u in urls])
-    need_sizes = not cfg.resampled or cfg.samples_per_epoch <= 0 or not cfg.train_weights
     weights = cfg.train_weights or [0.0] * len(url_lists)
-    return [Source(urls, shard_sizes(urls, skips) if need_sizes else None, w)
-            for urls, w in zip(url_lists, weights)]
+    # sizes always: the global order maps positions to (shard, index), resampled mode included
+    return [Source(urls, shard_sizes(urls, skips), w) for urls, w in zip(url_lists, weights)]
+
+
+def _order_digest(sources: list[Source], quotas: list[int]) -> str:
+    """Digest of the shard lists, their sizes, weights and quotas (anything that moves samples)."""
+    parts = [(s.urls, s.sizes, s.weight) for s in sources] + [quotas]
+    return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
 
 
 def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: float,
-                       scl_mask_prob: float, epoch_start_state: dict | None = None) -> TrainLoader:
-    """This rank's endless training loader; `epoch_start_state` = a saved `state_dict()`."""
+                       scl_mask_prob: float, global_batch_size: int = 0,
+                       epoch_start_state: dict | None = None) -> TrainLoader:
+    """This rank's endless training loader; `epoch_start_state` = a saved `state_dict()`.
+
+    `global_batch_size`: samples per OPTIMIZER step (`run.global_batch_size`, = batch_size x world
+    x grad_accum); the epoch is cut to a multiple of it, so its length does not depend on the world
+    size. 0 = batch_size x world_size (then the epoch length does depend on the world)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     if cfg.batch_size <= 0:
         raise ValueError(f"data.batch_size must be positive, got {cfg.batch_size}")
+    micro_global = cfg.batch_size * world_size
+    global_batch_size = global_batch_size or micro_global
+    if global_batch_size % micro_global:
+        raise ValueError(f"global batch {global_batch_size} is not a multiple of data.batch_size "
+                         f"({cfg.batch_size}) x world_size ({world_size})")
     sizing_counts: Counter = Counter()
     sources = _train_sources(cfg, sizing_counts)
     quotas = [] if cfg.resampled else source_quotas(sources, cfg.samples_per_epoch)
-    epoch_size = (sum(quotas) if not cfg.resampled
-                  else cfg.samples_per_epoch or sum(s.size for s in sources))
-    workers = max(1, cfg.num_workers)
-    batches_per_worker = epoch_size // (world_size * workers * cfg.batch_size)
-    if batches_per_worker == 0:
-        raise ValueError(f"an epoch of {epoch_size} samples cannot give every one of {world_size} "
-                         f"ranks x {workers} workers one batch of {cfg.batch_size}")
+    virtual_size = (sum(quotas) if not cfg.resampled
+                    else cfg.samples_per_epoch or sum(s.size for s in sources))
+    epoch_length = virtual_size // global_batch_size * global_batch_size
+    if epoch_length == 0:
+        raise ValueError(f"an epoch of {virtual_size} samples cannot give one global batch of "
+                         f"{global_batch_size} (batch_size {cfg.batch_size} x {world_size} ranks "
+                         f"x grad_accum)")
     plan = TrainPlan(sources=sources, quotas=quotas, resampled=cfg.resampled,
-                     batches_per_worker=batches_per_worker, batch_size=cfg.batch_size,
-                     num_workers=workers, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                     virtual_size=virtual_size, epoch_length=epoch_length,
+                     shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, batch_size=cfg.batch_size,
                      rank=rank, world_size=world_size, caption_key=cfg.caption_key,
                      max_pixels=cfg.max_image_pixels,
                      draft_size=train_draft_size(cfg.image_size, cfg.train_crop_scale))
     transform = train_transform(cfg.image_size, cfg.train_crop_scale, cfg.hflip, cfg.randaugment)
     collator = Collator(build_tokenizer(cfg.tokenizer), transform, cfg.mean, cfg.std,
                         cfg.max_text_len, mlm_prob, scl_mask_prob)
-    loader = TrainLoader(plan, collator, cfg.num_workers, sizing_counts)
-    logger.info("train data: %d samples/epoch, rank %d/%d gets %d batches of %d per epoch",
-                epoch_size, rank, world_size, loader.batches_per_epoch, cfg.batch_size)
+    loader = TrainLoader(plan, collator, cfg.num_workers, global_batch_size,
+                         _order_digest(sources, quotas), sizing_counts)
+    logger.info("train data: %d samples/epoch (of %d), rank %d/%d gets %d batches of %d per epoch",
+                epoch_length, virtual_size, rank, world_size, loader.batches_per_epoch,
+                cfg.batch_size)
     if epoch_start_state:
         loader.load_state_dict(epoch_start_state)
     return loader

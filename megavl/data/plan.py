@@ -1,24 +1,21 @@
-"""Which samples each (rank, worker) reads: a pure function of (seed, epoch, rank, world, workers).
+"""The epoch's virtual sample sequence: a pure function of (seed, epoch, sources), never of the world.
 
 Epoch mode: each source contributes a quota of samples per epoch (its size, or its mixture weight
 times the epoch size; a quota above the size repeats whole shards, below it takes a subset that
 changes every epoch). The quota's shard pieces ("segments") of all sources are shuffled into one
-virtual sequence, which is cut into `world * workers` contiguous, equal chunks of
-`batches_per_worker * batch_size` samples (the remainder, < world*workers*batch, is dropped). So
-every rank yields exactly the same number of batches and each sample appears at most once.
+virtual sequence.
 
-Resampled mode: each worker draws shards with replacement (source by weight, then shard uniformly)
-from its own seeded generator, forever.
+Resampled mode: the virtual sequence is whole shards drawn with replacement (source by weight, or by
+size without weights; shard uniformly) from one epoch-seeded generator until the epoch is full.
 
-The chunk of "logical worker" l on rank r is chunk r * workers + l. DataLoader worker processes are
-mapped to logical workers by the stream (see stream.py) so that resumption keeps the order.
+order.py turns the virtual sequence into the epoch's global sample order; which rank reads which
+position is stream.py's business. Nothing here depends on the rank, world size or workers.
 """
 from __future__ import annotations
 
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Iterator
 
 
 def derive_seed(*parts: object) -> int:
@@ -108,22 +105,27 @@ def slice_segments(segments: list[Segment], begin: int, end: int) -> list[Segmen
     return out
 
 
-def worker_chunk(segments: list[Segment], chunk_index: int, chunk_len: int) -> list[Segment]:
-    """Chunk `chunk_index` (= rank * workers + logical worker) of the epoch's sequence."""
-    return slice_segments(segments, chunk_index * chunk_len, (chunk_index + 1) * chunk_len)
-
-
-def resampled_segments(sources: list[Source], seed: int, epoch: int, rank: int,
-                       worker: int) -> Iterator[Segment]:
-    """Whole shards drawn with replacement, forever: source by weight (by size if no weights)."""
-    rng = random.Random(derive_seed(seed, "resample", epoch, rank, worker))
+def resampled_epoch_segments(sources: list[Source], epoch_size: int, seed: int,
+                            epoch: int) -> list[Segment]:
+    """`epoch_size` samples as whole shards drawn with replacement (the last one cut)."""
+    rng = random.Random(derive_seed(seed, "resample", epoch))
     if all(s.weight <= 0 for s in sources):
         weights = [float(s.size) for s in sources]
     else:
         weights = [s.weight for s in sources]
-    while True:
+    weights = [w if s.size > 0 else 0.0 for w, s in zip(weights, sources)]  # never draw empty ones
+    if not any(w > 0 for w in weights):
+        raise ValueError("resampled mode: no source with a positive weight has samples")
+    segments: list[Segment] = []
+    remaining = epoch_size
+    while remaining > 0:
         source = rng.choices(sources, weights=weights)[0]
-        yield Segment(rng.choice(source.urls), 0, None)
+        i = rng.randrange(len(source.urls))
+        take = min(source.sizes[i], remaining)
+        if take > 0:
+            segments.append(Segment(source.urls[i], 0, take))
+            remaining -= take
+    return segments
 
 
 def eval_rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:

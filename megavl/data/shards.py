@@ -5,8 +5,9 @@ KEY form one raw sample (`KEY.jpg` + `KEY.txt` and/or `KEY.json`). A URL is a lo
 `pipe:COMMAND` whose stdout is the tar.
 
 A raw sample is a dict `{"__key__": str, "__url__": str, "__index__": int, EXT: bytes | FileSpan}`.
-For local files the member bytes are NOT read while iterating: a `FileSpan` (offset, size) is kept
-and read on demand (`read_field`), so shuffling and fast-forwarding on resume touch only tar headers.
+`iter_raw_samples` reads a shard in one sequential pass (bytes, or for header-only passes over local
+files a `FileSpan` (offset, size) that `read_field` reads later by opening the file again: tools
+only). Training reads samples by index with one handle per shard: reader.py.
 """
 from __future__ import annotations
 
@@ -102,8 +103,11 @@ class _PipeFile:
 
 
 def iter_raw_samples(url: str, start: int = 0, stop: int | None = None,
-                     skips: Counter | None = None) -> Iterator[RawSample]:
-    """Raw samples number `start <= i < stop` of one shard, in file order.
+                     skips: Counter | None = None, read_data: bool = False) -> Iterator[RawSample]:
+    """Raw samples number `start <= i < stop` of one shard, in file order, in ONE open of the file.
+
+    `read_data`: member bytes are read on the way (one sequential pass: the eval stream); else a
+    local shard gives `FileSpan`s (headers only: counting, tools) and a pipe always gives bytes.
 
     A truncated or unreadable shard ends early: the partial sample is dropped and the event is
     counted in `skips` as `truncated_tar` / `unreadable_shard` (and logged), never raised.
@@ -128,7 +132,7 @@ def iter_raw_samples(url: str, start: int = 0, stop: int | None = None,
                                if index >= start else None)
                 if current is None:
                     continue
-                if pipe:
+                if pipe or read_data:
                     data = tf.extractfile(member).read()
                     if len(data) != member.size:
                         raise tarfile.ReadError("unexpected end of data")

@@ -1,63 +1,48 @@
-"""The per-worker pipeline, as a list of stages (what flows out of each in the comments):
+"""The per-worker pipeline of the training stream, stage by stage (what flows out of each):
 
-  plan.py segments      -> shard pieces this (epoch, rank, logical worker) reads
-  shards.iter_raw_samples -> raw samples: keys + byte spans, nothing decoded
-  shuffle_buffer        -> raw samples in a seeded order (a pure function of the plan)
-  slots of batch_size   -> batch j of this worker is raw samples [j*B, (j+1)*B) of that order
-  decode_sample         -> RGB image + caption + image id, or a skip reason (counted)
-  fill                  -> skipped slots take a repeat of a good sample of the same batch
-  Collator(seed)        -> the batch dict (collate.py), augmentation/masks seeded per batch
+  plan.py / order.py  the epoch's global order: position -> (shard, index), world-independent
+  rank share          rank batch t of this rank = epoch e = t // batches_per_epoch, micro-step
+                      j = t % batches_per_epoch, positions [j*G + r*B, j*G + (r+1)*B), G = B * world
+                      (contiguous shares: rank r's rows are rows r*B.. of the global batch)
+  reader.py           raw samples, one open handle per shard, member bytes by seek
+  decode_sample       RGB image + caption + image id, or a skip reason (counted)
+  fill                a bad slot repeats a good sample of the same rank share (i-th bad slot takes
+                      good[i % len(good)]); an all-bad share borrows from the rank's next shares
+  Collator            the batch dict (collate.py); augmentation and masks seeded PER SAMPLE from
+                      (seed, epoch, position), so a sample looks the same at any world size
 
-Because a batch's raw samples depend only on (seed, epoch, rank, world, workers, batch index) --
-never on which samples failed to decode -- the loader's state is just (epoch, batches consumed):
-on resume each worker skips its first j*B raw samples without reading image bytes.
-
-DataLoader hands batches out round-robin from worker 0. Global batch k of an epoch belongs to
-logical worker k % W; after resuming at batch b, physical worker p plays logical worker
-(p + b) % W so the round-robin order continues exactly.
+DataLoader hands batches out round-robin from worker 0, so after a (re)start at rank batch t0,
+physical worker p serves t0 + p, t0 + p + W, ...: no state beyond t0, and no fast-forward reading.
+What a good sample looks like and where it sits in the global order depend only on (seed, epoch,
+position); only the filler of a bad slot depends on the share (B, world).
 """
 from __future__ import annotations
 
 import itertools
 import logging
-import random
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from megavl.data.collate import Collator
 from megavl.data.decode import Decoded, decode_sample
-from megavl.data.plan import (Segment, Source, derive_seed, epoch_segments, resampled_segments,
-                              slice_segments, worker_chunk)
+from megavl.data.order import EpochOrder
+from megavl.data.plan import (Segment, Source, derive_seed, epoch_segments,
+                              resampled_epoch_segments, slice_segments)
+from megavl.data.reader import ShardReader
 from megavl.data.shards import RawSample, iter_raw_samples
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-MAX_LOOKAHEAD_SLOTS = 16     # an all-bad batch borrows good samples from up to this many next ones
-MAX_EMPTY_SHARD_DRAWS = 100  # resampled mode: this many unreadable draws in a row is an error
+MAX_LOOKAHEAD_BATCHES = 16  # an all-bad share borrows good samples from up to this many next ones
 
 
-def shuffle_buffer(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
-    """Buffered shuffle (as webdataset's): emits a random buffered item for each new one."""
-    buffer: list[T] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def read_segments(segments: Iterable[Segment], skips: Counter) -> Iterator[RawSample]:
+def read_segments(segments, skips: Counter, read_data: bool = False) -> Iterator[RawSample]:
     for seg in segments:
-        yield from iter_raw_samples(seg.url, seg.start, seg.stop, skips)
+        yield from iter_raw_samples(seg.url, seg.start, seg.stop, skips, read_data=read_data)
 
 
 def _worker_identity() -> tuple[int, int | None]:
@@ -68,139 +53,124 @@ def _worker_identity() -> tuple[int, int | None]:
     return info.id, info.num_workers
 
 
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """Seed of the augmentation and text masks of the sample at a global position."""
+    return derive_seed(seed, "sample", epoch, position)
+
+
 @dataclass
 class TrainPlan:
-    """Everything that fixes a rank's sample order (see plan.py)."""
+    """Everything that fixes the global order (world-independent) plus this rank's share."""
 
     sources: list[Source]
     quotas: list[int]            # epoch mode: samples per source per epoch
     resampled: bool
-    batches_per_worker: int      # per epoch, the same on every rank and worker
-    batch_size: int
-    num_workers: int             # logical workers W (1 when the DataLoader has none)
-    shuffle_buffer: int
+    virtual_size: int            # samples in the epoch's virtual sequence
+    epoch_length: int            # positions used per epoch: a multiple of the global batch
+    shuffle_buffer: int          # order.py's window size
     seed: int
+    batch_size: int              # micro-batch B per rank
     rank: int
     world_size: int
     caption_key: str
     max_pixels: int
     draft_size: int
 
+    @property
+    def micro_global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.epoch_length // self.micro_global_batch
+
+    def epoch_order(self, epoch: int) -> EpochOrder:
+        if self.resampled:
+            segments = resampled_epoch_segments(self.sources, self.virtual_size, self.seed, epoch)
+        else:
+            segments = epoch_segments(self.sources, self.quotas, self.seed, epoch)
+        return EpochOrder(segments, self.shuffle_buffer, self.seed, epoch, self.epoch_length)
+
+    def share(self, t: int) -> tuple[int, list[int]]:
+        """(epoch, global positions) of this rank's batch number t (counted across epochs)."""
+        epoch, j = divmod(t, self.batches_per_epoch)
+        first = j * self.micro_global_batch + self.rank * self.batch_size
+        return epoch, list(range(first, first + self.batch_size))
+
 
 class TrainStream(IterableDataset):
-    """Yields this rank's batches forever, starting at (start_epoch, start_batch)."""
+    """Yields this rank's batches forever, starting at rank batch `start_batch` (across epochs)."""
 
-    def __init__(self, plan: TrainPlan, collator: Collator, start_epoch: int, start_batch: int):
-        self.plan, self.collator = plan, collator
-        self.start_epoch, self.start_batch = start_epoch, start_batch
+    def __init__(self, plan: TrainPlan, collator: Collator, start_batch: int):
+        self.plan, self.collator, self.start_batch = plan, collator, start_batch
 
     def __iter__(self) -> Iterator[dict]:
-        physical, num_workers = _worker_identity()
-        plan = self.plan
-        if (num_workers or 1) != plan.num_workers:
-            raise RuntimeError(f"stream planned for {plan.num_workers} workers runs in {num_workers}")
-        logical = (physical + self.start_batch) % plan.num_workers
+        worker, num_workers = _worker_identity()
+        step = num_workers or 1
         counts: Counter = Counter()
-        epoch, done = self.start_epoch, self.start_batch
-        while True:
-            # batches k < done with k % W == logical were consumed before the restart
-            first_j = max(0, (done - logical + plan.num_workers - 1) // plan.num_workers)
-            yield from self._epoch(epoch, logical, first_j, counts)
-            epoch, done = epoch + 1, 0
+        self._orders: dict[int, EpochOrder] = {}
+        self._reader = ShardReader(counts)
+        try:
+            t = self.start_batch + worker
+            while True:
+                yield self._batch(t, worker, counts)
+                t += step
+        finally:
+            self._reader.close()
 
-    def _raw_order(self, epoch: int, logical: int, skips: Counter) -> Iterator[RawSample]:
-        plan = self.plan
-        if plan.resampled:
-            segments = resampled_segments(plan.sources, plan.seed, epoch, plan.rank, logical)
-            rng = random.Random(derive_seed(plan.seed, "shuffle", epoch, plan.rank, logical))
-            yield from shuffle_buffer(_guard_empty(segments, skips), plan.shuffle_buffer, rng)
-            return
-        chunk_len = plan.batches_per_worker * plan.batch_size
-        chunk = worker_chunk(epoch_segments(plan.sources, plan.quotas, plan.seed, epoch),
-                             plan.rank * plan.num_workers + logical, chunk_len)
-        # Pass 0 is the chunk. Later passes only run when shards held fewer samples than their
-        # stats said (truncation); they repeat the chunk in a new order to keep batch counts equal.
-        for pass_index in itertools.count():
-            rng = random.Random(derive_seed(plan.seed, "shuffle", epoch, plan.rank, logical,
-                                            pass_index))
-            produced = 0
-            for raw in shuffle_buffer(read_segments(chunk, skips), plan.shuffle_buffer, rng):
-                produced += 1
-                raw["__pass__"] = pass_index
-                yield raw
-            if produced == 0:
-                raise RuntimeError(f"rank {plan.rank} worker {logical}: no readable sample in "
-                                   f"{[s.url for s in chunk]}")
+    def _order(self, epoch: int) -> EpochOrder:
+        if epoch not in self._orders:
+            for old in [e for e in self._orders if e < epoch - 1]:
+                del self._orders[old]
+            self._orders[epoch] = self.plan.epoch_order(epoch)
+        return self._orders[epoch]
 
-    def _epoch(self, epoch: int, logical: int, first_j: int, counts: Counter) -> Iterator[dict]:
-        plan = self.plan
-        raw = self._raw_order(epoch, logical, counts)
-        skipped = sum(1 for _ in itertools.islice(raw, first_j * plan.batch_size))
-        if skipped != first_j * plan.batch_size:
-            raise RuntimeError("raw stream ended while fast-forwarding")
-        if first_j:
-            counts.clear()  # skips met while fast-forwarding were counted before the restart
-        pending: deque[list[RawSample]] = deque()
+    def _decode_share(self, t: int) -> tuple[int, list[int], list[Decoded | str | None]]:
+        epoch, positions = self.plan.share(t)
+        order = self._order(epoch)
+        decoded = []
+        for p in positions:
+            raw = self._reader.read(*order.locate(p))
+            decoded.append(None if raw is None else self._decode(raw))
+        return epoch, positions, decoded
 
-        def next_slot() -> list[RawSample]:
-            if pending:
-                return pending.popleft()
-            return list(itertools.islice(raw, plan.batch_size))
-
-        for j in range(first_j, plan.batches_per_worker):
-            slot = next_slot()
-            decoded = [self._decode(r) for r in slot]
-            for d in decoded:
-                if isinstance(d, str):
-                    counts[d] += 1
-            counts["repeated"] += sum(1 for r in slot if r.get("__pass__", 0) > 0)
-            good = [d for d in decoded if isinstance(d, Decoded)]
-            if not good:
-                good = self._borrow(pending, raw, slot)
-            samples, bad = [], 0
-            for d in decoded:
-                if isinstance(d, Decoded):
-                    samples.append(d)
-                else:
-                    samples.append(good[bad % len(good)])
-                    bad += 1
-            counts["repeated"] += bad
-            index = j * plan.num_workers + logical
-            batch = self.collator(samples, derive_seed(plan.seed, "batch", epoch, plan.rank, index))
-            batch["_meta"] = {"epoch": epoch, "index": index, "counts": dict(counts)}
-            yield batch
+    def _batch(self, t: int, worker: int, counts: Counter) -> dict:
+        epoch, positions, decoded = self._decode_share(t)
+        for d in decoded:
+            if isinstance(d, str):
+                counts[d] += 1  # None: a sample missing from a short shard, counted by the reader
+        good = [d for d in decoded if isinstance(d, Decoded)]
+        if not good:
+            good = self._borrow(t, positions)
+        samples, bad = [], 0
+        for d in decoded:
+            if isinstance(d, Decoded):
+                samples.append(d)
+            else:
+                samples.append(good[bad % len(good)])
+                bad += 1
+        counts["repeated"] += bad
+        seeds = [sample_seed(self.plan.seed, epoch, p) for p in positions]
+        batch = self.collator(samples, seeds)
+        batch["_meta"] = {"batch": t, "worker": worker, "counts": dict(counts)}
+        return batch
 
     def _decode(self, raw: RawSample) -> Decoded | str:
         plan = self.plan
         return decode_sample(raw, caption_key=plan.caption_key, max_pixels=plan.max_pixels,
                              draft_size=plan.draft_size)
 
-    def _borrow(self, pending: deque, raw: Iterator[RawSample],
-                slot: list[RawSample]) -> list[Decoded]:
-        """Good samples for a batch whose samples all failed: from the next batches' samples
-        (read ahead into `pending`, which later serves those batches as usual)."""
-        for depth in range(MAX_LOOKAHEAD_SLOTS):
-            if len(pending) <= depth:
-                pending.append(list(itertools.islice(raw, self.plan.batch_size)))
-            good = [d for d in map(self._decode, pending[depth]) if isinstance(d, Decoded)]
+    def _borrow(self, t: int, positions: list[int]) -> list[Decoded]:
+        """Good samples for a share whose samples all failed: from the rank's next shares (their
+        samples still appear in their own batches as usual)."""
+        for ahead in range(1, MAX_LOOKAHEAD_BATCHES + 1):
+            good = [d for d in self._decode_share(t + ahead)[2] if isinstance(d, Decoded)]
             if good:
                 return good
-        urls = sorted({r["__url__"] for r in slot})
-        raise RuntimeError(f"{MAX_LOOKAHEAD_SLOTS + 1} consecutive batches without one decodable "
+        epoch = self.plan.share(t)[0]
+        urls = sorted({self._order(epoch).locate(p)[0] for p in positions})
+        raise RuntimeError(f"{MAX_LOOKAHEAD_BATCHES + 1} consecutive batches without one decodable "
                            f"sample (shards {urls}): the data is broken, fix or drop these shards")
-
-
-def _guard_empty(segments: Iterator[Segment], skips: Counter) -> Iterator[RawSample]:
-    """Resampled reading that fails loudly instead of spinning over unreadable shards."""
-    empty_in_row = 0
-    for seg in segments:
-        produced = 0
-        for raw in iter_raw_samples(seg.url, seg.start, seg.stop, skips):
-            produced += 1
-            yield raw
-        empty_in_row = 0 if produced else empty_in_row + 1
-        if empty_in_row >= MAX_EMPTY_SHARD_DRAWS:
-            raise RuntimeError(f"{empty_in_row} shard draws in a row gave no sample (last {seg.url})")
 
 
 @dataclass
@@ -234,8 +204,8 @@ class EvalStream(IterableDataset):
         hi = plan.begin + total * (worker + 1) // workers
         counts: Counter = Counter()
         samples: list[Decoded] = []
-        batch_index = 0
-        raws = read_segments(slice_segments(plan.segments, lo, hi), counts)
+        raws = read_segments(slice_segments(plan.segments, lo, hi), counts, read_data=True)
+        seeds: list[int] = []
         for raw in itertools.chain(raws, [None]):
             if raw is not None:
                 d = decode_sample(raw, caption_key=plan.caption_key, max_pixels=plan.max_pixels,
@@ -244,9 +214,10 @@ class EvalStream(IterableDataset):
                     counts[d] += 1
                     continue
                 samples.append(d)
+                # masks seeded by the sample's place in the val sequence: the same on any world
+                seeds.append(derive_seed(plan.seed, "eval", raw["__url__"], raw["__index__"]))
             if samples and (len(samples) == plan.batch_size or raw is None):
-                batch = self.collator(samples, derive_seed(plan.seed, "eval", plan.rank, worker,
-                                                           batch_index))
+                batch = self.collator(samples, seeds)
                 batch["_meta"] = {"worker": worker, "counts": dict(counts)}
                 yield batch
-                samples, batch_index = [], batch_index + 1
+                samples, seeds = [], []

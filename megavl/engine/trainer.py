@@ -145,7 +145,9 @@ class Trainer:
 
         masking = cfg.objectives.masking
         self.loader = build_train_loader(cfg.data, rank=self.dist.rank, world_size=self.dist.world_size,
-                                         mlm_prob=masking.text_mask_prob, scl_mask_prob=masking.text_mask_prob)
+                                         mlm_prob=masking.text_mask_prob, scl_mask_prob=masking.text_mask_prob,
+                                         global_batch_size=cfg.run.global_batch_size
+                                         or cfg.data.batch_size * cfg.run.grad_accum * self.dist.world_size)
         self.step = 0
         self._grad_norm_fallback: float | None = None
         self._resume(resume, fresh)

@@ -1,5 +1,6 @@
 """Train/eval loaders on real shards in tmp_path: batch layout, equal batches per rank, exactly-once
-epochs, mixture weights, resampling, missing shards, eval coverage."""
+epochs, mixture weights, resampling, missing shards, eval coverage. World-size independence of the
+order: test_data_global_order.py."""
 from __future__ import annotations
 
 import io
@@ -85,7 +86,7 @@ def test_uneven_shards_equal_batches_each_sample_once(tmp_path, with_stats):
     per_rank = []
     for rank in range(2):
         loader = build_train_loader(cfg, rank=rank, world_size=2, mlm_prob=0.15, scl_mask_prob=0.4)
-        assert loader.batches_per_epoch == 4  # 26 // (2 ranks * 2 workers * 3) = 2 per worker
+        assert loader.batches_per_epoch == 4  # 26 cut to 24 = 4 global batches of 2 ranks x 3
         per_rank.append([epoch_keys(loader), epoch_keys(loader)])
         loader.close()
     for epoch in range(2):
@@ -150,7 +151,7 @@ def test_missing_shards_fail_at_start_listing_them(tmp_path):
 
 def test_epoch_too_small_for_world_is_an_error(tmp_path):
     cfg = make_cfg(train_shards=[write_source(str(tmp_path), "a", [5])])
-    with pytest.raises(ValueError, match="cannot give every one"):
+    with pytest.raises(ValueError, match="cannot give one global batch"):
         build_train_loader(cfg, rank=0, world_size=2, mlm_prob=0.15, scl_mask_prob=0.4)
 
 
