@@ -58,6 +58,7 @@ def _kernel_rows(device: torch.device, quick: bool) -> list[Row]:
 
 
 def _sections(include_base: bool) -> list[tuple[str, Callable[[torch.device, bool], list[Row]]]]:
+    import bench_checkpoint
     import bench_model
     import bench_step
     import bench_zero
@@ -66,6 +67,7 @@ def _sections(include_base: bool) -> list[tuple[str, Callable[[torch.device, boo
         ("masked encoding", bench_model.masked_encoding),
         ("framework overhead", lambda d, q: bench_step.framework_rows(d, q, include_base)),
         ("ZeRO-3 memory", bench_zero.zero3_memory),
+        ("checkpoint", bench_checkpoint.checkpoint_rows),
         ("FLOP accounting", bench_model.flop_accounting),
         ("data", _data_rows),
         ("kernels", _kernel_rows),

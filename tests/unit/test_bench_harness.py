@@ -12,7 +12,7 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-EXPECTED_BENCHES = ["masked encoding", "framework overhead", "ZeRO-3 memory", "FLOP accounting", "data",
+EXPECTED_BENCHES = ["masked encoding", "framework overhead", "ZeRO-3 memory", "checkpoint", "FLOP accounting", "data",
                     "kernels", "attention", "end to end"]
 FIELDS = {"bench", "case", "metric", "megavl", "reference", "reference_name", "ratio", "goal", "met", "note"}
 
