@@ -76,9 +76,14 @@ def universal_values(folder: Path) -> tuple[Callable[[str], dict], int]:
         return out
 
     step_files = sorted(zero.glob("*/step.pt"))
-    if not step_files:
-        raise CheckpointError(f"{folder}: no Adam step in the converted checkpoint")
-    step = torch.load(step_files[0], map_location="cpu", weights_only=True)
+    if step_files:  # ZeRO-1/2 and bf16: one per parameter
+        step = torch.load(step_files[0], map_location="cpu", weights_only=True)
+    else:  # ZeRO-3 keeps it in the common optimizer state (DeepSpeed's pickle, not a megavl file)
+        common = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+        states = common.get("optimizer_state_dict", {}).get("state", {})
+        if not states:
+            raise CheckpointError(f"{folder}: no Adam step in the converted checkpoint")
+        step = next(iter(states.values()))["step"]
     return values, int(step.item() if torch.is_tensor(step) else step)
 
 

@@ -165,7 +165,7 @@ class Trainer:
         self.run_id = checkpoint.broadcast_from_rank0(checkpoint.new_run_id() if self.dist.is_main else None)
         if fresh and resume not in ("auto", "none"):
             raise checkpoint.CheckpointError(f"--fresh starts a new run; it cannot be combined with --resume {resume}")
-        choice = self._choose_checkpoint("none" if fresh else resume) if self.dist.is_main else None
+        choice = self._choose_checkpoint(resume) if self.dist.is_main and not fresh else None
         choice = checkpoint.broadcast_from_rank0(choice)
         if isinstance(choice, str):  # rank 0's error, raised on every rank alike
             raise checkpoint.CheckpointError(choice)

@@ -139,3 +139,13 @@ def test_sigkill_during_save_then_resume_and_mistaken_fresh_runs(reference, shar
     marker = json.loads((out / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE.json").read_text())
     assert marker["step"] == STEPS
     _assert_losses_match(ref, out, range(int(complete[-1][5:13]) + 1 if complete else 1, STEPS + 1))
+
+    # A changed schedule on resume applies in full (issue 15 item 9): the base lr AND max_steps of the
+    # recipe at the resumed step, not DeepSpeed's restored base rates next to a new teacher momentum.
+    from megavl.engine.optim import lr_factor
+    from megavl.objectives.teacher import teacher_momentum
+
+    _run(2, stage, shards, out, "run.max_steps=5", "optim.lr=1e-3")
+    logged, _ = _scalars(out)
+    assert logged["train/lr"][5] == pytest.approx(1e-3 * lr_factor(5, 20, 5, "cosine"), rel=1e-6)
+    assert logged["train/teacher_momentum"][5] == pytest.approx(teacher_momentum(4, 5, 0.99, 1.0), rel=1e-6)
