@@ -72,7 +72,9 @@ def universal_values(folder: Path) -> tuple[Callable[[str], dict], int]:
             path = zero / name / f"{key}.pt"
             if not path.is_file():
                 raise CheckpointError(f"{folder}: no {key} for parameter {name}")
-            out[key] = torch.load(path, map_location="cpu", weights_only=True)["param"].float()
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            # ZeRO-1/2 folders hold {"param": tensor, "cat_dim": ...}, ZeRO-3 folders the bare tensor
+            out[key] = (saved["param"] if isinstance(saved, dict) else saved).float()
         return out
 
     step_files = sorted(zero.glob("*/step.pt"))

@@ -163,6 +163,9 @@ class Trainer:
 
         Rank 0 lists the directory and picks the tag; every rank gets its choice (or its error)."""
         self.run_id = checkpoint.broadcast_from_rank0(checkpoint.new_run_id() if self.dist.is_main else None)
+        # The recipe's (lr, weight decay) per group, read from the fresh optimizer before any load
+        # (param_groups() cannot be re-run after ZeRO-3 has partitioned the parameters).
+        self._recipe_groups = [(g["initial_lr"], g["weight_decay"]) for g in self.scheduler.optimizer.param_groups]
         if fresh and resume not in ("auto", "none"):
             raise checkpoint.CheckpointError(f"--fresh starts a new run; it cannot be combined with --resume {resume}")
         choice = self._choose_checkpoint(resume) if self.dist.is_main and not fresh else None
@@ -238,13 +241,10 @@ class Trainer:
         if changed:
             log.warning("schedule changed since the checkpoint, applying the new one from step %d: %s", self.step,
                         ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-        fresh = param_groups(self.module, self.cfg.optim)
-        groups = self.engine.optimizer.param_groups
-        if [g["names"] for g in fresh] != [g["names"] for g in groups]:
-            raise checkpoint.CheckpointError("optimizer parameter groups differ from the recipe's")
-        for group, want in zip(groups, fresh):
-            group["initial_lr"], group["weight_decay"] = want["lr"], want["weight_decay"]
-        self.scheduler.base_lrs = [g["lr"] for g in fresh]
+        groups = self.scheduler.optimizer.param_groups  # the torch AdamW that DeepSpeed steps
+        for group, (lr, weight_decay) in zip(groups, self._recipe_groups, strict=True):
+            group["initial_lr"], group["weight_decay"] = lr, weight_decay
+        self.scheduler.base_lrs = [lr for lr, _ in self._recipe_groups]
         self.scheduler.last_epoch = self.step - 1
         self.scheduler.step()  # last_epoch = step: each group's lr = base x lr_factor(step)
 
