@@ -20,7 +20,7 @@ from megavl.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {"tiny": REPO / "configs/tiny.yaml", "4m": REPO / "configs/pretrain_4m.yaml"}
-DS_CONFIGS = {stage: REPO / f"ds_configs/zero{stage}.json" for stage in (0, 3)}
+DS_CONFIGS = {stage: REPO / f"ds_configs/zero{stage}.json" for stage in (0, 2, 3)}
 
 
 @dataclass

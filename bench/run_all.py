@@ -84,6 +84,7 @@ def _kernel_rows(device: torch.device, quick: bool) -> list[Row]:
 
 
 def _sections(include_base: bool) -> list[tuple[str, Callable[[torch.device, bool], list[Row]]]]:
+    import bench_checkpoint
     import bench_ema
     import bench_itm_exchange
     import bench_model
@@ -99,6 +100,8 @@ def _sections(include_base: bool) -> list[tuple[str, Callable[[torch.device, boo
         ("ITM negatives", bench_itm_exchange.rows),
         ("EMA teacher", bench_ema.rows),
         ("ZeRO-3 curriculum", bench_zero3_curriculum.rows),
+
+        ("checkpoint", bench_checkpoint.checkpoint_rows),
         ("FLOP accounting", bench_model.flop_accounting),
         ("data", _data_rows),
         ("video decoding", _video_rows),

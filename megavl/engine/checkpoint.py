@@ -1,128 +1,379 @@
-"""Checkpoints: DeepSpeed's own (model, optimizer, scheduler) plus megavl's per-rank state.
+"""Checkpoints that are never lost: DeepSpeed's own files plus megavl's state, a completion marker last.
 
 Layout under <output_dir>/checkpoints/:
-    step_00000100/                 one DeepSpeed tag
-        megavl_rank{r}.pt          teacher shards, objective buffers, data position, RNG, step
-        ... DeepSpeed's files ...
-    latest                         written by DeepSpeed LAST, so it never names a half-written tag
+    step_00000100/                  one tag (`step_00000100_<run id>` if another run owns that name)
+        .writing                    {"run_id"}: a save by that run started here (removed when complete)
+        ... DeepSpeed's files ...   model, optimizer partitions, scheduler
+        megavl/meta.json            rank 0: step, data position, run id, world size, ZeRO stage, schedule
+        megavl/state.safetensors    rank 0: every module buffer (ITC queues + pointer, SemMIM centres,
+                                    towers' buffers), the teacher (full tensors) and its fp32 master
+                                    (ZeRO-0/1/2: identical on every rank, so written once)
+        megavl/teacher_rank{r}.safetensors   ZeRO-3 only: rank r's teacher shards (+ fp32 master shards)
+        megavl/rng_rank{r}.json     every rank: python / numpy / torch RNG states as plain lists
+        config.yaml
+        COMPLETE.json               rank 0, LAST, after a barrier: run id, step, world, every file + size
+    latest                          rank 0, after COMPLETE.json: the newest complete tag (for export)
 
-The teacher is saved here rather than trusted to DeepSpeed: under ZeRO-3 its frozen parameters are
-not in the optimizer, so we store this rank's shard (`ds_tensor`) of each, and restore it in place.
+A tag without COMPLETE.json is half-written. Nothing here deletes a tag that the current run did not
+write: `prune` removes only complete tags whose marker names this run's id, and half-written tags
+whose `.writing` names it. megavl's files are safetensors + JSON, loaded without unpickling.
+The teacher is stored world-independently (full tensors, or ZeRO-3 shards reassembled at load), so a
+checkpoint resumes on any world size; DeepSpeed's partitions are resharded by `reshard.py`.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import re
 import shutil
+import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
-TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+TAG_PATTERN = re.compile(r"^step_(\d{8})(?:_([0-9a-f]+))?$")
+MARKER, WRITING, MEGAVL = "COMPLETE.json", ".writing", "megavl"
+FORMAT = 2  # round 1 wrote megavl_rank{r}.pt pickles and no marker
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
+class CheckpointError(RuntimeError):
+    """A checkpoint directory cannot be used as asked; the message says why and what to do."""
 
 
-def _local_tensor(p: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of a parameter: its ZeRO-3 shard, or the whole tensor when unsharded."""
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
+def tag_for(step: int, run_id: str | None = None) -> str:
+    return f"step_{step:08d}" + (f"_{run_id}" if run_id else "")
+
+
+# ------------------------------------------------------------------------------------ collectives
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_from_rank0(value):
+    """Rank 0's `value` on every rank (a listing on a network filesystem can differ between ranks)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --------------------------------------------------------------------------------- file helpers
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _owner(tag_dir: Path) -> str | None:
+    """Run id that wrote (or is writing) this tag; None for a foreign or round-1 directory."""
+    for name in (MARKER, WRITING):
+        try:
+            return _read_json(tag_dir / name)["run_id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def tag_dirs(ckpt_dir: Path) -> list[Path]:
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
+
+
+# ------------------------------------------------------------------------------------ RNG as lists
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    py = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def save(engine, module: torch.nn.Module, ckpt_dir: Path, step: int, rank: int, extra: dict,
-         keep: int) -> Path:
-    """Save a complete checkpoint for `step` (a collective: every rank calls it)."""
-    tag = tag_for(step)
-    tag_dir = Path(ckpt_dir) / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": step,
-        "teacher": {n: _local_tensor(p).detach().clone() for n, p in module.teacher.named_parameters()},
-        "buffers": {n: b.detach().clone() for n, b in module.named_buffers() if not n.startswith(("student.", "teacher."))},
-        "teacher_master": {k: v.clone() for k, v in module.teacher_master.items()},
-        "rng": rng_state(),
-        **extra,
-    }
-    tmp = tag_dir / f".megavl_rank{rank}.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(tag_dir / f"megavl_rank{rank}.pt")
-    # DeepSpeed writes `latest` after its own files; our files are complete before it starts.
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=True)
-    if dist.is_initialized():
-        dist.barrier()
+# ------------------------------------------------------------------------- teacher, buffers: save
+def _partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_tensor")
+
+
+def _module_tensors(module: torch.nn.Module, rank: int, zero3: bool) -> tuple[dict, dict | None]:
+    """(rank 0's state.safetensors, this rank's teacher shard file or None)."""
+    shared: dict[str, torch.Tensor] = {}
+    shards: dict[str, torch.Tensor] = {}
     if rank == 0:
-        prune(ckpt_dir, keep)
+        shared.update({f"buffer/{n}": b for n, b in module.named_buffers()})
+    for name, p in module.teacher.named_parameters():
+        if _partitioned(p):
+            shards[f"teacher/{name}"] = p.ds_tensor.data
+        elif rank == 0:
+            shared[f"teacher/{name}"] = p.data
+    for key, value in module.teacher_master.items():
+        base = key.removesuffix("/full")
+        shard = key == base and _partitioned(dict(module.teacher.named_parameters())[base])
+        if shard:
+            shards[f"master/{key}"] = value
+        elif rank == 0:
+            shared[f"master/{key}"] = value
+    return shared, (shards if zero3 else None)
+
+
+@dataclass
+class SaveInfo:
+    run_id: str
+    world_size: int
+    zero_stage: int
+    keep: int
+    config_yaml: str
+
+
+def _choose_save_tag(ckpt_dir: Path, step: int, run_id: str) -> Path:
+    """`step_N`, or `step_N_<run id>` when another run owns `step_N` (its files are never touched)."""
+    plain = ckpt_dir / tag_for(step)
+    if not plain.exists() or _owner(plain) == run_id:
+        return plain
+    return ckpt_dir / tag_for(step, run_id)
+
+
+def save(engine, module: torch.nn.Module, ckpt_dir: Path, step: int, rank: int, meta: dict,
+         info: SaveInfo) -> Path:
+    """Save a complete checkpoint for `step` (a collective: every rank calls it)."""
+    ckpt_dir = Path(ckpt_dir)
+    tag_dir = None
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tag_dir = _choose_save_tag(ckpt_dir, step, info.run_id)
+        if tag_dir.exists():  # our own earlier attempt at this step (killed, or a rerun): replace it
+            if _owner(tag_dir) != info.run_id:
+                raise CheckpointError(f"{tag_dir} exists and was not written by this run ({info.run_id})")
+            shutil.rmtree(tag_dir)
+        (tag_dir / MEGAVL).mkdir(parents=True)
+        _write_json(tag_dir / WRITING, {"run_id": info.run_id, "step": step})
+    tag_dir = Path(broadcast_from_rank0(str(tag_dir) if tag_dir else None))
+    _barrier()
+    started = time.monotonic()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state={"step": step}, save_latest=False,
+                         exclude_frozen_parameters=True)  # the teacher: megavl writes it once, below
+    shared, shards = _module_tensors(module, rank, info.zero_stage == 3)
+    if shards is not None:
+        _save_tensors(tag_dir / MEGAVL / f"teacher_rank{rank}.safetensors", shards)
+    _write_json(tag_dir / MEGAVL / f"rng_rank{rank}.json", rng_state())
+    if rank == 0:
+        _save_tensors(tag_dir / MEGAVL / "state.safetensors", shared)
+        _write_json(tag_dir / MEGAVL / "meta.json", {
+            **meta, "format": FORMAT, "step": step, "run_id": info.run_id, "world_size": info.world_size,
+            "zero_stage": info.zero_stage})
+        (tag_dir / "config.yaml").write_text(info.config_yaml)
+    _barrier()  # every rank's DeepSpeed and megavl files are complete
+    if rank == 0:
+        files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+                 if p.is_file() and p.name != WRITING and not p.name.startswith(".")}
+        _write_json(tag_dir / MARKER, {"run_id": info.run_id, "step": step, "world_size": info.world_size,
+                                       "zero_stage": info.zero_stage, "format": FORMAT,
+                                       "saved_at": time.time(), "files": files})
+        (tag_dir / WRITING).unlink()
+        tmp = ckpt_dir / ".latest.tmp"
+        tmp.write_text(tag_dir.name)
+        os.replace(tmp, ckpt_dir / "latest")
+        log.info("checkpoint %s complete (%.1f s)", tag_dir.name, time.monotonic() - started)
+        prune(ckpt_dir, info.keep, info.run_id, current=tag_dir.name)
+    _barrier()  # no rank exits (SIGTERM path) before the marker is on disk
     return tag_dir
 
 
-def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Tags up to and including the one `latest` names, oldest first."""
-    ckpt_dir = Path(ckpt_dir)
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return []
-    newest = latest.read_text().strip()
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
-    return [t for t in tags if t <= newest]
+def prune(ckpt_dir: Path, keep: int, run_id: str, current: str | None = None) -> list[str]:
+    """Delete this run's complete tags but the newest `keep`, and this run's half-written tags.
+
+    Tags written by any other run (another run id, round-1 checkpoints, foreign directories) are
+    never touched, whatever their age or state."""
+    mine_complete, mine_partial = [], []
+    for tag_dir in tag_dirs(ckpt_dir):
+        if tag_dir.name == current:
+            mine_complete.append(tag_dir)
+            continue
+        marker = _marker(tag_dir)
+        if marker is not None and marker.get("run_id") == run_id:
+            mine_complete.append(tag_dir)
+        elif marker is None and _owner(tag_dir) == run_id:
+            mine_partial.append(tag_dir)
+    mine_complete.sort(key=lambda p: _marker(p)["step"] if _marker(p) else -1)
+    doomed = mine_complete[:-keep] + mine_partial
+    for tag_dir in doomed:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        log.info("removed checkpoint %s (written by this run, %s)", tag_dir.name, run_id)
+    return [p.name for p in doomed]
 
 
-def prune(ckpt_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints, and any tag newer than `latest`
-    (left by a save that was killed half-way)."""
-    ckpt_dir = Path(ckpt_dir)
-    complete = complete_tags(ckpt_dir)
-    all_tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
-    doomed = complete[:-keep] + [t for t in all_tags if complete and t > complete[-1]]
-    for tag in doomed:
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-        log.info("removed checkpoint %s", tag)
+# ---------------------------------------------------------------------------------- choosing a tag
+def _marker(tag_dir: Path) -> dict | None:
+    try:
+        marker = _read_json(tag_dir / MARKER)
+        return marker if isinstance(marker, dict) and "files" in marker else None
+    except (OSError, ValueError):
+        return None
 
 
-def latest_tag(ckpt_dir: Path, world_size: int) -> str | None:
-    """The newest complete checkpoint: named by `latest`, with every rank's megavl state present."""
-    ckpt_dir = Path(ckpt_dir)
-    for tag in reversed(complete_tags(ckpt_dir)):
-        if all((ckpt_dir / tag / f"megavl_rank{r}.pt").is_file() for r in range(world_size)):
-            return tag
-        log.warning("checkpoint %s is incomplete; trying an older one", tag)
-    return None
+def check(tag_dir: Path) -> dict:
+    """The marker of a complete, readable checkpoint; raises CheckpointError saying what is wrong."""
+    tag_dir = Path(tag_dir)
+    if not (tag_dir / MARKER).is_file():
+        if any(tag_dir.glob("megavl_rank*.pt")):
+            raise CheckpointError(f"{tag_dir.name}: a round-1 checkpoint (megavl_rank*.pt pickles, no "
+                                  f"{MARKER}); this version cannot resume it")
+        raise CheckpointError(f"{tag_dir.name}: no {MARKER} (a save that did not finish)")
+    marker = _marker(tag_dir)
+    if marker is None:
+        raise CheckpointError(f"{tag_dir.name}: {MARKER} is unreadable")
+    for rel, size in marker["files"].items():
+        path = tag_dir / rel
+        if not path.is_file():
+            raise CheckpointError(f"{tag_dir.name}: {rel} is missing")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{tag_dir.name}: {rel} has {path.stat().st_size} bytes, "
+                                  f"{size} when saved (truncated or overwritten)")
+    for rel in marker["files"]:
+        path = tag_dir / rel
+        try:
+            if rel.endswith(".safetensors"):
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        f.get_slice(key)
+            elif rel.endswith(".json"):
+                _read_json(path)
+        except Exception as err:  # noqa: BLE001 - any parse failure means "corrupt"
+            raise CheckpointError(f"{tag_dir.name}: {rel} is corrupt ({type(err).__name__}: {err})") from None
+    return marker
 
 
-def load(engine, module: torch.nn.Module, ckpt_dir: Path, tag: str, rank: int) -> dict:
-    """Restore everything `save` wrote; returns megavl's per-rank state (step, data position, ...)."""
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False,
-                                     load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
-    state = torch.load(Path(ckpt_dir) / tag / f"megavl_rank{rank}.pt", map_location="cpu", weights_only=False)
-    with torch.no_grad():
-        for name, p in module.teacher.named_parameters():
-            _local_tensor(p).copy_(state["teacher"][name])
-        buffers = dict(module.named_buffers())
-        for name, value in state["buffers"].items():
-            buffers[name].copy_(value)
-        device = next(module.teacher.parameters()).device
-        module.teacher_master.clear()
-        module.teacher_master.update({k: v.to(device) for k, v in state.get("teacher_master", {}).items()})
-    set_rng_state(state["rng"])
-    return state
+def choose_tag(ckpt_dir: Path) -> tuple[str | None, list[str]]:
+    """(newest usable tag or None, why each newer one was skipped). Run on rank 0 only.
+
+    Newest = the marker written last (its step breaks ties), so after a fresh run started beside old
+    checkpoints, `--resume auto` continues that fresh run."""
+    candidates = []
+    for tag_dir in tag_dirs(ckpt_dir):
+        marker = _marker(tag_dir)
+        candidates.append(((marker or {}).get("saved_at", -1.0), (marker or {}).get("step", -1), tag_dir))
+    skipped = []
+    for _, _, tag_dir in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
+        try:
+            check(tag_dir)
+            return tag_dir.name, skipped
+        except CheckpointError as err:
+            log.warning("checkpoint %s unusable, trying an older one: %s", tag_dir.name, err)
+            skipped.append(str(err))
+    return None, skipped
+
+
+# ---------------------------------------------------------------------------------------- loading
+def read_meta(tag_dir: Path) -> dict:
+    return _read_json(Path(tag_dir) / MEGAVL / "meta.json")
+
+
+def _reassemble(files: list[Path], key: str, numel: int) -> torch.Tensor:
+    """A ZeRO-3 tensor's full flat value from every old rank's shard (padding at the end dropped)."""
+    pieces = []
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            pieces.append(f.get_tensor(key))
+    return torch.cat(pieces)[:numel]
+
+
+def _my_shard(full_flat: torch.Tensor, shard: torch.Tensor, rank: int) -> torch.Tensor:
+    size = shard.numel()
+    padded = torch.zeros(size * (rank + 1), dtype=full_flat.dtype)
+    n = min(full_flat.numel(), padded.numel())
+    padded[:n] = full_flat[:n]
+    return padded[rank * size:(rank + 1) * size]
+
+
+@torch.no_grad()
+def load_module_state(module: torch.nn.Module, tag_dir: Path, rank: int, old_world: int) -> None:
+    """Restore buffers, the teacher and its fp32 master, on any world size and ZeRO stage."""
+    tag_dir = Path(tag_dir)
+    shared = load_file(str(tag_dir / MEGAVL / "state.safetensors"))
+    shard_files = sorted(tag_dir.glob(f"{MEGAVL}/teacher_rank*.safetensors"),
+                         key=lambda p: int(re.search(r"(\d+)\.safetensors$", p.name).group(1)))
+    if shard_files and len(shard_files) != old_world:
+        raise CheckpointError(f"{tag_dir.name}: {len(shard_files)} teacher shard files for {old_world} ranks")
+    buffers = dict(module.named_buffers())
+    for key, value in shared.items():
+        if key.startswith("buffer/"):
+            buffers[key[len("buffer/"):]].copy_(value)
+
+    def full_value(kind: str, name: str, numel: int) -> torch.Tensor:
+        key = f"{kind}/{name}"
+        if key in shared:
+            return shared[key].flatten()
+        if not shard_files:
+            raise CheckpointError(f"{tag_dir.name}: {key} is not in the checkpoint")
+        return _reassemble(shard_files, key, numel)
+
+    params = dict(module.teacher.named_parameters())
+    master_keys = {k.removeprefix("master/") for k in shared if k.startswith("master/")}
+    if shard_files:
+        with safe_open(str(shard_files[0]), framework="pt") as f:
+            master_keys |= {k.removeprefix("master/") for k in f.keys() if k.startswith("master/")}
+    module.teacher_master.clear()
+    for name, p in params.items():
+        numel = p.ds_numel if _partitioned(p) else p.numel()
+        shape = p.ds_shape if _partitioned(p) else p.shape
+        full = full_value("teacher", name, numel)
+        if _partitioned(p):
+            p.ds_tensor.data.copy_(_my_shard(full, p.ds_tensor, rank).to(p.ds_tensor.dtype))
+            if p.data.numel() == numel:  # persistent: the full copy is used without a gather
+                p.data.copy_(full.view(shape).to(p.dtype))
+        else:
+            p.data.copy_(full.view(shape).to(p.dtype))
+        device = p.ds_tensor.device if _partitioned(p) else p.device
+        if name in master_keys:
+            master = full_value("master", name, numel)
+            module.teacher_master[name] = (_my_shard(master, p.ds_tensor, rank) if _partitioned(p)
+                                           else master.view(shape)).to(device).clone()
+        if f"{name}/full" in master_keys and _partitioned(p) and p.data.numel() == numel:
+            module.teacher_master[f"{name}/full"] = shared[f"master/{name}/full"].view(shape).to(device).clone()
+
+
+def load_rng(tag_dir: Path, rank: int) -> bool:
+    """This rank's RNG state if the old run had this rank; False (left as seeded) otherwise."""
+    path = Path(tag_dir) / MEGAVL / f"rng_rank{rank}.json"
+    if not path.is_file():
+        return False
+    set_rng_state(_read_json(path))
+    return True

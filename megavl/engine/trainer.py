@@ -21,7 +21,7 @@ from megavl.data import SKIP_REASONS, build_eval_loader, build_train_loader
 from megavl.objectives.pretrain import PretrainModule
 from megavl.objectives.teacher import teacher_momentum
 
-from . import checkpoint
+from . import checkpoint, reshard
 from .curriculum import MODE_IDS, mode_at, objectives_by_mode
 from .ds_compat import check_engine
 from .ds_config import build_ds_config, resolve_precision, zero_stage
@@ -131,7 +131,8 @@ def clear_zero3_grad_partitions(engine, zero_stage: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, ds_config_path: str, resume: str = "auto", stop: StopFlag | None = None) -> None:
+    def __init__(self, cfg: Config, ds_config_path: str, resume: str = "auto", stop: StopFlag | None = None,
+                 fresh: bool = False) -> None:
         self.cfg = cfg
         self.dist: DistInfo = init_distributed()
         self.device = self.dist.device
@@ -154,7 +155,7 @@ class Trainer:
                                          or cfg.data.batch_size * cfg.run.grad_accum * self.dist.world_size)
         self.step = 0
         self._grad_norm_fallback: float | None = None
-        self._resume(resume)
+        self._resume(resume, fresh)
         self.stop = stop or StopFlag()
         self.monitor = Monitor(self.output_dir, self.dist.is_main, cfg.run.max_steps, self.step)
         if self.dist.is_main:
@@ -162,30 +163,102 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # ------------------------------------------------------------------------------ resume
-    def _resume(self, resume: str) -> None:
-        if resume == "none":
+    def _resume(self, resume: str, fresh: bool) -> None:
+        """Continue from a checkpoint (any world size, any ZeRO stage), or start a new run.
+
+        Rank 0 lists the directory and picks the tag; every rank gets its choice (or its error)."""
+        self.run_id = checkpoint.broadcast_from_rank0(checkpoint.new_run_id() if self.dist.is_main else None)
+        # The recipe's (lr, weight decay) per group, read from the fresh optimizer before any load
+        # (param_groups() cannot be re-run after ZeRO-3 has partitioned the parameters).
+        self._recipe_groups = [(g["initial_lr"], g["weight_decay"]) for g in self.scheduler.optimizer.param_groups]
+        if fresh and resume not in ("auto", "none"):
+            raise checkpoint.CheckpointError(f"--fresh starts a new run; it cannot be combined with --resume {resume}")
+        choice = self._choose_checkpoint(resume) if self.dist.is_main and not fresh else None
+        choice = checkpoint.broadcast_from_rank0(choice)
+        if isinstance(choice, str):  # rank 0's error, raised on every rank alike
+            raise checkpoint.CheckpointError(choice)
+        if choice is None:
+            if fresh:
+                log.info("--fresh: new run %s at step 0; checkpoints already in %s are kept", self.run_id,
+                         self.ckpt_dir)
             return
-        if resume == "auto":
-            tag = checkpoint.latest_tag(self.ckpt_dir, self.dist.world_size)
-            if tag is None:
-                return
-            ckpt_dir = self.ckpt_dir
+        tag_dir = Path(choice["tag_dir"])
+        meta = checkpoint.read_meta(tag_dir)
+        old_world, old_stage = meta["world_size"], meta["zero_stage"]
+        if reshard.needs_reshard(tag_dir, old_world, old_stage, self.dist.world_size, self.zero_stage):
+            log.info("resuming %s saved on %d ranks (ZeRO-%d) on %d ranks (ZeRO-%d): resharding", tag_dir.name,
+                     old_world, old_stage, self.dist.world_size, self.zero_stage)
+            reshard.load(self.engine, self.module, tag_dir, self.dist.rank, self.zero_stage)
         else:
-            path = Path(resume)
-            ckpt_dir, tag = path.parent, path.name
-            if not (path / f"megavl_rank{self.dist.rank}.pt").is_file():
-                raise FileNotFoundError(f"--resume {resume}: not a megavl checkpoint directory")
-        state = checkpoint.load(self.engine, self.module, ckpt_dir, tag, self.dist.rank)
-        self.step = state["step"]
-        self.loader.load_state_dict(state["data"])
-        log.info("resumed from %s/%s at step %d", ckpt_dir, tag, self.step)
+            path, _ = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=False,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+            if path is None:
+                raise checkpoint.CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        checkpoint.load_module_state(self.module, tag_dir, self.dist.rank, old_world)
+        if not checkpoint.load_rng(tag_dir, self.dist.rank):
+            torch.manual_seed(self.cfg.run.seed + 1_000_003 * self.dist.rank + meta["step"])
+        self.step = meta["step"]
+        self.run_id = meta["run_id"]  # a resumed run keeps its id: it may prune its own older tags
+        self.engine.global_steps = self.step
+        self.engine.global_samples = self.step * self.engine.train_batch_size()
+        self._apply_schedule(meta.get("schedule", {}))
+        self.loader.load_state_dict(meta["data"])
+        log.info("resumed from %s at step %d (run %s)", tag_dir, self.step, self.run_id)
+
+    def _choose_checkpoint(self, resume: str) -> dict | str | None:
+        """Rank 0: {"tag_dir"} to load, None to start fresh, or an error message for every rank."""
+        existing = checkpoint.tag_dirs(self.ckpt_dir)
+        how = (f"continue with --resume auto, pick one with --resume {self.ckpt_dir}/<tag>, start a new run "
+               f"beside them with --fresh (they are kept), or set another run.output_dir")
+        if resume == "none":
+            if existing:
+                return (f"{self.ckpt_dir} holds {len(existing)} checkpoint(s) ({existing[-1].name}, ...) and "
+                        f"--resume none was asked: {how}")
+            return None
+        if resume == "auto":
+            if not existing:
+                return None
+            tag, skipped = checkpoint.choose_tag(self.ckpt_dir)
+            if tag is None:
+                return (f"--resume auto: none of the {len(existing)} checkpoint(s) in {self.ckpt_dir} can be "
+                        f"used:\n  " + "\n  ".join(skipped) + f"\nNothing was deleted. To proceed: {how}")
+            return {"tag_dir": str(self.ckpt_dir / tag)}
+        try:
+            checkpoint.check(Path(resume))
+        except checkpoint.CheckpointError as err:
+            return f"--resume {resume}: {err}"
+        return {"tag_dir": str(Path(resume))}
+
+    def _schedule_settings(self) -> dict:
+        o = self.cfg.optim
+        return {"lr": o.lr, "warmup_steps": o.warmup_steps, "schedule": o.schedule, "min_lr_ratio": o.min_lr_ratio,
+                "fusion_lr_mult": o.fusion_lr_mult, "weight_decay": o.weight_decay,
+                "max_steps": self.cfg.run.max_steps}
+
+    def _apply_schedule(self, saved: dict) -> None:
+        """The recipe's schedule at the resumed step, for every group: base lr x multiplier, weight
+        decay, warm-up, decay over run.max_steps (the teacher momentum follows the same max_steps).
+
+        DeepSpeed restores the old base rates (and ZeRO-3's universal path would copy group 0's to
+        all); a changed optim.lr / warm-up / run.max_steps would then be half applied."""
+        current = self._schedule_settings()
+        changed = {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
+        if changed:
+            log.warning("schedule changed since the checkpoint, applying the new one from step %d: %s", self.step,
+                        ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        groups = self.scheduler.optimizer.param_groups  # the torch AdamW that DeepSpeed steps
+        for group, (lr, weight_decay) in zip(groups, self._recipe_groups, strict=True):
+            group["initial_lr"], group["weight_decay"] = lr, weight_decay
+        self.scheduler.base_lrs = [lr for lr, _ in self._recipe_groups]
+        self.scheduler.last_epoch = self.step - 1
+        self.scheduler.step()  # last_epoch = step: each group's lr = base x lr_factor(step)
 
     def save(self) -> None:
-        checkpoint.save(self.engine, self.module, self.ckpt_dir, self.step, self.dist.rank,
-                        {"data": self.loader.state_dict()}, keep=self.cfg.run.keep_checkpoints)
-        if self.dist.is_main:
-            (self.ckpt_dir / checkpoint.tag_for(self.step) / "config.yaml").write_text(
-                yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        meta = {"data": self.loader.state_dict(), "schedule": self._schedule_settings()}
+        info = checkpoint.SaveInfo(run_id=self.run_id, world_size=self.dist.world_size, zero_stage=self.zero_stage,
+                                   keep=self.cfg.run.keep_checkpoints,
+                                   config_yaml=yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        checkpoint.save(self.engine, self.module, self.ckpt_dir, self.step, self.dist.rank, meta, info)
 
     # -------------------------------------------------------------------------------- eval
     def evaluate(self) -> dict[str, float] | None:

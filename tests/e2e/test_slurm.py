@@ -5,7 +5,9 @@ generates. Only sbatch flags and the script's documented MEGAVL_* variables diff
 cluster submission. One test checks that it trains (event files, a ZeRO checkpoint written by both
 ranks); the other sends the time-limit signal (USR1 to the batch shell, as `--signal=B:USR1@600`
 does), and checks that the job checkpointed, requeued itself, resumed from that checkpoint, and
-finished.
+finished. A third requeues a 2-node job onto ONE node (`scontrol update NumNodes=1` while it is
+held between runs): the script recomputes micro-batch and grad_accum for the global batch, and the
+run continues from its 2-rank checkpoint on 1 rank (resharded) to the end.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-def submit(cluster: LocalSlurm, shards: Path, run_dir: Path, sets: str) -> int:
+def submit(cluster: LocalSlurm, shards: Path, run_dir: Path, sets: str, **extra_env: str) -> int:
     """sbatch the real script: CPU overrides as sbatch flags, the rest as documented MEGAVL_* variables."""
     train, val = sorted(shards.glob("train*.tar")), sorted(shards.glob("val*.tar"))
     assert train and val, f"no train/val shards in {shards}: {sorted(shards.iterdir())}"
@@ -63,7 +65,8 @@ def submit(cluster: LocalSlurm, shards: Path, run_dir: Path, sets: str) -> int:
                MEGAVL_TRAIN_SHARDS=f"[{', '.join(map(str, train))}]",
                MEGAVL_VAL_SHARDS=f"[{', '.join(map(str, val))}]",
                MEGAVL_EXTRA_SETS=f"data.num_workers=0 run.eval_every=0 run.image_log_every=0 {sets}",
-               MEGAVL_MASTER_ADDR="127.0.0.1")   # n1/n2 are not resolvable host names here
+               MEGAVL_MASTER_ADDR="127.0.0.1",   # n1/n2 are not resolvable host names here
+               **extra_env)
     # --time above the 10 minutes of --signal=B:USR1@600, or the warning would come at once.
     flags = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30",
              f"--output={run_dir}/job-%j.out"]
@@ -155,4 +158,30 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, shards, tmp_pat
     assert second, f"the second run logged nothing\n{log}"
     # Resumed, not restarted: the second run logs nothing before the saved step, and ends at the last.
     assert min(second) >= saved and max(second) == steps, f"steps {sorted(set(second))}, saved {saved}\n{log}"
+    assert latest_step(out) == steps, log
+
+
+def test_requeued_job_continues_on_another_node_count(cluster, shards, tmp_path):
+    steps = 12
+    job = submit(cluster, shards, tmp_path, f"run.max_steps={steps} run.checkpoint_every={steps} run.log_every=1",
+                 MEGAVL_MICRO_BATCH="8", MEGAVL_GLOBAL_BATCH="16")  # 2 ranks x 8, then 1 rank x 8 x 2
+    out = tmp_path / "out"
+    deadline = time.monotonic() + 300
+    while not any(s >= 2 for s in scalar_steps(event_files(out))):
+        state = cluster.job_info(job).get("JobState")
+        if time.monotonic() > deadline or state not in ("PENDING", "RUNNING"):
+            pytest.fail(f"job {job} is {state}, no training steps seen\n{job_log(tmp_path, job)}")
+        time.sleep(1)
+    cluster.scancel("--signal=USR1", "--batch", str(job))
+    cluster.wait_state(job, {"PENDING"}, timeout=90, context=job_log(tmp_path, job))
+    cluster.scontrol("hold", str(job))  # between runs: give the next run one node instead of two
+    cluster.scontrol("update", f"JobId={job}", "NumNodes=1", "NumTasks=1")
+    cluster.scontrol("release", str(job))
+    saved = latest_step(out)
+    assert 0 < saved < steps, job_log(tmp_path, job)
+    info = cluster.wait_state(job, {"COMPLETED"}, timeout=400, context=job_log(tmp_path, job))
+    log = job_log(tmp_path, job)
+    assert info["ExitCode"] == "0:0", log
+    assert "restart 1" in log and "1 ranks" in log, log
+    assert "resharding" in log, log
     assert latest_step(out) == steps, log

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from megavl.config import ConfigError, CurriculumConfig, load_config
 from megavl.engine import checkpoint
@@ -92,30 +93,67 @@ def test_ds_config_batch_mismatch_is_an_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------ checkpoints
-def _fake_ckpt(root, step, ranks=2):
-    tag = root / checkpoint.tag_for(step)
-    tag.mkdir(parents=True)
-    for r in range(ranks):
-        (tag / f"megavl_rank{r}.pt").write_bytes(b"x")
+def _fake_ckpt(root, step, run_id="run_a", complete=True, saved_at=None):
+    """A tag as `checkpoint.save` lays it out (tiny files), with or without its marker."""
+    tag = root / (checkpoint.tag_for(step) if run_id == "run_a" else checkpoint.tag_for(step, run_id))
+    (tag / "megavl").mkdir(parents=True)
+    (tag / "megavl" / "meta.json").write_text(json.dumps({"step": step, "run_id": run_id}))
+    save_file({"buffer/queue_ptr": torch.tensor(step)}, str(tag / "megavl" / "state.safetensors"))
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
+    if complete:
+        files = {str(p.relative_to(tag)): p.stat().st_size for p in tag.rglob("*") if p.is_file()}
+        (tag / checkpoint.MARKER).write_text(json.dumps({"run_id": run_id, "step": step, "files": files,
+                                                         "saved_at": saved_at if saved_at is not None else step}))
+    else:
+        (tag / checkpoint.WRITING).write_text(json.dumps({"run_id": run_id}))
     return tag
 
 
-def test_latest_is_the_newest_complete_tag(tmp_path):
+def test_newest_complete_tag_is_chosen_and_corrupt_ones_are_skipped(tmp_path):
     for step in (2, 4, 6):
         _fake_ckpt(tmp_path, step)
-    (tmp_path / "latest").write_text(checkpoint.tag_for(4))  # step 6 was being written when killed
-    assert checkpoint.latest_tag(tmp_path, world_size=2) == checkpoint.tag_for(4)
-    (tmp_path / checkpoint.tag_for(4) / "megavl_rank1.pt").unlink()  # a rank's file missing
-    assert checkpoint.latest_tag(tmp_path, world_size=2) == checkpoint.tag_for(2)
-    assert checkpoint.latest_tag(tmp_path / "empty", world_size=2) is None
+    _fake_ckpt(tmp_path, 8, complete=False)  # killed in the middle of its save: no marker
+    assert checkpoint.choose_tag(tmp_path)[0] == checkpoint.tag_for(6)
+    state = tmp_path / checkpoint.tag_for(6) / "megavl" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:-3])  # truncated
+    tag, skipped = checkpoint.choose_tag(tmp_path)
+    assert tag == checkpoint.tag_for(4) and "truncated" in skipped[0]
+    state = tmp_path / checkpoint.tag_for(4) / "megavl" / "state.safetensors"
+    state.write_bytes(b"\xff" * state.stat().st_size)  # same size, garbage
+    tag, skipped = checkpoint.choose_tag(tmp_path)
+    assert tag == checkpoint.tag_for(2) and "corrupt" in skipped[-1]
+    assert checkpoint.choose_tag(tmp_path / "empty") == (None, [])
 
 
-def test_prune_keeps_newest_and_drops_half_written(tmp_path):
-    for step in (2, 4, 6, 8):
-        _fake_ckpt(tmp_path, step)
-    (tmp_path / "latest").write_text(checkpoint.tag_for(6))
-    checkpoint.prune(tmp_path, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [checkpoint.tag_for(4), checkpoint.tag_for(6)]
+def test_round1_checkpoint_is_reported_not_used(tmp_path):
+    legacy = tmp_path / checkpoint.tag_for(100)
+    legacy.mkdir()
+    (legacy / "megavl_rank0.pt").write_bytes(b"x")
+    tag, skipped = checkpoint.choose_tag(tmp_path)
+    assert tag is None and "round-1" in skipped[0]
+
+
+def test_prune_touches_only_this_runs_tags(tmp_path):
+    """A 32-rank resume of a 16-rank run used to delete every old tag as 'newer than latest'."""
+    old = [_fake_ckpt(tmp_path, s, run_id="run_a") for s in (96, 98, 100)]
+    _fake_ckpt(tmp_path, 101, run_id="run_a", complete=False)  # another run's half-written save
+    mine = [_fake_ckpt(tmp_path, s, run_id="b0b", saved_at=1000 + s) for s in (2, 4, 6)]
+    _fake_ckpt(tmp_path, 8, run_id="b0b", complete=False)
+    removed = checkpoint.prune(tmp_path, keep=2, run_id="b0b")
+    assert sorted(removed) == sorted([mine[0].name, checkpoint.tag_for(8, "b0b")])
+    assert all(p.is_dir() for p in old) and (tmp_path / checkpoint.tag_for(101)).is_dir()
+    assert checkpoint.choose_tag(tmp_path)[0] == mine[-1].name  # the newest marker: the run started last
+
+
+def test_rng_state_round_trips_through_json(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = json.loads(json.dumps(checkpoint.rng_state()))
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    checkpoint.set_rng_state(state)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
 
 
 # retrieval metrics: tests/unit/test_retrieval_eval.py
