@@ -100,7 +100,6 @@ def _sections(include_base: bool) -> list[tuple[str, Callable[[torch.device, boo
         ("ITM negatives", bench_itm_exchange.rows),
         ("EMA teacher", bench_ema.rows),
         ("ZeRO-3 curriculum", bench_zero3_curriculum.rows),
-
         ("checkpoint", bench_checkpoint.checkpoint_rows),
         ("FLOP accounting", bench_model.flop_accounting),
         ("data", _data_rows),
