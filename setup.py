@@ -41,6 +41,7 @@ setup(
         "console_scripts": [
             "megavl-make-shards=megavl.tools.make_shards:main",
             "megavl-synth-shapes=megavl.tools.synth_shapes:main",
+            "megavl-synth-downstream=megavl.tools.synth_downstream:main",
             "megavl-train=megavl.train:main",
             "megavl-export=megavl.engine.export:main",
         ],
