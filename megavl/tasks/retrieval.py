@@ -1,0 +1,93 @@
+"""Image-text retrieval fine-tuning (ALBEF `models/model_retrieval.py`, BLIP negative_all_rank).
+
+Batch: one caption per row (images, input_ids, attention_mask, image_index = which image of the
+annotation set the caption describes). Losses over the GLOBAL batch (features gathered from all
+ranks, so the loss does not depend on the world size):
+  ITC  every caption of the same image is a positive: targets = same-image mask / its row sum
+       (ALBEF's `idx` targets), symmetric soft cross-entropy with a learnable temperature;
+  ITM  one hard negative text per image and one hard negative image per text, drawn from
+       softmax(ITC similarity) over the global batch with same-image columns excluded.
+Evaluation: megavl.tasks.retrieval_eval.retrieval_scores (ITC over all pairs, top-k re-scored by
+ITM, sharded over ranks) and megavl.tasks.metrics.retrieval_metrics; the best checkpoint by r_mean.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from megavl.config import ModelConfig
+from megavl.models.vlp import VLPModel
+from megavl.objectives.distributed import gather_features
+from megavl.objectives.itc import clamp_temperature_, itc_loss
+from megavl.objectives.itm import itm_loss, sample_hard_negatives
+from megavl.tasks.base import rank_world
+
+
+def same_image_targets(index_rows: torch.Tensor, index_cols: torch.Tensor) -> torch.Tensor:
+    """(R, C) rows summing to 1 over the columns that show the row's image."""
+    pos = (index_rows[:, None] == index_cols[None, :]).float()
+    return pos / pos.sum(dim=1, keepdim=True)
+
+
+class RetrievalModule(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, temp_init: float = 0.07, itm_weight: float = 1.0,
+                 mode: str = "two"):
+        super().__init__()
+        self.model = VLPModel(model_cfg)
+        self.temp = nn.Parameter(torch.full((1,), float(temp_init)))  # (1,): see PretrainModule
+        self.itm_weight, self.mode = itm_weight, mode
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m, idx = self.model, batch["image_index"]
+        with torch.no_grad():
+            clamp_temperature_(self.temp)
+        img = m.encode_image(batch["images"])
+        txt = m.encode_text(batch["input_ids"], batch["attention_mask"])
+        img_emb, txt_emb = m.image_embedding(img), m.text_embedding(txt)
+        idx_all = gather_features(idx, with_grad=False)
+        targets = same_image_targets(idx_all, idx_all)
+        itc = itc_loss(gather_features(img_emb), gather_features(txt_emb), self.temp[0], targets)
+        losses = {"itc": itc}
+        if self.itm_weight > 0:
+            losses["itm"] = self._itm(img, txt, img_emb, txt_emb, batch, idx_all, generator)
+        total = itc + self.itm_weight * losses.get("itm", 0.0)
+        return total, {k: v.detach() for k, v in losses.items()}
+
+    def _itm(self, img, txt, img_emb, txt_emb, batch, idx_all, generator) -> torch.Tensor:
+        rank, _ = rank_world()
+        B, mask = img.shape[0], batch["attention_mask"]
+        with torch.no_grad():
+            sim = (gather_features(img_emb.detach(), with_grad=False)
+                   @ gather_features(txt_emb.detach(), with_grad=False).t()) / self.temp.detach()
+            neg_txt = sample_hard_negatives(sim, idx_all, idx_all, generator=generator)
+            neg_img = sample_hard_negatives(sim.t(), idx_all, idx_all, generator=generator)
+        mine = slice(rank * B, (rank + 1) * B)
+        neg_txt, neg_img = neg_txt[mine].to(img.device), neg_img[mine].to(img.device)
+        img_all, txt_all = gather_features(img), gather_features(txt)
+        mask_all = gather_features(mask, with_grad=False)
+        fused = self.model.fuse(torch.cat([img, img_all[neg_img], img]),
+                                torch.cat([txt, txt, txt_all[neg_txt]]),
+                                torch.cat([mask, mask, mask_all[neg_txt]]), self.mode)
+        logits = self.model.itm_head(fused.image_global, fused.text_global)
+        labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)])
+        return itm_loss(logits, labels.to(img.device))
+
+
+@torch.no_grad()
+def evaluate(module: RetrievalModule, image_batches, text_batches, img2txt, txt2img, *, device,
+             dtype, k: int, rerank: str, mode: str | None = None) -> dict:
+    """TR/IR@1/5/10 and the r_means (percent) of one split; every rank returns the same dict.
+
+    image_batches yield this rank's share {"images", "index"}; text_batches {"input_ids",
+    "attention_mask", "index"} (the contract of eval12's retrieval_scores)."""
+    from megavl.tasks.metrics import retrieval_metrics
+    from megavl.tasks.retrieval_eval import retrieval_scores
+
+    was_training = module.training
+    module.eval()
+    scores_i2t, scores_t2i = retrieval_scores(module.model, image_batches, text_batches,
+                                              device=device, dtype=dtype, k=k,
+                                              mode=mode or module.mode, rerank=rerank)
+    module.train(was_training)
+    return retrieval_metrics(scores_i2t, img2txt, txt2img, scores_t2i=scores_t2i)
