@@ -20,7 +20,7 @@ class NLVR2Module(nn.Module):
 
     def __init__(self, model_cfg: ModelConfig, mode: str = "two"):
         super().__init__()
-        self.model = VLPModel(model_cfg)
+        self.student = VLPModel(model_cfg)
         self.mode = mode
         width = model_cfg.fusion.width
         self.head = mlp_head(4 * width, 2 * width, 2)
@@ -33,7 +33,7 @@ class NLVR2Module(nn.Module):
         stacked = torch.cat([images[:, 0], images[:, 1]])  # (2B, 3, S, S): left then right
         ids = batch["input_ids"].repeat(2, 1)
         mask = batch["attention_mask"].repeat(2, 1)
-        pooled = pooled_pair(self.model, stacked, ids, mask, self.mode)
+        pooled = pooled_pair(self.student, stacked, ids, mask, self.mode)
         return self.head(torch.cat([pooled[:B], pooled[B:]], dim=-1))
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -33,13 +33,13 @@ class RetrievalModule(nn.Module):
     def __init__(self, model_cfg: ModelConfig, temp_init: float = 0.07, itm_weight: float = 1.0,
                  mode: str = "two"):
         super().__init__()
-        self.model = VLPModel(model_cfg)
+        self.student = VLPModel(model_cfg)
         self.temp = nn.Parameter(torch.full((1,), float(temp_init)))  # (1,): see PretrainModule
         self.itm_weight, self.mode = itm_weight, mode
 
     def forward(self, batch: dict, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        m, idx = self.model, batch["image_index"]
+        m, idx = self.student, batch["image_index"]
         with torch.no_grad():
             clamp_temperature_(self.temp)
         img = m.encode_image(batch["images"])
@@ -66,10 +66,10 @@ class RetrievalModule(nn.Module):
         neg_txt, neg_img = neg_txt[mine].to(img.device), neg_img[mine].to(img.device)
         img_all, txt_all = gather_features(img), gather_features(txt)
         mask_all = gather_features(mask, with_grad=False)
-        fused = self.model.fuse(torch.cat([img, img_all[neg_img], img]),
+        fused = self.student.fuse(torch.cat([img, img_all[neg_img], img]),
                                 torch.cat([txt, txt, txt_all[neg_txt]]),
                                 torch.cat([mask, mask, mask_all[neg_txt]]), self.mode)
-        logits = self.model.itm_head(fused.image_global, fused.text_global)
+        logits = self.student.itm_head(fused.image_global, fused.text_global)
         labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)])
         return itm_loss(logits, labels.to(img.device))
 
@@ -86,7 +86,7 @@ def evaluate(module: RetrievalModule, image_batches, text_batches, img2txt, txt2
 
     was_training = module.training
     module.eval()
-    scores_i2t, scores_t2i = retrieval_scores(module.model, image_batches, text_batches,
+    scores_i2t, scores_t2i = retrieval_scores(module.student, image_batches, text_batches,
                                               device=device, dtype=dtype, k=k,
                                               mode=mode or module.mode, rerank=rerank)
     module.train(was_training)

@@ -60,14 +60,14 @@ class VQAModule(nn.Module):
 
     def __init__(self, model_cfg: ModelConfig, answers: list[str], mode: str = "two"):
         super().__init__()
-        self.model = VLPModel(model_cfg)
+        self.student = VLPModel(model_cfg)
         self.answers = list(answers)
         self.mode = mode
         width = model_cfg.fusion.width
         self.head = mlp_head(2 * width, 2 * width, len(answers))
 
     def logits(self, batch: dict) -> torch.Tensor:
-        pooled = pooled_pair(self.model, batch["images"], batch["input_ids"],
+        pooled = pooled_pair(self.student, batch["images"], batch["input_ids"],
                              batch["attention_mask"], self.mode)
         return self.head(pooled)
 

@@ -66,7 +66,7 @@ def test_vqa_loss_is_bce_times_labels_and_learns(cfg):
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
     loss.backward()
     assert module.head[0].weight.grad.abs().sum() > 0
-    assert module.model.vision.pos_embed.grad.abs().sum() > 0
+    assert module.student.vision.pos_embed.grad.abs().sum() > 0
 
 
 def test_nlvr2_stacked_pass_equals_two_passes(cfg):
@@ -77,8 +77,8 @@ def test_nlvr2_stacked_pass_equals_two_passes(cfg):
     batch = {"images": images, "input_ids": ids, "attention_mask": mask,
              "label": torch.tensor([1, 0, 1])}
     from megavl.tasks.base import pooled_pair
-    left = pooled_pair(module.model, images[:, 0], ids, mask, "two")
-    right = pooled_pair(module.model, images[:, 1], ids, mask, "two")
+    left = pooled_pair(module.student, images[:, 0], ids, mask, "two")
+    right = pooled_pair(module.student, images[:, 1], ids, mask, "two")
     torch.testing.assert_close(module.logits(batch), module.head(torch.cat([left, right], -1)),
                                rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="B, 2, 3"):
@@ -100,7 +100,7 @@ def test_retrieval_itc_targets_every_caption_of_the_image(cfg):
              "image_index": idx}
     total, losses = module(batch, torch.Generator().manual_seed(0))
     # slow reference of the ITC part: soft cross-entropy row by row, both directions
-    m = module.model
+    m = module.student
     img = m.image_embedding(m.encode_image(batch["images"]))
     txt = m.text_embedding(m.encode_text(ids, mask))
     s = img @ txt.t() / module.temp[0]
@@ -108,7 +108,7 @@ def test_retrieval_itc_targets_every_caption_of_the_image(cfg):
     t2i = sum(-(t[:, c] * F.log_softmax(s[:, c], 0)).sum() for c in range(6)) / 6
     torch.testing.assert_close(losses["itc"], (i2t + t2i).detach() / 2, rtol=1e-4, atol=1e-5)
     total.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.itm_head.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.student.itm_head.parameters())
     assert torch.isfinite(total) and set(losses) == {"itc", "itm"}
 
 
