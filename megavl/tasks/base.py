@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from megavl.config import ModelConfig
+from megavl.data.task_data import TaskCollator, TaskDataset, TaskLoader
+from megavl.data.transforms import eval_transform, train_transform
 from megavl.models.vision import resample_pos_embed
 from megavl.models.vlp import VLPModel
 
@@ -114,3 +118,46 @@ def gather_objects(local: list) -> list:
     parts: list = [None] * world
     dist.all_gather_object(parts, local)
     return [x for part in parts for x in part]
+
+
+# ------------------------------------------------------------------------ what a task gives
+@dataclass
+class TaskParts:
+    """Everything the fine-tuning engine needs from a task.
+
+    evaluate(split) is a collective (every rank calls it) returning the same metrics dict on
+    every rank; split is "val" or "test". write_results(split, out_dir) writes the task's result
+    files (VQA: the server file) on rank 0 and returns their paths; None where a task has none."""
+
+    module: torch.nn.Module
+    train_loader: "TaskLoader"
+    evaluate: Callable[[str], dict]
+    best_metric: str
+    write_results: Callable[[str, str], list[str]] | None = None
+    extra_state: dict = field(default_factory=dict)   # saved with the run (e.g. the VQA answers)
+
+
+def collators(cfg, tokenizer):
+    """(train, eval) TaskCollators from the data config: ALBEF train augmentation and eval resize."""
+    d = cfg.data
+    train = TaskCollator(train_transform(d.image_size, d.train_crop_scale, d.hflip, d.randaugment),
+                         d.mean, d.std, tokenizer, d.max_text_len, train=True,
+                         image_size=d.image_size)
+    evaluation = TaskCollator(eval_transform(d.image_size), d.mean, d.std, tokenizer,
+                              d.max_text_len, train=False, image_size=d.image_size)
+    return train, evaluation
+
+
+def loader(items, to_fields, collator, cfg, *, train: bool) -> "TaskLoader":
+    rank, world = rank_world()
+    d = cfg.data
+    return TaskLoader(TaskDataset(items, to_fields, d.max_image_pixels, d.image_size), collator,
+                      batch_size=d.batch_size, rank=rank, world=world, train=train,
+                      seed=cfg.run.seed, num_workers=d.num_workers)
+
+
+def split_file(cfg, split: str) -> str:
+    path = {"val": cfg.task.val, "test": cfg.task.test}[split]
+    if not path:
+        raise ValueError(f"task.{split} is not set: no {split} split to evaluate")
+    return path

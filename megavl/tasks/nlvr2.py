@@ -36,7 +36,8 @@ class NLVR2Module(nn.Module):
         pooled = pooled_pair(self.student, stacked, ids, mask, self.mode)
         return self.head(torch.cat([pooled[:B], pooled[B:]], dim=-1))
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, batch: dict, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = F.cross_entropy(self.logits(batch).float(), batch["label"])
         return loss, {"nlvr2": loss.detach()}
 
@@ -60,3 +61,25 @@ def accuracy(module: NLVR2Module, loader, device, dtype) -> dict:
     if not scored:
         raise ValueError("NLVR2 evaluation saw no item")
     return {"accuracy": 100.0 * sum(scored.values()) / len(scored), "count": len(scored)}
+
+
+def _fields(item):
+    return [item.left, item.right], {"text": item.sentence, "label": item.label}
+
+
+def build_parts(cfg, tokenizer, device, dtype, **_):
+    from megavl.data.annotations import load_nlvr2
+    from megavl.tasks.base import TaskParts, collators, loader, split_file
+
+    t = cfg.task
+    train_items = [it for path in t.train for it in load_nlvr2(path, t.image_root)[0]]
+    module = NLVR2Module(cfg.model, t.fusion_mode)
+    train_collate, eval_collate = collators(cfg, tokenizer)
+
+    def evaluate_split(split: str) -> dict:
+        items, _ = load_nlvr2(split_file(cfg, split), t.image_root)
+        return accuracy(module, loader(items, _fields, eval_collate, cfg, train=False), device, dtype)
+
+    return TaskParts(module=module, train_loader=loader(train_items, _fields, train_collate, cfg,
+                                                        train=True),
+                     evaluate=evaluate_split, best_metric="accuracy")

@@ -91,3 +91,65 @@ def evaluate(module: RetrievalModule, image_batches, text_batches, img2txt, txt2
                                               mode=mode or module.mode, rerank=rerank)
     module.train(was_training)
     return retrieval_metrics(scores_i2t, img2txt, txt2img, scores_t2i=scores_t2i)
+
+
+# ------------------------------------------------------------------------------ engine parts
+def _train_fields(item):
+    path, text, image_index = item
+    return [path], {"text": text, "image_index": image_index}
+
+
+def _image_fields(path):
+    return [path], {}
+
+
+def _valid_rows(batches):
+    """Drop the padding rows of eval batches: the contract wants this rank's share exactly once."""
+    for batch in batches:
+        keep = batch.pop("valid")
+        if keep.any():
+            yield {k: v[keep] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def text_batches(texts: list[str], tokenizer, max_len: int, batch_size: int):
+    """This rank's contiguous share of the texts, tokenised in batches {input_ids, attention_mask,
+    index}."""
+    import math
+
+    rank, world = rank_world()
+    per_rank = math.ceil(len(texts) / world)
+    lo, hi = min(rank * per_rank, len(texts)), min((rank + 1) * per_rank, len(texts))
+    for start in range(lo, hi, batch_size):
+        stop = min(start + batch_size, hi)
+        tokens = tokenizer(texts[start:stop], padding="max_length", truncation=True,
+                           max_length=max_len, return_tensors="pt")
+        yield {"input_ids": tokens["input_ids"].long(),
+               "attention_mask": tokens["attention_mask"].long(),
+               "index": torch.arange(start, stop)}
+
+
+def build_parts(cfg, tokenizer, device, dtype, **_):
+    from megavl.data.annotations import load_retrieval
+    from megavl.tasks.base import TaskParts, collators, loader, split_file
+
+    t = cfg.task
+    items = []
+    offset = 0
+    for path in t.train:  # several files: image indices kept distinct across files
+        part = load_retrieval(path, t.image_root)
+        items += [(part.images[i], text, offset + i) for text, i in zip(part.texts, part.txt2img)]
+        offset += len(part.images)
+    module = RetrievalModule(cfg.model, cfg.objectives.itc.temp_init, t.itm_weight, t.fusion_mode)
+    train_collate, eval_collate = collators(cfg, tokenizer)
+
+    def evaluate_split(split: str) -> dict:
+        ann = load_retrieval(split_file(cfg, split), t.image_root)
+        images = _valid_rows(loader(ann.images, _image_fields, eval_collate, cfg, train=False))
+        texts = text_batches(ann.texts, tokenizer, cfg.data.max_text_len, cfg.data.batch_size)
+        return evaluate(module, images, texts, ann.img2txt, ann.txt2img, device=device,
+                        dtype=dtype, k=min(t.retrieval_k, len(ann.images), len(ann.texts)),
+                        rerank=t.retrieval_rerank)
+
+    return TaskParts(module=module, train_loader=loader(items, _train_fields, train_collate, cfg,
+                                                        train=True),
+                     evaluate=evaluate_split, best_metric="r_mean")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megavl.config import ModelConfig
-from megavl.data.annotations import VQAItem
+from megavl.data.annotations import VQAItem, load_vqa
 from megavl.models.vlp import VLPModel
 from megavl.tasks.base import gather_objects, mlp_head, pooled_pair
 from megavl.tasks.metrics import normalize_prediction, vqa_accuracy
@@ -71,7 +72,8 @@ class VQAModule(nn.Module):
                              batch["attention_mask"], self.mode)
         return self.head(pooled)
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, batch: dict, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.logits(batch)
         target = batch["target"].to(logits.dtype)
         loss = F.binary_cross_entropy_with_logits(logits, target) * target.shape[1]
@@ -116,3 +118,52 @@ def write_result_file(path: str, predictions: dict[int, str], items: list[VQAIte
     with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f)
     return len(result)
+
+
+# ------------------------------------------------------------------------------ engine parts
+def _train_fields(label_of: dict[str, int], item: VQAItem):
+    return [item.image], {"text": item.question, "target": soft_target(item.answers, label_of)}
+
+
+def _eval_fields(item: VQAItem):
+    return [item.image], {"text": item.question}
+
+
+def build_parts(cfg, tokenizer, device, dtype, answers: list[str] | None = None):
+    """VQA's TaskParts; `answers` given = the vocabulary of the checkpoint being resumed/evaluated."""
+    from functools import partial
+
+    from megavl.tasks.base import TaskParts, collators, loader, rank_world, split_file
+
+    t = cfg.task
+    roots = {"vqa": t.image_root, **({"vg": t.vg_image_root} if t.vg_image_root else {})}
+    train_items, _ = load_vqa(t.train, roots, need_answers=True)
+    answers = list(answers) if answers else build_answer_vocab(train_items, t.min_answer_count)
+    label_of = {a: i for i, a in enumerate(answers)}
+    module = VQAModule(cfg.model, answers, t.fusion_mode)
+    train_collate, eval_collate = collators(cfg, tokenizer)
+    cache: dict[str, tuple[list[VQAItem], dict[int, str]]] = {}
+
+    def evaluate_split(split: str) -> dict:
+        items, _ = load_vqa([split_file(cfg, split)], roots, need_answers=False)
+        preds = predict(module, loader(items, _eval_fields, eval_collate, cfg, train=False),
+                        items, device, dtype)
+        cache[split] = (items, preds)
+        metrics = {"questions": float(len(items))}
+        if any(it.answers for it in items):
+            metrics.update(evaluate(preds, items))
+        return metrics
+
+    def write_results(split: str, out_dir: str) -> list[str]:
+        items, preds = cache[split]
+        path = os.path.join(out_dir, f"vqa_result_{split}.json")
+        if rank_world()[0] == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            write_result_file(path, preds, items)
+        return [path]
+
+    return TaskParts(module=module,
+                     train_loader=loader(train_items, partial(_train_fields, label_of),
+                                         train_collate, cfg, train=True),
+                     evaluate=evaluate_split, best_metric="overall", write_results=write_results,
+                     extra_state={"answers": answers})
