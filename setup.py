@@ -42,6 +42,7 @@ setup(
             "megavl-make-shards=megavl.tools.make_shards:main",
             "megavl-synth-shapes=megavl.tools.synth_shapes:main",
             "megavl-synth-downstream=megavl.tools.synth_downstream:main",
+            "megavl-evaluate=megavl.tools.evaluate:main",
             "megavl-train=megavl.train:main",
             "megavl-export=megavl.engine.export:main",
         ],

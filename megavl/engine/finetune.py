@@ -69,7 +69,8 @@ def _saved_task_state(ckpt_dir: Path, world: int) -> dict:
 
 class FineTuner:
     def __init__(self, cfg: Config, ds_config_path: str, resume: str = "auto",
-                 stop: StopFlag | None = None, init: bool = True) -> None:
+                 stop: StopFlag | None = None, init: bool = True,
+                 task_state: dict | None = None) -> None:
         self.cfg = cfg
         self.dist = init_distributed()
         self.device = self.dist.device
@@ -79,7 +80,8 @@ class FineTuner:
         self.precision = resolve_precision(cfg, self.device)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
-        resumed_state = _saved_task_state(self.ckpt_dir, self.dist.world_size) if resume == "auto" else {}
+        resumed_state = task_state or (
+            _saved_task_state(self.ckpt_dir, self.dist.world_size) if resume == "auto" else {})
         self.parts = TASKS[cfg.task.name](cfg, self.tokenizer, self.device, self.dtype,
                                           **resumed_state)
         module = self.parts.module
@@ -145,14 +147,19 @@ class FineTuner:
 
     def export_weights(self, out: Path) -> None:
         """The student's full weights as a megavl-export directory (a collective under ZeRO-3)."""
-        params = list(self.module.student.parameters())
+        params = list(self.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None,
                                                enabled=self.zero_stage == 3):
             if self.dist.is_main:
-                state = {k: v.detach().float().contiguous().clone()
-                         for k, v in self.module.student.state_dict().items()}
+                full = {k: v.detach().float().contiguous().clone()
+                        for k, v in self.module.state_dict().items()}
                 out.mkdir(parents=True, exist_ok=True)
-                save_file(state, str(out / "model.safetensors"))
+                # model.safetensors: the bare VLPModel (megavl.load_pretrained reads it); the task's
+                # own weights (classifier, temperature) beside it for megavl-evaluate
+                save_file({k[len("student."):]: v for k, v in full.items() if k.startswith("student.")},
+                          str(out / "model.safetensors"))
+                save_file({k: v for k, v in full.items() if not k.startswith("student.")},
+                          str(out / "task_head.safetensors"))
                 (out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
                 (out / "task_state.json").write_text(json.dumps(self.parts.extra_state))
         if dist.is_initialized():
