@@ -66,11 +66,30 @@ def _losses(out: Path) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars("loss/total")}
 
 
-def test_vqa_zero2_init_checkpoint_resume_result_file(synth, tmp_path):
-    # an "export" to start from: the bare VLPModel written by a first short run
-    seed_run = tmp_path / "seed"
-    _train("vqa", "zero2", synth, seed_run, "run.max_steps=2", "run.eval_every=-1")
-    export = seed_run / "checkpoints" / "step_00000002"
+@pytest.fixture(scope="module")
+def nlvr2_run(synth, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("nlvr2")
+    _train("nlvr2", "zero3", synth, run)
+    return run
+
+
+def test_nlvr2_zero3_and_megavl_evaluate(synth, nlvr2_run, tmp_path):
+    run = nlvr2_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["count"] == len(json.loads((synth / "nlvr2_test.json").read_text()))
+    out = tmp_path / "eval"
+    _run([str(BIN / "megavl-evaluate"), "--config", "configs/finetune_nlvr2_tiny.yaml",
+          "--weights", str(run / "best"), "--split", "val", "--out", str(out), "--set",
+          f"task.image_root={synth}", f"task.train=[{synth}/nlvr2_train.json]",
+          f"task.val={synth}/nlvr2_dev.json"])
+    evaluated = json.loads((out / "metrics.json").read_text())
+    # the best weights re-evaluated alone give the accuracy the run recorded for them
+    assert evaluated["accuracy"] == pytest.approx(metrics["best"]["accuracy"])
+
+
+def test_vqa_zero2_init_checkpoint_resume_result_file(synth, nlvr2_run, tmp_path):
+    # start from an export-format directory (the NLVR2 run's best: model.safetensors + config.yaml)
+    export = nlvr2_run / "best"
     run = tmp_path / "vqa"
     _train("vqa", "zero2", synth, run, f"task.init_from={export}")
     full = _losses(run)
@@ -90,21 +109,6 @@ def test_vqa_zero2_init_checkpoint_resume_result_file(synth, tmp_path):
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6)
-
-
-def test_nlvr2_zero3_and_megavl_evaluate(synth, tmp_path):
-    run = tmp_path / "nlvr2"
-    _train("nlvr2", "zero3", synth, run)
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["test"]["count"] == len(json.loads((synth / "nlvr2_test.json").read_text()))
-    out = tmp_path / "eval"
-    _run([str(BIN / "megavl-evaluate"), "--config", "configs/finetune_nlvr2_tiny.yaml",
-          "--weights", str(run / "best"), "--split", "val", "--out", str(out), "--set",
-          f"task.image_root={synth}", f"task.train=[{synth}/nlvr2_train.json]",
-          f"task.val={synth}/nlvr2_dev.json"])
-    evaluated = json.loads((out / "metrics.json").read_text())
-    # the best weights re-evaluated alone give the accuracy the run recorded for them
-    assert evaluated["accuracy"] == pytest.approx(metrics["best"]["accuracy"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("megavl.tasks.retrieval_eval") is None,
