@@ -59,6 +59,7 @@ def _kernel_rows(device: torch.device, quick: bool) -> list[Row]:
 
 def _sections(include_base: bool) -> list[tuple[str, Callable[[torch.device, bool], list[Row]]]]:
     import bench_model
+    import bench_retrieval
     import bench_step
     import bench_zero
 
@@ -71,6 +72,7 @@ def _sections(include_base: bool) -> list[tuple[str, Callable[[torch.device, boo
         ("kernels", _kernel_rows),
         ("attention", bench_model.attention_backends),
         ("end to end", bench_step.end_to_end),
+        ("retrieval eval", bench_retrieval.rows),
     ]
 
 

@@ -212,6 +212,10 @@ class RunConfig:
     log_every: int = 10
     eval_every: int = 0           # 0 = only before and at the end; -1 = never
     eval_itm_rerank_k: int = 0    # ALBEF k_test: re-rank each query's top-k by ITM (0 = ITC only)
+    eval_rerank: str = "itm"      # itm (ALBEF) | itm+itc (BLIP: ITM score + ITC similarity), with k > 0
+    eval_mode: str = "auto"       # fusion mode of the ITM re-ranking: single | two | auto (the
+                                  # curriculum's: two when it trains ITM in two-stream steps)
+    eval_pair_batch: int = 512    # fused pairs per ITM re-ranking call
     image_log_every: int = 0      # 0 = never
     seed: int = 0
     precision: str = "auto"       # auto (bf16 on GPUs that support it, else fp32) | bf16 | fp32
@@ -301,6 +305,12 @@ def validate(cfg: Config) -> Config:
     _check(r.grad_accum > 0, "run.grad_accum", "> 0", r.grad_accum)
     _check(r.checkpoint_every > 0, "run.checkpoint_every", "> 0", r.checkpoint_every)
     _check(r.keep_checkpoints > 0, "run.keep_checkpoints", "> 0", r.keep_checkpoints)
+    _check(r.eval_itm_rerank_k >= 0, "run.eval_itm_rerank_k", ">= 0", r.eval_itm_rerank_k)
+    _check(r.eval_rerank in ("itm", "itm+itc"), "run.eval_rerank", "itm|itm+itc", r.eval_rerank)
+    _check(r.eval_mode in ("auto", "single", "two"), "run.eval_mode", "auto|single|two", r.eval_mode)
+    _check(r.eval_mode != "two" or m.fusion.cross_attention, "run.eval_mode",
+           "single|auto without cross-attention (model.fusion.cross_attention=false)", r.eval_mode)
+    _check(r.eval_pair_batch > 0, "run.eval_pair_batch", "> 0", r.eval_pair_batch)
     _validate_curriculum(cfg)
     return cfg
 

@@ -1,93 +1,102 @@
-"""Zero-shot image<->text retrieval on held-out shards: R@1/5/10 both ways, optional ITM re-ranking.
+"""Zero-shot image<->text retrieval on the held-out shards during pre-training (a thin caller).
 
-Under ZeRO-3 a forward pass is a collective (parameters are gathered from every rank), so EVERY rank
-runs the same evaluation over the whole validation set; the numbers are identical on all ranks.
+The scoring is `megavl.tasks.retrieval_eval.retrieval_scores` (sharded over the ranks, batched ITM
+re-ranking) and the metrics are `megavl.tasks.metrics.retrieval_metrics`, the same code the
+fine-tuned retrieval task uses. Here the val loader yields (image, caption) PAIRS, each rank its own
+share: `PairBatches` turns that into the image and text batches the scorer wants (an image counted
+once per image id, texts indexed by (rank, position)). Every rank must call `evaluate_retrieval`
+at the same step; the numbers are identical on all ranks.
 """
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 
 from megavl.models.vlp import VLPModel
+from megavl.tasks.metrics import RETRIEVAL_KS, retrieval_metrics
+from megavl.tasks.retrieval_eval import _rank_world, all_gather_rows, retrieval_scores
+
+_POSITION_BITS = 40  # text index = rank << 40 | position in the rank's share: unique, in global order
 
 
-def recall_at_k(sim: torch.Tensor, image_ids: torch.Tensor, text_image_ids: torch.Tensor,
-                ks: tuple[int, ...] = (1, 5, 10), sim_t2i: torch.Tensor | None = None) -> dict[str, float]:
-    """sim (Ni, Nt): image-text scores; image_ids (Ni,) distinct; text_image_ids (Nt,) the image of
-    each text. i2t hit@k: any of the top-k texts belongs to the image; t2i: its image is in the top-k.
-    sim_t2i (Ni, Nt), when given, scores the t2i direction (ITM re-ranking scores each direction apart)."""
-    sim_t2i = sim if sim_t2i is None else sim_t2i
-    positives = image_ids[:, None] == text_image_ids[None, :]  # (Ni, Nt)
-    if not positives.any(dim=0).all():
-        raise ValueError("some texts have no image among the evaluated images")
-    out = {}
-    for k in ks:
-        top_texts = sim.topk(min(k, sim.shape[1]), dim=1).indices  # (Ni, k)
-        out[f"i2t_r{k}"] = positives.gather(1, top_texts).any(dim=1).float().mean().item()
-        top_images = sim_t2i.topk(min(k, sim.shape[0]), dim=0).indices  # (k, Nt)
-        out[f"t2i_r{k}"] = positives.gather(0, top_images).any(dim=0).float().mean().item()
-    return out
+class PairBatches:
+    """Images and texts of one pass over a rank's pair loader (images first, texts cached meanwhile)."""
 
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.rank = _rank_world()[0]
+        self.text_batches: list[dict] = []
+        self.text_image_ids: list[torch.Tensor] = []  # aligned with the text indices
+        self.text_index: list[torch.Tensor] = []
 
-@torch.no_grad()
-def embed_dataset(model: VLPModel, loader, device: torch.device, dtype: torch.dtype):
-    """Unimodal tokens and ITC embeddings of every val sample; images deduplicated by image id."""
-    image_ids, text_image_ids, img_emb, txt_emb, img_tok, txt_tok, txt_mask = [], [], [], [], [], [], []
-    seen: set[int] = set()
-    for batch in loader:
-        images = batch["images"].to(device, dtype)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        i_tok, t_tok = model.encode_image(images), model.encode_text(ids, mask)
-        txt_emb.append(model.text_embedding(t_tok).float())
-        txt_tok.append(t_tok)
-        txt_mask.append(mask)
-        text_image_ids.append(batch["image_ids"])
-        new = [i for i, iid in enumerate(batch["image_ids"].tolist()) if iid not in seen]
-        seen.update(batch["image_ids"][new].tolist())
-        if new:
-            keep = torch.tensor(new, device=device)
-            img_emb.append(model.image_embedding(i_tok[keep]).float())
-            img_tok.append(i_tok[keep])
-            image_ids.append(batch["image_ids"][new])
-    return (torch.cat(image_ids), torch.cat(text_image_ids), torch.cat(img_emb), torch.cat(txt_emb),
-            torch.cat(img_tok), torch.cat(txt_tok), torch.cat(txt_mask))
+    def images(self) -> Iterator[dict]:
+        seen: set[int] = set()
+        position = 0
+        for batch in self.loader:
+            image_ids = batch["image_ids"].long()
+            index = (self.rank << _POSITION_BITS) + torch.arange(position, position + len(image_ids))
+            position += len(image_ids)
+            self.text_batches.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                      "index": index})
+            self.text_image_ids.append(image_ids)
+            self.text_index.append(index)
+            new = []
+            for row, image_id in enumerate(image_ids.tolist()):
+                if image_id not in seen:
+                    seen.add(image_id)
+                    new.append(row)
+            keep = torch.tensor(new, dtype=torch.long)
+            yield {"images": batch["images"][keep], "index": image_ids[keep]}
+
+    def texts(self) -> Iterator[dict]:
+        yield from self.text_batches
+
+    def text_to_image_rows(self, device: torch.device) -> tuple[list[list[int]], list[int]]:
+        """(img2txt, txt2img) in the scorer's row order: images by ascending id, texts by index."""
+        pairs = torch.stack([torch.cat(self.text_index or [torch.zeros(0, dtype=torch.long)]),
+                             torch.cat(self.text_image_ids or [torch.zeros(0, dtype=torch.long)])], dim=1)
+        pairs = all_gather_rows(pairs.to(device)).cpu()
+        pairs = pairs[pairs[:, 0].argsort()]
+        image_ids = torch.unique(pairs[:, 1])
+        txt2img = torch.searchsorted(image_ids, pairs[:, 1].contiguous()).tolist()
+        img2txt: list[list[int]] = [[] for _ in range(len(image_ids))]
+        for text, image in enumerate(txt2img):
+            img2txt[image].append(text)
+        return img2txt, txt2img
 
 
 @torch.no_grad()
 def evaluate_retrieval(model: VLPModel, loader, device: torch.device, dtype: torch.dtype = torch.float32,
-                       itm_rerank_k: int = 0, mode: str = "two") -> dict[str, float]:
-    """ITC similarity retrieval; with itm_rerank_k > 0 the top-k of each query are re-scored by the
-    ITM head on fused pairs (ALBEF's k_test), in fusion `mode`."""
-    was_training = model.training
-    model.eval()
-    try:
-        image_ids, text_image_ids, img_emb, txt_emb, img_tok, txt_tok, txt_mask = embed_dataset(
-            model, loader, device, dtype)
-        sim = sim_t2i = img_emb @ txt_emb.t()
-        if itm_rerank_k > 0:
-            sim, sim_t2i = _itm_rerank(model, sim, img_tok, txt_tok, txt_mask, itm_rerank_k, mode)
-        metrics = recall_at_k(sim.cpu(), image_ids.cpu(), text_image_ids.cpu(), sim_t2i=sim_t2i.cpu())
-    finally:
-        model.train(was_training)
-    metrics["num_images"], metrics["num_texts"] = float(sim.shape[0]), float(sim.shape[1])
+                       itm_rerank_k: int = 0, mode: str = "two", rerank: str = "itm",
+                       pair_batch: int = 512) -> dict[str, float]:
+    """ITC retrieval over this rank's share of `loader` (all ranks together cover the val set); with
+    itm_rerank_k > 0 each query's top-k re-scored by ITM (ALBEF's k_test) in fusion `mode`.
+
+    Returns the ALBEF keys of `retrieval_metrics` (percent) plus the pre-training eval's own:
+    i2t_r{1,5,10} / t2i_r{1,5,10} as fractions (the eval/* TensorBoard tags), num_images, num_texts."""
+    pairs = PairBatches(loader)
+    scores_i2t, scores_t2i = retrieval_scores(model, pairs.images(), pairs.texts(), device=device, dtype=dtype,
+                                              k=itm_rerank_k, mode=mode,
+                                              rerank=rerank if itm_rerank_k > 0 else "none",
+                                              pair_batch=pair_batch)
+    img2txt, txt2img = pairs.text_to_image_rows(device)
+    metrics = retrieval_metrics(scores_i2t, img2txt, txt2img, scores_t2i)
+    for k in RETRIEVAL_KS:
+        metrics[f"i2t_r{k}"], metrics[f"t2i_r{k}"] = metrics[f"tr{k}"] / 100, metrics[f"ir{k}"] / 100
+    metrics["num_images"], metrics["num_texts"] = float(scores_i2t.shape[0]), float(scores_i2t.shape[1])
     return metrics
 
 
-def _itm_rerank(model: VLPModel, sim, img_tok, txt_tok, txt_mask, k: int, mode: str):
-    """(i2t, t2i) scores: the top-k of each row (i2t) / column (t2i) re-scored by the ITM head, the
-    rest -inf."""
-    k = min(k, sim.shape[0], sim.shape[1])
-
-    def itm_scores(i_idx: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
-        fused = model.fuse(img_tok[i_idx], txt_tok[t_idx], txt_mask[t_idx], mode)
-        logits = model.itm_head(fused.image_global, fused.text_global).float()
-        return logits[:, 1] - logits[:, 0]
-
-    i2t = torch.full_like(sim, float("-inf"))
-    for i in range(sim.shape[0]):
-        top = sim[i].topk(k).indices
-        i2t[i, top] = itm_scores(torch.full_like(top, i), top)
-    t2i = torch.full_like(sim, float("-inf"))
-    for j in range(sim.shape[1]):
-        top = sim[:, j].topk(k).indices
-        t2i[top, j] = itm_scores(top, torch.full_like(top, j))
-    return i2t, t2i
+def eval_fusion_mode(requested: str, cross_attention: bool, curriculum) -> str:
+    """run.eval_mode -> the fusion mode of the ITM re-ranking. auto: the mode in which the curriculum
+    trains the ITM head, two-stream when it does so in both (ALBEF/SemVLP's evaluation), and
+    single-stream for a model without cross-attention."""
+    if requested != "auto":
+        return requested
+    if not cross_attention:
+        return "single"
+    used = set(curriculum.epoch_modes) if curriculum.epoch_modes else {mode for mode, _ in curriculum.cycle}
+    itm_modes = {m for m in used if "itm" in (curriculum.objectives_two if m == "two" else curriculum.objectives_single)}
+    candidates = itm_modes or used
+    return "two" if "two" in candidates else "single"

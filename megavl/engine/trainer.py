@@ -24,7 +24,7 @@ from megavl.objectives.teacher import teacher_momentum
 from . import checkpoint
 from .curriculum import MODE_IDS, mode_at, objectives_by_mode
 from .ds_config import build_ds_config, resolve_precision, zero_stage
-from .evaluate import evaluate_retrieval
+from .evaluate import eval_fusion_mode, evaluate_retrieval
 from .flops import mfu, peak_flops, step_flops
 from .launch import DistInfo, init_distributed
 from .stop import StopFlag
@@ -182,17 +182,23 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- eval
     def evaluate(self) -> dict[str, float] | None:
+        """Retrieval on the val shards, each rank embedding its share (see engine/evaluate.py)."""
         if not self.cfg.data.val_shards:
             return None
-        loader = build_eval_loader(self.cfg.data, rank=0, world_size=1)
-        mode = "two" if self.cfg.model.fusion.cross_attention else "single"
+        run = self.cfg.run
+        loader = build_eval_loader(self.cfg.data, rank=self.dist.rank, world_size=self.dist.world_size)
+        mode = eval_fusion_mode(run.eval_mode, self.cfg.model.fusion.cross_attention, self.cfg.curriculum)
         metrics = evaluate_retrieval(self.module.student, loader, self.device, self.dtype,
-                                     itm_rerank_k=self.cfg.run.eval_itm_rerank_k, mode=mode)
-        self.monitor.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items() if "_r" in k})
+                                     itm_rerank_k=run.eval_itm_rerank_k, mode=mode, rerank=run.eval_rerank,
+                                     pair_batch=run.eval_pair_batch)
+        self.monitor.scalars(self.step, {f"eval/{d}_r{k}": metrics[f"{d}_r{k}"]
+                                         for d in ("i2t", "t2i") for k in (1, 5, 10)})
+        self.monitor.scalars(self.step, {"eval/r_mean": metrics["r_mean"]})
         chance = 1.0 / metrics["num_texts"]
         self.monitor.message(f"step {self.step}: retrieval i2t R@1 {metrics['i2t_r1']:.3f} "
                              f"t2i R@1 {metrics['t2i_r1']:.3f} (chance {chance:.4f}, "
-                             f"{int(metrics['num_images'])} images)")
+                             f"{int(metrics['num_images'])} images, ITM re-rank k={run.eval_itm_rerank_k} "
+                             f"in {mode}-stream mode)")
         return metrics
 
     # -------------------------------------------------------------------------------- loop

@@ -13,7 +13,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 EXPECTED_BENCHES = ["masked encoding", "framework overhead", "ZeRO-3 memory", "FLOP accounting", "data",
-                    "kernels", "attention", "end to end"]
+                    "kernels", "attention", "end to end", "retrieval eval"]
 FIELDS = {"bench", "case", "metric", "megavl", "reference", "reference_name", "ratio", "goal", "met", "note"}
 
 

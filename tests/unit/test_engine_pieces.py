@@ -10,7 +10,6 @@ from megavl.config import ConfigError, CurriculumConfig, load_config
 from megavl.engine import checkpoint
 from megavl.engine.curriculum import mode_at
 from megavl.engine.ds_config import build_ds_config
-from megavl.engine.evaluate import recall_at_k
 from megavl.engine.launch import fill_env_from_launcher
 from megavl.engine.optim import lr_factor, param_groups
 from megavl.objectives.pretrain import PretrainModule
@@ -119,26 +118,7 @@ def test_prune_keeps_newest_and_drops_half_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [checkpoint.tag_for(4), checkpoint.tag_for(6)]
 
 
-# ------------------------------------------------------------------------------ retrieval
-def _recall_reference(sim, image_ids, text_image_ids, k):
-    i2t = sum(any(text_image_ids[j] == image_ids[i] for j in sorted(range(sim.shape[1]), key=lambda j: -sim[i, j])[:k])
-              for i in range(sim.shape[0])) / sim.shape[0]
-    t2i = sum(image_ids[sorted(range(sim.shape[0]), key=lambda i: -sim[i, j])[:k]].eq(text_image_ids[j]).any().item()
-              for j in range(sim.shape[1])) / sim.shape[1]
-    return i2t, t2i
-
-
-def test_recall_at_k_matches_a_loop_reference():
-    torch.manual_seed(0)
-    image_ids = torch.tensor([10, 11, 12, 13, 14, 15])
-    text_image_ids = torch.tensor([10, 10, 11, 12, 13, 14, 15, 15, 12])  # several captions per image
-    sim = torch.randn(6, 9)
-    got = recall_at_k(sim, image_ids, text_image_ids, ks=(1, 2, 5))
-    for k in (1, 2, 5):
-        i2t, t2i = _recall_reference(sim, image_ids, text_image_ids, k)
-        assert got[f"i2t_r{k}"] == pytest.approx(i2t) and got[f"t2i_r{k}"] == pytest.approx(t2i)
-    perfect = (image_ids[:, None] == text_image_ids[None, :]).float()
-    assert recall_at_k(perfect, image_ids, text_image_ids, ks=(1,)) == {"i2t_r1": 1.0, "t2i_r1": 1.0}
+# retrieval metrics: tests/unit/test_retrieval_eval.py
 
 
 # ------------------------------------------------------------------------------ launcher env

@@ -1,0 +1,164 @@
+"""Retrieval evaluation at scale: 2 ranks vs 1 rank, and the batched ITM re-rank vs round 1's loop.
+
+Inputs: the tiny recipe's model (seed-0 weights, fp32) on N_img random 64 px images and 5 random
+captions per image (24 tokens), ITM re-ranking of the top-k (k=16) both ways, two-stream fusion.
+
+  ranks     `retrieval_scores` end to end (embedding + ITC + re-rank) in 1 gloo process vs 2, each
+            rank one torch thread, its share of images and texts; the figure is the slowest rank's
+            wall time of the call (process start-up and DeepSpeed excluded: a plain replicated model,
+            so the row measures the sharding, not ZeRO-3's parameter gathers)
+  re-rank   the re-ranking alone on the same gathered tokens, in this process: `pair_batch` pairs per
+            fusion call vs round 1's loop (one fusion call of k pairs per query)
+
+`python bench/bench_retrieval.py [--quick] [--images N]` prints the rows; run_all.py calls `rows`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megavl.config import OBJECTIVE_NAMES, load_config
+from megavl.engine.launch import _free_port
+from megavl.tasks import retrieval_eval
+from megavl.tasks.retrieval_eval import retrieval_scores
+
+from harness import RECIPES, Row, sync
+
+CAPTIONS_PER_IMAGE, TEXT_LEN, K, MODE, PAIR_BATCH = 5, 24, 16, "two", 512
+FULL_IMAGES, CPU_IMAGES, QUICK_IMAGES = 1000, 200, 12  # the issue's size; CPU default (about
+# 6 ms of CPU per fused pair here: 1,000 images are ~10 min per side); --quick
+
+
+def tiny_student():
+    from megavl.objectives.pretrain import PretrainModule
+
+    cfg = load_config(RECIPES["tiny"], [f"data.max_text_len={TEXT_LEN}", "run.precision=fp32"])
+    torch.manual_seed(0)
+    module = PretrainModule(cfg.model, cfg.objectives, {m: list(OBJECTIVE_NAMES) for m in ("single", "two")})
+    return module.student.eval()
+
+
+def synthetic_set(num_images: int, batch: int = 64):
+    """(image batches, text batches) with dense global indices over the whole set."""
+    g = torch.Generator().manual_seed(0)
+    num_texts = num_images * CAPTIONS_PER_IMAGE
+    images = torch.randn(num_images, 3, 64, 64, generator=g)
+    ids = torch.randint(1000, 5000, (num_texts, TEXT_LEN), generator=g)
+    ids[:, 0] = 101
+    mask = (torch.arange(TEXT_LEN)[None] < torch.randint(8, TEXT_LEN + 1, (num_texts,), generator=g)[:, None]).long()
+    img = [{"images": images[s:s + batch], "index": torch.arange(s, min(s + batch, num_images))}
+           for s in range(0, num_images, batch)]
+    txt = [{"input_ids": ids[s:s + batch] * mask[s:s + batch], "attention_mask": mask[s:s + batch],
+            "index": torch.arange(s, min(s + batch, num_texts))} for s in range(0, num_texts, batch)]
+    return img, txt
+
+
+def _share(batches: list[dict], rank: int, world: int) -> list[dict]:
+    n = len(batches)
+    return batches[rank * n // world:(rank + 1) * n // world]
+
+
+def _rank_worker(rank: int, world: int, port: int, num_images: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = tiny_student()
+    img, txt = synthetic_set(num_images)
+    img, txt = _share(img, rank, world), _share(txt, rank, world)
+    dist.barrier()
+    start = time.perf_counter()
+    retrieval_scores(model, img, txt, device=torch.device("cpu"), dtype=torch.float32, k=K, mode=MODE,
+                     rerank="itm", pair_batch=PAIR_BATCH)
+    results.put((rank, time.perf_counter() - start))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def time_ranks(world: int, num_images: int) -> float:
+    """Slowest rank's seconds for one retrieval_scores call over `world` gloo processes."""
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(_rank_worker, args=(world, _free_port(), num_images, results), nprocs=world,
+                       join=True, start_method="spawn")
+    return max(results.get()[1] for _ in range(world))
+
+
+def round1_loop_rerank(model, sim, img_tok, txt_tok, txt_mask, k: int, mode: str):
+    """Round 1's engine/evaluate.py `_itm_rerank`: one fusion call of k pairs per query."""
+    def itm_scores(i_idx, t_idx):
+        fused = model.fuse(img_tok[i_idx], txt_tok[t_idx], txt_mask[t_idx], mode)
+        logits = model.itm_head(fused.image_global, fused.text_global).float()
+        return logits[:, 1] - logits[:, 0]
+
+    i2t = torch.full_like(sim, float("-inf"))
+    for i in range(sim.shape[0]):
+        top = sim[i].topk(k).indices
+        i2t[i, top] = itm_scores(torch.full_like(top, i), top)
+    t2i = torch.full_like(sim, float("-inf"))
+    for j in range(sim.shape[1]):
+        top = sim[:, j].topk(k).indices
+        t2i[top, j] = itm_scores(top, torch.full_like(top, j))
+    return i2t, t2i
+
+
+@torch.no_grad()
+def time_rerank(num_images: int, device: torch.device, reps: int) -> tuple[float, float]:
+    """(batched, loop) median seconds of the re-ranking phase on the same tokens, in this process;
+    on CPU process CPU time (the machine is shared; one thread), on CUDA wall time with syncs."""
+    model = tiny_student().to(device)
+    img, txt = synthetic_set(num_images)
+    _, img_tok, img_emb = retrieval_eval._embed_images(model, img, device, torch.float32)
+    _, txt_tok, txt_mask, txt_emb = retrieval_eval._embed_texts(model, txt, device, torch.float32)
+    sim = img_emb @ txt_emb.t()
+    k = min(K, num_images)  # as retrieval_scores clamps it
+
+    def batched():
+        retrieval_eval._rerank(model, sim, True, img_tok, txt_tok, txt_mask, k, MODE, "itm", PAIR_BATCH)
+        retrieval_eval._rerank(model, sim.t(), False, img_tok, txt_tok, txt_mask, k, MODE, "itm", PAIR_BATCH)
+
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    times: dict[str, list[float]] = {"loop": [], "batched": []}
+    for _ in range(reps):  # interleaved: a neighbour's load hits both sides alike
+        for name, fn in (("loop", lambda: round1_loop_rerank(model, sim, img_tok, txt_tok, txt_mask, k, MODE)),
+                         ("batched", batched)):
+            sync(device)
+            start = clock()
+            fn()
+            sync(device)
+            times[name].append(clock() - start)
+    times = {name: statistics.median(t) for name, t in times.items()}
+    return times["batched"], times["loop"]
+
+
+def rows(device: torch.device, quick: bool, num_images: int | None = None) -> list[Row]:
+    n = num_images or (QUICK_IMAGES if quick else FULL_IMAGES if device.type == "cuda" else CPU_IMAGES)
+    case = f"tiny, {n} images x {n * CAPTIONS_PER_IMAGE} texts, k={min(K, n)}, {MODE}-stream"
+    out = []
+    if device.type == "cpu":  # ranks = gloo processes on this machine's cores
+        one, two = time_ranks(1, n), time_ranks(2, n)
+        out.append(Row("retrieval eval", case, "s per eval (2 ranks vs 1)", two, one, "1 rank", "<= 0.6x",
+                       note=f"gloo CPU ranks, 1 thread each, wall s of the slowest rank; "
+                            f"{(n + n * CAPTIONS_PER_IMAGE) * K} re-ranked pairs"))
+    batched, loop = time_rerank(n, device, reps=1 if n >= 200 else 2)
+    clock = "wall s" if device.type == "cuda" else "CPU s"
+    return out + [
+        Row("retrieval eval", case, f"re-rank {clock}, loop vs batched", loop, batched, f"batched, {PAIR_BATCH} pairs/call",
+            ">= 5x", note="megavl column = round 1's loop (one call per query); ratio = speed-up of batching"),
+    ]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--images", type=int, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for r in rows(dev, args.quick, args.images):
+        print(r.as_dict())
