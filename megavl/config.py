@@ -234,7 +234,7 @@ class TaskConfig:
     test: str = ""                # test (VQA: result file) / test-P (NLVR2) / test (retrieval)
     min_answer_count: int = 9     # VQA answer vocabulary threshold (SCL/ViLT: 9)
     retrieval_k: int = 256        # ITM re-ranks the top-k of every query (COCO 256, Flickr 128)
-    retrieval_rerank: str = "itm"  # itm (ALBEF) | itm+itc (BLIP)
+    retrieval_rerank: str = "itm"  # none (ITC only) | itm (ALBEF) | itm+itc (BLIP)
     itm_weight: float = 1.0       # retrieval fine-tuning ITM loss weight
     fusion_mode: str = "two"      # two | single
 
@@ -321,7 +321,7 @@ def _validate_task(cfg: Config) -> None:
     if t.name == "pretrain":
         return
     _check(bool(t.train), "task.train", "at least one annotation file", t.train)
-    _check(t.retrieval_rerank in ("itm", "itm+itc"), "task.retrieval_rerank", "itm|itm+itc",
+    _check(t.retrieval_rerank in ("none", "itm", "itm+itc"), "task.retrieval_rerank", "none|itm|itm+itc",
            t.retrieval_rerank)
     _check(t.retrieval_k > 0, "task.retrieval_k", "> 0", t.retrieval_k)
     _check(t.min_answer_count >= 1, "task.min_answer_count", ">= 1", t.min_answer_count)
