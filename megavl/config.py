@@ -251,6 +251,27 @@ class RunConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What a run optimises (megavl/tasks/); `pretrain` keeps the pre-training loop."""
+
+    name: str = "pretrain"        # pretrain | retrieval | vqa | nlvr2
+    init_from: str = ""           # megavl-export dir or checkpoint dir ("" = random init)
+    image_root: str = ""          # image paths of the annotation files are relative to it
+    vg_image_root: str = ""       # VQA entries with "dataset": "vg"
+    train: list[str] = field(default_factory=list)   # annotation files (VQA: train + val [+ vg])
+    val: str = ""                 # minival (VQA) / dev (NLVR2) / val (retrieval): best checkpoint
+    test: str = ""                # test (VQA: result file) / test-P (NLVR2) / test (retrieval)
+    min_answer_count: int = 9     # VQA answer vocabulary threshold (SCL/ViLT: 9)
+    retrieval_k: int = 256        # ITM re-ranks the top-k of every query (COCO 256, Flickr 128)
+    retrieval_rerank: str = "itm"  # none (ITC only) | itm (ALBEF) | itm+itc (BLIP)
+    itm_weight: float = 1.0       # retrieval fine-tuning ITM loss weight
+    fusion_mode: str = "two"      # two | single
+
+
+TASK_NAMES = ("pretrain", "retrieval", "vqa", "nlvr2")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -258,6 +279,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -269,6 +291,7 @@ def _check(cond: bool, key: str, expected: str, value: Any) -> None:
 def validate(cfg: Config) -> Config:
     """Cross-field consistency; raises ConfigError naming the key."""
     m, d, o, r = cfg.model, cfg.data, cfg.objectives, cfg.run
+    _validate_task(cfg)
     v = m.vision
     _check(v.img_size % v.patch_size == 0, "model.vision.img_size",
            f"a multiple of model.vision.patch_size={v.patch_size}", v.img_size)
@@ -391,6 +414,20 @@ def _text_from_hf(data: dict) -> dict:
             raise ConfigError(f"model.text.{ours}: the recipe says {text[ours]!r} but {config_json} has "
                               f"{theirs}={hf[theirs]!r}; remove the key or make them agree")
     return data
+
+def _validate_task(cfg: Config) -> None:
+    t = cfg.task
+    _check(t.name in TASK_NAMES, "task.name", "|".join(TASK_NAMES), t.name)
+    if t.name == "pretrain":
+        return
+    _check(bool(t.train), "task.train", "at least one annotation file", t.train)
+    _check(t.retrieval_rerank in ("none", "itm", "itm+itc"), "task.retrieval_rerank", "none|itm|itm+itc",
+           t.retrieval_rerank)
+    _check(t.retrieval_k > 0, "task.retrieval_k", "> 0", t.retrieval_k)
+    _check(t.min_answer_count >= 1, "task.min_answer_count", ">= 1", t.min_answer_count)
+    _check(t.fusion_mode in ("two", "single"), "task.fusion_mode", "two|single", t.fusion_mode)
+    _check(t.fusion_mode == "single" or cfg.model.fusion.cross_attention, "task.fusion_mode",
+           "single when model.fusion.cross_attention is false", t.fusion_mode)
 
 
 def _validate_curriculum(cfg: Config) -> None:

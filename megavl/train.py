@@ -42,9 +42,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, [item for group in args.overrides for item in group])
-        from megavl.engine.trainer import Trainer
+        if cfg.task.name == "pretrain":
+            from megavl.engine.trainer import Trainer
 
-        trainer = Trainer(cfg, args.ds_config, args.resume, stop=stop, fresh=args.fresh)
+            trainer = Trainer(cfg, args.ds_config, args.resume, stop=stop, fresh=args.fresh)
+        else:  # task.name: retrieval | vqa | nlvr2 (megavl/tasks/)
+            from megavl.engine.finetune import FineTuner
+
+            trainer = FineTuner(cfg, args.ds_config, args.resume, stop=stop, fresh=args.fresh)
     except ConfigError as err:
         print(f"megavl: bad configuration: {err}", file=sys.stderr)
         return 2

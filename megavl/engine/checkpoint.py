@@ -133,20 +133,27 @@ def _partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_tensor")
 
 
+def _teacher_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The EMA teacher's parameters by name; {} for modules without one (fine-tuning tasks)."""
+    teacher = getattr(module, "teacher", None)
+    return dict(teacher.named_parameters()) if teacher is not None else {}
+
+
 def _module_tensors(module: torch.nn.Module, rank: int, zero3: bool) -> tuple[dict, dict | None]:
     """(rank 0's state.safetensors, this rank's teacher shard file or None)."""
     shared: dict[str, torch.Tensor] = {}
     shards: dict[str, torch.Tensor] = {}
     if rank == 0:
         shared.update({f"buffer/{n}": b for n, b in module.named_buffers()})
-    for name, p in module.teacher.named_parameters():
+    teacher = _teacher_params(module)
+    for name, p in teacher.items():
         if _partitioned(p):
             shards[f"teacher/{name}"] = p.ds_tensor.data
         elif rank == 0:
             shared[f"teacher/{name}"] = p.data
-    for key, value in module.teacher_master.items():
+    for key, value in getattr(module, "teacher_master", {}).items():
         base = key.removesuffix("/full")
-        shard = key == base and _partitioned(dict(module.teacher.named_parameters())[base])
+        shard = key == base and _partitioned(teacher[base])
         if shard:
             shards[f"master/{key}"] = value
         elif rank == 0:
@@ -301,6 +308,33 @@ def choose_tag(ckpt_dir: Path) -> tuple[str | None, list[str]]:
     return None, skipped
 
 
+def choose_checkpoint(ckpt_dir: Path, resume: str) -> dict | str | None:
+    """Rank 0, for `--resume auto|none|<tag dir>`: {"tag_dir"} to load, None to start fresh, or an
+    error message that every rank raises alike (broadcast it with broadcast_from_rank0)."""
+    ckpt_dir = Path(ckpt_dir)
+    existing = tag_dirs(ckpt_dir)
+    how = (f"continue with --resume auto, pick one with --resume {ckpt_dir}/<tag>, start a new run "
+           f"beside them with --fresh (they are kept), or set another run.output_dir")
+    if resume == "none":
+        if existing:
+            return (f"{ckpt_dir} holds {len(existing)} checkpoint(s) ({existing[-1].name}, ...) and "
+                    f"--resume none was asked: {how}")
+        return None
+    if resume == "auto":
+        if not existing:
+            return None
+        tag, skipped = choose_tag(ckpt_dir)
+        if tag is None:
+            return (f"--resume auto: none of the {len(existing)} checkpoint(s) in {ckpt_dir} can be "
+                    f"used:\n  " + "\n  ".join(skipped) + f"\nNothing was deleted. To proceed: {how}")
+        return {"tag_dir": str(ckpt_dir / tag)}
+    try:
+        check(Path(resume))
+    except CheckpointError as err:
+        return f"--resume {resume}: {err}"
+    return {"tag_dir": str(Path(resume))}
+
+
 # ---------------------------------------------------------------------------------------- loading
 def read_meta(tag_dir: Path) -> dict:
     return _read_json(Path(tag_dir) / MEGAVL / "meta.json")
@@ -345,7 +379,9 @@ def load_module_state(module: torch.nn.Module, tag_dir: Path, rank: int, old_wor
             raise CheckpointError(f"{tag_dir.name}: {key} is not in the checkpoint")
         return _reassemble(shard_files, key, numel)
 
-    params = dict(module.teacher.named_parameters())
+    params = _teacher_params(module)
+    if not params:
+        return
     master_keys = {k.removeprefix("master/") for k in shared if k.startswith("master/")}
     if shard_files:
         with safe_open(str(shard_files[0]), framework="pt") as f:

@@ -173,7 +173,7 @@ class Trainer:
         self._recipe_groups = [(g["initial_lr"], g["weight_decay"]) for g in self.scheduler.optimizer.param_groups]
         if fresh and resume not in ("auto", "none"):
             raise checkpoint.CheckpointError(f"--fresh starts a new run; it cannot be combined with --resume {resume}")
-        choice = self._choose_checkpoint(resume) if self.dist.is_main and not fresh else None
+        choice = checkpoint.choose_checkpoint(self.ckpt_dir, resume) if self.dist.is_main and not fresh else None
         choice = checkpoint.broadcast_from_rank0(choice)
         if isinstance(choice, str):  # rank 0's error, raised on every rank alike
             raise checkpoint.CheckpointError(choice)
@@ -204,30 +204,6 @@ class Trainer:
         self._apply_schedule(meta.get("schedule", {}))
         self.loader.load_state_dict(meta["data"])
         log.info("resumed from %s at step %d (run %s)", tag_dir, self.step, self.run_id)
-
-    def _choose_checkpoint(self, resume: str) -> dict | str | None:
-        """Rank 0: {"tag_dir"} to load, None to start fresh, or an error message for every rank."""
-        existing = checkpoint.tag_dirs(self.ckpt_dir)
-        how = (f"continue with --resume auto, pick one with --resume {self.ckpt_dir}/<tag>, start a new run "
-               f"beside them with --fresh (they are kept), or set another run.output_dir")
-        if resume == "none":
-            if existing:
-                return (f"{self.ckpt_dir} holds {len(existing)} checkpoint(s) ({existing[-1].name}, ...) and "
-                        f"--resume none was asked: {how}")
-            return None
-        if resume == "auto":
-            if not existing:
-                return None
-            tag, skipped = checkpoint.choose_tag(self.ckpt_dir)
-            if tag is None:
-                return (f"--resume auto: none of the {len(existing)} checkpoint(s) in {self.ckpt_dir} can be "
-                        f"used:\n  " + "\n  ".join(skipped) + f"\nNothing was deleted. To proceed: {how}")
-            return {"tag_dir": str(self.ckpt_dir / tag)}
-        try:
-            checkpoint.check(Path(resume))
-        except checkpoint.CheckpointError as err:
-            return f"--resume {resume}: {err}"
-        return {"tag_dir": str(Path(resume))}
 
     def _schedule_settings(self) -> dict:
         o = self.cfg.optim

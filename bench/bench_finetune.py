@@ -1,0 +1,111 @@
+"""Fine-tuning from the tiny pre-trained export vs from random initialisation on the shapes tasks.
+
+    python bench/bench_finetune.py [--out outputs/bench_finetune] [--pretrain-steps 100]
+                                   [--finetune-steps 40] [--seeds 0 1 2] [--tasks vqa nlvr2]
+
+1. megavl-synth-shapes + a tiny pre-training run (configs/tiny.yaml, one process, ZeRO-0) +
+   megavl-export; 2. megavl-synth-downstream; 3. for each task and seed, two fine-tuning runs with
+   the same steps, data order and head initialisation: task.init_from=<export> and random init.
+Prints and writes <out>/bench_finetune.json and .md: the final metric (VQA minival overall, NLVR2
+test-P accuracy, retrieval test r_mean) as mean and spread (min..max) over the seeds.
+Retrieval needs megavl.tasks.retrieval_eval (issue 12) and is skipped without it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+METRIC = {"vqa": "overall", "nlvr2": "accuracy", "retrieval": "r_mean"}
+SPLITS = {"vqa": ("vqa_val", "vqa_test"), "nlvr2": ("nlvr2_dev", "nlvr2_test"),
+          "retrieval": ("retrieval_val", "retrieval_test")}
+
+
+def _run(cmd: list[str]) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-4000:]}")
+
+
+def pretrain(out: Path, steps: int) -> Path:
+    export = out / "pretrain" / "export"
+    if (export / "model.safetensors").is_file():
+        return export
+    shards = out / "shapes"
+    _run([sys.executable, "-m", "megavl.tools.synth_shapes", "--out", str(shards), "--num-train",
+          "2048", "--num-val", "64", "--seed", "0", "--image-size", "64",
+          "--samples-per-shard", "512"])
+    _run([sys.executable, "megavl/train.py", "--ds_config", "ds_configs/zero0.json", "--config",
+          "configs/tiny.yaml", "--resume", "none", "--set", f"run.output_dir={out / 'pretrain'}",
+          f"data.train_shards={shards}/train-{{000000..000003}}.tar",
+          f"data.val_shards={shards}/val-000000.tar", f"run.max_steps={steps}",
+          f"run.checkpoint_every={steps}", "run.eval_every=-1", "run.image_log_every=0"])
+    _run([str(BIN / "megavl-export"), str(out / "pretrain" / "checkpoints"), str(export)])
+    return export
+
+
+def finetune(task: str, synth: Path, out: Path, steps: int, seed: int, init: str) -> float:
+    val, test = SPLITS[task]
+    _run([sys.executable, "megavl/train.py", "--ds_config", "ds_configs/zero0.json", "--config",
+          f"configs/finetune_{task}_tiny.yaml", "--resume", "none", "--set",
+          f"run.output_dir={out}", f"task.image_root={synth}",
+          f"task.train=[{synth}/{task}_train.json]", f"task.val={synth}/{val}.json",
+          f"task.test={synth}/{test}.json", f"task.init_from={init}", f"run.seed={seed}",
+          f"run.max_steps={steps}", f"run.checkpoint_every={steps}", "run.eval_every=0"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    # VQA's test split has no answers (the server scores it): its held-out minival is the figure
+    return metrics["val" if task == "vqa" else "test"][METRIC[task]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="outputs/bench_finetune")
+    parser.add_argument("--pretrain-steps", type=int, default=100)
+    parser.add_argument("--finetune-steps", type=int, default=40)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tasks", nargs="+", default=["vqa", "nlvr2", "retrieval"])
+    args = parser.parse_args(argv)
+    out = (REPO / args.out).resolve()
+    start = time.time()
+    export = pretrain(out, args.pretrain_steps)
+    synth = out / "shapes_downstream"
+    if not (synth / "stats.json").is_file():
+        _run([str(BIN / "megavl-synth-downstream"), "--out", str(synth), "--seed", "0",
+              "--num-train", "256", "--num-eval", "64", "--image-size", "64"])
+    rows = []
+    for task in args.tasks:
+        if task == "retrieval" and importlib.util.find_spec("megavl.tasks.retrieval_eval") is None:
+            print("retrieval: skipped (megavl.tasks.retrieval_eval from issue 12 is not merged)")
+            continue
+        scores = {"pretrained": [], "random": []}
+        for seed in args.seeds:
+            for name, init in (("pretrained", str(export)), ("random", "")):
+                run_dir = out / f"{task}_{name}_seed{seed}"
+                scores[name].append(finetune(task, synth, run_dir, args.finetune_steps, seed, init))
+                print(f"{task} {name} seed {seed}: {METRIC[task]} {scores[name][-1]:.2f}", flush=True)
+        for name, values in scores.items():
+            rows.append({"task": task, "init": name, "metric": METRIC[task], "values": values,
+                         "mean": statistics.mean(values), "min": min(values), "max": max(values)})
+    lines = ["| task | init | test metric | mean | min..max | seeds |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['init']} | {r['metric']} | {r['mean']:.2f} | "
+              f"{r['min']:.2f}..{r['max']:.2f} | {len(r['values'])} |" for r in rows]
+    text = "\n".join(lines) + (f"\n\n{args.pretrain_steps} pre-training steps, "
+                               f"{args.finetune_steps} fine-tuning steps, "
+                               f"{time.time() - start:.0f} s wall\n")
+    (out / "bench_finetune.md").write_text(text)
+    (out / "bench_finetune.json").write_text(json.dumps(rows, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Downstream annotation files as users already have them (JSON on disk + an image root).
+
+Formats (ALBEF `dataset/{caption,vqa,nlvr}_dataset.py`, BLIP `data/coco_karpathy_dataset.py`):
+  retrieval train  [{"image": path, "caption": str, "image_id": any}]   one entry per caption
+  retrieval eval   [{"image": path, "caption": [str, ...]}]             one entry per image
+  VQA              [{"question_id", "question", "answer": [10 str], "image", "dataset": "vqa"|"vg"}]
+                   (test entries have no "answer"; "answer_type" is kept when present)
+  NLVR2            [{"images": [left, right], "sentence": str, "label": "True"|"False"}]
+Image paths are relative to an image root (VQA: one root per "dataset" value, VG images differ).
+
+Bad entries are counted skips, never a crash (the trainer logs `data/skipped/<reason>`):
+  missing_image_file   an image path that is not a file under its root
+  empty_caption        a caption that is empty after pre_caption
+  no_answers           a training/evaluation question without answers
+  unknown_label        an NLVR2 label other than "True"/"False"
+  unknown_vqa_source   a VQA "dataset" value without an image root
+  bad_entry            an entry missing a required key or of the wrong type
+A file that does not exist or is not a JSON list is an error (a wrong path, not bad data).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_SKIP_REASONS = ("missing_image_file", "empty_caption", "no_answers", "unknown_label",
+                           "unknown_vqa_source", "bad_entry")
+NLVR2_LABELS = {"True": 1, "False": 0}
+
+
+def pre_caption(caption: str, max_words: int = 30) -> str:
+    """ALBEF/BLIP caption normalisation: lower case, drop punctuation, '-' and '/' -> space,
+    collapse spaces, at most `max_words` words."""
+    text = re.sub(r"([,.'!?\"()*#:;~])", "", caption.lower())
+    text = re.sub(r"\s{2,}", " ", text.replace("-", " ").replace("/", " ")).strip()
+    return " ".join(text.split(" ")[:max_words]) if text else ""
+
+
+def pre_question(question: str, max_words: int = 50) -> str:
+    """ALBEF's question normalisation (same marks as pre_caption, no collapsing)."""
+    text = re.sub(r"([,.'!?\"()*#:;~])", "", question.lower())
+    text = text.replace("-", " ").replace("/", " ").rstrip(" ")
+    return " ".join(text.split(" ")[:max_words])
+
+
+def read_json_list(path: str) -> list:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"annotation file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+    return data
+
+
+def _log_skips(what: str, path: str, skips: Counter) -> None:
+    if skips:
+        log.warning("%s %s: skipped %s", what, path, dict(skips))
+
+
+@dataclass
+class RetrievalSet:
+    """Images with their captions. `txt2img[t]` is the image of caption t; `img2txt[i]` its
+    captions (the form retrieval_metrics takes)."""
+
+    images: list[str]                     # absolute paths
+    texts: list[str]                      # pre_caption'ed
+    txt2img: list[int]
+    img2txt: list[list[int]]
+    skips: Counter = field(default_factory=Counter)
+
+
+def load_retrieval(path: str, image_root: str, max_words: int = 30) -> RetrievalSet:
+    """Either form (one entry per caption, or per image with a caption list); entries naming the
+    same image are merged, so captions of one image are all positives of each other."""
+    skips: Counter = Counter()
+    image_index: dict[str, int] = {}
+    out = RetrievalSet([], [], [], [], skips)
+    for entry in read_json_list(path):
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+            skips["bad_entry"] += 1
+            continue
+        captions = entry.get("caption")
+        captions = [captions] if isinstance(captions, str) else captions
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            skips["bad_entry"] += 1
+            continue
+        image_path = os.path.join(image_root, entry["image"])
+        if image_path not in image_index:
+            if not os.path.isfile(image_path):
+                skips["missing_image_file"] += 1
+                continue
+            image_index[image_path] = len(out.images)
+            out.images.append(image_path)
+            out.img2txt.append([])
+        i = image_index[image_path]
+        for c in captions:
+            text = pre_caption(c, max_words)
+            if not text:
+                skips["empty_caption"] += 1
+                continue
+            out.img2txt[i].append(len(out.texts))
+            out.txt2img.append(i)
+            out.texts.append(text)
+    no_caption = [i for i, t in enumerate(out.img2txt) if not t]
+    if no_caption:  # all its captions were empty (counted above): it cannot be retrieved
+        keep = [i for i in range(len(out.images)) if out.img2txt[i]]
+        remap = {old: new for new, old in enumerate(keep)}
+        out.images = [out.images[i] for i in keep]
+        out.img2txt = [out.img2txt[i] for i in keep]
+        out.txt2img = [remap[i] for i in out.txt2img]
+    _log_skips("retrieval", path, skips)
+    return out
+
+
+@dataclass
+class VQAItem:
+    question_id: int
+    question: str                 # pre_question'ed
+    answers: list[str]            # the human answers as written ([] for a test question)
+    image: str                    # absolute path
+    answer_type: str | None = None
+
+
+def load_vqa(paths: list[str], image_roots: dict[str, str], *, need_answers: bool,
+             max_words: int = 50) -> tuple[list[VQAItem], Counter]:
+    """Entries of several files (train + val + VG), image paths under image_roots[entry["dataset"]]
+    ("vqa" when absent). With need_answers, a question without answers is skipped (`no_answers`);
+    a test split keeps every question (the result file must cover them all)."""
+    skips: Counter = Counter()
+    items: list[VQAItem] = []
+    for path in paths:
+        before = Counter(skips)
+        for entry in read_json_list(path):
+            item = _vqa_item(entry, image_roots, need_answers, max_words, skips)
+            if item is not None:
+                items.append(item)
+        _log_skips("vqa", path, skips - before)
+    return items, skips
+
+
+def _vqa_item(entry, image_roots, need_answers, max_words, skips) -> VQAItem | None:
+    if (not isinstance(entry, dict) or not isinstance(entry.get("question"), str)
+            or not isinstance(entry.get("image"), str) or "question_id" not in entry):
+        skips["bad_entry"] += 1
+        return None
+    root = image_roots.get(entry.get("dataset", "vqa"))
+    if root is None:
+        skips["unknown_vqa_source"] += 1
+        return None
+    answers = entry.get("answer", [])
+    answers = [answers] if isinstance(answers, str) else answers
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        skips["bad_entry"] += 1
+        return None
+    if need_answers and not answers:
+        skips["no_answers"] += 1
+        return None
+    image_path = os.path.join(root, entry["image"])
+    if not os.path.isfile(image_path):
+        skips["missing_image_file"] += 1
+        return None
+    try:
+        question_id = int(entry["question_id"])
+    except (TypeError, ValueError):
+        skips["bad_entry"] += 1
+        return None
+    return VQAItem(question_id, pre_question(entry["question"], max_words), answers, image_path,
+                   entry.get("answer_type"))
+
+
+@dataclass
+class NLVR2Item:
+    left: str
+    right: str
+    sentence: str     # pre_caption'ed
+    label: int        # 1 = True
+
+
+def load_nlvr2(path: str, image_root: str, max_words: int = 30) -> tuple[list[NLVR2Item], Counter]:
+    skips: Counter = Counter()
+    items: list[NLVR2Item] = []
+    for entry in read_json_list(path):
+        images = entry.get("images") if isinstance(entry, dict) else None
+        if (not isinstance(images, list) or len(images) != 2
+                or not all(isinstance(p, str) for p in images)
+                or not isinstance(entry.get("sentence"), str)):
+            skips["bad_entry"] += 1
+            continue
+        if entry.get("label") not in NLVR2_LABELS:
+            skips["unknown_label"] += 1
+            continue
+        left, right = (os.path.join(image_root, p) for p in images)
+        if not (os.path.isfile(left) and os.path.isfile(right)):
+            skips["missing_image_file"] += 1
+            continue
+        sentence = pre_caption(entry["sentence"], max_words)
+        if not sentence:
+            skips["empty_caption"] += 1
+            continue
+        items.append(NLVR2Item(left, right, sentence, NLVR2_LABELS[entry["label"]]))
+    _log_skips("nlvr2", path, skips)
+    return items, skips

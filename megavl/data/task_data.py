@@ -1,0 +1,176 @@
+"""Map-style datasets over downstream annotations, their collation and rank-sharded batching.
+
+Items decode images from files with the existing transforms and tokenise with the project
+tokenizer. A file that fails to decode (corrupt, truncated, decompression bomb) is a counted skip:
+in training the item leaves its batch; in evaluation it is scored on a black image (every item is
+scored exactly once, and the VQA server needs an answer to every question) and counted as
+`corrupt_image`. Every batch carries `skipped` (a list of reasons) so counts survive DataLoader
+worker processes; `TaskLoader.skip_counts()` sums them.
+
+Sharding: training draws an epoch-seeded permutation, drops the tail that does not fill a global
+batch (world x batch_size) and deals batch b of rank r = items [(b * world + r) * B, +B): every rank
+gets the same number of full batches. Evaluation splits the items into contiguous per-rank ranges
+padded (with `valid` False) to the same number of batches per rank, so collective calls line up
+and each item is scored once.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from megavl.data.decode import _open_image, _Skip  # one image-opening path for shards and files
+from megavl.data.transforms import Transform, normalize_batch
+
+MAX_PIXELS_DEFAULT = 89_478_485  # PIL's own decompression-bomb limit
+
+
+def open_image_file(path: str, max_pixels: int, draft_size: int) -> Image.Image | str:
+    """RGB image, or a skip reason (missing_image_file, corrupt_image, too_many_pixels, ...)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return "missing_image_file"
+    try:
+        return _open_image(data, max_pixels, draft_size)
+    except _Skip as skip:
+        return skip.reason
+
+
+class TaskDataset(Dataset):
+    """items[i] -> {"index": i, "images": [PIL...] or skip reason, **fields}; `to_fields(item)`
+    gives the image paths and the task's other fields."""
+
+    def __init__(self, items: list, to_fields: Callable[[object], tuple[list[str], dict]],
+                 max_pixels: int = MAX_PIXELS_DEFAULT, draft_size: int = 0):
+        self.items, self.to_fields = items, to_fields
+        self.max_pixels, self.draft_size = max_pixels, draft_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        paths, fields = self.to_fields(self.items[index])
+        images = [open_image_file(p, self.max_pixels, self.draft_size) for p in paths]
+        bad = next((im for im in images if isinstance(im, str)), None)
+        return {"index": index, "images": bad if bad is not None else images, **fields}
+
+
+class TaskCollator:
+    """List of dataset items -> batch: images (B, n_images, 3, S, S) squeezed to (B, 3, S, S) for
+    one image, `text` tokenised to input_ids/attention_mask, other fields stacked as tensors."""
+
+    def __init__(self, transform: Transform, mean: list[float], std: list[float], tokenizer,
+                 max_text_len: int, *, train: bool, image_size: int):
+        self.transform, self.mean, self.std = transform, mean, std
+        self.tokenizer, self.max_text_len = tokenizer, max_text_len
+        self.train, self.image_size = train, image_size
+
+    def __call__(self, items: list[dict]) -> dict:
+        skipped = [it["images"] for it in items if isinstance(it["images"], str)]
+        if self.train:
+            items = [it for it in items if not isinstance(it["images"], str)]
+        n_images = next((len(it["images"]) for it in items if not isinstance(it["images"], str)), 1)
+        blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+        pixels = torch.stack([
+            torch.stack([blank] * n_images) if isinstance(it["images"], str)
+            else torch.stack([self.transform(im) for im in it["images"]]) for it in items])
+        images = normalize_batch(pixels.flatten(0, 1), self.mean, self.std)
+        images = images.view(len(items), n_images, *images.shape[1:]) if items else images
+        batch = {"images": images.squeeze(1) if n_images == 1 else images,
+                 "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+                 "valid": torch.tensor([it.get("valid", True) for it in items], dtype=torch.bool),
+                 "skipped": skipped}
+        if items and "text" in items[0]:
+            tokens = self.tokenizer([it["text"] for it in items], padding="max_length",
+                                    truncation=True, max_length=self.max_text_len,
+                                    return_tensors="pt")
+            batch["input_ids"] = tokens["input_ids"].long()
+            batch["attention_mask"] = tokens["attention_mask"].long()
+        for key in items[0] if items else ():
+            if key not in ("index", "images", "text", "valid"):
+                values = [it[key] for it in items]
+                batch[key] = torch.stack(values) if torch.is_tensor(values[0]) else (
+                    torch.tensor(values) if isinstance(values[0], (int, float)) else values)
+        return batch
+
+
+def train_batches(num_items: int, batch_size: int, rank: int, world: int, epoch: int, seed: int
+                  ) -> list[list[int]]:
+    """This rank's batches of one training epoch (see the module docstring)."""
+    global_batch = batch_size * world
+    if num_items < global_batch:
+        raise ValueError(f"{num_items} training items cannot fill one global batch of "
+                         f"{world} ranks x {batch_size}")
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    steps = num_items // global_batch
+    return [order[(b * world + rank) * batch_size:(b * world + rank + 1) * batch_size].tolist()
+            for b in range(steps)]
+
+
+def eval_batches(num_items: int, batch_size: int, rank: int, world: int) -> list[list[tuple[int, bool]]]:
+    """This rank's (index, valid) batches: contiguous range, padded with repeats of its last item
+    (valid False) so every rank has ceil(ceil(N / world) / B) batches."""
+    per_rank = math.ceil(num_items / world)
+    lo, hi = min(rank * per_rank, num_items), min((rank + 1) * per_rank, num_items)
+    steps = math.ceil(per_rank / batch_size) if num_items else 0
+    own = list(range(lo, hi))
+    filler = own[-1] if own else 0
+    padded = [(i, True) for i in own] + [(filler, False)] * (steps * batch_size - len(own))
+    return [padded[b * batch_size:(b + 1) * batch_size] for b in range(steps)]
+
+
+class _Indexed(Dataset):
+    """Adds the `valid` flag of padded eval positions to the underlying item."""
+
+    def __init__(self, dataset: TaskDataset, flat: list[tuple[int, bool]]):
+        self.dataset, self.flat = dataset, flat
+
+    def __len__(self) -> int:
+        return len(self.flat)
+
+    def __getitem__(self, position: int) -> dict:
+        index, valid = self.flat[position]
+        return {**self.dataset[index], "valid": valid}
+
+
+class TaskLoader:
+    """Iterates this rank's batches; training batches depend only on (seed, epoch), so resuming at
+    (epoch, batch) is `set_epoch(epoch)` + `start_batch`."""
+
+    def __init__(self, dataset: TaskDataset, collator: TaskCollator, *, batch_size: int, rank: int,
+                 world: int, train: bool, seed: int = 0, num_workers: int = 0):
+        self.dataset, self.collator = dataset, collator
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.train, self.seed, self.num_workers = train, seed, num_workers
+        self.epoch, self.start_batch = 0, 0
+        self.counts: Counter = Counter()
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _plan(self) -> list[list[tuple[int, bool]]]:
+        if self.train:
+            return [[(i, True) for i in b] for b in train_batches(
+                len(self.dataset), self.batch_size, self.rank, self.world, self.epoch, self.seed)]
+        return eval_batches(len(self.dataset), self.batch_size, self.rank, self.world)
+
+    def __len__(self) -> int:
+        return len(self._plan())
+
+    def __iter__(self) -> Iterator[dict]:
+        plan = self._plan()[self.start_batch:]
+        flat = [entry for batch in plan for entry in batch]
+        loader = DataLoader(_Indexed(self.dataset, flat), batch_size=self.batch_size, shuffle=False,
+                            collate_fn=self.collator, num_workers=self.num_workers)
+        for batch in loader:
+            self.counts.update(batch.pop("skipped"))
+            yield batch
+
+    def skip_counts(self) -> dict[str, int]:
+        return dict(self.counts)

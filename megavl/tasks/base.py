@@ -1,0 +1,163 @@
+"""What every fine-tuning task shares: initial weights from a pre-trained model, the fused [CLS]
+of an image-text pair, and the gathering of per-rank evaluation outputs.
+
+Initial weights: `load_backbone(model, state, source_cfg)` copies a pre-trained VLPModel state
+(an export's model.safetensors, or a checkpoint's "student."/"model." weights, read by the engine)
+into the task's VLPModel. The architecture must agree field by field (a clear error names every
+field that differs); only the image resolution may change, and the position embeddings are then
+resampled to the fine-tuning grid (bicubic, as timm/ALBEF's interpolate_pos_embed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megavl.config import ModelConfig
+from megavl.data.task_data import TaskCollator, TaskDataset, TaskLoader
+from megavl.data.transforms import eval_transform, train_transform
+from megavl.models.vision import resample_pos_embed
+from megavl.models.vlp import VLPModel
+
+log = logging.getLogger(__name__)
+
+# Fields allowed to differ between the pre-trained and the fine-tuning architecture.
+_FREE_FIELDS = {"vision.img_size", "vision.drop_path", "attention", "grad_checkpointing",
+                "text.hf_path"}
+_PREFIXES = ("student.", "model.")
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_flat(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def architecture_mismatch(source: ModelConfig, target: ModelConfig) -> list[str]:
+    """'field: source -> target' for every architecture field that differs (resolution excepted)."""
+    a, b = _flat(source), _flat(target)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in _FREE_FIELDS and a.get(k) != b.get(k)]
+
+
+def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A VLPModel state from an export (bare names) or a module checkpoint (student./model.)."""
+    for prefix in _PREFIXES:
+        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if picked:
+            return picked
+    return dict(state)
+
+
+def load_backbone(model: VLPModel, state: dict[str, torch.Tensor], source_cfg: ModelConfig,
+                  source_name: str = "the initial weights") -> None:
+    """Copy pre-trained weights into `model` (see the module docstring). Raises ValueError on any
+    architecture difference, missing or unexpected weight."""
+    problems = architecture_mismatch(source_cfg, model.cfg)
+    if problems:
+        raise ValueError(f"{source_name} and the recipe's model disagree: " + "; ".join(problems))
+    state = backbone_state(state)
+    old_grid = tuple(s // source_cfg.vision.patch_size for s in _pair(source_cfg.vision.img_size))
+    new_grid = model.vision.grid_size
+    if old_grid != new_grid:
+        # the ViT's table has a [CLS] row; the MAE decoder's (N, D) table has none
+        for key, prefix in (("vision.pos_embed", 1), ("decoder.pos_embed", 0)):
+            if key in state:
+                table = state[key].float()
+                table = table if table.dim() == 3 else table[None]
+                resampled = resample_pos_embed(table, new_grid, old_grid, prefix)
+                state[key] = resampled if state[key].dim() == 3 else resampled[0]
+        log.info("resampled the position embeddings from grid %s to %s", old_grid, new_grid)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{source_name}: weights do not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def pooled_pair(model: VLPModel, images: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """METER/SCL's pooled feature of each (image, text) pair: the fused image and text [CLS]
+    concatenated, (B, 2W)."""
+    img = model.encode_image(images)
+    txt = model.encode_text(input_ids, attention_mask)
+    fused = model.fuse(img, txt, attention_mask, mode)
+    return torch.cat([fused.image_global, fused.text_global], dim=-1)
+
+
+def mlp_head(in_width: int, hidden: int, out: int) -> torch.nn.Sequential:
+    """METER's classifier: Linear -> LayerNorm -> GELU -> Linear."""
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(in_width, hidden), nn.LayerNorm(hidden), nn.GELU(),
+                         nn.Linear(hidden, out))
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_objects(local: list) -> list:
+    """Concatenation of every rank's list, on every rank (rank order)."""
+    _, world = rank_world()
+    if world == 1:
+        return list(local)
+    parts: list = [None] * world
+    dist.all_gather_object(parts, local)
+    return [x for part in parts for x in part]
+
+
+# ------------------------------------------------------------------------ what a task gives
+@dataclass
+class TaskParts:
+    """Everything the fine-tuning engine needs from a task.
+
+    evaluate(split) is a collective (every rank calls it) returning the same metrics dict on
+    every rank; split is "val" or "test". write_results(split, out_dir) writes the task's result
+    files (VQA: the server file) on rank 0 and returns their paths; None where a task has none."""
+
+    module: torch.nn.Module
+    train_loader: "TaskLoader"
+    evaluate: Callable[[str], dict]
+    best_metric: str
+    write_results: Callable[[str, str], list[str]] | None = None
+    extra_state: dict = field(default_factory=dict)   # saved with the run (e.g. the VQA answers)
+
+
+def collators(cfg, tokenizer):
+    """(train, eval) TaskCollators from the data config: ALBEF train augmentation and eval resize."""
+    d = cfg.data
+    train = TaskCollator(train_transform(d.image_size, d.train_crop_scale, d.hflip, d.randaugment),
+                         d.mean, d.std, tokenizer, d.max_text_len, train=True,
+                         image_size=d.image_size)
+    evaluation = TaskCollator(eval_transform(d.image_size), d.mean, d.std, tokenizer,
+                              d.max_text_len, train=False, image_size=d.image_size)
+    return train, evaluation
+
+
+def loader(items, to_fields, collator, cfg, *, train: bool) -> "TaskLoader":
+    rank, world = rank_world()
+    d = cfg.data
+    return TaskLoader(TaskDataset(items, to_fields, d.max_image_pixels, d.image_size), collator,
+                      batch_size=d.batch_size, rank=rank, world=world, train=train,
+                      seed=cfg.run.seed, num_workers=d.num_workers)
+
+
+def split_file(cfg, split: str) -> str:
+    path = {"val": cfg.task.val, "test": cfg.task.test}[split]
+    if not path:
+        raise ValueError(f"task.{split} is not set: no {split} split to evaluate")
+    return path

@@ -1,0 +1,86 @@
+"""megavl-evaluate: evaluate fine-tuned weights on a task's split, without training.
+
+    megavl-evaluate --config configs/finetune_vqa.yaml --weights RUN/best --split test \\
+        --out DIR [--ds_config ds_configs/zero0.json] [--set key=value ...]
+    deepspeed --num_gpus 8 megavl/tools/evaluate.py ...      (sharded over ranks)
+
+--weights: a directory written by fine-tuning (`<output_dir>/best`: model.safetensors +
+task_head.safetensors + task_state.json) or a fine-tuning checkpoint tag directory. Prints the
+metrics, writes DIR/metrics.json and, for VQA, DIR/vqa_result_<split>.json for the server.
+(A bare megavl-export has no task head: fine-tune it first.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _is_checkpoint(weights: Path) -> bool:
+    from megavl.engine.checkpoint import MARKER
+
+    return (weights / MARKER).is_file()
+
+
+def _task_state(weights: Path) -> dict:
+    if (weights / "task_state.json").is_file():
+        return json.loads((weights / "task_state.json").read_text())
+    if _is_checkpoint(weights):
+        from megavl.engine.checkpoint import check, read_meta
+
+        check(weights)
+        return read_meta(weights).get("task_state", {})
+    raise FileNotFoundError(f"{weights}: neither a fine-tuned weights dir (task_state.json) nor a "
+                            "complete fine-tuning checkpoint tag dir")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megavl-evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--split", choices=("val", "test"), default="val")
+    parser.add_argument("--out", required=True, help="directory for metrics.json (+ result file)")
+    parser.add_argument("--ds_config", default="ds_configs/zero0.json")
+    parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[])
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import torch
+    from safetensors.torch import load_file
+
+    from megavl.config import load_config
+    from megavl.engine.finetune import FineTuner
+
+    weights = Path(args.weights)
+    out = Path(args.out)
+    cfg = load_config(args.config, [x for group in args.overrides for x in group]
+                      + [f"run.output_dir={out}", "task.init_from="])
+    if cfg.task.name == "pretrain":
+        parser.error("the recipe's task.name is pretrain: pick a fine-tuning recipe")
+    checkpoint_dir = _is_checkpoint(weights)
+    tuner = FineTuner(cfg, args.ds_config, resume=str(weights) if checkpoint_dir else "none",
+                      init=False, task_state=_task_state(weights))
+    if not checkpoint_dir:
+        state = {f"student.{k}": v for k, v in load_file(str(weights / "model.safetensors")).items()}
+        state.update(load_file(str(weights / "task_head.safetensors")))
+        with torch.no_grad():
+            missing, unexpected = tuner.module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights}: weights do not fit the recipe's model: missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]}")
+    metrics = tuner.parts.evaluate(args.split)
+    result = {"task": cfg.task.name, "split": args.split, "weights": str(weights), **metrics}
+    if tuner.parts.write_results:
+        result["result_files"] = tuner.parts.write_results(args.split, str(out))
+    if tuner.dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
