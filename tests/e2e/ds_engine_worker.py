@@ -52,13 +52,14 @@ def train_and_export(out: Path, ds_config: str, device) -> dict:
     check_engine(engine, stage)
     for step in range(2):
         batch = {k: v[:BATCH].to(torch.bfloat16) if v.is_floating_point() else v[:BATCH]
-                 for k, v in global_batch(step).items()}
+                 for k, v in global_batch(step, 0).items()}
         total, _ = engine(batch, "two", torch.Generator().manual_seed(step))
         engine.backward(total)
         engine.step()
     ckpt_dir = out / "checkpoints"
-    checkpoint.save(engine, engine.module, ckpt_dir, 2, 0, {"data": {}}, keep=1)
-    (ckpt_dir / checkpoint.tag_for(2) / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    info = checkpoint.SaveInfo(run_id="export-test", world_size=1, zero_stage=stage, keep=1,
+                               config_yaml=yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    checkpoint.save(engine, engine.module, ckpt_dir, 2, 0, {"data": {}}, info)
     export(ckpt_dir, out / "export")
     torch.save(fp32_masters(engine), out / "master.pt")
     torch.save({n: p.detach().clone() for n, p in engine.module.named_parameters()}, out / "module.pt")
