@@ -109,10 +109,12 @@ def run_stage(stage: int, info, out_dir: Path) -> dict:
 
     # Save, then load into a fresh engine: the queue (features, ids, pointer) comes back as it was.
     ckpt = out_dir / f"ckpt_stage{stage}"
-    checkpoint.save(engine, module, ckpt, STEPS, info.rank, {}, keep=1)
+    save_info = checkpoint.SaveInfo(run_id="queue-test", world_size=world, zero_stage=zero, keep=1, config_yaml="")
+    tag_dir = checkpoint.save(engine, module, ckpt, STEPS, info.rank, {}, save_info)
     torch.manual_seed(123)  # a different initial state, so the restore must really overwrite it
     fresh, _, _ = build_engine(cfg, f"ds_configs/zero{stage}.json", world, info.device)
-    checkpoint.load(fresh, fresh.module, ckpt, checkpoint.tag_for(STEPS), info.rank)
+    fresh.load_checkpoint(str(ckpt), tag=tag_dir.name, load_module_strict=False)
+    checkpoint.load_module_state(fresh.module, tag_dir, info.rank, world)
     out["queue_restored"] = _queue_state(fresh.module)
     return out
 
