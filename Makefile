@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# `make demo DEMO_PORT=29617` where another job already holds DeepSpeed's default port on a shared machine.
+DEMO_PORT ?= 29500
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -22,7 +24,7 @@ demo: $(STAMP)
 	rm -rf outputs/tiny  # a fresh run each time (--resume auto would otherwise find the finished one)
 	$(BIN)/megavl-synth-shapes --out outputs/shapes --num-train 4096 --num-val 256 --seed 0 \
 	    --image-size 64 --samples-per-shard 1024
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --num_gpus 2 megavl/train.py \
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 megavl/train.py \
 	    --ds_config ds_configs/zero3.json --config configs/tiny.yaml $(DEMO_ARGS)
 
 # The whole suite except GPU-only tests (those skip with a reason on CPU anyway).
