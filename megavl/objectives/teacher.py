@@ -63,6 +63,19 @@ def _has_full_data(p: torch.Tensor) -> bool:
     return p.data.numel() == p.ds_numel and p.ds_numel > 0
 
 
+def _full_is_shard(name: str, t: torch.Tensor) -> bool:
+    """True when the gathered full `.data` IS the shard: with one rank in the partition group DeepSpeed
+    "gathers" by viewing `ds_tensor` (NoGatherHandle), so a persistent parameter's full copy and its
+    shard are one memory. Updating both would apply the EMA twice (momentum m**2 on a 1-rank ZeRO-3
+    run). A partial overlap is not a layout DeepSpeed makes; it raises rather than guessing."""
+    full, shard = t.data, t.ds_tensor.data
+    if full.untyped_storage().data_ptr() != shard.untyped_storage().data_ptr():
+        return False
+    if full.data_ptr() == shard.data_ptr() and full.numel() <= shard.numel():
+        return True
+    raise RuntimeError(f"{name}: the gathered teacher parameter overlaps its ZeRO-3 shard only in part")
+
+
 def _check_not_nvme(name: str, p: torch.Tensor) -> None:
     location = getattr(p.ds_tensor, "final_location", None)
     # An enum (str, Enum): compare its value, not str(), whose text includes the class name.
@@ -121,7 +134,7 @@ class _EmaPlan:
                 out.append((name, t.data, s.data))
                 continue
             out.append((name, t.ds_tensor.data, s.ds_tensor.data))
-            if _has_full_data(t):
+            if _has_full_data(t) and not _full_is_shard(name, t):
                 if not _has_full_data(s):
                     raise RuntimeError(f"{name}: teacher is gathered but student is not; cannot update the "
                                        f"teacher's full copy (are their persistence thresholds different?)")
