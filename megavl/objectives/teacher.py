@@ -129,12 +129,15 @@ class _EmaPlan:
     def targets(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """(master key, teacher tensor, student tensor) to update this step, for every parameter."""
         out = []
+        self.full_is_shard = []  # names whose full copy is their shard this step (updated once, as the shard)
         for name, t, s in self.params:
             if not _is_partitioned(t):
                 out.append((name, t.data, s.data))
                 continue
             out.append((name, t.ds_tensor.data, s.ds_tensor.data))
-            if _has_full_data(t) and not _full_is_shard(name, t):
+            if _has_full_data(t) and _full_is_shard(name, t):
+                self.full_is_shard.append(name)
+            elif _has_full_data(t):
                 if not _has_full_data(s):
                     raise RuntimeError(f"{name}: teacher is gathered but student is not; cannot update the "
                                        f"teacher's full copy (are their persistence thresholds different?)")
@@ -215,6 +218,10 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float,
         raise ValueError(f"buffers must be 'ema', 'copy' or 'skip'; got {buffers!r}")
     plan = _plan_for(teacher, student)
     _foreach_ema_(plan.targets(), momentum, master)
+    if master is not None:  # one fp32 master serves both: a checkpoint holds both keys on any world size
+        for name in plan.full_is_shard:
+            if name in master:
+                master[f"{name}/full"] = master[name]
     if buffers == "skip":
         return
     floating = [(name, t, s) for name, t, s in plan.buffers if buffers == "ema" and t.dtype.is_floating_point]
