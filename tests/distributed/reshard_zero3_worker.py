@@ -57,7 +57,8 @@ def main(phase: str, shards: str, run: str, out_dir: str) -> None:
         states[self.step] = dump(self)
 
     Trainer.save = save_and_dump
-    trainer = Trainer(_config(shards, run, world), "ds_configs/zero3.json", resume="none" if phase == "save" else "auto")
+    resume = "none" if phase == "save" else "auto"
+    trainer = Trainer(_config(shards, run, world), "ds_configs/zero3.json", resume=resume)
     if phase == "load":
         assert trainer.step == SAVED_STEP, trainer.step
         states[SAVED_STEP] = dump(trainer)

@@ -2,10 +2,12 @@
 step-2 checkpoint, a 1-rank run resumes it through megavl's resharding (reshard.py). Right after the
 resume every trained parameter's fp32 master, exp_avg and exp_avg_sq (DeepSpeed's own consolidated
 view), the Adam step, the gathered student and teacher weights and the buffers must equal the 2-rank
-run's (1e-6 relative); after steps 3 and 4 the teacher's EMA increments (5% of them: the defect doubled them) and the losses
-(1e-5 relative, fp32: the two worlds differ only by reduction order) must too. The step-3 teacher caught the one defect found: on 1 rank the EMA
-ran twice on persistent ZeRO-3 parameters (their full copy is their shard there, objectives/teacher.py).
-The launcher-level chains (2 -> 1 -> 2, 2 -> 4) are in tests/e2e/test_resume_world.py.
+run's (1e-6 relative). After steps 3 and 4 the teacher's EMA increments must too (to 5%: the defect
+found doubled them) and the losses (1e-5 relative, fp32: the two worlds differ by reduction order).
+That defect: on 1 rank the EMA ran twice on persistent ZeRO-3 parameters, whose full copy is their
+shard there (objectives/teacher.py). The launcher-level chains (2 -> 1 -> 2, 2 -> 4) are in
+tests/e2e/test_resume_world.py; its 1 -> 2 leg catches the other defect (DeepSpeed's ZeRO-3 setter
+ignoring the partitions' padding, reshard.py).
 """
 from __future__ import annotations
 
@@ -78,10 +80,10 @@ def test_zero3_two_ranks_resumed_on_one_restores_every_state(tmp_path):
         # ~1% of it), then the losses.
         worst = scale = 0.0
         for name in (n for n in want["module"] if n.startswith("teacher.")):
-            step_of = lambda run: run["states"][step]["module"][name].double() - run["states"][step - 1]["module"][name].double()
-            want_inc, got_inc = step_of(ref), step_of(got)
+            want_inc, got_inc = (run["states"][step]["module"][name].double()
+                                 - run["states"][step - 1]["module"][name].double() for run in (ref, got))
             worst = max(worst, (got_inc - want_inc).abs().max().item())
             scale = max(scale, want_inc.abs().max().item())
-        assert scale > 0 and worst <= 5e-2 * scale, f"step {step}: teacher EMA increment off by {worst:.3e} of {scale:.3e}"
+        assert scale > 0 and worst <= 5e-2 * scale, f"step {step}: teacher EMA step off by {worst:.3e} of {scale:.3e}"
         for key, value in ref["losses"][step].items():
             assert got["losses"][step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
