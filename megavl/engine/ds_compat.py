@@ -10,6 +10,8 @@ these were tested with; a new DeepSpeed means re-running the tests and updating 
     engine.enable_backward_allreduce              trainer.build_engine: skip the world-of-one all-reduce
     ZeRO-3 optimizer.grad_partitions_flat_buffer  trainer.clear_zero3_grad_partitions (stale gradients)
     ZeRO-3 param.ds_tensor/ds_id/ds_shape/ds_numel objectives/teacher.py EMA on shards, engine/checkpoint.py
+    ZeRO-3 optimizer._get_fp32_opt_state_partition, reshard._set_zero3_partition (padded partitions on
+      _swappable_optimizer_subgroup, _optimizer_states_and_gradient_swap_out   resume to another world)
     deepspeed.comm.torch.build_shm_op             launch._skip_shm_op_build (no CPU op JIT under gloo)
 """
 from __future__ import annotations
@@ -51,6 +53,11 @@ def missing_engine_hooks(engine, zero_stage: int) -> list[str]:
         if not torch.is_tensor(buffer):
             missing.append(f"{type(engine.optimizer).__name__}.grad_partitions_flat_buffer (a tensor; "
                            "trainer.clear_zero3_grad_partitions zeroes it so unused parameters get no stale gradient)")
+        hooks = ("_get_fp32_opt_state_partition", "_swappable_optimizer_subgroup",
+                 "_optimizer_states_and_gradient_swap_out")
+        for hook in (h for h in hooks if not callable(getattr(engine.optimizer, h, None))):
+            missing.append(f"{type(engine.optimizer).__name__}.{hook} (reshard._set_zero3_partition writes "
+                           "each rank's padded fp32/Adam partition through it on a resume to another world)")
         param = next(iter(engine.module.parameters()), None)
         absent = [a for a in ZERO3_PARAM_ATTRS if param is not None and not hasattr(param, a)]
         if absent:

@@ -5,7 +5,8 @@ How: rank 0 consolidates the old partitions per parameter with DeepSpeed's own c
 every parameter, by name) into `<checkpoints>/.reshard/<tag>`; then every rank writes its piece of
 each full tensor into the fresh engine through DeepSpeed's public tensor-fragment API
 (`safe_set_full_fp32_param`, `safe_set_full_optimizer_state`), which knows the new partitioning
-of ZeRO-1/2/3, bf16 and CPU offload alike; the model weights are then refreshed from the new fp32
+of ZeRO-1/2, bf16 and CPU offload alike (under ZeRO-3 through the partition it exposes, as its setter
+ignores the padding: `_set_zero3_partition`); the model weights are then refreshed from the new fp32
 master. The folder is removed once every rank has loaded it (we wrote it).
 
 Why not DeepSpeed's `load_universal`: it must be chosen before `deepspeed.initialize`, its ZeRO-3
@@ -117,6 +118,19 @@ def _flat_partitions(opt) -> list[torch.Tensor] | None:
     return None
 
 
+def _set_zero3_partition(opt, p, full: torch.Tensor, key: str | None, rank: int) -> None:
+    """This rank's ZeRO-3 partition of `p`'s fp32 master (key None) or Adam moment `key`, padding included.
+
+    DeepSpeed's own `safe_set_full_*` (stage3.set_full_hp_param) slices the full value without the
+    padding of the last ranks' partitions: it fails for a parameter whose numel is not a multiple of
+    the world size (the ITC temperature, numel 1, on 2 ranks). So the partition DeepSpeed exposes is
+    filled here from the zero-padded full tensor, as DeepSpeed pads it (`_my_shard`)."""
+    part, group = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+    part.data.copy_(_my_shard(full.flatten(), part, rank).to(part.device, part.dtype))
+    if opt._swappable_optimizer_subgroup(group):  # NVMe: write the sub-group back, as DeepSpeed does
+        opt._optimizer_states_and_gradient_swap_out(group)
+
+
 @torch.no_grad()
 def inject(engine, module, values: Callable[[str], dict], step: int, rank: int) -> None:
     """Write full per-parameter fp32 master, Adam moments and step into this engine's partitions."""
@@ -143,9 +157,13 @@ def inject(engine, module, values: Callable[[str], dict], step: int, rank: int) 
         if not p.requires_grad:
             continue
         v = values(name)
-        safe_set_full_fp32_param(p, v["fp32"].to(flats[0].device))
-        for key in MOMENTS:
-            safe_set_full_optimizer_state(p, v[key].to(flats[0].device), key)
+        if zero3:
+            for key in (None, *MOMENTS):
+                _set_zero3_partition(opt, p, v[key or "fp32"], key, rank)
+        else:
+            safe_set_full_fp32_param(p, v["fp32"].to(flats[0].device))
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(p, v[key].to(flats[0].device), key)
         if zero3:  # the module's own shard (and a persistent full copy) follow the new master
             p.ds_tensor.data.copy_(_my_shard(v["fp32"].flatten(), p.ds_tensor, rank).to(p.ds_tensor.dtype))
             if p.data.numel() == p.ds_numel:

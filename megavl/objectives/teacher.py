@@ -63,6 +63,19 @@ def _has_full_data(p: torch.Tensor) -> bool:
     return p.data.numel() == p.ds_numel and p.ds_numel > 0
 
 
+def _full_is_shard(name: str, t: torch.Tensor) -> bool:
+    """True when the gathered full `.data` IS the shard: with one rank in the partition group DeepSpeed
+    "gathers" by viewing `ds_tensor` (NoGatherHandle), so a persistent parameter's full copy and its
+    shard are one memory. Updating both would apply the EMA twice (momentum m**2 on a 1-rank ZeRO-3
+    run). A partial overlap is not a layout DeepSpeed makes; it raises rather than guessing."""
+    full, shard = t.data, t.ds_tensor.data
+    if full.untyped_storage().data_ptr() != shard.untyped_storage().data_ptr():
+        return False
+    if full.data_ptr() == shard.data_ptr() and full.numel() <= shard.numel():
+        return True
+    raise RuntimeError(f"{name}: the gathered teacher parameter overlaps its ZeRO-3 shard only in part")
+
+
 def _check_not_nvme(name: str, p: torch.Tensor) -> None:
     location = getattr(p.ds_tensor, "final_location", None)
     # An enum (str, Enum): compare its value, not str(), whose text includes the class name.
@@ -116,12 +129,15 @@ class _EmaPlan:
     def targets(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """(master key, teacher tensor, student tensor) to update this step, for every parameter."""
         out = []
+        self.full_is_shard = []  # names whose full copy is their shard this step (updated once, as the shard)
         for name, t, s in self.params:
             if not _is_partitioned(t):
                 out.append((name, t.data, s.data))
                 continue
             out.append((name, t.ds_tensor.data, s.ds_tensor.data))
-            if _has_full_data(t):
+            if _has_full_data(t) and _full_is_shard(name, t):
+                self.full_is_shard.append(name)
+            elif _has_full_data(t):
                 if not _has_full_data(s):
                     raise RuntimeError(f"{name}: teacher is gathered but student is not; cannot update the "
                                        f"teacher's full copy (are their persistence thresholds different?)")
@@ -202,6 +218,10 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float,
         raise ValueError(f"buffers must be 'ema', 'copy' or 'skip'; got {buffers!r}")
     plan = _plan_for(teacher, student)
     _foreach_ema_(plan.targets(), momentum, master)
+    if master is not None:  # one fp32 master serves both: a checkpoint holds both keys on any world size
+        for name in plan.full_is_shard:
+            if name in master:
+                master[f"{name}/full"] = master[name]
     if buffers == "skip":
         return
     floating = [(name, t, s) for name, t, s in plan.buffers if buffers == "ema" and t.dtype.is_floating_point]

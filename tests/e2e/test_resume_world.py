@@ -77,12 +77,7 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-ZERO3_OPEN = ("ZeRO-3 2 -> 1 resharding: step 3 (the first after the resume, single-stream) matches, step 4 "
-              "(two-stream) differs by 0.2% in loss/mim_sem: an open defect, not yet found")
-
-
-@pytest.fixture(scope="module", params=[2, pytest.param(3, marks=pytest.mark.xfail(reason=ZERO3_OPEN, run=False))],
-                ids=["zero2", "zero3"])
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
 def reference(request, shards, tmp_path_factory) -> tuple[int, Path]:
     stage = request.param
     out = tmp_path_factory.mktemp(f"ref_zero{stage}") / "run"

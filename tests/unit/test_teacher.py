@@ -153,3 +153,37 @@ def test_foreach_ema_equals_the_per_tensor_loop(dtype):
     for key in master_fast:
         assert torch.equal(master_fast[key], master_slow[key]), key
     assert (len(master_fast) > 0) == (dtype == torch.bfloat16)
+
+
+def _as_one_rank_zero3(module: nn.Module) -> None:
+    """Give every parameter the layout DeepSpeed's ZeRO-3 has on ONE rank for a persistent parameter:
+    a flat `ds_tensor` shard holding all of it, and `.data` a view of that same memory (NoGatherHandle)."""
+    for p in module.parameters():
+        shard = p.data.detach().clone().flatten()
+        p.ds_tensor, p.ds_numel, p.ds_shape = nn.Parameter(shard, requires_grad=False), shard.numel(), p.shape
+        p.data = p.ds_tensor.data.view(p.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ema_once_when_the_full_copy_is_the_shard(dtype):
+    # The ZeRO-3 2 -> 1 resume drift of issue 11: on one rank the full copy and the shard are one
+    # memory, and updating both applied the EMA twice (momentum m**2).
+    torch.manual_seed(0)
+    student = _net().to(dtype)
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    want = {n: t.float().mul(0.9).add(s.float(), alpha=0.1) for (n, t), (_, s) in
+            zip(teacher.named_parameters(), student.named_parameters())}
+    _as_one_rank_zero3(student)
+    _as_one_rank_zero3(teacher)
+    master: dict = {}
+    ema_update_(teacher, student, 0.9, master=master)
+    for name, t in teacher.named_parameters():
+        assert t.data.data_ptr() == t.ds_tensor.data_ptr()  # still one memory
+        torch.testing.assert_close(t.data.float(), want[name].to(dtype).float(), rtol=1e-6, atol=1e-6)
+        if dtype == torch.bfloat16:  # one fp32 master, saved under both keys (resumable on W > 1)
+            assert master[f"{name}/full"] is master[name]
+            torch.testing.assert_close(master[name].view(t.shape), want[name], rtol=1e-6, atol=1e-7)
+    assert (not master) == (dtype == torch.float32)
