@@ -142,10 +142,15 @@ def test_sigkill_during_save_then_resume_and_mistaken_fresh_runs(reference, shar
 
     # A changed schedule on resume applies in full (issue 15 item 9): the base lr AND max_steps of the
     # recipe at the resumed step, not DeepSpeed's restored base rates next to a new teacher momentum.
+    from megavl.config import load_config
     from megavl.engine.optim import lr_factor
     from megavl.objectives.teacher import teacher_momentum
 
     _run(2, stage, shards, out, "run.max_steps=5", "optim.lr=1e-3")
     logged, _ = _scalars(out)
-    assert logged["train/lr"][5] == pytest.approx(1e-3 * lr_factor(5, 20, 5, "cosine"), rel=1e-6)
-    assert logged["train/teacher_momentum"][5] == pytest.approx(teacher_momentum(4, 5, 0.99, 1.0), rel=1e-6)
+    cfg = load_config(REPO / "configs/tiny.yaml", ["run.max_steps=5 optim.lr=1e-3"])
+    o, t = cfg.optim, cfg.objectives.teacher
+    assert logged["train/lr"][5] == pytest.approx(
+        1e-3 * lr_factor(5, o.warmup_steps, 5, o.schedule, o.min_lr_ratio), rel=1e-6)
+    assert logged["train/teacher_momentum"][5] == pytest.approx(
+        teacher_momentum(4, 5, t.momentum, t.momentum_end), rel=1e-6)
