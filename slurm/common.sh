@@ -71,6 +71,12 @@ DS_CONFIG=${MEGAVL_DS_CONFIG:-$default_ds}
 [[ -f "$DS_CONFIG" ]] || die "ds_config $DS_CONFIG not found (MEGAVL_DS_CONFIG / MEGAVL_GPU_TYPE)"
 MICRO_CAP=${MEGAVL_MICRO_BATCH:-$default_micro}
 WORLD=${SLURM_NTASKS:?sbatch sets SLURM_NTASKS from --nodes x --ntasks-per-node}
+# A job requeued onto another node count (scontrol update NumNodes=N) keeps the SLURM_NTASKS of its
+# first allocation: the ranks follow the nodes it holds now (nodes x tasks per node, "8(x2)" -> 8).
+if [[ -n "${SLURM_NTASKS_PER_NODE:-}" && -n "${SLURM_JOB_NUM_NODES:-}" ]]; then
+    per_node=${SLURM_NTASKS_PER_NODE%%[(,]*}
+    WORLD=$(( SLURM_JOB_NUM_NODES * per_node ))
+fi
 
 SETS=()
 if [[ -n "$MICRO_CAP" ]]; then
@@ -110,7 +116,7 @@ log "command: ${CMD[*]}"
 
 # --------------------------------------------------------------------------- launch and signals
 # 22.05's srun does not inherit --cpus-per-task from sbatch; pass it on so data workers get cores.
-SRUN=(srun --kill-on-bad-exit=1 --label --export=ALL)
+SRUN=(srun --kill-on-bad-exit=1 --label --export=ALL --ntasks="$WORLD")
 [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 
 GOT_SIGNAL=""
