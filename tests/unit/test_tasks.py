@@ -124,9 +124,10 @@ def test_backbone_init_resamples_position_embeddings_and_refuses_other_changes(c
     torch.testing.assert_close(target.vision.pos_embed[:, 0], source.vision.pos_embed[:, 0])
     torch.testing.assert_close(target.text.word_embeddings.weight, source.text.word_embeddings.weight)
     wider = copy.deepcopy(cfg.model)
-    wider.fusion.depth = 3
-    assert architecture_mismatch(cfg.model, wider) == ["fusion.depth: 2 -> 3"]
-    with pytest.raises(ValueError, match="fusion.depth: 2 -> 3"):
+    wider.fusion.depth = cfg.model.fusion.depth + 2
+    change = f"fusion.depth: {cfg.model.fusion.depth} -> {wider.fusion.depth}"
+    assert architecture_mismatch(cfg.model, wider) == [change]
+    with pytest.raises(ValueError, match=change):
         load_backbone(VLPModel(wider), state, cfg.model)
 
 
