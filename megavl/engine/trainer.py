@@ -124,10 +124,21 @@ def clear_zero3_grad_partitions(engine, zero_stage: int) -> None:
     overwrites the slots of parameters that received a gradient: a parameter unused in a step (the
     cross-attention sublayer in a single-stream step) would be updated again with its stale gradient
     from the last step that used it. Found by tests/distributed/test_sharded_equals_unsharded.py.
+
+    With CPU offload of the optimizer (ds_configs/zero3_offload.json) the step reads its gradients
+    from a second, persistent buffer: each fp32 partition's `.grad` (on the CPU), into which DeepSpeed
+    copies only the parameters reduced in this step, so it is zeroed too. Left stale, an uninterrupted
+    run re-applied the cross-attention's old gradient while a resumed one (fresh, zero buffer) did not:
+    losses 3e-4 apart one step after a resume. Found by tests/distributed/test_reshard_zero3.py.
     """
     if zero_stage != 3:
         return
-    engine.optimizer.grad_partitions_flat_buffer.zero_()  # presence checked by ds_compat.check_engine
+    opt = engine.optimizer
+    opt.grad_partitions_flat_buffer.zero_()  # presence checked by ds_compat.check_engine
+    if getattr(opt, "offload_optimizer", False):
+        for flat in opt.fp32_partitioned_groups_flat:
+            if flat.grad is not None:  # None for an NVMe-swapped sub-group: swapped back in at the next step
+                flat.grad.zero_()
 
 
 class Trainer:

@@ -8,7 +8,7 @@ consolidated fp32 master / exp_avg / exp_avg_sq (`safe_get_full_*`, collectives)
 ZeRO-3 flat partition, every gathered module parameter (student AND teacher) and buffer; it writes
 them with the step losses to OUT_DIR/<phase><world>.pt. The test compares.
 
-    RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. python reshard_zero3_worker.py PHASE SHARDS RUN OUT_DIR
+    RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. python reshard_zero3_worker.py PHASE SHARDS RUN OUT_DIR [DS_CONFIG]
 """
 import os
 import sys
@@ -46,7 +46,7 @@ def dump(trainer: Trainer) -> dict:
     return out
 
 
-def main(phase: str, shards: str, run: str, out_dir: str) -> None:
+def main(phase: str, shards: str, run: str, out_dir: str, ds_config: str = "ds_configs/zero3.json") -> None:
     world = int(os.environ["WORLD_SIZE"])
     states = {}
     save = Trainer.save
@@ -58,7 +58,7 @@ def main(phase: str, shards: str, run: str, out_dir: str) -> None:
 
     Trainer.save = save_and_dump
     resume = "none" if phase == "save" else "auto"
-    trainer = Trainer(_config(shards, run, world), "ds_configs/zero3.json", resume=resume)
+    trainer = Trainer(_config(shards, run, world), ds_config, resume=resume)
     if phase == "load":
         assert trainer.step == SAVED_STEP, trainer.step
         states[SAVED_STEP] = dump(trainer)

@@ -8,6 +8,10 @@ That defect: on 1 rank the EMA ran twice on persistent ZeRO-3 parameters, whose 
 shard there (objectives/teacher.py). The launcher-level chains (2 -> 1 -> 2, 2 -> 4) are in
 tests/e2e/test_resume_world.py; its 1 -> 2 leg catches the other defect (DeepSpeed's ZeRO-3 setter
 ignoring the partitions' padding, reshard.py).
+Run with ds_configs/zero3.json and zero3_offload.json (CPU offload of optimizer and params): the
+latter caught stale gradients in the offloaded fp32 gradient buffers (an unused parameter re-applied
+its last gradient in the uninterrupted run only; trainer.clear_zero3_grad_partitions): step 4's
+teacher EMA step and losses differed.
 """
 from __future__ import annotations
 
@@ -26,14 +30,14 @@ WORKER = Path(__file__).with_name("reshard_zero3_worker.py")
 pytestmark = pytest.mark.slow
 
 
-def _launch(phase: str, world: int, shards: Path, run: Path, out: Path) -> dict:
+def _launch(phase: str, world: int, shards: Path, run: Path, out: Path, ds_config: str) -> dict:
     port = _free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                    PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), phase, str(shards), str(run), str(out)], cwd=REPO,
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), phase, str(shards), str(run), str(out), ds_config], cwd=REPO,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -58,16 +62,17 @@ def _assert_close(want: dict, got: dict, what: str, rel: float) -> None:
         assert diff <= rel * scale, f"{what} {name}: off by {diff:.3e} (scale {scale:.3e})"
 
 
-def test_zero3_two_ranks_resumed_on_one_restores_every_state(tmp_path):
+@pytest.mark.parametrize("ds_config", ["ds_configs/zero3.json", "ds_configs/zero3_offload.json"])
+def test_zero3_two_ranks_resumed_on_one_restores_every_state(tmp_path, ds_config):
     shards = tmp_path / "shards"
     subprocess.run([sys.executable, "-m", "megavl.tools.synth_shapes", "--out", str(shards), "--num-train", "64",
                     "--num-val", "8", "--seed", "0", "--image-size", "64", "--samples-per-shard", "32"],
                    check=True, capture_output=True, cwd=REPO)
-    ref = _launch("save", 2, shards, tmp_path / "run2", tmp_path)
+    ref = _launch("save", 2, shards, tmp_path / "run2", tmp_path, ds_config)
     tag = "step_00000002"
     (tmp_path / "run1" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "run2" / "checkpoints" / tag, tmp_path / "run1" / "checkpoints" / tag)
-    got = _launch("load", 1, shards, tmp_path / "run1", tmp_path)
+    got = _launch("load", 1, shards, tmp_path / "run1", tmp_path, ds_config)
 
     want, now = ref["states"][2], got["states"][2]
     assert now["adam_steps"] == [2.0] * len(now["adam_steps"]) and want["adam_steps"][0] == 2.0
