@@ -190,7 +190,7 @@ class FineTuner:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def train(self) -> dict:
-        from .trainer import _to_device, step_generator, _mean_over_ranks
+        from .trainer import _mean_over_ranks, _to_device, clear_zero3_grad_partitions, step_generator
 
         run = self.cfg.run
         results: dict = {"start_step": self.step, "step_losses": {}}
@@ -204,6 +204,8 @@ class FineTuner:
                                                                   self.device))
                 self.engine.backward(total)
                 self.engine.step()
+                if micro == run.grad_accum - 1:  # stale ZeRO-3 gradient slots, as in pre-training
+                    clear_zero3_grad_partitions(self.engine, self.zero_stage)
                 for name, value in {"total": total, **losses}.items():
                     sums[name] = sums.get(name, 0) + value.detach() / run.grad_accum
             self.step += 1
