@@ -100,21 +100,28 @@ def _open_image(data: bytes, max_pixels: int, draft_size: int) -> Image.Image:
             raise _Skip("corrupt_image") from None
 
 
+def meta_and_caption(raw: RawSample, caption_key: str) -> tuple[dict, str]:
+    """The sample's json metadata ({} without one) and its stripped caption; raises _Skip
+    ("bad_json", "empty_caption", ...) when either is unusable. Shared by images and videos."""
+    meta: dict = {}
+    if "json" in raw:
+        try:
+            meta = json.loads(read_field(raw, "json"))
+        except (ValueError, UnicodeDecodeError):
+            raise _Skip("bad_json") from None
+        if not isinstance(meta, dict):
+            raise _Skip("bad_json")
+    caption = _caption(raw, meta, caption_key).strip()
+    if not caption:
+        raise _Skip("empty_caption")
+    return meta, caption
+
+
 def decode_sample(raw: RawSample, *, caption_key: str, max_pixels: int,
                   draft_size: int = 0) -> Decoded | str:
     """Decode one raw sample; returns a `Decoded`, or a skip reason from SKIP_REASONS."""
     try:
-        meta: dict = {}
-        if "json" in raw:
-            try:
-                meta = json.loads(read_field(raw, "json"))
-            except (ValueError, UnicodeDecodeError):
-                raise _Skip("bad_json") from None
-            if not isinstance(meta, dict):
-                raise _Skip("bad_json")
-        caption = _caption(raw, meta, caption_key).strip()
-        if not caption:
-            raise _Skip("empty_caption")
+        meta, caption = meta_and_caption(raw, caption_key)
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None:
             raise _Skip("missing_image")

@@ -24,13 +24,12 @@ Skip reasons (the trainer logs them as `data/skipped/<reason>`), beyond decode.p
 from __future__ import annotations
 
 import io
-import json
 import random
 from dataclasses import dataclass, field
 
 import torch
 
-from megavl.data.decode import SKIP_REASONS, Decoded, _caption, _image_id, _Skip, decode_sample
+from megavl.data.decode import SKIP_REASONS, Decoded, _image_id, _Skip, decode_sample, meta_and_caption
 from megavl.data.plan import derive_seed
 from megavl.data.shards import RawSample, read_field
 
@@ -156,17 +155,7 @@ def decode_video_sample(raw: RawSample, *, caption_key: str, max_pixels: int, nu
     train=False takes the segment centres (seed unused). `max_pixels` bounds one frame.
     """
     try:
-        meta: dict = {}
-        if "json" in raw:
-            try:
-                meta = json.loads(read_field(raw, "json"))
-            except (ValueError, UnicodeDecodeError):
-                raise _Skip("bad_json") from None
-            if not isinstance(meta, dict):
-                raise _Skip("bad_json")
-        caption = _caption(raw, meta, caption_key).strip()
-        if not caption:
-            raise _Skip("empty_caption")
+        meta, caption = meta_and_caption(raw, caption_key)
         ext = next((e for e in VIDEO_EXTS if e in raw), None)
         if ext is None:
             raise _Skip("missing_video")
