@@ -161,3 +161,20 @@ def split_file(cfg, split: str) -> str:
     if not path:
         raise ValueError(f"task.{split} is not set: no {split} split to evaluate")
     return path
+
+
+@torch.no_grad()
+def eval_logits(module: torch.nn.Module, loader, device, dtype):
+    """Yield (batch, fp32 CPU class logits) over a classification task's eval loader, the module in
+    eval mode (its previous mode restored afterwards) and autocast to the compute dtype."""
+    was_training = module.training
+    module.eval()
+    try:
+        for batch in loader:
+            with torch.autocast(device_type=torch.device(device).type, dtype=dtype,
+                                enabled=dtype != torch.float32):
+                logits = module.logits({k: v.to(device) if torch.is_tensor(v) else v
+                                        for k, v in batch.items()})
+            yield batch, logits.float().cpu()
+    finally:
+        module.train(was_training)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from megavl.config import ModelConfig
 from megavl.models.vlp import VLPModel
-from megavl.tasks.base import gather_objects, mlp_head, pooled_pair
+from megavl.tasks.base import eval_logits, gather_objects, mlp_head, pooled_pair
 
 
 class NLVR2Module(nn.Module):
@@ -45,18 +45,11 @@ class NLVR2Module(nn.Module):
 @torch.no_grad()
 def accuracy(module: NLVR2Module, loader, device, dtype) -> dict:
     """{"accuracy": percent, "count": n} over the loader's split, all ranks together."""
-    was_training = module.training
-    module.eval()
     local = []
-    for batch in loader:
-        with torch.autocast(device_type=torch.device(device).type, dtype=dtype,
-                            enabled=dtype != torch.float32):
-            logits = module.logits({k: v.to(device) if torch.is_tensor(v) else v
-                                    for k, v in batch.items()})
-        right = (logits.float().argmax(-1).cpu() == batch["label"]).tolist()
+    for batch, logits in eval_logits(module, loader, device, dtype):
+        right = (logits.argmax(-1) == batch["label"]).tolist()
         local += [(i, r) for i, r, v in zip(batch["index"].tolist(), right,
                                             batch["valid"].tolist()) if v]
-    module.train(was_training)
     scored = dict(gather_objects(local))  # index -> correct (each index once)
     if not scored:
         raise ValueError("NLVR2 evaluation saw no item")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from megavl.config import ModelConfig
 from megavl.data.annotations import VQAItem, load_vqa
 from megavl.models.vlp import VLPModel
-from megavl.tasks.base import gather_objects, mlp_head, pooled_pair
+from megavl.tasks.base import eval_logits, gather_objects, mlp_head, pooled_pair
 from megavl.tasks.metrics import normalize_prediction, vqa_accuracy
 
 SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)
@@ -83,20 +83,13 @@ class VQAModule(nn.Module):
 @torch.no_grad()
 def predict(module: VQAModule, loader, items: list[VQAItem], device, dtype) -> dict[int, str]:
     """{question_id: answer} for every item of the loader's split, gathered over all ranks."""
-    was_training = module.training
-    module.eval()
     local = []
-    for batch in loader:
-        with torch.autocast(device_type=torch.device(device).type, dtype=dtype,
-                            enabled=dtype != torch.float32):
-            logits = module.logits({k: v.to(device) if torch.is_tensor(v) else v
-                                    for k, v in batch.items()})
-        best = logits.float().argmax(dim=-1).cpu()
+    for batch, logits in eval_logits(module, loader, device, dtype):
+        best = logits.argmax(dim=-1)
         for index, label, valid in zip(batch["index"].tolist(), best.tolist(),
                                        batch["valid"].tolist()):
             if valid:
                 local.append((items[index].question_id, module.answers[label]))
-    module.train(was_training)
     return dict(gather_objects(local))
 
 
