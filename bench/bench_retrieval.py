@@ -7,8 +7,15 @@ captions per image (24 tokens), ITM re-ranking of the top-k (k=16) both ways, tw
             rank one torch thread, its share of images and texts; the figure is the slowest rank's
             wall time of the call (process start-up and DeepSpeed excluded: a plain replicated model,
             so the row measures the sharding, not ZeRO-3's parameter gathers)
+  ceiling   what this machine allows for a perfect split: the same batched re-rank work in 1 process
+            vs 2 processes with half the queries each and no communication at all (the 2 vCPUs of a VM
+            share the host core's caches and clock: the 2-rank row cannot beat this ratio here)
   re-rank   the re-ranking alone on the same gathered tokens, in this process: `pair_batch` pairs per
             fusion call vs round 1's loop (one fusion call of k pairs per query)
+  ZeRO-3    the same two re-rankings on 2 gloo ranks inside a real ZeRO-3 engine, every fusion weight
+            partitioned (`stage3_param_persistence_threshold` 0, as every ViT-B/BERT-base matrix is at
+            the default 1e5): each fusion call gathers the fusion weights, so the loop's one call per
+            query pays one gather of them per query; the queries are split over the ranks alike
 
 `python bench/bench_retrieval.py [--quick] [--images N]` prints the rows; run_all.py calls `rows`.
 """
@@ -24,11 +31,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megavl.config import OBJECTIVE_NAMES, load_config
-from megavl.engine.launch import _free_port
+from megavl.engine.launch import _free_port, init_distributed
 from megavl.tasks import retrieval_eval
 from megavl.tasks.retrieval_eval import retrieval_scores
 
-from harness import RECIPES, Row, sync
+from harness import RECIPES, REPO, Row, sync
 
 CAPTIONS_PER_IMAGE, TEXT_LEN, K, MODE, PAIR_BATCH = 5, 24, 16, "two", 512
 FULL_IMAGES, CPU_IMAGES, QUICK_IMAGES = 1000, 200, 12  # the issue's size; CPU default (about
@@ -107,15 +114,90 @@ def round1_loop_rerank(model, sim, img_tok, txt_tok, txt_mask, k: int, mode: str
     return i2t, t2i
 
 
+def _ceiling_worker(rank: int, world: int, num_images: int, results) -> None:
+    """Batched re-rank of this process's 1/world of the text queries; no process group at all."""
+    torch.set_num_threads(1)
+    model = tiny_student()
+    with torch.no_grad():
+        sim, img_tok, txt_tok, txt_mask = _gathered_tokens(model, num_images, torch.device("cpu"))
+        rows = sim.t()[rank::world]
+        start = time.perf_counter()
+        retrieval_eval._rerank(model, rows, False, img_tok, txt_tok, txt_mask, min(K, num_images), MODE, "itm",
+                               PAIR_BATCH)
+    results.put((rank, time.perf_counter() - start))
+
+
+def time_ceiling(world: int, num_images: int) -> float:
+    """Slowest process's seconds for its 1/world share of the text-query re-rank, all started at once."""
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(_ceiling_worker, args=(world, num_images, results), nprocs=world, join=True,
+                       start_method="spawn")
+    return max(results.get()[1] for _ in range(world))
+
+
+def _gathered_tokens(model, num_images: int, device: torch.device):
+    """(sim, img_tok, txt_tok, txt_mask) of the whole synthetic set, embedded in this process."""
+    img, txt = synthetic_set(num_images)
+    _, img_tok, img_emb = retrieval_eval._embed_images(model, img, device, torch.float32)
+    _, txt_tok, txt_mask, txt_emb = retrieval_eval._embed_texts(model, txt, device, torch.float32)
+    return img_emb @ txt_emb.t(), img_tok, txt_tok, txt_mask
+
+
+def _zero3_worker(rank: int, world: int, port: int, num_images: int, reps: int, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import json
+    import tempfile
+
+    from megavl.engine.trainer import build_engine
+
+    info = init_distributed()
+    ds = json.loads((REPO / "ds_configs/zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(ds, f)
+    cfg = load_config(RECIPES["tiny"], [f"data.max_text_len={TEXT_LEN}", "run.precision=fp32", "data.batch_size=8",
+                                        f"run.global_batch_size={8 * world}", "run.grad_accum=1"])
+    torch.manual_seed(0)
+    engine, _, _ = build_engine(cfg, f.name, world, info.device)
+    model = engine.module.student.eval()
+    k = min(K, num_images)
+    times: dict[str, list[float]] = {"loop": [], "batched": []}
+    with torch.no_grad():
+        sim, img_tok, txt_tok, txt_mask = _gathered_tokens(model, num_images, info.device)
+        for _ in range(reps):
+            for name, pair_batch in (("loop", k), ("batched", PAIR_BATCH)):  # pair_batch=k: one query per call
+                dist.barrier()
+                start = time.perf_counter()
+                for rows, images_query in ((sim, True), (sim.t(), False)):
+                    retrieval_eval._rerank(model, rows, images_query, img_tok, txt_tok, txt_mask, k, MODE, "itm",
+                                           pair_batch)
+                dist.barrier()
+                times[name].append(time.perf_counter() - start)
+    if rank == 0:
+        results.put({name: statistics.median(t) for name, t in times.items()})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def time_rerank_zero3(num_images: int, reps: int = 2) -> tuple[float, float]:
+    """(batched, loop) median wall seconds of the re-ranking on 2 ranks in a ZeRO-3 engine."""
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(_zero3_worker, args=(2, _free_port(), num_images, reps, results), nprocs=2, join=True,
+                       start_method="spawn")
+    out = results.get()
+    return out["batched"], out["loop"]
+
+
 @torch.no_grad()
 def time_rerank(num_images: int, device: torch.device, reps: int) -> tuple[float, float]:
     """(batched, loop) median seconds of the re-ranking phase on the same tokens, in this process;
     on CPU process CPU time (the machine is shared; one thread), on CUDA wall time with syncs."""
     model = tiny_student().to(device)
-    img, txt = synthetic_set(num_images)
-    _, img_tok, img_emb = retrieval_eval._embed_images(model, img, device, torch.float32)
-    _, txt_tok, txt_mask, txt_emb = retrieval_eval._embed_texts(model, txt, device, torch.float32)
-    sim = img_emb @ txt_emb.t()
+    sim, img_tok, txt_tok, txt_mask = _gathered_tokens(model, num_images, device)
     k = min(K, num_images)  # as retrieval_scores clamps it
 
     def batched():
@@ -142,15 +224,27 @@ def rows(device: torch.device, quick: bool, num_images: int | None = None) -> li
     out = []
     if device.type == "cpu":  # ranks = gloo processes on this machine's cores
         one, two = time_ranks(1, n), time_ranks(2, n)
+        ceil_one, ceil_two = time_ceiling(1, n), time_ceiling(2, n)
         out.append(Row("retrieval eval", case, "s per eval (2 ranks vs 1)", two, one, "1 rank", "<= 0.6x",
                        note=f"gloo CPU ranks, 1 thread each, wall s of the slowest rank; "
-                            f"{(n + n * CAPTIONS_PER_IMAGE) * K} re-ranked pairs"))
+                            f"{(n + n * CAPTIONS_PER_IMAGE) * min(K, n)} re-ranked pairs; this machine's ceiling "
+                            f"for a perfect split (next row) {ceil_two / ceil_one:.2f}x"))
+        out.append(Row("retrieval eval", case, "machine ceiling: re-rank s, 2 processes vs 1", ceil_two, ceil_one,
+                       "1 process", "", note="the same compute split in two with no communication"))
     batched, loop = time_rerank(n, device, reps=1 if n >= 200 else 2)
     clock = "wall s" if device.type == "cuda" else "CPU s"
     return out + [
         Row("retrieval eval", case, f"re-rank {clock}, loop vs batched", loop, batched, f"batched, {PAIR_BATCH} pairs/call",
             ">= 5x", note="megavl column = round 1's loop (one call per query); ratio = speed-up of batching"),
-    ]
+    ] + ([] if device.type != "cpu" else [zero3_row(n, case)])
+
+
+def zero3_row(n: int, case: str) -> Row:
+    batched, loop = time_rerank_zero3(n, reps=1 if n >= 200 else 2)
+    return Row("retrieval eval", case, "re-rank wall s in a ZeRO-3 engine, loop vs batched", loop, batched,
+               f"batched, {PAIR_BATCH} pairs/call", ">= 5x",
+               note="2 gloo ranks, fusion weights partitioned (persistence threshold 0); queries split over "
+                    "the ranks on both sides; one fusion call per query gathers the fusion weights per query")
 
 
 if __name__ == "__main__":
