@@ -151,7 +151,8 @@ class FineTuner:
                                                enabled=self.zero_stage == 3):
             if self.dist.is_main:
                 full = {k: v.detach().float().contiguous().clone()
-                        for k, v in self.module.state_dict().items()}
+                        for k, v in self.module.state_dict().items()
+                        if not k.startswith(self.parts.training_only)}  # no teacher, no queue
                 out.mkdir(parents=True, exist_ok=True)
                 # model.safetensors: the bare VLPModel (megavl.load_pretrained reads it); the task's
                 # own weights (classifier, temperature) beside it for megavl-evaluate
@@ -198,6 +199,7 @@ class FineTuner:
         preempted = False
         while self.step < run.max_steps:
             sums: dict[str, torch.Tensor] = {}
+            step_scalars = self.parts.before_step(self.step) if self.parts.before_step else {}
             for micro in range(run.grad_accum):
                 batch = _to_device(next(batches), self.device, self.dtype)
                 total, losses = self.engine(batch, step_generator(run.seed, self.step, micro,
@@ -215,12 +217,13 @@ class FineTuner:
                 skips = self._skips()
                 self.monitor.scalars(self.step, {**{f"loss/{k}": v for k, v in values.items()},
                                                  "train/lr": self.scheduler.get_last_lr()[0],
+                                                 **{f"train/{k}": v for k, v in step_scalars.items()},
                                                  **{f"data/skipped/{k}": n for k, n in skips.items()}})
                 self.monitor.progress(self.step, {"loss": values["total"]})
             if run.eval_every > 0 and self.step % run.eval_every == 0 and self.step < run.max_steps \
                     and self.cfg.task.val:
                 self._evaluate_val()
-            stop = self.stop.agreed(self.device)
+            stop = self.stop.agreed_at(self.step, run.stop_check_every, self.device)  # as pre-training
             if stop or self.step % run.checkpoint_every == 0 or self.step == run.max_steps:
                 self.save()
             if stop:
