@@ -221,7 +221,7 @@ class FineTuner:
                                                  **{f"data/skipped/{k}": n for k, n in skips.items()}})
                 self.monitor.progress(self.step, {"loss": values["total"]})
             if run.eval_every > 0 and self.step % run.eval_every == 0 and self.step < run.max_steps \
-                    and self.cfg.task.val:
+                    and self._has_val():
                 self._evaluate_val()
             stop = self.stop.agreed_at(self.step, run.stop_check_every, self.device)  # as pre-training
             if stop or self.step % run.checkpoint_every == 0 or self.step == run.max_steps:
@@ -238,7 +238,7 @@ class FineTuner:
 
     def final_evaluation(self) -> dict:
         out: dict = {}
-        if self.cfg.task.val:
+        if self._has_val():
             out["val"] = self._evaluate_val()
             out["best"] = self.best
         if self.cfg.task.test:
@@ -248,6 +248,9 @@ class FineTuner:
         if self.dist.is_main:
             (self.output_dir / "metrics.json").write_text(json.dumps(out, indent=2))
         return out
+
+    def _has_val(self) -> bool:
+        return bool(self.cfg.task.val) if self.parts.has_val is None else self.parts.has_val
 
     def _skips(self) -> dict[str, int]:
         counts = self.loader.skip_counts()

@@ -140,6 +140,7 @@ class TaskParts:
     before_step: Callable[[int], dict[str, float]] | None = None
     # module state names (prefixes) that only training needs (teacher, queue): kept out of exports
     training_only: tuple[str, ...] = ()
+    has_val: bool | None = None  # a "val" split to evaluate; None = task.val is set (VQA: or a minival)
 
 
 def collators(cfg, tokenizer):
