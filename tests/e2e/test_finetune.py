@@ -1,8 +1,9 @@
 """Fine-tuning end to end on 2 CPU ranks (real DeepSpeed engines over gloo, real annotation files and
 PNGs written by megavl-synth-downstream): VQA under ZeRO-2 initialised from an export, checkpointed,
 resumed from its step-2 checkpoint reproducing the uninterrupted losses, evaluated, result file
-complete; NLVR2 under ZeRO-3 with megavl-evaluate on the best weights; retrieval when
-megavl.tasks.retrieval_eval (eval12) is present."""
+complete; NLVR2 under ZeRO-3 with megavl-evaluate on the best weights; retrieval with ALBEF's queue
++ distillation under ZeRO-2 (best weights re-evaluated by megavl-evaluate) and under ZeRO-3 stopped
+by SIGTERM and resumed with `--resume auto` reproducing the uninterrupted losses."""
 from __future__ import annotations
 
 import json
@@ -113,12 +114,23 @@ def test_vqa_zero2_init_checkpoint_resume_result_file(synth, nlvr2_run, tmp_path
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6)
 
 
-def test_retrieval_two_ranks(synth, tmp_path):
+def test_retrieval_two_ranks_queue_best_weights_and_megavl_evaluate(synth, tmp_path):
+    from safetensors import safe_open
+
     run = tmp_path / "retrieval"
-    _train("retrieval", "zero2", synth, run)
+    _train("retrieval", "zero2", synth, run, "task.itc_queue_size=32", "task.itc_distill_alpha=0.4")
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"tr1", "ir1", "r_mean"} <= set(metrics["test"])
     assert (run / "best" / "model.safetensors").is_file()
+    with safe_open(str(run / "best" / "task_head.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == ["temp"]  # the teacher and the queue stay in the checkpoints
+    out = tmp_path / "eval"
+    _run([str(BIN / "megavl-evaluate"), "--config", "configs/finetune_retrieval_tiny.yaml",
+          "--weights", str(run / "best"), "--split", "val", "--out", str(out), "--set",
+          f"task.image_root={synth}", f"task.train=[{synth}/retrieval_train.json]",
+          f"task.val={synth}/retrieval_val.json", "task.itc_queue_size=32", "task.itc_distill_alpha=0.4"])
+    evaluated = json.loads((out / "metrics.json").read_text())
+    assert evaluated["r_mean"] == pytest.approx(metrics["best"]["r_mean"])
 
 
 def _signal_rank(launcher: subprocess.Popen, local_rank: int, sig: int) -> None:
