@@ -146,13 +146,14 @@ class FineTuner:
 
     def export_weights(self, out: Path) -> None:
         """The student's full weights as a megavl-export directory (a collective under ZeRO-3)."""
-        params = list(self.module.parameters())
+        skip = self.parts.training_only  # the teacher is not exported: not gathered either
+        params = [p for name, p in self.module.named_parameters() if not name.startswith(skip)]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None,
                                                enabled=self.zero_stage == 3):
             if self.dist.is_main:
                 full = {k: v.detach().float().contiguous().clone()
                         for k, v in self.module.state_dict().items()
-                        if not k.startswith(self.parts.training_only)}  # no teacher, no queue
+                        if not k.startswith(skip)}  # no teacher, no queue
                 out.mkdir(parents=True, exist_ok=True)
                 # model.safetensors: the bare VLPModel (megavl.load_pretrained reads it); the task's
                 # own weights (classifier, temperature) beside it for megavl-evaluate
