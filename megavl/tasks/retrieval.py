@@ -42,6 +42,14 @@ def distill_alpha(alpha: float, step: int, steps_per_epoch: int, warmup: bool) -
     return alpha * min(1.0, step / max(1, steps_per_epoch))
 
 
+def _unimodal(model: VLPModel, batch: dict):
+    """(image tokens (B, 1+N, Wv), text tokens (B, L, Wt), image and text embeddings (B, E)) of the
+    student, or of the teacher for the momentum features."""
+    img = model.encode_image(batch["images"])
+    txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    return img, txt, model.image_embedding(img), model.text_embedding(txt)
+
+
 class RetrievalModule(nn.Module):
     def __init__(self, model_cfg: ModelConfig, temp_init: float = 0.07, itm_weight: float = 1.0,
                  mode: str = "two", queue_size: int = 0):
@@ -74,12 +82,10 @@ class RetrievalModule(nn.Module):
 
     def forward(self, batch: dict, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        m, idx = self.student, batch["image_index"]
+        idx = batch["image_index"]
         with torch.no_grad():
             clamp_temperature_(self.temp)
-        img = m.encode_image(batch["images"])
-        txt = m.encode_text(batch["input_ids"], batch["attention_mask"])
-        img_emb, txt_emb = m.image_embedding(img), m.text_embedding(txt)
+        img, txt, img_emb, txt_emb = _unimodal(self.student, batch)
         idx_all = gather_features(idx, with_grad=False)
         if self.queue_size > 0:
             itc = self._itc_queue(batch, img_emb, txt_emb, idx_all)
@@ -94,10 +100,8 @@ class RetrievalModule(nn.Module):
 
     def _itc_queue(self, batch, img_emb, txt_emb, idx_all) -> torch.Tensor:
         """ITC over [global batch ; queue] with momentum distillation; then enqueue the batch."""
-        t = self.teacher
         with torch.no_grad():
-            img_m = t.image_embedding(t.encode_image(batch["images"]))
-            txt_m = t.text_embedding(t.encode_text(batch["input_ids"], batch["attention_mask"]))
+            _, _, img_m, txt_m = _unimodal(self.teacher, batch)
             img_m, txt_m = gather_features(img_m, with_grad=False), gather_features(txt_m, with_grad=False)
         loss = itc_distill_loss(gather_features(img_emb), gather_features(txt_emb), img_m, txt_m,
                                 self.image_queue.clone(), self.text_queue.clone(), self.temp[0],
