@@ -1,8 +1,11 @@
 """The fine-tuning loop (task.name = retrieval | vqa | nlvr2) on the same DeepSpeed engine,
 checkpoints, stop flag and TensorBoard monitor as pre-training.
 
-Per step: the task module's forward(batch, generator) -> (total, losses); DeepSpeed backward/step.
-Every run.eval_every steps and at the end: task.val is evaluated and the best weights by the
+Per step: the task's before_step(step) if it has one (retrieval's teacher EMA and distillation
+alpha); the task module's forward(batch, generator) -> (total, losses); DeepSpeed backward/step.
+A SIGTERM/SIGUSR1 is agreed by the ranks every run.stop_check_every steps, as in pre-training, and
+ends the run after a checkpoint (no final evaluation).
+Every run.eval_every steps and at the end: task.val (or VQA's held-out minival) is evaluated and the best weights by the
 task's metric (r_mean / VQA overall / NLVR2 accuracy) are written as a megavl-export directory
 `<output_dir>/best` (kept outside the pruned checkpoints). At the end task.test is evaluated too
 (VQA: the server result file `<output_dir>/results/vqa_result_test.json`); metrics.json holds all.
