@@ -4,13 +4,20 @@ Read from annotation files on disk (load_vqa), VG entries included."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from megavl.data.annotations import load_vqa
 from megavl.tasks.vqa import holdout_minival
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -68,26 +75,31 @@ def test_minival_config_is_validated():
     assert cfg.task.minival_images == 10
 
 
-def test_vqa_parts_evaluate_the_held_out_minival(tmp_path):
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    subprocess.run([str(BIN / "megavl-synth-downstream"), "--out", str(out), "--seed", "0",
+                    "--num-train", "12", "--num-eval", "2", "--image-size", "64"],
+                   check=True, capture_output=True)
+    return out
+
+
+def _minival_sets(out: Path) -> list[str]:
+    return [f"task.image_root={out}", f"task.train=[{out}/vqa_train.json]", "task.val=", "task.test=",
+            "task.minival_images=3", "task.min_answer_count=1", "data.batch_size=4"]
+
+
+def test_vqa_parts_evaluate_the_held_out_minival(synth):
     """build_parts with task.minival_images and no task.val: the train loader holds the rest, the
     "val" split is the minival (what FineTuner evaluates and keeps the best checkpoint by)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import torch
 
     from megavl.config import load_config
     from megavl.data.text import build_tokenizer
     from megavl.tasks import vqa
 
-    out = tmp_path / "synth"
-    subprocess.run([str(Path(sys.executable).parent / "megavl-synth-downstream"), "--out", str(out),
-                    "--seed", "0", "--num-train", "12", "--num-eval", "2", "--image-size", "64"],
-                   check=True, capture_output=True)
-    cfg = load_config("configs/finetune_vqa_tiny.yaml", [
-        f"task.image_root={out}", f"task.train=[{out}/vqa_train.json]", "task.val=", "task.test=",
-        "task.minival_images=3", "task.min_answer_count=1", "data.batch_size=4"])
+    out = synth
+    cfg = load_config("configs/finetune_vqa_tiny.yaml", _minival_sets(out))
     parts = vqa.build_parts(cfg, build_tokenizer(cfg.data.tokenizer), torch.device("cpu"), torch.float32)
     pool, _ = load_vqa([f"{out}/vqa_train.json"], {"vqa": str(out)}, need_answers=True)
     train, minival, _ = holdout_minival(pool, 3, cfg.run.seed)
@@ -95,3 +107,21 @@ def test_vqa_parts_evaluate_the_held_out_minival(tmp_path):
     assert [it.question_id for it in parts.train_loader.dataset.items] == [it.question_id for it in train]
     metrics = parts.evaluate("val")
     assert metrics["questions"] == len(minival) and 0 <= metrics["overall"] <= 100
+
+
+@pytest.mark.slow
+def test_finetuning_run_evaluates_the_minival_and_keeps_the_best(synth, tmp_path):
+    """One ZeRO-0 process through megavl/train.py: with no task.val the FineTuner evaluates the
+    held-out minival at the end and writes best/ by its overall accuracy."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "megavl/train.py", "--ds_config", "ds_configs/zero0.json",
+                           "--config", "configs/finetune_vqa_tiny.yaml", "--set", *_minival_sets(synth),
+                           f"run.output_dir={out}", "run.max_steps=2", "run.eval_every=0", "run.log_every=1"],
+                          cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "VQA minival held out of the training pool" in proc.stderr
+    pool, _ = load_vqa([f"{synth}/vqa_train.json"], {"vqa": str(synth)}, need_answers=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val"]["questions"] == len(holdout_minival(pool, 3, 0)[1])
+    assert metrics["best"]["step"] == 2 and (out / "best" / "model.safetensors").is_file()
