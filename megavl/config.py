@@ -265,6 +265,12 @@ class TaskConfig:
     retrieval_k: int = 256        # ITM re-ranks the top-k of every query (COCO 256, Flickr 128)
     retrieval_rerank: str = "itm"  # none (ITC only) | itm (ALBEF) | itm+itc (BLIP)
     itm_weight: float = 1.0       # retrieval fine-tuning ITM loss weight
+    itc_queue_size: int = 0       # retrieval: ALBEF queue of momentum features (65536); 0 = in-batch ITC, no teacher
+    itc_distill_alpha: float = 0.0  # retrieval: ALBEF momentum distillation weight (0.4); needs the queue
+    itc_alpha_warmup: bool = True   # ALBEF warm_up: alpha ramps 0 -> itc_distill_alpha over the first epoch
+    itc_momentum: float = 0.995   # retrieval: EMA momentum of the teacher that fills the queue (ALBEF)
+    minival_images: int = 0       # VQA with task.val empty: hold out this many train images (all their
+                                  # VQA questions) as the minival; 0 = no minival
     fusion_mode: str = "two"      # two | single
 
 
@@ -425,6 +431,19 @@ def _validate_task(cfg: Config) -> None:
            t.retrieval_rerank)
     _check(t.retrieval_k > 0, "task.retrieval_k", "> 0", t.retrieval_k)
     _check(t.min_answer_count >= 1, "task.min_answer_count", ">= 1", t.min_answer_count)
+    _check(t.itc_queue_size >= 0, "task.itc_queue_size", ">= 0 (0 = no queue)", t.itc_queue_size)
+    _check(0.0 <= t.itc_distill_alpha <= 1.0, "task.itc_distill_alpha", "a value in [0, 1]", t.itc_distill_alpha)
+    _check(t.itc_distill_alpha == 0.0 or t.itc_queue_size > 0, "task.itc_distill_alpha",
+           "0 without task.itc_queue_size (the queue's teacher gives the distillation targets)",
+           t.itc_distill_alpha)
+    _check(0.0 <= t.itc_momentum <= 1.0, "task.itc_momentum", "a value in [0, 1]", t.itc_momentum)
+    _check(t.minival_images >= 0, "task.minival_images", ">= 0 (0 = no minival)", t.minival_images)
+    _check(t.minival_images == 0 or not t.val, "task.minival_images",
+           "0 when task.val is set (a minival file and a held-out minival exclude each other)", t.minival_images)
+    _check(t.minival_images == 0 or t.name == "vqa", "task.minival_images", "0 unless task.name is vqa",
+           t.minival_images)
+    _check(t.itc_queue_size == 0 or t.name == "retrieval", "task.itc_queue_size",
+           "0 unless task.name is retrieval", t.itc_queue_size)
     _check(t.fusion_mode in ("two", "single"), "task.fusion_mode", "two|single", t.fusion_mode)
     _check(t.fusion_mode == "single" or cfg.model.fusion.cross_attention, "task.fusion_mode",
            "single when model.fusion.cross_attention is false", t.fusion_mode)

@@ -125,6 +125,7 @@ class VQAItem:
     answers: list[str]            # the human answers as written ([] for a test question)
     image: str                    # absolute path
     answer_type: str | None = None
+    source: str = "vqa"           # the entry's "dataset": vqa | vg
 
 
 def load_vqa(paths: list[str], image_roots: dict[str, str], *, need_answers: bool,
@@ -171,7 +172,7 @@ def _vqa_item(entry, image_roots, need_answers, max_words, skips) -> VQAItem | N
         skips["bad_entry"] += 1
         return None
     return VQAItem(question_id, pre_question(entry["question"], max_words), answers, image_path,
-                   entry.get("answer_type"))
+                   entry.get("answer_type"), entry.get("dataset", "vqa"))
 
 
 @dataclass

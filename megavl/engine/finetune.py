@@ -1,8 +1,11 @@
 """The fine-tuning loop (task.name = retrieval | vqa | nlvr2) on the same DeepSpeed engine,
 checkpoints, stop flag and TensorBoard monitor as pre-training.
 
-Per step: the task module's forward(batch, generator) -> (total, losses); DeepSpeed backward/step.
-Every run.eval_every steps and at the end: task.val is evaluated and the best weights by the
+Per step: the task's before_step(step) if it has one (retrieval's teacher EMA and distillation
+alpha); the task module's forward(batch, generator) -> (total, losses); DeepSpeed backward/step.
+A SIGTERM/SIGUSR1 is agreed by the ranks every run.stop_check_every steps, as in pre-training, and
+ends the run after a checkpoint (no final evaluation).
+Every run.eval_every steps and at the end: task.val (or VQA's held-out minival) is evaluated and the best weights by the
 task's metric (r_mean / VQA overall / NLVR2 accuracy) are written as a megavl-export directory
 `<output_dir>/best` (kept outside the pruned checkpoints). At the end task.test is evaluated too
 (VQA: the server result file `<output_dir>/results/vqa_result_test.json`); metrics.json holds all.
@@ -146,12 +149,14 @@ class FineTuner:
 
     def export_weights(self, out: Path) -> None:
         """The student's full weights as a megavl-export directory (a collective under ZeRO-3)."""
-        params = list(self.module.parameters())
+        skip = self.parts.training_only  # the teacher is not exported: not gathered either
+        params = [p for name, p in self.module.named_parameters() if not name.startswith(skip)]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None,
                                                enabled=self.zero_stage == 3):
             if self.dist.is_main:
                 full = {k: v.detach().float().contiguous().clone()
-                        for k, v in self.module.state_dict().items()}
+                        for k, v in self.module.state_dict().items()
+                        if not k.startswith(skip)}  # no teacher, no queue
                 out.mkdir(parents=True, exist_ok=True)
                 # model.safetensors: the bare VLPModel (megavl.load_pretrained reads it); the task's
                 # own weights (classifier, temperature) beside it for megavl-evaluate
@@ -198,6 +203,7 @@ class FineTuner:
         preempted = False
         while self.step < run.max_steps:
             sums: dict[str, torch.Tensor] = {}
+            step_scalars = self.parts.before_step(self.step) if self.parts.before_step else {}
             for micro in range(run.grad_accum):
                 batch = _to_device(next(batches), self.device, self.dtype)
                 total, losses = self.engine(batch, step_generator(run.seed, self.step, micro,
@@ -215,12 +221,13 @@ class FineTuner:
                 skips = self._skips()
                 self.monitor.scalars(self.step, {**{f"loss/{k}": v for k, v in values.items()},
                                                  "train/lr": self.scheduler.get_last_lr()[0],
+                                                 **{f"train/{k}": v for k, v in step_scalars.items()},
                                                  **{f"data/skipped/{k}": n for k, n in skips.items()}})
                 self.monitor.progress(self.step, {"loss": values["total"]})
             if run.eval_every > 0 and self.step % run.eval_every == 0 and self.step < run.max_steps \
-                    and self.cfg.task.val:
+                    and self._has_val():
                 self._evaluate_val()
-            stop = self.stop.agreed(self.device)
+            stop = self.stop.agreed_at(self.step, run.stop_check_every, self.device)  # as pre-training
             if stop or self.step % run.checkpoint_every == 0 or self.step == run.max_steps:
                 self.save()
             if stop:
@@ -235,7 +242,7 @@ class FineTuner:
 
     def final_evaluation(self) -> dict:
         out: dict = {}
-        if self.cfg.task.val:
+        if self._has_val():
             out["val"] = self._evaluate_val()
             out["best"] = self.best
         if self.cfg.task.test:
@@ -245,6 +252,9 @@ class FineTuner:
         if self.dist.is_main:
             (self.output_dir / "metrics.json").write_text(json.dumps(out, indent=2))
         return out
+
+    def _has_val(self) -> bool:
+        return bool(self.cfg.task.val) if self.parts.has_val is None else self.parts.has_val
 
     def _skips(self) -> dict[str, int]:
         counts = self.loader.skip_counts()

@@ -162,3 +162,32 @@ def itc_distill_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor,
     loss_i2t = _soft_ce(img_feat @ txt_all.t() / temperature, targets_i2t)
     loss_t2i = _soft_ce(txt_feat @ img_all.t() / temperature, targets_t2i)
     return 0.5 * (loss_i2t + loss_t2i)
+
+
+# ------------------------------------------------------------------- ALBEF's queue of momentum features
+EMPTY_QUEUE_ID = torch.iinfo(torch.int64).min  # image id of a queue slot never filled: matches no image
+QUEUE_BUFFERS = ("image_queue", "text_queue", "queue_image_ids", "queue_ptr")
+
+
+def register_itc_queue(module: torch.nn.Module, queue_size: int, embed_dim: int) -> None:
+    """Give `module` ALBEF's ITC queue as buffers (so checkpoints save and restore it):
+    image_queue, text_queue (Q, E) random unit rows (ALBEF's start), queue_image_ids (Q,) the image id
+    of each slot (EMPTY_QUEUE_ID until filled), queue_ptr () the next slot to write."""
+    normalize = torch.nn.functional.normalize
+    module.register_buffer("image_queue", normalize(torch.randn(queue_size, embed_dim), dim=-1))
+    module.register_buffer("text_queue", normalize(torch.randn(queue_size, embed_dim), dim=-1))
+    module.register_buffer("queue_image_ids", torch.full((queue_size,), EMPTY_QUEUE_ID, dtype=torch.long))
+    module.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+
+@torch.no_grad()
+def enqueue_momentum_features_(module: torch.nn.Module, img_m: torch.Tensor, txt_m: torch.Tensor,
+                               image_ids: torch.Tensor) -> None:
+    """Write the gathered momentum features (N, E) and their image ids (N,) into the ring buffer that
+    `register_itc_queue` gave `module`, oldest slots first (identical on every rank)."""
+    q, n = module.image_queue.shape[0], img_m.shape[0]
+    idx = (module.queue_ptr + torch.arange(n, device=img_m.device)) % q
+    module.image_queue[idx] = img_m.to(module.image_queue.dtype)
+    module.text_queue[idx] = txt_m.to(module.text_queue.dtype)
+    module.queue_image_ids[idx] = image_ids.to(module.queue_image_ids.device)
+    module.queue_ptr.copy_((module.queue_ptr + n) % q)

@@ -32,7 +32,8 @@ from megavl.models.vlp import VLPModel
 from megavl_kernels import gather_tokens, masked_patch_targets
 
 from .distributed import RowPlan, all_reduce_mean, gather_features, is_distributed
-from .itc import clamp_temperature_, itc_distill_loss, itc_loss
+from .itc import (EMPTY_QUEUE_ID, clamp_temperature_, enqueue_momentum_features_, itc_distill_loss, itc_loss,
+                  register_itc_queue)
 from .itm import itm_loss, sample_hard_negatives, sample_random_negatives
 from .masking import MaskSpec, random_masking, text_guided_masking
 from .mim_pixel import mim_pixel_loss
@@ -42,7 +43,7 @@ from .scl import scl_loss
 from .teacher import ema_update_, make_teacher
 from .temperature import clamp_trained_temperature_
 
-EMPTY_QUEUE_ID = torch.iinfo(torch.int64).min  # image id of a queue slot never filled: matches no image
+__all__ = ["EMPTY_QUEUE_ID", "PretrainModule"]  # EMPTY_QUEUE_ID lives in .itc (shared with tasks/retrieval)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -71,10 +72,7 @@ class PretrainModule(nn.Module):
         kp, e, q = model_cfg.num_prototypes, model_cfg.embed_dim, obj_cfg.itc.queue_size
         self.register_buffer("center_global", torch.zeros(kp))
         self.register_buffer("center_patch", torch.zeros(kp))
-        self.register_buffer("image_queue", nn.functional.normalize(torch.randn(q, e), dim=-1))
-        self.register_buffer("text_queue", nn.functional.normalize(torch.randn(q, e), dim=-1))
-        self.register_buffer("queue_image_ids", torch.full((q,), EMPTY_QUEUE_ID, dtype=torch.long))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        register_itc_queue(self, q, e)
         self.temperature_used = self.temp.detach().float().clone()  # what the last ITC loss divided by
 
     def train(self, mode: bool = True) -> "PretrainModule":
@@ -230,12 +228,7 @@ class PretrainModule(nn.Module):
     @torch.no_grad()
     def _enqueue(self, img_m: torch.Tensor, txt_m: torch.Tensor, image_ids: torch.Tensor) -> None:
         """Ring buffer of gathered momentum features and their image ids (identical on every rank)."""
-        q, n = self.image_queue.shape[0], img_m.shape[0]
-        idx = (self.queue_ptr + torch.arange(n, device=img_m.device)) % q
-        self.image_queue[idx] = img_m.to(self.image_queue.dtype)
-        self.text_queue[idx] = txt_m.to(self.text_queue.dtype)
-        self.queue_image_ids[idx] = image_ids.to(self.queue_image_ids.device)
-        self.queue_ptr.copy_((self.queue_ptr + n) % q)
+        enqueue_momentum_features_(self, img_m, txt_m, image_ids)
 
     def _scl(self, masked_image: FusionOutput, masked_text: FusionOutput, intact: FusionOutput | None,
              image_ids: torch.Tensor) -> torch.Tensor:

@@ -135,6 +135,12 @@ class TaskParts:
     best_metric: str
     write_results: Callable[[str, str], list[str]] | None = None
     extra_state: dict = field(default_factory=dict)   # saved with the run (e.g. the VQA answers)
+    # before_step(step) runs on every rank before optimizer step `step` (0-based; retrieval: the
+    # teacher EMA and the distillation alpha) and returns scalars logged as train/<name>
+    before_step: Callable[[int], dict[str, float]] | None = None
+    # module state names (prefixes) that only training needs (teacher, queue): kept out of exports
+    training_only: tuple[str, ...] = ()
+    has_val: bool | None = None  # a "val" split to evaluate; None = task.val is set (VQA: or a minival)
 
 
 def collators(cfg, tokenizer):

@@ -7,6 +7,13 @@ ranks, so the loss does not depend on the world size):
        (ALBEF's `idx` targets), symmetric soft cross-entropy with a learnable temperature;
   ITM  one hard negative text per image and one hard negative image per text, drawn from
        softmax(ITC similarity) over the global batch with same-image columns excluded.
+With task.itc_queue_size > 0 (ALBEF `model_retrieval.py`): an EMA teacher of the student
+(objectives/teacher.py, momentum task.itc_momentum, on ZeRO-3 partitions; a copy of the initialised
+student at step 0) gives momentum features; a queue of them with their image ids
+(objectives/itc.py) extends the ITC bank, queue entries of the row's image being positives too, and
+the targets mix in the teacher's softmax with weight alpha (objectives.itc.itc_distill_loss):
+  alpha(step) = itc_distill_alpha * min(1, step / steps_per_epoch)  in the first epoch (ALBEF
+  warm_up), itc_distill_alpha after. Teacher, its fp32 master and the queue are checkpointed.
 Evaluation: megavl.tasks.retrieval_eval.retrieval_scores (ITC over all pairs, top-k re-scored by
 ITM, sharded over ranks) and megavl.tasks.metrics.retrieval_metrics; the best checkpoint by r_mean.
 """
@@ -18,41 +25,89 @@ import torch.nn as nn
 from megavl.config import ModelConfig
 from megavl.models.vlp import VLPModel
 from megavl.objectives.distributed import gather_features
-from megavl.objectives.itc import clamp_temperature_, itc_loss
+from megavl.objectives.itc import (QUEUE_BUFFERS, clamp_temperature_, enqueue_momentum_features_,
+                                   itc_distill_loss, itc_loss, register_itc_queue, same_image_targets)
 from megavl.objectives.itm import itm_loss, sample_hard_negatives
+from megavl.objectives.teacher import ema_update_, make_teacher
 from megavl.tasks.base import rank_world
 
+__all__ = ["RetrievalModule", "distill_alpha", "same_image_targets", "build_parts", "evaluate"]
 
-def same_image_targets(index_rows: torch.Tensor, index_cols: torch.Tensor) -> torch.Tensor:
-    """(R, C) rows summing to 1 over the columns that show the row's image."""
-    pos = (index_rows[:, None] == index_cols[None, :]).float()
-    return pos / pos.sum(dim=1, keepdim=True)
+
+def distill_alpha(alpha: float, step: int, steps_per_epoch: int, warmup: bool) -> float:
+    """ALBEF Retrieval.py: alpha * min(1, i / len(data_loader)) in epoch 0 with warm_up, else alpha
+    (i counted in optimizer steps here; equal to ALBEF's iterations without gradient accumulation)."""
+    if not warmup:
+        return alpha
+    return alpha * min(1.0, step / max(1, steps_per_epoch))
+
+
+def _unimodal(model: VLPModel, batch: dict):
+    """(image tokens (B, 1+N, Wv), text tokens (B, L, Wt), image and text embeddings (B, E)) of the
+    student, or of the teacher for the momentum features."""
+    img = model.encode_image(batch["images"])
+    txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    return img, txt, model.image_embedding(img), model.text_embedding(txt)
 
 
 class RetrievalModule(nn.Module):
     def __init__(self, model_cfg: ModelConfig, temp_init: float = 0.07, itm_weight: float = 1.0,
-                 mode: str = "two"):
+                 mode: str = "two", queue_size: int = 0):
         super().__init__()
         self.student = VLPModel(model_cfg)
         self.temp = nn.Parameter(torch.full((1,), float(temp_init)))  # (1,): see PretrainModule
-        self.itm_weight, self.mode = itm_weight, mode
+        self.itm_weight, self.mode, self.queue_size = itm_weight, mode, queue_size
+        self.alpha = 0.0  # this step's distillation weight, set by before_step
+        if queue_size > 0:
+            # the whole VLPModel is mirrored (one module tree for DeepSpeed to partition alike); only
+            # its unimodal encoders and projections run
+            self.teacher = make_teacher(self.student)
+            self.teacher.eval()
+            self.teacher_master: dict[str, torch.Tensor] = {}  # fp32 EMA state of bf16 teacher shards
+            register_itc_queue(self, queue_size, model_cfg.embed_dim)
+
+    def train(self, mode: bool = True) -> "RetrievalModule":
+        """The teacher stays in eval mode (its momentum features are not dropout draws)."""
+        super().train(mode)
+        if self.queue_size > 0:
+            self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def before_step(self, momentum: float, alpha: float) -> None:
+        """teacher <- EMA(teacher, student) on this rank's shards (ALBEF's _momentum_update before the
+        step's momentum features; momentum 0 copies the student), and this step's alpha."""
+        ema_update_(self.teacher, self.student, momentum, master=self.teacher_master)
+        self.alpha = alpha
 
     def forward(self, batch: dict, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        m, idx = self.student, batch["image_index"]
+        idx = batch["image_index"]
         with torch.no_grad():
             clamp_temperature_(self.temp)
-        img = m.encode_image(batch["images"])
-        txt = m.encode_text(batch["input_ids"], batch["attention_mask"])
-        img_emb, txt_emb = m.image_embedding(img), m.text_embedding(txt)
+        img, txt, img_emb, txt_emb = _unimodal(self.student, batch)
         idx_all = gather_features(idx, with_grad=False)
-        targets = same_image_targets(idx_all, idx_all)
-        itc = itc_loss(gather_features(img_emb), gather_features(txt_emb), self.temp[0], targets)
+        if self.queue_size > 0:
+            itc = self._itc_queue(batch, img_emb, txt_emb, idx_all)
+        else:
+            itc = itc_loss(gather_features(img_emb), gather_features(txt_emb), self.temp[0],
+                           same_image_targets(idx_all, idx_all))
         losses = {"itc": itc}
         if self.itm_weight > 0:
             losses["itm"] = self._itm(img, txt, img_emb, txt_emb, batch, idx_all, generator)
         total = itc + self.itm_weight * losses.get("itm", 0.0)
         return total, {k: v.detach() for k, v in losses.items()}
+
+    def _itc_queue(self, batch, img_emb, txt_emb, idx_all) -> torch.Tensor:
+        """ITC over [global batch ; queue] with momentum distillation; then enqueue the batch."""
+        with torch.no_grad():
+            _, _, img_m, txt_m = _unimodal(self.teacher, batch)
+            img_m, txt_m = gather_features(img_m, with_grad=False), gather_features(txt_m, with_grad=False)
+        loss = itc_distill_loss(gather_features(img_emb), gather_features(txt_emb), img_m, txt_m,
+                                self.image_queue.clone(), self.text_queue.clone(), self.temp[0],
+                                self.alpha, image_ids=idx_all, queue_ids=self.queue_image_ids.clone())
+        enqueue_momentum_features_(self, img_m, txt_m, idx_all)
+        return loss
 
     def _itm(self, img, txt, img_emb, txt_emb, batch, idx_all, generator) -> torch.Tensor:
         rank, _ = rank_world()
@@ -139,8 +194,10 @@ def build_parts(cfg, tokenizer, device, dtype, **_):
         part = load_retrieval(path, t.image_root)
         items += [(part.images[i], text, offset + i) for text, i in zip(part.texts, part.txt2img)]
         offset += len(part.images)
-    module = RetrievalModule(cfg.model, cfg.objectives.itc.temp_init, t.itm_weight, t.fusion_mode)
+    module = RetrievalModule(cfg.model, cfg.objectives.itc.temp_init, t.itm_weight, t.fusion_mode,
+                             t.itc_queue_size)
     train_collate, eval_collate = collators(cfg, tokenizer)
+    train_loader = loader(items, _train_fields, train_collate, cfg, train=True)
 
     def evaluate_split(split: str) -> dict:
         ann = load_retrieval(split_file(cfg, split), t.image_root)
@@ -150,6 +207,15 @@ def build_parts(cfg, tokenizer, device, dtype, **_):
                         dtype=dtype, k=min(t.retrieval_k, len(ann.images), len(ann.texts)),
                         rerank=t.retrieval_rerank)
 
-    return TaskParts(module=module, train_loader=loader(items, _train_fields, train_collate, cfg,
-                                                        train=True),
-                     evaluate=evaluate_split, best_metric="r_mean")
+    steps_per_epoch = max(1, len(train_loader) // cfg.run.grad_accum)
+
+    def before_step(step: int) -> dict[str, float]:
+        # step 0: the teacher becomes a copy of the initialised student (ALBEF copy_params)
+        momentum = 0.0 if step == 0 else t.itc_momentum
+        alpha = distill_alpha(t.itc_distill_alpha, step, steps_per_epoch, t.itc_alpha_warmup)
+        module.before_step(momentum, alpha)
+        return {"teacher_momentum": momentum, "itc_distill_alpha": alpha}
+
+    return TaskParts(module=module, train_loader=train_loader, evaluate=evaluate_split,
+                     best_metric="r_mean", before_step=before_step if t.itc_queue_size > 0 else None,
+                     training_only=QUEUE_BUFFERS + ("teacher.",) if t.itc_queue_size > 0 else ())

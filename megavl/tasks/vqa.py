@@ -5,13 +5,18 @@
 - Target of a question: per label, its count c among the 10 human answers (normalised) mapped to
   0, 0.3, 0.6, 0.9, 1.0 for c = 0, 1, 2, 3, >= 4 (exactly the official leave-one-out score).
 - Loss: BCE-with-logits averaged over (B, C) elements, x C (SCL/METER's `* labels.shape[1]`).
+- Minival (task.minival_images with no task.val): every question of a seeded random set of VQA
+  images is taken out of the train(+val+VG) pool, so no image is on both sides (VG questions of a
+  held-out image leave training too); the vocabulary is built on what remains.
 - Evaluation: argmax label -> answer string; the official accuracy (tasks/metrics.vqa_accuracy) on
   splits with answers, and the server result file [{"question_id", "answer"}] for all questions.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 from collections import Counter
 
 import torch
@@ -25,6 +30,7 @@ from megavl.tasks.base import eval_logits, gather_objects, mlp_head, pooled_pair
 from megavl.tasks.metrics import normalize_prediction, vqa_accuracy
 
 SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)
+log = logging.getLogger(__name__)
 
 
 def normalize_answer(answer: str) -> str:
@@ -45,6 +51,24 @@ def build_answer_vocab(items: list[VQAItem], min_count: int = 9) -> list[str]:
     if not vocab:
         raise ValueError(f"no answer is the majority answer of >= {min_count} training questions")
     return vocab
+
+
+def holdout_minival(items: list[VQAItem], num_images: int, seed: int
+                    ) -> tuple[list[VQAItem], list[VQAItem], dict[str, int]]:
+    """(train, minival, counts): the minival is every VQA question of `num_images` VQA images drawn
+    with random.Random(seed) from the pool's sorted image paths (so it depends on the seed and the
+    set of images, not on file order); train is every question, VQA or VG, of the other images.
+    Raises ValueError when the pool has no more VQA images than `num_images` (train would keep none)."""
+    images = sorted({it.image for it in items if it.source == "vqa"})
+    if num_images >= len(images):
+        raise ValueError(f"task.minival_images={num_images}: the training pool has only {len(images)} "
+                         f"VQA images; holding that many out would leave no VQA image to train on")
+    held = set(random.Random(seed).sample(images, num_images))
+    minival = [it for it in items if it.image in held and it.source == "vqa"]
+    train = [it for it in items if it.image not in held]
+    counts = {"images": len(images), "minival_images": num_images, "minival_questions": len(minival),
+              "train_questions": len(train), "dropped_vg_questions": len(items) - len(train) - len(minival)}
+    return train, minival, counts
 
 
 def soft_target(answers: list[str], label_of: dict[str, int]) -> torch.Tensor:
@@ -131,6 +155,10 @@ def build_parts(cfg, tokenizer, device, dtype, answers: list[str] | None = None)
     t = cfg.task
     roots = {"vqa": t.image_root, **({"vg": t.vg_image_root} if t.vg_image_root else {})}
     train_items, _ = load_vqa(t.train, roots, need_answers=True)
+    minival: list[VQAItem] | None = None
+    if t.minival_images:
+        train_items, minival, counts = holdout_minival(train_items, t.minival_images, cfg.run.seed)
+        log.info("VQA minival held out of the training pool: %s", counts)
     answers = list(answers) if answers else build_answer_vocab(train_items, t.min_answer_count)
     label_of = {a: i for i, a in enumerate(answers)}
     module = VQAModule(cfg.model, answers, t.fusion_mode)
@@ -138,7 +166,10 @@ def build_parts(cfg, tokenizer, device, dtype, answers: list[str] | None = None)
     cache: dict[str, tuple[list[VQAItem], dict[int, str]]] = {}
 
     def evaluate_split(split: str) -> dict:
-        items, _ = load_vqa([split_file(cfg, split)], roots, need_answers=False)
+        if split == "val" and minival is not None:
+            items = minival
+        else:
+            items, _ = load_vqa([split_file(cfg, split)], roots, need_answers=False)
         preds = predict(module, loader(items, _eval_fields, eval_collate, cfg, train=False),
                         items, device, dtype)
         cache[split] = (items, preds)
@@ -159,4 +190,4 @@ def build_parts(cfg, tokenizer, device, dtype, answers: list[str] | None = None)
                      train_loader=loader(train_items, partial(_train_fields, label_of),
                                          train_collate, cfg, train=True),
                      evaluate=evaluate_split, best_metric="overall", write_results=write_results,
-                     extra_state={"answers": answers})
+                     extra_state={"answers": answers}, has_val=bool(t.val) or minival is not None)
