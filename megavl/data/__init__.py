@@ -8,7 +8,7 @@ Public API (what the trainer calls):
   build_tokenizer(path_or_empty)
 The batch dict is documented in collate.py, the skip reasons in decode.py.
 """
-from megavl.data.video import ALL_SKIP_REASONS as SKIP_REASONS  # images' and videos'
+from megavl.data.modality import SKIP_REASONS  # images' and videos' (+ wrong_modality)
 from megavl.data.loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
 from megavl.data.text import build_tokenizer
 
