@@ -332,6 +332,10 @@ def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: 
     check_shards_exist(urls)
     sizing_counts: Counter = Counter()
     segments = [Segment(u, 0, n) for u, n in zip(urls, shard_sizes(urls, sizing_counts)) if n > 0]
+    kinds = {source_modality(Source([s.url], [s.stop], 0.0)) for s in segments}
+    if len(kinds) > 1:  # an eval batch is one modality, and the val shards are read in file order
+        raise ValueError(f"data.val_shards mix images and videos ({urls}): evaluate one modality per "
+                         f"run (e.g. the image val shards during mixed pre-training)")
     total = sum(s.stop for s in segments)
     begin, end = eval_rank_range(total, rank, world_size)
     plan = EvalPlan(segments=segments, begin=begin, end=end, batch_size=cfg.batch_size,

@@ -164,6 +164,13 @@ def test_resume_state_is_checked(shards):
         run_steps(shards[:1], world=1, steps=1, state=state, video_share=-1.0)
 
 
+def test_val_shards_of_both_modalities_are_refused(shards):
+    from megavl.data import build_eval_loader
+    with pytest.raises(ValueError, match="val_shards mix images and videos"):
+        build_eval_loader(make_cfg(shards, val_shards=list(shards)), rank=0, world_size=1)
+    assert len(list(build_eval_loader(make_cfg(shards, val_shards=[shards[1]]), rank=0, world_size=1))) == 8
+
+
 def test_default_share_follows_the_mixture_weights(shards):
     loader = build_train_loader(make_cfg(shards, video_share=-1.0, train_weights=[3.0, 1.0]), rank=0,
                                 world_size=1, mlm_prob=0.15, scl_mask_prob=0.4, global_batch_size=4)
