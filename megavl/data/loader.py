@@ -18,6 +18,9 @@ State (`state_dict`), identical on every rank except the skip counts:
 A resumed run on any world / micro-batch / workers continues at the same global position and reads
 exactly the samples the uninterrupted run would have, in the same order, with the same crops/masks.
 
+Image AND video sources: `MixedTrainLoader` (mixed.py), one TrainLoader as above per modality and a
+per-optimizer-step modality schedule (modality.py); its state holds each stream's state.
+
 Eval: every val sample is seen once across ranks (contiguous shares); shares and hence batch
 counts may differ by one sample between ranks, so gather variable-length features or run eval on
 rank 0 with world_size=1 (what the trainer does by default is its choice).

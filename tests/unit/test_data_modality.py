@@ -181,3 +181,16 @@ def test_default_share_follows_the_mixture_weights(shards):
     with pytest.raises(ValueError, match="every train source holds images"):
         build_train_loader(make_cfg(shards[:1], video_share=0.5), rank=0, world_size=1, mlm_prob=0.15,
                            scl_mask_prob=0.4)
+
+
+def test_a_sample_of_the_other_kind_in_a_source_is_a_counted_skip(tmp_path):
+    with ShardWriter(str(tmp_path), samples_per_shard=8, prefix="v-") as writer:
+        for c in range(3):
+            frames = [np.full((10, 10, 3), 40 * t + c, np.uint8) for t in range(4)]
+            writer.write(f"vid{c}", {"mp4": encode_mp4(frames, crf=0), "txt": b"a clip"})
+        writer.write("stray", {"png": png_bytes(0), "txt": b"an image among clips"})
+    cfg = make_cfg([str(tmp_path / "v-000000.tar")], video_share=-1.0, batch_size=4)
+    loader = build_train_loader(cfg, rank=0, world_size=1, mlm_prob=0.15, scl_mask_prob=0.4)
+    batch = next(loader)
+    assert batch["images"].shape[:2] == (4, 2) and "stray" not in batch["keys"]
+    assert loader.skip_counts()["wrong_modality"] == 1 and loader.repeat_count() == 1
