@@ -119,6 +119,9 @@ class DataConfig:
     seed: int = 0
     num_frames: int = 4           # video shards: T frames sampled per clip (SCL: 4); images stay 1 frame
     max_video_frames: int = 18_000  # longer video files are skipped (too_many_frames)
+    video_share: float = -1.0     # image+video sources: fraction of optimizer steps that read video;
+                                  # -1 = the video sources' part of the mixture (weights, else sizes)
+    modality_block: int = 20      # steps per block; each holds its exact share of video steps
 
 
 # ------------------------------------------------------------------------------------ objectives
@@ -248,6 +251,7 @@ class RunConfig:
     seed: int = 0
     precision: str = "auto"       # auto (bf16 on GPUs that support it, else fp32) | bf16 | fp32
     stop_check_every: int = 10    # ranks agree on a stop signal every N steps (a checkpoint follows within N)
+    log_sample_keys: bool = False  # each rank appends its sample keys per micro-step to sample_keys/rank{r}.jsonl
 
 
 @dataclass
@@ -315,6 +319,9 @@ def validate(cfg: Config) -> Config:
     _check(d.num_frames >= 1, "data.num_frames", ">= 1", d.num_frames)
     _check(d.max_video_frames >= d.num_frames, "data.max_video_frames", f">= data.num_frames={d.num_frames}",
            d.max_video_frames)
+    _check(d.video_share == -1.0 or 0.0 <= d.video_share <= 1.0, "data.video_share",
+           "-1 (auto: by mixture weight) or a fraction in [0, 1]", d.video_share)
+    _check(d.modality_block >= 1, "data.modality_block", ">= 1 step", d.modality_block)
     _check(not d.train_weights or len(d.train_weights) == len(d.train_shards), "data.train_weights",
            f"one weight per data.train_shards entry ({len(d.train_shards)})", d.train_weights)
     _check(all(w >= 0 for w in d.train_weights), "data.train_weights", "non-negative weights", d.train_weights)

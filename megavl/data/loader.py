@@ -18,6 +18,9 @@ State (`state_dict`), identical on every rank except the skip counts:
 A resumed run on any world / micro-batch / workers continues at the same global position and reads
 exactly the samples the uninterrupted run would have, in the same order, with the same crops/masks.
 
+Image AND video sources: `MixedTrainLoader` (mixed.py), one TrainLoader as above per modality and a
+per-optimizer-step modality schedule (modality.py); its state holds each stream's state.
+
 Eval: every val sample is seen once across ranks (contiguous shares); shares and hence batch
 counts may differ by one sample between ranks, so gather variable-length features or run eval on
 rank 0 with world_size=1 (what the trainer does by default is its choice).
@@ -36,7 +39,9 @@ from torch.utils.data import DataLoader
 
 from megavl.config import DataConfig
 from megavl.data.collate import Collator
-from megavl.data.video import ALL_SKIP_REASONS as SKIP_REASONS
+from megavl.data.mixed import MixedTrainLoader
+from megavl.data.modality import (MODALITIES, SKIP_REASONS, ModalitySchedule, default_video_share,
+                                  source_modality)
 from megavl.data.plan import Segment, Source, eval_rank_range, source_quotas
 from megavl.data.shards import check_shards_exist, expand_urls, shard_sizes
 from megavl.data.stream import EvalPlan, EvalStream, TrainPlan, TrainStream
@@ -93,6 +98,18 @@ class TrainLoader:
         """Global samples of the epoch consumed (by all ranks together) before the next batch."""
         return self.batches_in_epoch * self.plan.micro_global_batch
 
+    @property
+    def modality(self) -> str:
+        return self.plan.modality
+
+    def modality_at(self, step: int) -> str:
+        """What optimizer step `step` reads: this loader's one modality."""
+        return self.plan.modality
+
+    def samples_consumed(self) -> dict[str, int]:
+        """Global samples (all ranks, all epochs) handed out so far, by modality."""
+        return {self.plan.modality: self.epoch * self.plan.epoch_length + self.position}
+
     def __iter__(self) -> "TrainLoader":
         return self
 
@@ -128,6 +145,10 @@ class TrainLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue at a saved global position. What fixes the order must be unchanged; the world
         size, micro-batch and workers may differ."""
+        if "streams" in state:
+            raise ValueError("the data state was saved by a mixed image+video run (one position per "
+                             "modality), but the train sources are now of one modality: the sample "
+                             "order cannot be continued exactly")
         if "position" not in state:
             raise ValueError("the data state has no global 'position' (a round-1 checkpoint, whose "
                              "order depended on the world size): it cannot be continued exactly; "
@@ -195,12 +216,15 @@ def _order_digest(sources: list[Source], quotas: list[int]) -> str:
 
 def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: float,
                        scl_mask_prob: float, global_batch_size: int = 0,
-                       epoch_start_state: dict | None = None) -> TrainLoader:
+                       epoch_start_state: dict | None = None) -> TrainLoader | MixedTrainLoader:
     """This rank's endless training loader; `epoch_start_state` = a saved `state_dict()`.
 
     `global_batch_size`: samples per OPTIMIZER step (`run.global_batch_size`, = batch_size x world
     x grad_accum); the epoch is cut to a multiple of it, so its length does not depend on the world
-    size. 0 = batch_size x world_size (then the epoch length does depend on the world)."""
+    size. 0 = batch_size x world_size (then the epoch length does depend on the world).
+
+    Sources of one modality give a TrainLoader; image AND video sources give a MixedTrainLoader: one
+    stream per modality (each its own global order and position) and a per-step modality schedule."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     if cfg.batch_size <= 0:
@@ -215,10 +239,51 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob:
     quotas = [] if cfg.resampled else source_quotas(sources, cfg.samples_per_epoch)
     virtual_size = (sum(quotas) if not cfg.resampled
                     else cfg.samples_per_epoch or sum(s.size for s in sources))
+    modalities = [source_modality(s) for s in sources]
+    transform = train_transform(cfg.image_size, cfg.train_crop_scale, cfg.hflip, cfg.randaugment)
+    collator = Collator(build_tokenizer(cfg.tokenizer), transform, cfg.mean, cfg.std,
+                        cfg.max_text_len, mlm_prob, scl_mask_prob)
+    stream_args = dict(rank=rank, world_size=world_size, global_batch_size=global_batch_size,
+                       collator=collator)
+    kinds = sorted(set(modalities), key=MODALITIES.index)
+    if len(kinds) == 1:
+        if cfg.video_share >= 0 and cfg.video_share != (1.0 if kinds[0] == "video" else 0.0):
+            raise ValueError(f"data.video_share={cfg.video_share} but every train source holds "
+                             f"{kinds[0]}s: leave it at -1 (auto) or add sources of the other kind")
+        loader = _stream_loader(cfg, sources, quotas, virtual_size, kinds[0], sizing_counts,
+                                **stream_args)
+    else:
+        share = cfg.video_share if cfg.video_share >= 0 else default_video_share(sources, modalities)
+        if not 0.0 < share < 1.0:
+            raise ValueError(f"data.video_share={share}: image and video sources need a share in "
+                             f"(0, 1) (or drop the sources of the modality that gets no steps)")
+        # resampled mode: the epoch's samples split between the modalities as quotas would split them
+        split = [] if not cfg.resampled else source_quotas(sources, virtual_size)
+        streams = {}
+        for kind in kinds:
+            ids = [i for i, m in enumerate(modalities) if m == kind]
+            kind_quotas = [quotas[i] for i in ids] if quotas else []
+            kind_size = sum(kind_quotas) if quotas else sum(split[i] for i in ids)
+            streams[kind] = _stream_loader(cfg, [sources[i] for i in ids], kind_quotas, kind_size,
+                                           kind, sizing_counts if kind == kinds[0] else Counter(),
+                                           **stream_args)
+        loader = MixedTrainLoader(streams, ModalitySchedule(share, cfg.modality_block, cfg.seed),
+                                  global_batch_size)
+        logger.info("mixed train data: %.3f of the steps read video (blocks of %d steps)", share,
+                    cfg.modality_block)
+    if epoch_start_state:
+        loader.load_state_dict(epoch_start_state)
+    return loader
+
+
+def _stream_loader(cfg: DataConfig, sources: list[Source], quotas: list[int], virtual_size: int,
+                   modality: str, sizing_counts: Counter, *, rank: int, world_size: int,
+                   global_batch_size: int, collator: Collator) -> TrainLoader:
+    """The loader of one modality's sources (all of a single-modality run)."""
     epoch_length = virtual_size // global_batch_size * global_batch_size
     if epoch_length == 0:
-        raise ValueError(f"an epoch of {virtual_size} samples cannot give one global batch of "
-                         f"{global_batch_size} (batch_size {cfg.batch_size} x {world_size} ranks "
+        raise ValueError(f"an epoch of {virtual_size} {modality} samples cannot give one global batch "
+                         f"of {global_batch_size} (batch_size {cfg.batch_size} x {world_size} ranks "
                          f"x grad_accum)")
     plan = TrainPlan(sources=sources, quotas=quotas, resampled=cfg.resampled,
                      virtual_size=virtual_size, epoch_length=epoch_length,
@@ -226,17 +291,13 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob:
                      rank=rank, world_size=world_size, caption_key=cfg.caption_key,
                      max_pixels=cfg.max_image_pixels,
                      draft_size=train_draft_size(cfg.image_size, cfg.train_crop_scale),
-                     num_frames=cfg.num_frames, max_video_frames=cfg.max_video_frames)
-    transform = train_transform(cfg.image_size, cfg.train_crop_scale, cfg.hflip, cfg.randaugment)
-    collator = Collator(build_tokenizer(cfg.tokenizer), transform, cfg.mean, cfg.std,
-                        cfg.max_text_len, mlm_prob, scl_mask_prob)
+                     num_frames=cfg.num_frames, max_video_frames=cfg.max_video_frames,
+                     modality=modality)
     loader = TrainLoader(plan, collator, cfg.num_workers, global_batch_size,
                          _order_digest(sources, quotas), sizing_counts)
-    logger.info("train data: %d samples/epoch (of %d), rank %d/%d gets %d batches of %d per epoch",
-                epoch_length, virtual_size, rank, world_size, loader.batches_per_epoch,
-                cfg.batch_size)
-    if epoch_start_state:
-        loader.load_state_dict(epoch_start_state)
+    logger.info("train data (%s): %d samples/epoch (of %d), rank %d/%d gets %d batches of %d per "
+                "epoch", modality, epoch_length, virtual_size, rank, world_size,
+                loader.batches_per_epoch, cfg.batch_size)
     return loader
 
 
@@ -274,6 +335,10 @@ def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: 
     check_shards_exist(urls)
     sizing_counts: Counter = Counter()
     segments = [Segment(u, 0, n) for u, n in zip(urls, shard_sizes(urls, sizing_counts)) if n > 0]
+    kinds = {source_modality(Source([s.url], [s.stop], 0.0)) for s in segments}
+    if len(kinds) > 1:  # an eval batch is one modality, and the val shards are read in file order
+        raise ValueError(f"data.val_shards mix images and videos ({urls}): evaluate one modality per "
+                         f"run (e.g. the image val shards during mixed pre-training)")
     total = sum(s.stop for s in segments)
     begin, end = eval_rank_range(total, rank, world_size)
     plan = EvalPlan(segments=segments, begin=begin, end=end, batch_size=cfg.batch_size,

@@ -33,7 +33,7 @@ from megavl.data.order import EpochOrder
 from megavl.data.plan import (Segment, Source, derive_seed, epoch_segments,
                               resampled_epoch_segments, slice_segments)
 from megavl.data.reader import ShardReader
-from megavl.data.video import decode_any
+from megavl.data.video import DecodedVideo, decode_any
 from megavl.data.shards import RawSample, iter_raw_samples
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class TrainPlan:
     draft_size: int
     num_frames: int = 4          # frames per video clip (image samples are unaffected)
     max_video_frames: int = 18_000
+    modality: str = "image"      # image | video: what every batch of this stream holds (modality.py)
 
     @property
     def micro_global_batch(self) -> int:
@@ -167,11 +168,15 @@ class TrainStream(IterableDataset):
 
     def _decode(self, raw: RawSample, frame_seed: int) -> Decoded | str:
         """An image, or a clip whose training frames are drawn with `frame_seed` (a function of the
-        seed, epoch and global position: the same frames at any world size)."""
+        seed, epoch and global position: the same frames at any world size); a sample of the other
+        modality than the stream's is skipped (a batch must stack)."""
         plan = self.plan
-        return decode_any(raw, caption_key=plan.caption_key, max_pixels=plan.max_pixels,
-                          draft_size=plan.draft_size, num_frames=plan.num_frames, train=True,
-                          seed=frame_seed, max_video_frames=plan.max_video_frames)
+        decoded = decode_any(raw, caption_key=plan.caption_key, max_pixels=plan.max_pixels,
+                             draft_size=plan.draft_size, num_frames=plan.num_frames, train=True,
+                             seed=frame_seed, max_video_frames=plan.max_video_frames)
+        if isinstance(decoded, Decoded) and isinstance(decoded, DecodedVideo) != (plan.modality == "video"):
+            return "wrong_modality"
+        return decoded
 
     def _borrow(self, t: int, positions: list[int]) -> list[Decoded]:
         """Good samples for a share whose samples all failed: from the rank's next shares (their

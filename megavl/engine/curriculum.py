@@ -2,6 +2,8 @@
 
 The mode is a pure function of (step, epoch) and the config, so every rank computes the same
 mode without talking to the others, and a resumed run continues the same sequence.
+The image/video modality of a step (mixed pre-training) is chosen the same way, by
+megavl/data/modality.py's ModalitySchedule (a function of (data.seed, step)).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ reached one rank only) are agreed by an all-reduce first.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 
 from megavl.config import Config, to_dict
 from megavl.data import SKIP_REASONS, build_eval_loader, build_train_loader
+from megavl.data.modality import MODALITIES, MODALITY_IDS
 from megavl.objectives.pretrain import PretrainModule
 from megavl.objectives.teacher import teacher_momentum
 
@@ -278,10 +280,14 @@ class Trainer:
         timer = StepTimer(self.device)  # device time on CUDA: honest samples/s and MFU
         while self.step < run.max_steps:
             mode = mode_at(self.step, self.loader.epoch, cfg.curriculum)
+            modality = self.loader.modality_at(self.step)  # every rank alike (data/modality.py)
             losses_sum: dict[str, torch.Tensor] = {}
             timer.start_step()
             for micro in range(run.grad_accum):
-                batch = _to_device(timer.next_batch(data_iter), self.device, self.dtype)
+                host_batch = timer.next_batch(data_iter)
+                if run.log_sample_keys:
+                    self._log_sample_keys(micro, modality, host_batch["keys"])
+                batch = _to_device(host_batch, self.device, self.dtype)
                 gen = step_generator(run.seed, self.step, micro, self.device)
                 total, losses = self.engine(batch, mode, gen)
                 self.engine.backward(total)
@@ -300,7 +306,7 @@ class Trainer:
             self.module.update_teacher(momentum)
             self.step += 1
             timer.step_done()
-            self._log_step(mode, losses_sum, momentum, timer, batch, results)
+            self._log_step(mode, modality, losses_sum, momentum, timer, batch, results)
             if run.image_log_every and self.step % run.image_log_every == 0:
                 log_mask_images(self.module, batch, mode, self.monitor, self.step, cfg)
             if run.eval_every > 0 and self.step % run.eval_every == 0 and self.step < run.max_steps:
@@ -345,9 +351,20 @@ class Trainer:
         grads = [p.grad for _, p in self.module.student_parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
-    def _log_step(self, mode, losses_sum, momentum, timer, batch, results) -> None:
+    def _log_sample_keys(self, micro: int, modality: str, keys: list[str]) -> None:
+        """run.log_sample_keys: this rank's sample keys per micro-step, one JSON line each (step is
+        1-based, as the loss scalars), flushed at once so a killed run keeps what it trained on."""
+        path = self.output_dir / "sample_keys" / f"rank{self.dist.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"step": self.step + 1, "micro": micro, "modality": modality,
+                                "keys": keys}) + "\n")
+
+    def _log_step(self, mode, modality, losses_sum, momentum, timer, batch, results) -> None:
         cfg, run = self.cfg, self.cfg.run
-        self.monitor.scalars(self.step, {"curriculum/mode": MODE_IDS[mode]})  # every step: it alternates
+        # every step: the curriculum alternates, the modality follows its schedule
+        self.monitor.scalars(self.step, {"curriculum/mode": MODE_IDS[mode],
+                                         "data/modality": MODALITY_IDS[modality]})
         if not self._logs_at(self.step):
             return
         values = _mean_over_ranks(losses_sum)
@@ -375,6 +392,8 @@ class Trainer:
             "mem/peak_gb": peak_memory_gb(self.device),
         })
         scalars.update({f"data/skipped/{r}": n for r, n in _sum_skips(self.loader.skip_counts(), self.device).items()})
+        consumed = self.loader.samples_consumed()  # global counts, the same on every rank
+        scalars.update({f"data/samples/{kind}": consumed.get(kind, 0) for kind in MODALITIES})
         self.monitor.scalars(self.step, scalars)
         self.monitor.progress(self.step, {"loss": values["total"], "mode": MODE_IDS[mode],
                                           "samples/s": samples / per_step})

@@ -1,0 +1,104 @@
+"""Mixed image + video pre-training with the real launcher (issue 14 item 3): real H.264 mp4 shards
+(`megavl-synth-videos`) and PNG shards (`megavl-synth-shapes`) as two sources of one run, 2 ranks
+under ZeRO-3 (gloo on CPU), grad_accum 2. Every micro-step of an optimizer step, on every rank,
+reads one modality, as the seeded schedule says; a run SIGKILLed after its step-2 checkpoint and
+continued with `--resume auto` trains on exactly the samples (keys per rank and micro-step) and
+gives exactly the losses of the uninterrupted run.
+
+ITC + ITM + MLM only: the masked-image objectives on clips are helper "clips"' work; nothing in the
+mixed data path depends on which objectives run. The uninterrupted run and the run to be killed
+start together (their launchers and imports overlap on a 2-core machine)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_train import REPO, _env, _scalars, _two_ranks, _wait_for_checkpoint
+
+pytestmark = pytest.mark.slow
+STEPS = 6
+# data.seed 3, share 1/2, blocks of 4 steps: video, video, image, image, video, video (video steps
+# fall in both fusion modes of the alternating curriculum, and both modalities follow the resume)
+MODALITIES = ["video", "video", "image", "image", "video", "video"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("mixed")
+    subprocess.run([sys.executable, "-m", "megavl.tools.synth_videos", "--out", str(root / "videos"),
+                    "--num-train", "32", "--num-val", "4", "--seed", "0", "--image-size", "32",
+                    "--num-frames", "4", "--samples-per-shard", "16"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "megavl.tools.synth_shapes", "--out", str(root / "images"),
+                    "--num-train", "64", "--num-val", "4", "--seed", "0", "--image-size", "32",
+                    "--samples-per-shard", "32"], check=True, capture_output=True)
+    return root / "images", root / "videos"
+
+
+def _cmd(shards: tuple[Path, Path], out: Path) -> list[str]:
+    images, videos = shards
+    sources = f"[{images}/train-{{000000..000001}}.tar,{videos}/train-{{000000..000001}}.tar]"
+    return _two_ranks("ds_configs/zero3.json", [
+        "--set", f"run.output_dir={out}", f"data.train_shards={sources}", "data.val_shards=[]",
+        "data.video_share=0.5", "data.modality_block=4", "data.seed=3",
+        "data.batch_size=2", "run.grad_accum=2", "run.global_batch_size=8", "data.num_workers=0",
+        "data.image_size=32", "model.vision.img_size=32", "model.vision.num_frames=2", "data.num_frames=2",
+        "objectives.mim_pixel.weight=0", "objectives.mim_sem.weight=0", "objectives.scl.weight=0",
+        f"run.max_steps={STEPS}", "run.checkpoint_every=2", "run.keep_checkpoints=5", "run.eval_every=-1",
+        "run.log_every=1", "run.log_sample_keys=true"])
+
+
+def _sample_keys(out: Path) -> dict[tuple[int, int, int], tuple[str, list[str]]]:
+    """(rank, step, micro) -> (modality, keys); a step logged again after a resume: the last entry."""
+    got = {}
+    for rank in (0, 1):
+        for line in (out / "sample_keys" / f"rank{rank}.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            got[rank, entry["step"], entry["micro"]] = (entry["modality"], entry["keys"])
+    return got
+
+
+def test_mixed_zero3_run_killed_and_resumed_equals_uninterrupted(shards, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    log = (tmp_path / "full.log").open("w")  # a file, not a pipe: nobody reads it while we wait
+    uninterrupted = subprocess.Popen(_cmd(shards, full), cwd=REPO, env=_env(), stdout=log,
+                                     stderr=subprocess.STDOUT)
+    first = subprocess.Popen(_cmd(shards, resumed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_checkpoint(first, resumed / "checkpoints", "step_00000002", timeout=600)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the launcher and both ranks, with no chance to save
+        first.wait()
+    assert not (resumed / "checkpoints" / f"step_{STEPS:08d}").exists(), "the run finished before the kill"
+    uninterrupted.wait(timeout=900)
+    log.close()
+    assert uninterrupted.returncode == 0, (tmp_path / "full.log").read_text()[-4000:]
+    proc = subprocess.run(_cmd(shards, resumed), cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+
+    want, got = _sample_keys(full), _sample_keys(resumed)
+    assert sorted(got) == sorted(want) == [(r, s, m) for r in (0, 1) for s in range(1, STEPS + 1) for m in (0, 1)]
+    for (rank, step, micro), (modality, keys) in want.items():
+        assert modality == MODALITIES[step - 1], (rank, step, micro)
+        assert got[rank, step, micro] == (modality, keys), (rank, step, micro)
+
+    full_scalars, _ = _scalars(full)
+    resumed_scalars, _ = _scalars(resumed)
+    assert [full_scalars["data/modality"][s] for s in range(1, STEPS + 1)] == [
+        float(m == "video") for m in MODALITIES]
+    video_steps = [sum(m == "video" for m in MODALITIES[:s]) for s in range(1, STEPS + 1)]
+    assert [full_scalars["data/samples/video"][s] for s in range(1, STEPS + 1)] == [8.0 * n for n in video_steps]
+    assert [full_scalars["data/samples/image"][s] for s in range(1, STEPS + 1)] == [
+        8.0 * (s - n) for s, n in zip(range(1, STEPS + 1), video_steps)]
+    for tag in [t for t in full_scalars if t.startswith(("loss/", "data/"))]:
+        for step in range(3, STEPS + 1):  # after the step-2 checkpoint (or the step-4 one)
+            assert resumed_scalars[tag][step] == pytest.approx(full_scalars[tag][step], rel=1e-5, abs=1e-6), (
+                tag, step)
