@@ -17,8 +17,12 @@ Conventions (model FLOPs, as PaLM's MFU):
     recomputes q k^T; FlopCounterMode counts its sdpa backward as 2.5x forward) do more hardware
     FLOPs than this, so MFU stays comparable across those settings.
 
-Legend: B batch, N patches, K kept patches, M = N - K masked, L text length (padded), Wv/Wt/W vision,
-text, fusion widths, Dd decoder width, E ITC embedding width, V vocabulary, Kp prototypes.
+Clips of T frames: every vision pass is `vision_tower_flops` at T (divided attention), the fusion
+sees 1 + T*N (or 1 + T*K) image tokens, the MAE decoder and the MIM heads run on B*T frame rows.
+
+Legend: B batch, T frames, N patches per frame, K kept patches, M = N - K masked, L text length
+(padded), Wv/Wt/W vision, text, fusion widths, Dd decoder width, E ITC embedding width, V vocabulary,
+Kp prototypes.
 """
 from __future__ import annotations
 
@@ -85,18 +89,6 @@ def _vit_block(batch: int, tokens: int, width: int, hidden: int) -> int:
             + _gemm(t, width, hidden) + _gemm(t, hidden, width))
 
 
-def _patch_embed(model: ModelConfig, batch: int) -> int:
-    """Strided conv over ALL N patches (the masked pass gathers kept patches after it)."""
-    v = model.vision
-    n = (v.img_size // v.patch_size) ** 2
-    return _gemm(batch * n, _IN_CHANS * v.patch_size ** 2, v.width)
-
-
-def _vit_blocks(model: ModelConfig, batch: int, tokens: int) -> int:
-    v = model.vision
-    return v.depth * _vit_block(batch, tokens, v.width, int(v.width * v.mlp_ratio))
-
-
 def vision_tower_flops(model: ModelConfig, batch: int, num_frames: int = 1, kept: int | None = None) -> int:
     """Forward FLOPs of the vision tower (models/vision.py) on B clips of T frames, K kept patches
     per frame (None: all N), S = 1 + K tokens per frame.
@@ -118,6 +110,14 @@ def vision_tower_flops(model: ModelConfig, batch: int, num_frames: int = 1, kept
              + _gemm(tokens, v.width, hidden) + _gemm(tokens, hidden, v.width))
     conv = _gemm(batch * t * n, _IN_CHANS * v.patch_size ** 2, v.width)
     return conv + v.depth * block
+
+
+def _vision_pass(model: ModelConfig, batch: int, num_frames: int, kept: int | None = None) -> tuple[int, int]:
+    """(patch-embedding conv, blocks) forward FLOPs of one vision pass; split because the conv's
+    backward is its weight gradient only (the images need none) while the blocks' is 2x."""
+    v = model.vision
+    conv = _gemm(batch * num_frames * (v.img_size // v.patch_size) ** 2, _IN_CHANS * v.patch_size ** 2, v.width)
+    return conv, vision_tower_flops(model, batch, num_frames, kept) - conv
 
 
 def _text_tower(model: ModelConfig, batch: int, text_len: int) -> int:
@@ -206,10 +206,12 @@ class _Tally:
 
 
 def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[str], mode: str,
-               batch_size: int, text_len: int, num_mlm_tokens: int, *, world_size: int = 1) -> StepFlops:
+               batch_size: int, text_len: int, num_mlm_tokens: int, *, world_size: int = 1,
+               num_frames: int = 1) -> StepFlops:
     """Analytic FLOPs of one `PretrainModule.forward(batch, mode)` + backward on one rank.
 
-    active: `PretrainModule.active(mode)`; batch_size: B single-frame images (and captions) of the step;
+    active: `PretrainModule.active(mode)`; batch_size: B images or clips (and captions) of the step;
+    num_frames: T, the frames per clip (1 for images: `batch["images"]` (B, 3, S, S));
     text_len: the padded L of input_ids; num_mlm_tokens: masked tokens in the whole batch
     (`(mlm_labels != -100).sum()`), the only rows the vocabulary head runs on.
     world_size: ranks the contrastive features are gathered over (ITC, SCL logits are
@@ -220,14 +222,14 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
     """
     if mode not in ("single", "two"):
         raise ValueError(f"unknown mode {mode!r}; choose single | two")
-    if min(batch_size, text_len, world_size) < 1 or num_mlm_tokens < 0:
-        raise ValueError(f"need batch_size, text_len, world_size >= 1 and num_mlm_tokens >= 0; got "
-                         f"{batch_size}, {text_len}, {world_size}, {num_mlm_tokens}")
-    v, o, B, L = model_cfg.vision, obj_cfg, batch_size, text_len
+    if min(batch_size, text_len, world_size, num_frames) < 1 or num_mlm_tokens < 0:
+        raise ValueError(f"need batch_size, text_len, world_size, num_frames >= 1 and num_mlm_tokens >= 0; "
+                         f"got {batch_size}, {text_len}, {world_size}, {num_frames}, {num_mlm_tokens}")
+    v, o, B, L, T = model_cfg.vision, obj_cfg, batch_size, text_len, num_frames
     e, w, wt = model_cfg.embed_dim, model_cfg.fusion.width, model_cfg.text.width
     n = (v.img_size // v.patch_size) ** 2
     k = num_kept(n, o.masking.image_mask_ratio)
-    gathered = world_size * B
+    gathered, frame_rows = world_size * B, B * T
     on = set(active)
     scl_own_image = "scl" in on and o.scl.image_mask_ratio > 0   # SCL's own masked passes
     scl_own_text = "scl" in on and o.scl.text_mask_prob > 0
@@ -238,19 +240,18 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
 
     # Teacher: no_grad, forward only.
     if "mim_sem" in on or guided or distill:
-        t.train("teacher", _patch_embed(model_cfg, B) + _vit_blocks(model_cfg, B, 1 + n)
-                + _text_tower(model_cfg, B, L), trains=False)
+        t.train("teacher", vision_tower_flops(model_cfg, B, T) + _text_tower(model_cfg, B, L), trains=False)
         if distill:
             t.train("teacher", _gemm(B, v.width, e) + _gemm(B, wt, e), trains=False)
         if guided or "mim_sem" in on:
-            t.add("teacher", _fusion(model_cfg, B, 1 + n, L, mode, "none")[0], 0)
+            t.add("teacher", _fusion(model_cfg, B, 1 + T * n, L, mode, "none")[0], 0)
         if "mim_sem" in on:
-            t.train("teacher", _prototype_head(model_cfg, B * (1 + n)), trains=False)
+            t.train("teacher", _prototype_head(model_cfg, B * (1 + T * n)), trains=False)
 
     # Unimodal passes. The full image feeds ITC, the ITM pairs and the masked-text fusion; the text
     # feeds ITC, the ITM pairs and the masked-image fusion. The conv's backward is its weight grad only.
     image_trains = bool(on & {"itc", "itm", "mlm", "scl"})
-    conv, blocks = _patch_embed(model_cfg, B), _vit_blocks(model_cfg, B, 1 + n)
+    conv, blocks = _vision_pass(model_cfg, B, T)
     t.add("image", conv + blocks, (conv + 2 * blocks) * image_trains)
     t.train("text", _text_tower(model_cfg, B, L), trains=bool(on & {"itc", "itm"}) or masked_image or scl_own_image)
     # Embeddings are always computed (ITM's hard negatives read them too); they train only under ITC.
@@ -266,37 +267,40 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
     if "itm" in on:
         if o.itm.hard_negatives:
             t.add("itm", _gemm(B, e, B), 0)                                # detached ITC similarities
-        t.add("itm", *_fusion(model_cfg, 3 * B, 1 + n, L, mode, "both"))
+        t.add("itm", *_fusion(model_cfg, 3 * B, 1 + T * n, L, mode, "both"))
         t.train("itm", _gemm(3 * B, 2 * w, w) + _gemm(3 * B, w, 2))
     elif "scl" in on and o.scl.targets == "intact":  # "cross" takes its targets from the masked passes
-        t.add("scl", _fusion(model_cfg, B, 1 + n, L, mode, "none")[0], 0)
+        t.add("scl", _fusion(model_cfg, B, 1 + T * n, L, mode, "none")[0], 0)
 
-    # Masked image: kept patches + intact text; only its image side feeds a loss.
+    # Masked image: kept patches (the same K positions in every frame) + intact text; only its image
+    # side feeds a loss. The decoder and the MIM heads run per frame, on B*T rows.
     if masked_image:
-        t.add("masked_image", conv + _vit_blocks(model_cfg, B, 1 + k), conv + 2 * _vit_blocks(model_cfg, B, 1 + k))
-        t.add("masked_image", *_fusion(model_cfg, B, 1 + k, L, mode, "image"))
+        _, masked_blocks = _vision_pass(model_cfg, B, T, k)
+        t.add("masked_image", conv + masked_blocks, conv + 2 * masked_blocks)
+        t.add("masked_image", *_fusion(model_cfg, B, 1 + T * k, L, mode, "image"))
         if on & {"mim_pixel", "mim_sem"}:
-            t.train("decoder", _decoder(model_cfg, B, k, n))
+            t.train("decoder", _decoder(model_cfg, frame_rows, k, n))
         if "mim_pixel" in on:
-            t.train("mim_pixel", _gemm(B * (n - k), model_cfg.decoder.width, 3 * v.patch_size ** 2))
+            t.train("mim_pixel", _gemm(frame_rows * (n - k), model_cfg.decoder.width, 3 * v.patch_size ** 2))
         if "mim_sem" in on:
-            t.train("mim_sem", _gemm(B * (n - k), model_cfg.decoder.width, w)
-                    + _prototype_head(model_cfg, B) + _prototype_head(model_cfg, B * (n - k)))
+            t.train("mim_sem", _gemm(frame_rows * (n - k), model_cfg.decoder.width, w)
+                    + _prototype_head(model_cfg, B) + _prototype_head(model_cfg, frame_rows * (n - k)))
 
     if scl_own_image:  # SCL's own random mask at its own ratio: one more masked-image pass
         ks = num_kept(n, o.scl.image_mask_ratio)
-        t.add("scl", conv + _vit_blocks(model_cfg, B, 1 + ks), conv + 2 * _vit_blocks(model_cfg, B, 1 + ks))
-        t.add("scl", *_fusion(model_cfg, B, 1 + ks, L, mode, "image"))
+        _, scl_blocks = _vision_pass(model_cfg, B, T, ks)
+        t.add("scl", conv + scl_blocks, conv + 2 * scl_blocks)
+        t.add("scl", *_fusion(model_cfg, B, 1 + T * ks, L, mode, "image"))
 
     # Masked text: intact image + MLM text; only its text side feeds a loss.
     if "mlm" in on or ("scl" in on and not scl_own_text):
         t.train("masked_text", _text_tower(model_cfg, B, L))
-        t.add("masked_text", *_fusion(model_cfg, B, 1 + n, L, mode, "text"))
+        t.add("masked_text", *_fusion(model_cfg, B, 1 + T * n, L, mode, "text"))
         if "mlm" in on:
             t.train("mlm", _gemm(num_mlm_tokens, w, wt) + _gemm(num_mlm_tokens, wt, model_cfg.text.vocab_size))
     if scl_own_text:  # SCL's [MASK]-only text: one more text pass and text-side fusion
         t.train("scl", _text_tower(model_cfg, B, L))
-        t.add("scl", *_fusion(model_cfg, B, 1 + n, L, mode, "text"))
+        t.add("scl", *_fusion(model_cfg, B, 1 + T * n, L, mode, "text"))
 
     if "scl" in on:  # two InfoNCE terms against detached targets: grad w.r.t. the query side only
         t.add("scl", 2 * _gemm(gathered, w, gathered), 2 * _gemm(gathered, gathered, w))

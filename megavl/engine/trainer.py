@@ -375,7 +375,8 @@ class Trainer:
         num_mlm = int((batch["mlm_labels"] != -100).sum()) * world
         flops = step_flops(cfg.model, cfg.objectives, self.module.active(mode), mode,
                            cfg.data.batch_size * run.grad_accum * world, batch["input_ids"].shape[1],
-                           num_mlm * run.grad_accum).total
+                           num_mlm * run.grad_accum,
+                           num_frames=batch["images"].shape[1] if batch["images"].ndim == 5 else 1).total
         peak = peak_flops(self.device)
         scalars = {f"loss/{k}": v for k, v in values.items()}
         grad_norm = self.engine.get_global_grad_norm()

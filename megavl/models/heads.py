@@ -74,6 +74,9 @@ class MaskedImageDecoder(nn.Module):
     reads normalised pixels of a patch from them, `semantic` maps them back to the fusion width so
     that the shared PrototypeHead scores them (SemMIM's student at masked positions; the
     decoder-based read-out is our choice because patches are dropped, not replaced: UNVERIFIED).
+    Clips run it per frame: B*T rows, each one frame's kept states with the tube mask's ids_restore
+    (`MaskSpec.per_frame`); its position table is spatial only, the frames already exchanged
+    information in the encoder and the fusion.
     """
 
     def __init__(self, width: int, num_patches: int, patch_pixels: int, dec_width: int, depth: int,

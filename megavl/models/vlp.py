@@ -78,7 +78,8 @@ class VLPModel(nn.Module):
 
     # ------------------------------------------------------------------------------- passes
     def encode_image(self, images: torch.Tensor, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 3, H, W) [+ keep_ids (B, K)] -> (B, 1 + K, Wv) unimodal tokens, [CLS] first."""
+        """(B, 3, H, W) [+ keep_ids (B, K)] -> (B, 1 + K, Wv) unimodal tokens, [CLS] first; clips
+        (B, T, 3, H, W) -> (B, 1 + T*K, Wv): the clip [CLS], then each frame's kept patches."""
         return self.vision(images, keep_ids)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Image-text contrastive (ITC) losses: in-batch InfoNCE and ALBEF's queue + momentum distillation.
 
 Shapes: B batch, E embedding width, Q queue length. Features are L2-normalised by the caller.
+Clips of T frames: the image feature is the clip embedding, the projected clip [CLS] (mean of the
+T frame [CLS] tokens, models/vision.py); the loss is the same, one row per clip.
 Papers: CLIP (Radford et al. 2021); ALBEF (Li et al., NeurIPS 2021, salesforce/ALBEF
 `models/model_pretrain.py`), whose learnable temperature is clamped to [0.001, 0.5].
 """

@@ -7,6 +7,9 @@ CVPR 2023) uses random negatives.
 
 "Same image" is decided by image ids, not by the diagonal: datasets such as COCO have five captions
 per image, and a caption of the same image is a positive, not a negative.
+
+Clips of T frames: a pair is (clip, caption); the fusion sees the clip [CLS] and all T*N patch
+tokens, the head reads the fused clip [CLS] and text [CLS]; negatives are other clips / captions.
 """
 from __future__ import annotations
 

@@ -7,6 +7,14 @@ patches (MIM). UNVERIFIED for SemMIM: temperatures (student 0.1, teacher 0.04-0.
 momentum 0.9 are iBOT's defaults; they are arguments here, the recipe config picks them.
 
 Shapes: (...) any token layout, e.g. (B,) for [CLS] or (B, M) for masked patches; K prototypes.
+
+Clips of T frames (objectives/pretrain.py): the teacher scores the INTACT clip fused with the text;
+its targets are its prototype distributions at every masked (frame, position) pair, (B*T, M, K)
+(the tube mask masks the same M positions in each frame), and at the clip [CLS] (mean of the frame
+[CLS] tokens), (B, K). The student predicts the former from the per-frame decoder states and the
+latter from the fused clip [CLS] of the masked pass. The patch term is the plain mean over the
+B*T*M pairs (= the mean over frames of per-frame means, M being equal), the agreement term the
+mean over the B clips; the centres average over all those tokens. T = 1 is the image objective.
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """Masked language modelling loss (BERT, Devlin et al. 2019; as used by ALBEF, SCL, MaskVLM).
 
 Masking itself happens in the data collate (megavl.data); this file only scores the predictions.
+Clips of T frames: unchanged, the masked text is fused with the intact clip (its clip [CLS] and
+all T*N patch tokens), so the tokens are predicted from every frame.
 """
 from __future__ import annotations
 

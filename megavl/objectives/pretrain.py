@@ -15,10 +15,20 @@ queues, SemMIM centers). Its forward runs each pass at most once per step:
 The teacher is always in eval mode (no dropout / drop-path), whatever mode the student is in.
 Captions of the same image (equal `image_ids`) are positives in ITC (batch and queue) and SCL.
 
+Clips: `images` (B, T, 3, S, S) run the same passes (an image is the T = 1 case, bit for bit). The
+vision tower gives (B, 1 + T*K, Wv): the clip [CLS] (mean of the frame [CLS] tokens) and every
+frame's kept patches, frame-major; everything global (ITC, ITM, SCL, SemMIM's agreement term) reads
+the clip [CLS]. The image mask is a TUBE mask: one MaskSpec over the N positions of a frame (noise
+drawn for the global batch, as for images), the same positions dropped in every frame; text-guided
+masking ranks positions by the teacher's relevance summed over frames. The MAE decoder runs per
+frame on (B*T) rows (`MaskSpec.per_frame`): each frame's M masked patches are predicted from that
+frame's fused kept states, so MIM-pixel and SemMIM score B*T*M (frame, position) pairs.
+
+Legend: B batch, T frames, N patches per frame, K kept, M masked, L text length, W fusion width,
+E embedding, Kp prototypes, X = B*T frame rows.
+
 Control flow depends only on config and curriculum mode, never on data, so every rank runs the same
 modules in the same order (ZeRO-3 gathers parameters in that order; a mismatch hangs).
-
-Legend: B batch, N patches, K kept, M masked, L text length, W fusion width, E embedding, Kp prototypes.
 """
 from __future__ import annotations
 
@@ -48,6 +58,27 @@ __all__ = ["EMPTY_QUEUE_ID", "PretrainModule"]  # EMPTY_QUEUE_ID lives in .itc (
 
 def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def clip_frames(images: torch.Tensor, num_frames_model: int) -> int:
+    """T of a batch, checked before any pass or collective runs: (B, C, H, W) images are 1-frame
+    clips, (B, T, C, H, W) clips need a vision tower built with a temporal embedding."""
+    if images.ndim == 4:
+        return 1
+    if images.ndim != 5 or images.shape[1] < 1:
+        raise ValueError(f"batch['images'] must be (B, 3, S, S) images or (B, T, 3, S, S) clips; "
+                         f"got shape {tuple(images.shape)}")
+    frames = images.shape[1]
+    if frames > 1 and num_frames_model == 1:
+        raise ValueError(f"the batch holds clips of {frames} frames but model.vision.num_frames=1 builds "
+                         "no temporal embedding; set model.vision.num_frames (SCL: 8) to pre-train on video")
+    return frames
+
+
+def as_frame_rows(images: torch.Tensor) -> torch.Tensor:
+    """(B, T, C, H, W) -> (B*T, C, H, W), frame-major per sample as the vision tower flattens them;
+    (B, C, H, W) images are returned as they are (the same tensor)."""
+    return images if images.ndim == 4 else images.flatten(0, 1)
 
 
 def _first_rows(fused: FusionOutput, rows: int) -> FusionOutput:
@@ -110,6 +141,10 @@ class PretrainModule(nn.Module):
         images, ids, text_mask = batch["images"], batch["input_ids"], batch["attention_mask"]
         images_fp32 = batch.get("images_fp32", images)  # pixel targets from full-precision images (bf16)
         s = self.student
+        frames = clip_frames(images, s.vision.num_frames)
+        if images_fp32.shape != images.shape:
+            raise ValueError(f"batch['images_fp32'] {tuple(images_fp32.shape)} must have the shape of "
+                             f"batch['images'] {tuple(images.shape)}")
         scl = "scl" in active
         scl_own_image = scl and cfg.scl.image_mask_ratio > 0
         scl_own_text = scl and cfg.scl.text_mask_prob > 0
@@ -126,10 +161,10 @@ class PretrainModule(nn.Module):
         spec = scl_spec = None
         if need_masked_image:
             spec = self._make_mask(images.shape[0], images.device, teacher_out, generator,
-                                   cfg.masking.image_mask_ratio, cfg.masking.text_guided)
+                                   cfg.masking.image_mask_ratio, cfg.masking.text_guided, frames)
         if scl_own_image:  # SCL masks at random, at its own ratio (0.8 in the paper)
             scl_spec = self._make_mask(images.shape[0], images.device, None, generator,
-                                       cfg.scl.image_mask_ratio, text_guided=False)
+                                       cfg.scl.image_mask_ratio, False, frames)
 
         img = s.encode_image(images)
         txt = s.encode_text(ids, text_mask)
@@ -152,14 +187,17 @@ class PretrainModule(nn.Module):
         if need_masked_image:
             fused_mi = s.fuse(s.encode_image(images, spec.keep_ids), txt, text_mask, mode)
         if mim:  # SCL alone needs only the fused global
-            decoded = s.decoder(fused_mi.image_states[:, 1:], spec.ids_restore)  # (B, N, Dd)
-            decoded_masked = gather_tokens(decoded, spec.ids_masked)  # (B, M, Dd)
+            # Per-frame decoding: frame t of sample b is row b*T + t (frame-major, as per_frame).
+            tube = spec.per_frame(frames)
+            kept_XKW = fused_mi.image_states[:, 1:].reshape(images.shape[0] * frames, spec.num_keep, -1)
+            decoded = s.decoder(kept_XKW, tube.ids_restore)  # (X, N, Dd)
+            decoded_masked = gather_tokens(decoded, tube.ids_masked)  # (X, M, Dd)
             if "mim_pixel" in active:
-                target = masked_patch_targets(images_fp32, spec.ids_masked, s.patch_size,
-                                              norm_pix=cfg.mim_pixel.norm_pix)
+                target = masked_patch_targets(as_frame_rows(images_fp32), tube.ids_masked, s.patch_size,
+                                              norm_pix=cfg.mim_pixel.norm_pix)  # (X, M, P)
                 losses["mim_pixel"] = mim_pixel_loss(s.decoder.pixels(decoded_masked), target)  # fp32 inside
             if "mim_sem" in active:
-                losses["mim_sem"] = self._semantic_mim(fused_mi.image_global, decoded_masked, spec, teacher_out)
+                losses["mim_sem"] = self._semantic_mim(fused_mi.image_global, decoded_masked, tube, teacher_out)
         scl_mi = fused_mi
         if scl_own_image:
             scl_mi = s.fuse(s.encode_image(images, scl_spec.keep_ids), txt, text_mask, mode)
@@ -192,22 +230,27 @@ class PretrainModule(nn.Module):
             # Text injected into the targets: the teacher fuses the intact image WITH the text.
             fused = t.fuse(img, txt, text_mask, mode, return_text_to_image_attn=guided)
             if guided:
-                out["relevance"] = fused.text_to_image_attn[:, 1:]  # drop [CLS]: (B, N)
+                out["relevance"] = fused.text_to_image_attn[:, 1:]  # drop [CLS]: (B, T*N)
             if semantic:
-                out["logits"] = t.prototype_head(fused.image_states)  # (B, 1 + N, Kp)
+                out["logits"] = t.prototype_head(fused.image_states)  # (B, 1 + T*N, Kp)
         return out
 
     def _make_mask(self, batch_size: int, device, teacher_out, generator, ratio: float,
-                   text_guided: bool) -> MaskSpec:
-        """Noise is drawn for the GLOBAL batch from a generator seeded alike on every rank, and each
-        rank takes its rows: a sample's mask does not depend on how the batch is split over ranks."""
+                   text_guided: bool, num_frames: int = 1) -> MaskSpec:
+        """(B, N) MaskSpec over one frame's N positions; on clips the tube mask of all T frames.
+
+        Noise is drawn for the GLOBAL batch from a generator seeded alike on every rank, and each
+        rank takes its rows: a sample's mask does not depend on how the batch is split over ranks.
+        The noise is (B, N) whatever T (one draw per position, shared by the frames), so the draws
+        and the masks do not depend on T either."""
         m, n = self.cfg.masking, self.student.num_patches
         rank, world = _rank_world()
         gen_device = generator.device if generator is not None else device
         noise = torch.rand((batch_size * world, n), generator=generator, device=gen_device)
         noise = noise[rank * batch_size:(rank + 1) * batch_size].to(device)
         if text_guided:
-            return text_guided_masking(teacher_out["relevance"], ratio, m.guided_randomness, noise=noise)
+            return text_guided_masking(teacher_out["relevance"], ratio, m.guided_randomness, noise=noise,
+                                       num_frames=num_frames)
         return random_masking(batch_size, n, ratio, device, noise=noise)
 
     def _itc(self, img_emb, txt_emb, teacher_out, image_ids) -> torch.Tensor:
@@ -305,12 +348,20 @@ class PretrainModule(nn.Module):
             count_all = all_reduce_mean(count_all) * world
         return local_sum * world / count_all.clamp_min(1.0)
 
-    def _semantic_mim(self, global_BW, decoded_masked_BMD, spec: MaskSpec, teacher_out) -> torch.Tensor:
+    def _semantic_mim(self, global_BW, decoded_masked_XMD, tube: MaskSpec, teacher_out) -> torch.Tensor:
+        """SemMIM on the masked (frame, position) pairs and the clip global; see mim_semantic.py.
+
+        global_BW: the fused clip [CLS] of the masked pass; decoded_masked_XMD (B*T, M, Dd): decoder
+        states at every frame's masked positions; tube: the mask as B*T rows (`MaskSpec.per_frame`).
+        Teacher targets: its prototype logits on the INTACT clip fused with the text, (B, 1 + T*N, Kp),
+        read at the same (frame, position) pairs and at the clip [CLS]."""
         cfg, s = self.cfg.mim_sem, self.student
         t_logits = teacher_out["logits"]
-        t_global, t_patch = t_logits[:, 0], gather_tokens(t_logits[:, 1:], spec.ids_masked)
+        rows, n = tube.ids_masked.shape[0], self.student.num_patches
+        t_patch_XNK = t_logits[:, 1:].reshape(rows, n, t_logits.shape[-1])  # frame-major, as the tokens
+        t_global, t_patch = t_logits[:, 0], gather_tokens(t_patch_XNK, tube.ids_masked)
         s_global = s.prototype_head(global_BW)
-        s_patch = s.prototype_head(s.decoder.semantic(decoded_masked_BMD))
+        s_patch = s.prototype_head(s.decoder.semantic(decoded_masked_XMD))
         patch = semantic_mim_loss(s_patch, t_patch, self.center_patch, cfg.student_temp, cfg.teacher_temp)
         agree = semantic_mim_loss(s_global, t_global, self.center_global, cfg.student_temp, cfg.teacher_temp)
         self.center_patch.copy_(update_center(self.center_patch, t_patch, cfg.center_momentum))

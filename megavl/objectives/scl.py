@@ -18,6 +18,12 @@ Loss per modality: symmetric InfoNCE at a fixed temperature (0.03 in our recipes
 IIGROUP/SCL's NormSoftmaxLoss SUMS the two directions; `symmetric_nce` AVERAGES them (as our ITC), so
 SCL's loss is 2x ours at the same weight. With image ids, every sample of the same image is a
 positive (ALBEF retrieval's `idx` targets): five COCO captions of one picture are not negatives.
+Clips of T frames: the global features are clip-level, the fused [CLS] of the clip (the vision
+tower's clip token, mean of the frame [CLS] tokens, through the fusion), masked by a tube mask (the
+same positions in every frame, SCL's own video masking); one NCE per modality as for images.
+IIGROUP/SCL's video code (`compute_scl_video`) instead keeps the T frame [CLS] tokens through its
+fusion and averages T frame-wise vision NCEs; our fusion sees one clip [CLS] (as ITC, ITM and
+retrieval do), so there is no fused per-frame global to contrast.
 Shapes: B batch (gather across ranks before calling), E width.
 """
 from __future__ import annotations
