@@ -33,6 +33,9 @@ from megavl.data.video import DEFAULT_MAX_VIDEO_FRAMES, decode_frames
 from megavl.data.transforms import Transform, normalize_batch
 
 MAX_PIXELS_DEFAULT = 89_478_485  # PIL's own decompression-bomb limit
+# What open_video_file can return instead of a clip (the engine logs each as data/skipped/<reason>).
+VIDEO_FILE_SKIP_REASONS = ("missing_video_file", "empty_video", "corrupt_video", "no_frames",
+                           "too_few_frames", "too_many_frames", "too_many_pixels")
 
 
 def open_image_file(path: str, max_pixels: int, draft_size: int) -> Image.Image | str:
@@ -110,18 +113,26 @@ class TaskCollator:
     """List of dataset items -> batch: images (B, n_images, 3, S, S) squeezed to (B, 3, S, S) for
     one image, `text` tokenised to input_ids/attention_mask, other fields stacked as tensors.
     With clip_frames = T > 0 the items hold clips (VideoTaskDataset): images (B, T, 3, S, S), and
-    an evaluation item that failed to decode is a black clip of T frames."""
+    an evaluation item that failed to decode is a black clip of T frames. A training item that
+    failed leaves the batch, or with keep_batch_size is replaced by a copy of a good one."""
 
     def __init__(self, transform: Transform, mean: list[float], std: list[float], tokenizer,
-                 max_text_len: int, *, train: bool, image_size: int, clip_frames: int = 0):
+                 max_text_len: int, *, train: bool, image_size: int, clip_frames: int = 0,
+                 keep_batch_size: bool = False):
         self.transform, self.mean, self.std = transform, mean, std
         self.tokenizer, self.max_text_len = tokenizer, max_text_len
         self.train, self.image_size, self.clip_frames = train, image_size, clip_frames
+        self.keep_batch_size = keep_batch_size
 
     def __call__(self, items: list[dict]) -> dict:
         skipped = [it["images"] for it in items if isinstance(it["images"], str)]
         if self.train:
-            items = [it for it in items if not isinstance(it["images"], str)]
+            good = [it for it in items if not isinstance(it["images"], str)]
+            # keep_batch_size: a bad item's place goes to a copy of the batch's good items in turn,
+            # so every rank keeps B rows (retrieval gathers features over ranks: equal shapes);
+            # a copy is a positive of its original, so the retrieval losses stay well defined
+            items = ([good[i % len(good)] if isinstance(it["images"], str) else it
+                      for i, it in enumerate(items)] if self.keep_batch_size and good else good)
         n_images = next((len(it["images"]) for it in items if not isinstance(it["images"], str)), 1)
         blank = torch.zeros(*((self.clip_frames,) if self.clip_frames else ()), 3, self.image_size,
                             self.image_size, dtype=torch.uint8)

@@ -137,14 +137,15 @@ class TaskParts:
     extra_state: dict = field(default_factory=dict)   # saved with the run (e.g. the VQA answers)
 
 
-def collators(cfg, tokenizer, video: bool = False):
+def collators(cfg, tokenizer, video: bool = False, keep_batch_size: bool = False):
     """(train, eval) TaskCollators from the data config: ALBEF train augmentation and eval resize
-    (video: on clips of data.num_frames frames)."""
+    (video: on clips of data.num_frames frames; keep_batch_size: see TaskCollator)."""
     d = cfg.data
     clip_frames = d.num_frames if video else 0
     train = TaskCollator(train_transform(d.image_size, d.train_crop_scale, d.hflip, d.randaugment),
                          d.mean, d.std, tokenizer, d.max_text_len, train=True,
-                         image_size=d.image_size, clip_frames=clip_frames)
+                         image_size=d.image_size, clip_frames=clip_frames,
+                         keep_batch_size=keep_batch_size)
     evaluation = TaskCollator(eval_transform(d.image_size), d.mean, d.std, tokenizer,
                               d.max_text_len, train=False, image_size=d.image_size,
                               clip_frames=clip_frames)

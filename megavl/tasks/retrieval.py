@@ -145,7 +145,8 @@ def build_parts(cfg, tokenizer, device, dtype, **_):
         items += [(part.images[i], text, offset + i) for text, i in zip(part.texts, part.txt2img)]
         offset += len(part.images)
     module = RetrievalModule(cfg.model, cfg.objectives.itc.temp_init, t.itm_weight, t.fusion_mode)
-    train_collate, eval_collate = collators(cfg, tokenizer, video)
+    # a bad training item is replaced, not dropped: the losses gather equal shapes over ranks
+    train_collate, eval_collate = collators(cfg, tokenizer, video, keep_batch_size=True)
 
     def evaluate_split(split: str) -> dict:
         ann = read(split_file(cfg, split), root)

@@ -137,6 +137,12 @@ def test_bad_clip_leaves_a_training_batch_and_is_black_in_evaluation(videos):
         assert batch["skipped"] == ["corrupt_video"]
         if train:
             assert batch["images"].shape == (2, 4, 3, 16, 16) and batch["index"].tolist() == [0, 2]
+            # retrieval's collator keeps B rows (equal shapes to gather over ranks): a copy fills in
+            keep = TaskCollator(transform, mean, std, tokenizer, 8, train=True, image_size=16,
+                                clip_frames=4, keep_batch_size=True)
+            kept = keep([dataset[i] for i in range(3)])
+            assert kept["images"].shape == (3, 4, 3, 16, 16) and kept["index"].tolist() == [0, 2, 2]
+            assert kept["skipped"] == ["corrupt_video"]
         else:
             assert batch["images"].shape == (3, 4, 3, 16, 16) and batch["index"].tolist() == [0, 1, 2]
             black = (0 - 0.5) / 0.25
