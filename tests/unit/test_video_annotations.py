@@ -4,6 +4,7 @@ every frame; bad clips in training and evaluation batches; the config check."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import av
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from megavl.config import ConfigError, load_config
-from megavl.data.annotations import load_retrieval, load_video_retrieval
+from megavl.data.annotations import load_retrieval, load_video_retrieval, pre_caption
 from megavl.data.task_data import TaskCollator, VideoTaskDataset, open_video_file
 from megavl.data.transforms import eval_transform, train_transform
 from megavl.data.video import sample_frame_ids
@@ -161,3 +162,28 @@ def test_config_refuses_clips_for_a_model_without_temporal_embedding():
     assert cfg.task.video_root == "/v"
     with pytest.raises(ConfigError, match=r"task\.video_root"):
         load_config(None, ["task.name=vqa", "task.train=[x.json]", "task.video_root=/v"])
+
+
+def test_synth_videos_writes_msrvtt_files_and_contrast_twins(tmp_path):
+    from megavl.data.shards import iter_raw_samples, read_field
+    from megavl.tools import synth_videos
+
+    synth_videos.main(["--out", str(tmp_path), "--num-train", "2", "--num-val", "0", "--num-test", "4",
+                       "--seed", "1", "--image-size", "32", "--num-frames", "8", "--contrast-pairs"])
+    test = load_video_retrieval(str(tmp_path / "msrvtt_test.jsonl"), str(tmp_path))
+    assert len(test.images) == 4 and test.img2txt == [[0], [1], [2], [3]] and not test.skips
+    shard = {s["__key__"]: s for s in iter_raw_samples(str(tmp_path / "test-000000.tar"))}
+    for path, text in zip(test.images, test.texts):
+        sample = shard[os.path.basename(path)[:-4]]
+        assert open(path, "rb").read() == read_field(sample, "mp4")   # the same clip as the shard's
+        assert pre_caption(read_field(sample, "txt").decode()) == text
+    opposite = {"left": "right", "up": "down", "grows": "shrinks"}
+    for first, second in ((0, 1), (2, 3)):
+        a, b = test.texts[first].split(" "), test.texts[second].split(" ")
+        changed = [(x, y) for x, y in zip(a, b) if x != y]
+        assert len(a) == len(b) and len(changed) == 1                  # only the motion word differs
+        x, y = changed[0]
+        assert opposite.get(x) == y or opposite.get(y) == x
+        # the twin is the clip played backwards: the same frames in reverse order (x264 noise aside)
+        fa, fb = all_frames(test.images[first]).float(), all_frames(test.images[second]).float()
+        assert (fa - fb.flip(0)).abs().mean() < 2.0 and (fa - fb).abs().mean() > 2.0
