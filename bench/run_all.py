@@ -90,6 +90,7 @@ def _sections(include_base: bool) -> list[tuple[str, Callable[[torch.device, boo
     import bench_model
     import bench_retrieval
     import bench_step
+    import bench_video_retrieval
     import bench_zero
     import bench_zero3_curriculum
 
@@ -108,6 +109,7 @@ def _sections(include_base: bool) -> list[tuple[str, Callable[[torch.device, boo
         ("attention", bench_model.attention_backends),
         ("end to end", bench_step.end_to_end),
         ("retrieval eval", bench_retrieval.rows),
+        ("video retrieval", bench_video_retrieval.rows),
     ]
 
 

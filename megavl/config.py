@@ -261,6 +261,8 @@ class TaskConfig:
     name: str = "pretrain"        # pretrain | retrieval | vqa | nlvr2
     init_from: str = ""           # megavl-export dir or checkpoint dir ("" = random init)
     image_root: str = ""          # image paths of the annotation files are relative to it
+    video_root: str = ""          # retrieval: set = video-text files ({"video", "caption"}, MSRVTT
+                                  # style), video paths relative to it; clips of data.num_frames frames
     vg_image_root: str = ""       # VQA entries with "dataset": "vg"
     train: list[str] = field(default_factory=list)   # annotation files (VQA: train + val [+ vg])
     val: str = ""                 # minival (VQA) / dev (NLVR2) / val (retrieval): best checkpoint
@@ -454,6 +456,11 @@ def _validate_task(cfg: Config) -> None:
     _check(t.fusion_mode in ("two", "single"), "task.fusion_mode", "two|single", t.fusion_mode)
     _check(t.fusion_mode == "single" or cfg.model.fusion.cross_attention, "task.fusion_mode",
            "single when model.fusion.cross_attention is false", t.fusion_mode)
+    if t.video_root:
+        _check(t.name == "retrieval", "task.video_root", "empty unless task.name is retrieval", t.video_root)
+        _check(cfg.data.num_frames == 1 or cfg.model.vision.num_frames > 1, "data.num_frames",
+               "1 when model.vision.num_frames is 1 (no temporal embedding to encode clips)",
+               cfg.data.num_frames)
 
 
 def _validate_curriculum(cfg: Config) -> None:

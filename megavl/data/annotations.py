@@ -3,6 +3,8 @@
 Formats (ALBEF `dataset/{caption,vqa,nlvr}_dataset.py`, BLIP `data/coco_karpathy_dataset.py`):
   retrieval train  [{"image": path, "caption": str, "image_id": any}]   one entry per caption
   retrieval eval   [{"image": path, "caption": [str, ...]}]             one entry per image
+  video retrieval  [{"video": path, "caption": str | [str, ...]}]       MSRVTT style, JSON or JSONL
+                   (train: several captions per video allowed; 1k-A test: one caption per video)
   VQA              [{"question_id", "question", "answer": [10 str], "image", "dataset": "vqa"|"vg"}]
                    (test entries have no "answer"; "answer_type" is kept when present)
   NLVR2            [{"images": [left, right], "sentence": str, "label": "True"|"False"}]
@@ -10,12 +12,15 @@ Image paths are relative to an image root (VQA: one root per "dataset" value, VG
 
 Bad entries are counted skips, never a crash (the trainer logs `data/skipped/<reason>`):
   missing_image_file   an image path that is not a file under its root
+  missing_video_file   a video path that is not a file under its root
   empty_caption        a caption that is empty after pre_caption
   no_answers           a training/evaluation question without answers
   unknown_label        an NLVR2 label other than "True"/"False"
   unknown_vqa_source   a VQA "dataset" value without an image root
-  bad_entry            an entry missing a required key or of the wrong type
-A file that does not exist or is not a JSON list is an error (a wrong path, not bad data).
+  bad_entry            an entry missing a required key or of the wrong type (a JSONL line that
+                       is not JSON included)
+A file that does not exist or is not a JSON list is an error (a wrong path, not bad data); so is an
+image-text file read as video-text or the reverse (every entry would be a skip otherwise).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-ANNOTATION_SKIP_REASONS = ("missing_image_file", "empty_caption", "no_answers", "unknown_label",
+ANNOTATION_SKIP_REASONS = ("missing_image_file", "missing_video_file", "empty_caption", "no_answers", "unknown_label",
                            "unknown_vqa_source", "bad_entry")
 NLVR2_LABELS = {"True": 1, "False": 0}
 
@@ -58,6 +63,25 @@ def read_json_list(path: str) -> list:
     return data
 
 
+def read_entries(path: str) -> tuple[list, Counter]:
+    """The entries of a JSON list, or of a JSONL file (name ending in .jsonl: one JSON value per
+    line, blank lines ignored; a line that is not JSON is a counted `bad_entry`)."""
+    if not path.endswith(".jsonl"):
+        return read_json_list(path), Counter()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"annotation file {path!r} does not exist")
+    entries, skips = [], Counter()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                skips["bad_entry"] += 1
+    return entries, skips
+
+
 def _log_skips(what: str, path: str, skips: Counter) -> None:
     if skips:
         log.warning("%s %s: skipped %s", what, path, dict(skips))
@@ -65,7 +89,7 @@ def _log_skips(what: str, path: str, skips: Counter) -> None:
 
 @dataclass
 class RetrievalSet:
-    """Images with their captions. `txt2img[t]` is the image of caption t; `img2txt[i]` its
+    """Images (or videos: `images` then holds the video paths) with their captions. `txt2img[t]` is the image of caption t; `img2txt[i]` its
     captions (the form retrieval_metrics takes)."""
 
     images: list[str]                     # absolute paths
@@ -78,11 +102,31 @@ class RetrievalSet:
 def load_retrieval(path: str, image_root: str, max_words: int = 30) -> RetrievalSet:
     """Either form (one entry per caption, or per image with a caption list); entries naming the
     same image are merged, so captions of one image are all positives of each other."""
-    skips: Counter = Counter()
-    image_index: dict[str, int] = {}
+    return _load_captioned(path, image_root, "image", max_words)
+
+
+def load_video_retrieval(path: str, video_root: str, max_words: int = 30) -> RetrievalSet:
+    """MSRVTT-style `{"video", "caption"}` entries from a JSON list or a JSONL file, paths under
+    `video_root`; the same merging as load_retrieval (`RetrievalSet.images` holds the video paths).
+    The files are not decoded here: an undecodable clip is counted when it is read."""
+    return _load_captioned(path, video_root, "video", max_words)
+
+
+_OTHER_MEDIA = {"image": "video", "video": "image"}
+_ROOT_KEY = {"image": "task.image_root", "video": "task.video_root"}
+
+
+def _load_captioned(path: str, root: str, media: str, max_words: int) -> RetrievalSet:
+    entries, skips = read_entries(path)
+    media_index: dict[str, int] = {}
     out = RetrievalSet([], [], [], [], skips)
-    for entry in read_json_list(path):
-        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+    for entry in entries:
+        if isinstance(entry, dict) and media not in entry and _OTHER_MEDIA[media] in entry:
+            other = _OTHER_MEDIA[media]
+            raise ValueError(f"{path}: entries name {other!r} files, not {media!r}: an {other}-text "
+                             f"file read as {media}-text (set {_ROOT_KEY[other]} for it, not "
+                             f"{_ROOT_KEY[media]})")
+        if not isinstance(entry, dict) or not isinstance(entry.get(media), str):
             skips["bad_entry"] += 1
             continue
         captions = entry.get("caption")
@@ -90,15 +134,15 @@ def load_retrieval(path: str, image_root: str, max_words: int = 30) -> Retrieval
         if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
             skips["bad_entry"] += 1
             continue
-        image_path = os.path.join(image_root, entry["image"])
-        if image_path not in image_index:
-            if not os.path.isfile(image_path):
-                skips["missing_image_file"] += 1
+        media_path = os.path.join(root, entry[media])
+        if media_path not in media_index:
+            if not os.path.isfile(media_path):
+                skips[f"missing_{media}_file"] += 1
                 continue
-            image_index[image_path] = len(out.images)
-            out.images.append(image_path)
+            media_index[media_path] = len(out.images)
+            out.images.append(media_path)
             out.img2txt.append([])
-        i = image_index[image_path]
+        i = media_index[media_path]
         for c in captions:
             text = pre_caption(c, max_words)
             if not text:
@@ -114,7 +158,7 @@ def load_retrieval(path: str, image_root: str, max_words: int = 30) -> Retrieval
         out.images = [out.images[i] for i in keep]
         out.img2txt = [out.img2txt[i] for i in keep]
         out.txt2img = [remap[i] for i in out.txt2img]
-    _log_skips("retrieval", path, skips)
+    _log_skips(f"{media} retrieval", path, skips)
     return out
 
 

@@ -1,10 +1,13 @@
 """Map-style datasets over downstream annotations, their collation and rank-sharded batching.
 
 Items decode images from files with the existing transforms and tokenise with the project
-tokenizer. A file that fails to decode (corrupt, truncated, decompression bomb) is a counted skip:
+tokenizer; video items (VideoTaskDataset) decode T frames of a video file with
+megavl.data.video.decode_frames (training: one random frame per equal segment, drawn from a seed of
+(run seed, epoch, item), so a resumed run sees the same frames; evaluation: the segment centres), and
+their batches carry `images` as (B, T, 3, S, S), one crop/flip draw shared by the T frames. A file that fails to decode (corrupt, truncated, decompression bomb) is a counted skip:
 in training the item leaves its batch; in evaluation it is scored on a black image (every item is
 scored exactly once, and the VQA server needs an answer to every question) and counted as
-`corrupt_image`. Every batch carries `skipped` (a list of reasons) so counts survive DataLoader
+`corrupt_image` (a video: its reason, e.g. `corrupt_video`, `too_few_frames`). Every batch carries `skipped` (a list of reasons) so counts survive DataLoader
 worker processes; `TaskLoader.skip_counts()` sums them.
 
 Sharding: training draws an epoch-seeded permutation, drops the tail that does not fill a global
@@ -16,6 +19,7 @@ and each item is scored once.
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from typing import Callable, Iterator
 
@@ -24,9 +28,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from megavl.data.decode import _open_image, _Skip  # one image-opening path for shards and files
+from megavl.data.plan import derive_seed
+from megavl.data.video import DEFAULT_MAX_VIDEO_FRAMES, decode_frames
 from megavl.data.transforms import Transform, normalize_batch
 
 MAX_PIXELS_DEFAULT = 89_478_485  # PIL's own decompression-bomb limit
+# What open_video_file can return instead of a clip (the engine logs each as data/skipped/<reason>).
+VIDEO_FILE_SKIP_REASONS = ("missing_video_file", "empty_video", "corrupt_video", "no_frames",
+                           "too_few_frames", "too_many_frames", "too_many_pixels")
 
 
 def open_image_file(path: str, max_pixels: int, draft_size: int) -> Image.Image | str:
@@ -42,6 +51,21 @@ def open_image_file(path: str, max_pixels: int, draft_size: int) -> Image.Image 
         return skip.reason
 
 
+def open_video_file(path: str, num_frames: int, rng: random.Random | None, max_pixels: int,
+                    max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES) -> torch.Tensor | str:
+    """uint8 (T, 3, H, W) sampled frames (rng: training draw, None: segment centres), or a skip
+    reason (missing_video_file, empty_video, corrupt_video, no_frames, too_few_frames, ...)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return "missing_video_file"
+    try:
+        return decode_frames(data, num_frames, rng, max_pixels, max_video_frames)[0]
+    except _Skip as skip:
+        return skip.reason
+
+
 class TaskDataset(Dataset):
     """items[i] -> {"index": i, "images": [PIL...] or skip reason, **fields}; `to_fields(item)`
     gives the image paths and the task's other fields."""
@@ -50,6 +74,7 @@ class TaskDataset(Dataset):
                  max_pixels: int = MAX_PIXELS_DEFAULT, draft_size: int = 0):
         self.items, self.to_fields = items, to_fields
         self.max_pixels, self.draft_size = max_pixels, draft_size
+        self.epoch = 0  # set by TaskLoader.set_epoch; only datasets that draw randomness use it
 
     def __len__(self) -> int:
         return len(self.items)
@@ -61,22 +86,56 @@ class TaskDataset(Dataset):
         return {"index": index, "images": bad if bad is not None else images, **fields}
 
 
+class VideoTaskDataset(TaskDataset):
+    """items[i] -> {"index": i, "images": [uint8 (T, 3, H, W)] or skip reason, **fields}: as
+    TaskDataset, `to_fields` giving video paths (see the module docstring for the frame draw)."""
+
+    def __init__(self, items: list, to_fields: Callable[[object], tuple[list[str], dict]],
+                 num_frames: int, *, train: bool, seed: int, max_pixels: int = MAX_PIXELS_DEFAULT,
+                 max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES):
+        super().__init__(items, to_fields, max_pixels)
+        self.num_frames, self.train, self.seed = num_frames, train, seed
+        self.max_video_frames = max_video_frames
+
+    def __getitem__(self, index: int) -> dict:
+        paths, fields = self.to_fields(self.items[index])
+        clips = []
+        for slot, path in enumerate(paths):
+            rng = (random.Random(derive_seed(self.seed, "task-frames", self.epoch, index, slot))
+                   if self.train else None)
+            clips.append(open_video_file(path, self.num_frames, rng, self.max_pixels,
+                                         self.max_video_frames))
+        bad = next((c for c in clips if isinstance(c, str)), None)
+        return {"index": index, "images": bad if bad is not None else clips, **fields}
+
+
 class TaskCollator:
     """List of dataset items -> batch: images (B, n_images, 3, S, S) squeezed to (B, 3, S, S) for
-    one image, `text` tokenised to input_ids/attention_mask, other fields stacked as tensors."""
+    one image, `text` tokenised to input_ids/attention_mask, other fields stacked as tensors.
+    With clip_frames = T > 0 the items hold clips (VideoTaskDataset): images (B, T, 3, S, S), and
+    an evaluation item that failed to decode is a black clip of T frames. A training item that
+    failed leaves the batch, or with keep_batch_size is replaced by a copy of a good one."""
 
     def __init__(self, transform: Transform, mean: list[float], std: list[float], tokenizer,
-                 max_text_len: int, *, train: bool, image_size: int):
+                 max_text_len: int, *, train: bool, image_size: int, clip_frames: int = 0,
+                 keep_batch_size: bool = False):
         self.transform, self.mean, self.std = transform, mean, std
         self.tokenizer, self.max_text_len = tokenizer, max_text_len
-        self.train, self.image_size = train, image_size
+        self.train, self.image_size, self.clip_frames = train, image_size, clip_frames
+        self.keep_batch_size = keep_batch_size
 
     def __call__(self, items: list[dict]) -> dict:
         skipped = [it["images"] for it in items if isinstance(it["images"], str)]
         if self.train:
-            items = [it for it in items if not isinstance(it["images"], str)]
+            good = [it for it in items if not isinstance(it["images"], str)]
+            # keep_batch_size: a bad item's place goes to a copy of the batch's good items in turn,
+            # so every rank keeps B rows (retrieval gathers features over ranks: equal shapes);
+            # a copy is a positive of its original, so the retrieval losses stay well defined
+            items = ([good[i % len(good)] if isinstance(it["images"], str) else it
+                      for i, it in enumerate(items)] if self.keep_batch_size and good else good)
         n_images = next((len(it["images"]) for it in items if not isinstance(it["images"], str)), 1)
-        blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+        blank = torch.zeros(*((self.clip_frames,) if self.clip_frames else ()), 3, self.image_size,
+                            self.image_size, dtype=torch.uint8)
         pixels = torch.stack([
             torch.stack([blank] * n_images) if isinstance(it["images"], str)
             else torch.stack([self.transform(im) for im in it["images"]]) for it in items])
@@ -153,6 +212,7 @@ class TaskLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
+        self.dataset.epoch = epoch  # video frames are drawn per epoch
 
     def _plan(self) -> list[list[tuple[int, bool]]]:
         if self.train:

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from megavl.config import Config, to_dict
 from megavl.data.text import build_tokenizer
+from megavl.data.task_data import VIDEO_FILE_SKIP_REASONS
 from megavl.tasks import nlvr2, retrieval, vqa
 from megavl.tasks.base import load_backbone
 
@@ -258,7 +259,8 @@ class FineTuner:
 
     def _skips(self) -> dict[str, int]:
         counts = self.loader.skip_counts()
-        reasons = IMAGE_SKIP_REASONS  # a fixed list: every rank reduces the same vector
+        # a fixed list: every rank reduces the same vector
+        reasons = IMAGE_SKIP_REASONS + tuple(r for r in VIDEO_FILE_SKIP_REASONS if r not in IMAGE_SKIP_REASONS)
         t = torch.tensor([float(counts.get(r, 0)) for r in reasons], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(t)

@@ -1,4 +1,7 @@
-"""Image-text retrieval fine-tuning (ALBEF `models/model_retrieval.py`, BLIP negative_all_rank).
+"""Image-text and video-text retrieval fine-tuning (ALBEF `models/model_retrieval.py`, BLIP
+negative_all_rank). Video (task.video_root set): MSRVTT-style `{"video", "caption"}` files, each
+video a clip of data.num_frames frames (images (B, T, 3, S, S)); the losses and the evaluation are
+the same, the clip embedding being the mean of the frame [CLS] tokens.
 
 Batch: one caption per row (images, input_ids, attention_mask, image_index = which image of the
 annotation set the caption describes). Losses over the GLOBAL batch (features gathered from all
@@ -184,24 +187,28 @@ def text_batches(texts: list[str], tokenizer, max_len: int, batch_size: int):
 
 
 def build_parts(cfg, tokenizer, device, dtype, **_):
-    from megavl.data.annotations import load_retrieval
+    from megavl.data.annotations import load_retrieval, load_video_retrieval
     from megavl.tasks.base import TaskParts, collators, loader, split_file
 
     t = cfg.task
+    video = bool(t.video_root)
+    read, root = (load_video_retrieval, t.video_root) if video else (load_retrieval, t.image_root)
     items = []
     offset = 0
     for path in t.train:  # several files: image indices kept distinct across files
-        part = load_retrieval(path, t.image_root)
+        part = read(path, root)
         items += [(part.images[i], text, offset + i) for text, i in zip(part.texts, part.txt2img)]
         offset += len(part.images)
     module = RetrievalModule(cfg.model, cfg.objectives.itc.temp_init, t.itm_weight, t.fusion_mode,
                              t.itc_queue_size)
-    train_collate, eval_collate = collators(cfg, tokenizer)
-    train_loader = loader(items, _train_fields, train_collate, cfg, train=True)
+    # a bad training item is replaced, not dropped: the losses gather equal shapes over ranks
+    train_collate, eval_collate = collators(cfg, tokenizer, video, keep_batch_size=True)
+    train_loader = loader(items, _train_fields, train_collate, cfg, train=True, video=video)
 
     def evaluate_split(split: str) -> dict:
-        ann = load_retrieval(split_file(cfg, split), t.image_root)
-        images = _valid_rows(loader(ann.images, _image_fields, eval_collate, cfg, train=False))
+        ann = read(split_file(cfg, split), root)
+        images = _valid_rows(loader(ann.images, _image_fields, eval_collate, cfg, train=False,
+                                    video=video))
         texts = text_batches(ann.texts, tokenizer, cfg.data.max_text_len, cfg.data.batch_size)
         return evaluate(module, images, texts, ann.img2txt, ann.txt2img, device=device,
                         dtype=dtype, k=min(t.retrieval_k, len(ann.images), len(ann.texts)),

@@ -10,10 +10,16 @@ a distribution symmetric under swapping them, so a "moves to the left" clip is, 
 a "moves to the right" clip played backwards. The set of frames (hence a frame drawn at random,
 or the middle frame a 1-frame evaluation takes) has the same distribution for both captions.
 
-    megavl-synth-videos --out DIR --num-train N --num-val M --seed S [--image-size 64]
-                        [--num-frames 16] [--fps 8] [--samples-per-shard K]
-writes DIR/train-NNNNNN.tar, DIR/val-NNNNNN.tar (members KEY.mp4, KEY.txt, KEY.json) and
-DIR/stats.json. H.264 (libx264, one thread) in mp4 through PyAV. Same arguments, same clips:
+    megavl-synth-videos --out DIR --num-train N --num-val M [--num-test K] --seed S
+                        [--image-size 64] [--num-frames 16] [--fps 8] [--samples-per-shard K]
+                        [--contrast-pairs]
+writes DIR/train-NNNNNN.tar, DIR/val-NNNNNN.tar, DIR/test-NNNNNN.tar (members KEY.mp4, KEY.txt,
+KEY.json) for pre-training, and the same clips as an MSRVTT-style retrieval set for the
+`retrieval` task: DIR/videos/KEY.mp4 plus DIR/msrvtt_{train,val,test}.jsonl, one
+`{"video": "videos/KEY.mp4", "caption": str}` per line (one caption per video, the 1k-A test
+protocol's form; task.video_root=DIR). --contrast-pairs makes every second clip the previous one
+played backwards: its caption differs only in the motion and its frames are the same set, so
+retrieval among such twins measures whether a model uses frame order at all. H.264 (libx264, one thread) in mp4 through PyAV. Same arguments, same clips:
 the trajectories, captions and json are identical; x264 (core 165 in PyAV 18's wheel) is not
 bit-reproducible between encoder instances in one process, so the mp4 bytes and the decoded
 pixels can differ slightly (mean |diff| well under 2 of 255), never in what a clip shows.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import random
 import sys
 from dataclasses import asdict, dataclass
@@ -36,9 +43,12 @@ from megavl.tools.synth_shapes import BACKGROUND, COLOURS, SHAPES, SUPERSAMPLE, 
 
 MOTIONS = {"left": "moves to the left", "right": "moves to the right", "up": "moves up",
            "down": "moves down", "grow": "grows", "shrink": "shrinks"}
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up", "grow": "shrink",
+            "shrink": "grow"}
 MIN_TRAVEL = 0.35   # fraction of the frame a moving shape covers at least (a clear motion)
 SIZE_RANGE = (0.08, 0.24)  # half-side as a fraction of the frame, for growing/shrinking shapes
 MOVING_HALF = 0.11  # half-side of a moving shape
+VIDEO_DIR = "videos"  # the mp4 files of the retrieval annotations, under --out
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,11 @@ class Clip:
     still_kind: str | None = None
     still_colour: str | None = None
     still_at: tuple[float, float, float] | None = None
+
+    def reversed(self) -> "Clip":
+        """The same clip played backwards: the opposite motion, the same set of frames."""
+        return Clip(self.kind, self.colour, OPPOSITE[self.motion], self.end, self.start,
+                    self.still_kind, self.still_colour, self.still_at)
 
     def caption(self) -> str:
         text = f"the {self.colour} {self.kind} {MOTIONS[self.motion]}"
@@ -136,19 +151,28 @@ def encode_mp4(frames: list[np.ndarray], fps: int = 8, crf: int = 18, gop: int |
 
 
 def write_split(out: str, split: str, count: int, seed: int, image_size: int, num_frames: int,
-                fps: int, samples_per_shard: int) -> dict[str, int]:
-    """Write one split; returns its shard counts."""
+                fps: int, samples_per_shard: int, contrast_pairs: bool = False) -> dict[str, int]:
+    """Write one split as shards and as mp4 files + DIR/msrvtt_<split>.jsonl; returns its shard
+    counts. contrast_pairs: every odd clip is the previous one reversed (captions that differ
+    only in the motion, over the same frames)."""
     rng = random.Random(derive_seed(seed, "synth-videos", split))
     writer = ShardWriter(out, samples_per_shard, prefix=f"{split}-")
-    for i in range(count):
-        clip = sample_clip(rng)
-        text = clip.caption()
-        key = f"{split}{i:08d}"
-        meta = {"key": key, "caption": text, "status": "success", "image_id": i,
-                "width": image_size, "height": image_size, "frames": num_frames, "fps": fps,
-                "duration": num_frames / fps, "clip": asdict(clip)}
-        writer.write(key, {"mp4": encode_mp4(render(clip, image_size, num_frames), fps),
-                           "txt": text.encode(), "json": json.dumps(meta).encode()})
+    os.makedirs(os.path.join(out, VIDEO_DIR), exist_ok=True)
+    clip = None
+    with open(os.path.join(out, f"msrvtt_{split}.jsonl"), "w", encoding="utf-8") as annotations:
+        for i in range(count):
+            clip = clip.reversed() if contrast_pairs and i % 2 else sample_clip(rng)
+            text = clip.caption()
+            key = f"{split}{i:08d}"
+            meta = {"key": key, "caption": text, "status": "success", "image_id": i,
+                    "width": image_size, "height": image_size, "frames": num_frames, "fps": fps,
+                    "duration": num_frames / fps, "clip": asdict(clip)}
+            mp4 = encode_mp4(render(clip, image_size, num_frames), fps)
+            writer.write(key, {"mp4": mp4, "txt": text.encode(), "json": json.dumps(meta).encode()})
+            video = f"{VIDEO_DIR}/{key}.mp4"
+            with open(os.path.join(out, video), "wb") as f:
+                f.write(mp4)
+            annotations.write(json.dumps({"video": video, "caption": text}) + "\n")
     writer.close()
     return writer.counts
 
@@ -158,22 +182,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--num-train", type=int, required=True)
     parser.add_argument("--num-val", type=int, required=True)
+    parser.add_argument("--num-test", type=int, default=0, help="a held-out test split (1k-A style)")
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--num-frames", type=int, default=16)
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--contrast-pairs", action="store_true",
+                        help="every second clip is the previous one played backwards")
     args = parser.parse_args(argv)
-    if args.num_train < 0 or args.num_val < 0:
+    if min(args.num_train, args.num_val, args.num_test) < 0:
         parser.error("counts must be >= 0")
     if args.image_size < 16 or args.image_size % 2:
         parser.error("--image-size must be an even number >= 16 (H.264 4:2:0 needs even sides)")
     if args.num_frames < 2 or args.fps < 1:
         parser.error("--num-frames must be >= 2 and --fps >= 1")
-    for split, count in (("train", args.num_train), ("val", args.num_val)):
+    for split, count in (("train", args.num_train), ("val", args.num_val), ("test", args.num_test)):
         if count:
             counts = write_split(args.out, split, count, args.seed, args.image_size, args.num_frames,
-                                 args.fps, args.samples_per_shard)
+                                 args.fps, args.samples_per_shard, args.contrast_pairs)
             print(f"{split}: {count} clips in {len(counts)} shards under {args.out}")
     return 0
 
