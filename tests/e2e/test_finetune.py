@@ -188,11 +188,11 @@ def test_retrieval_queue_zero3_sigterm_saves_and_resume_auto_equals_uninterrupte
     assert not (run / "checkpoints" / f"step_{steps:08d}").exists()
     assert not (run / "metrics.json").exists()  # a stopped run does not evaluate
 
-    # --resume auto (train.py's default); eval_every=0: the final evaluation only (after the last
-    # step, so the losses are unchanged), which exports best/ from ZeRO-3 without the teacher
-    _run(cmd + ["run.eval_every=0"])
+    # --resume auto (train.py's default); eval_every=0: the final val evaluation only (after the
+    # last step, so the losses are unchanged), which exports best/ from ZeRO-3 without the teacher
+    _run(cmd + ["run.eval_every=0", "task.test="])
     metrics = json.loads((run / "metrics.json").read_text())
-    assert "r_mean" in metrics["test"] and metrics["best"]["step"] == steps
+    assert "r_mean" in metrics["val"] and metrics["best"]["step"] == steps
     assert (run / "best" / "model.safetensors").is_file()
     for tag in ("loss/total", "loss/itc", "loss/itm", "train/itc_distill_alpha"):
         want, got = _losses(full, tag), _losses(run, tag)
