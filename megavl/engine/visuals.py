@@ -1,7 +1,8 @@
 """Pictures for TensorBoard: random vs text-guided masks, and the MIM reconstruction.
 
 Under ZeRO-3 every forward is a collective, so every rank calls `log_mask_images` at the same
-steps (on the first sample of its batch); only rank 0's Monitor writes.
+steps (on the first sample of its batch); only rank 0's Monitor writes. A clip goes through the
+same passes as in training (tube mask over all frames, per-frame decoding); its first frame is shown.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from megavl.config import Config
 from megavl.objectives.masking import random_masking, text_guided_masking
+from megavl.objectives.pretrain import clip_frames
 from megavl_kernels import patchify
 
 
@@ -51,7 +53,8 @@ def log_mask_images(module, batch: dict, mode: str, monitor, step: int, cfg: Con
     was_training = student.training
     student.eval()
     try:
-        images = batch["images"][:1]
+        images = batch["images"][:1]  # (1, 3, S, S) or a clip (1, T, 3, S, S)
+        frames = clip_frames(images, student.vision.num_frames)
         ids, text_mask = batch["input_ids"][:1], batch["attention_mask"][:1]
         m = cfg.objectives.masking
         gen = torch.Generator(device=images.device).manual_seed(step)
@@ -59,11 +62,15 @@ def log_mask_images(module, batch: dict, mode: str, monitor, step: int, cfg: Con
         fused_t = teacher.fuse(teacher.encode_image(images), teacher.encode_text(ids, text_mask), text_mask,
                                mode, return_text_to_image_attn=True)
         guided = text_guided_masking(fused_t.text_to_image_attn[:, 1:], m.image_mask_ratio,
-                                     m.guided_randomness, generator=gen)
+                                     m.guided_randomness, generator=gen, num_frames=frames)
         rand = random_masking(1, student.num_patches, m.image_mask_ratio, images.device, generator=gen)
         fused = student.fuse(student.encode_image(images, guided.keep_ids), student.encode_text(ids, text_mask),
                              text_mask, mode)
-        pred = student.decoder.pixels(student.decoder(fused.image_states[:, 1:], guided.ids_restore)).float()
+        tube = guided.per_frame(frames)  # frame t is row t (frame-major)
+        kept = fused.image_states[:, 1:].reshape(frames, guided.num_keep, -1)
+        pred = student.decoder.pixels(student.decoder(kept, tube.ids_restore))[:1].float()  # frame 0
+        if frames > 1:
+            images = images[:, 0]
 
         mean = torch.tensor(cfg.data.mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(cfg.data.std, device=images.device).view(1, 3, 1, 1)

@@ -215,6 +215,33 @@ def test_log_mask_images_draws_four_panels(tiny_module):
     assert torch.allclose(image[:, :, :64], pixels.clamp(0, 1))
 
 
+def test_log_mask_images_on_a_clip_shows_its_first_frame():
+    """A video step at run.image_log_every: the tube mask over T frames, frame 0 drawn (it crashed
+    with 'keep_ids keeps 19 patches of only 16' when the relevance of all frames was ranked as one)."""
+    from megavl.engine.visuals import log_mask_images
+
+    cfg = load_config("configs/tiny.yaml", ["model.vision.num_frames=4"])
+    torch.manual_seed(0)
+    module = PretrainModule(cfg.model, cfg.objectives, {"single": ["itc"], "two": ["itc"]})
+    clips = torch.randn(2, 3, 3, 64, 64)
+    ids = torch.randint(1000, 2000, (2, 10))
+    batch = {"images": clips, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    drawn = {}
+
+    class Monitor:
+        def image(self, step, tag, image_CHW):
+            drawn[tag] = image_CHW
+
+    log_mask_images(module, batch, "two", Monitor(), 3, cfg)
+    (image,) = drawn.values()
+    assert image.shape == (3, 64, 4 * 64)
+    frame0 = clips[0, 0] * torch.tensor(cfg.data.std).view(3, 1, 1) + torch.tensor(cfg.data.mean).view(3, 1, 1)
+    assert torch.allclose(image[:, :, :64], frame0.clamp(0, 1))
+    kept = (image[:, :, 64 * 2:64 * 3] != 0.5).any(0)  # the text-guided panel: masked patches are grey
+    recon = image[:, :, 64 * 3:]
+    assert torch.allclose(recon[:, kept], frame0.clamp(0, 1)[:, kept])  # kept patches shown as they are
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_schedule_decays_every_group_to_min_lr_ratio(tiny_module, schedule):
     """optim.min_lr_ratio (ALBEF: 1e-5 / 1e-4): the real scheduler ends each group at its rate x ratio."""
