@@ -188,6 +188,10 @@ def enqueue_momentum_features_(module: torch.nn.Module, img_m: torch.Tensor, txt
     """Write the gathered momentum features (N, E) and their image ids (N,) into the ring buffer that
     `register_itc_queue` gave `module`, oldest slots first (identical on every rank)."""
     q, n = module.image_queue.shape[0], img_m.shape[0]
+    if n > q:  # two rows would land in one slot: which write wins is undefined on CUDA (ranks could differ)
+        raise ValueError(f"the ITC queue holds {q} entries, fewer than the gathered batch of {n} it must take "
+                         "each step: raise objectives.itc.queue_size (pre-training) or task.itc_queue_size "
+                         "(retrieval) to at least data.batch_size x world size")
     idx = (module.queue_ptr + torch.arange(n, device=img_m.device)) % q
     module.image_queue[idx] = img_m.to(module.image_queue.dtype)
     module.text_queue[idx] = txt_m.to(module.text_queue.dtype)

@@ -255,6 +255,13 @@ def test_queue_stores_image_ids_and_wraps():
     torch.testing.assert_close(module.queue_image_ids, expected)
 
 
+def test_queue_smaller_than_the_gathered_batch_is_an_error():
+    """6 rows into 4 slots would write two rows into one slot (undefined order on CUDA)."""
+    module = _module("objectives.itc.queue_size=4", "objectives.itc.distill_alpha=0.4", objectives=["itc"])
+    with pytest.raises(ValueError, match="queue_size"):
+        module(_batch(seed=0), "two")
+
+
 def test_clamp_trained_temperature_plain_parameter_and_bounds():
     from megavl.objectives.temperature import clamp_trained_temperature_
 
