@@ -58,7 +58,9 @@ def holdout_minival(items: list[VQAItem], num_images: int, seed: int
     """(train, minival, counts): the minival is every VQA question of `num_images` VQA images drawn
     with random.Random(seed) from the pool's sorted image paths (so it depends on the seed and the
     set of images, not on file order); train is every question, VQA or VG, of the other images.
-    Raises ValueError when the pool has no more VQA images than `num_images` (train would keep none)."""
+    VG questions are matched by path only: a VG picture of the same COCO image (another file under
+    task.vg_image_root) stays in train (VG annotations carry no COCO id here), as in ALBEF/BLIP,
+    whose VG QA is simply appended to train. Raises ValueError when the pool has no more VQA images than `num_images` (train would keep none)."""
     images = sorted({it.image for it in items if it.source == "vqa"})
     if num_images >= len(images):
         raise ValueError(f"task.minival_images={num_images}: the training pool has only {len(images)} "
