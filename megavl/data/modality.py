@@ -43,7 +43,7 @@ def source_modality(source: Source) -> str:
 
     Read from the headers of the first non-empty shard only: a source is one dataset of one kind.
     A sample of the other kind met later in the stream is a counted skip (`wrong_modality`)."""
-    for url, size in zip(source.urls, source.sizes or [1] * len(source.urls)):
+    for url, size in zip(source.urls, source.sizes, strict=True):  # sizes: shards.shard_sizes
         if size <= 0:
             continue
         for raw in iter_raw_samples(url, 0, 1):
