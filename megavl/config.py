@@ -122,6 +122,7 @@ class DataConfig:
     video_share: float = -1.0     # image+video sources: fraction of optimizer steps that read video;
                                   # -1 = the video sources' part of the mixture (weights, else sizes)
     modality_block: int = 20      # steps per block; each holds its exact share of video steps
+    modality_order: str = "shuffled"  # video places in a block: shuffled (seeded) | contiguous (first)
 
 
 # ------------------------------------------------------------------------------------ objectives
@@ -324,6 +325,8 @@ def validate(cfg: Config) -> Config:
     _check(d.video_share == -1.0 or 0.0 <= d.video_share <= 1.0, "data.video_share",
            "-1 (auto: by mixture weight) or a fraction in [0, 1]", d.video_share)
     _check(d.modality_block >= 1, "data.modality_block", ">= 1 step", d.modality_block)
+    _check(d.modality_order in ("shuffled", "contiguous"), "data.modality_order", "shuffled|contiguous",
+           d.modality_order)
     _check(not d.train_weights or len(d.train_weights) == len(d.train_shards), "data.train_weights",
            f"one weight per data.train_shards entry ({len(d.train_shards)})", d.train_weights)
     _check(all(w >= 0 for w in d.train_weights), "data.train_weights", "non-negative weights", d.train_weights)

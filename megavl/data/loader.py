@@ -267,7 +267,8 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob:
             streams[kind] = _stream_loader(cfg, [sources[i] for i in ids], kind_quotas, kind_size,
                                            kind, sizing_counts if kind == kinds[0] else Counter(),
                                            **stream_args)
-        loader = MixedTrainLoader(streams, ModalitySchedule(share, cfg.modality_block, cfg.seed),
+        loader = MixedTrainLoader(streams, ModalitySchedule(share, cfg.modality_block, cfg.seed,
+                                                            cfg.modality_order),
                                   global_batch_size)
         logger.info("mixed train data: %.3f of the steps read video (blocks of %d steps)", share,
                     cfg.modality_block)

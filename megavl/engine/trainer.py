@@ -307,7 +307,8 @@ class Trainer:
             self.step += 1
             timer.step_done()
             self._log_step(mode, modality, losses_sum, momentum, timer, batch, results)
-            if run.image_log_every and self.step % run.image_log_every == 0:
+            # mask pictures of image steps only (a clip has no single picture); every rank agrees
+            if run.image_log_every and self.step % run.image_log_every == 0 and modality == "image":
                 log_mask_images(self.module, batch, mode, self.monitor, self.step, cfg)
             if run.eval_every > 0 and self.step % run.eval_every == 0 and self.step < run.max_steps:
                 self.evaluate()

@@ -24,7 +24,8 @@ from test_train import REPO, _env, _scalars, _two_ranks, _wait_for_checkpoint
 pytestmark = pytest.mark.slow
 STEPS = 6
 # data.seed 3, share 1/2, blocks of 4 steps: video, video, image, image, video, video (video steps
-# fall in both fusion modes of the alternating curriculum, and both modalities follow the resume)
+# fall in both fusion modes of the alternating curriculum, and both modalities follow the resume).
+# 16 clips = 2 video steps per epoch: the video stream enters its epoch 1 after the resume.
 MODALITIES = ["video", "video", "image", "image", "video", "video"]
 
 
@@ -32,11 +33,11 @@ MODALITIES = ["video", "video", "image", "image", "video", "video"]
 def shards(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("mixed")
     subprocess.run([sys.executable, "-m", "megavl.tools.synth_videos", "--out", str(root / "videos"),
-                    "--num-train", "32", "--num-val", "4", "--seed", "0", "--image-size", "32",
-                    "--num-frames", "4", "--samples-per-shard", "16"], check=True, capture_output=True)
+                    "--num-train", "16", "--num-val", "4", "--seed", "0", "--image-size", "32",
+                    "--num-frames", "4", "--samples-per-shard", "8"], check=True, capture_output=True)
     subprocess.run([sys.executable, "-m", "megavl.tools.synth_shapes", "--out", str(root / "images"),
-                    "--num-train", "64", "--num-val", "4", "--seed", "0", "--image-size", "32",
-                    "--samples-per-shard", "32"], check=True, capture_output=True)
+                    "--num-train", "32", "--num-val", "4", "--seed", "0", "--image-size", "32",
+                    "--samples-per-shard", "16"], check=True, capture_output=True)
     return root / "images", root / "videos"
 
 

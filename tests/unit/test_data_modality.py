@@ -26,26 +26,28 @@ from test_data_global_order import png_bytes
 GLOBAL_BATCH = 8
 
 
-def reference_schedule(share: float, block: int, seed: int, steps: int) -> list[str]:
+def reference_schedule(share: float, block: int, seed: int, steps: int, order: str = "shuffled") -> list[str]:
     """Obviously correct: block b gets floor((b+1) P p) - floor(b P p) video steps (exact rational),
-    at the first places of its seeded permutation; written out step by step."""
+    at the first places of its seeded permutation (contiguous: of the identity); step by step."""
     p = Fraction(share).limit_denominator(1_000_000)
     out = []
     for b in range(-(-steps // block)):
         n = int((b + 1) * block * p) - int(b * block * p)
         places = list(range(block))
-        random.Random(derive_seed(seed, "modality", b)).shuffle(places)
+        if order == "shuffled":
+            random.Random(derive_seed(seed, "modality", b)).shuffle(places)
         out += ["video" if i in places[:n] else "image" for i in range(block)]
     return out[:steps]
 
 
+@pytest.mark.parametrize("order", ["shuffled", "contiguous"])
 @pytest.mark.parametrize("share,block", [(0.25, 4), (0.3, 20), (0.5, 7), (1 / 3, 10), (0.0, 5), (1.0, 3)])
-def test_schedule_matches_reference_and_honours_the_share(share, block):
-    schedule = ModalitySchedule(share, block, seed=3)
+def test_schedule_matches_reference_and_honours_the_share(share, block, order):
+    schedule = ModalitySchedule(share, block, seed=3, order=order)
     steps = 400
     got = [schedule.at(s) for s in range(steps)]
-    assert got == reference_schedule(share, block, 3, steps)
-    assert got == [ModalitySchedule(share, block, seed=3).at(s) for s in range(steps)]  # deterministic
+    assert got == reference_schedule(share, block, 3, steps, order)
+    assert got == [ModalitySchedule(share, block, 3, order).at(s) for s in range(steps)]  # deterministic
     video = 0
     for s in range(steps + 1):
         assert schedule.steps_before(s) == {"image": s - video, "video": video}  # closed form = count
@@ -71,6 +73,14 @@ def test_schedule_rejects_bad_settings():
         ModalitySchedule(1.5, 10, 0)
     with pytest.raises(ValueError, match="block"):
         ModalitySchedule(0.5, 0, 0)
+    with pytest.raises(ValueError, match="order"):
+        ModalitySchedule(0.5, 4, 0, "random")
+
+
+def test_contiguous_order_switches_twice_per_block():
+    got = [ModalitySchedule(0.25, 20, seed=0, order="contiguous").at(s) for s in range(100)]
+    assert got[:20] == ["video"] * 5 + ["image"] * 15 and got[20:40] == got[:20]
+    assert sum(a != b for a, b in zip(got, got[1:])) == 9  # 2 per block, the last block's end excluded
 
 
 # ------------------------------------------------------------------------------------ mixed loader
@@ -194,3 +204,13 @@ def test_a_sample_of_the_other_kind_in_a_source_is_a_counted_skip(tmp_path):
     batch = next(loader)
     assert batch["images"].shape[:2] == (4, 2) and "stray" not in batch["keys"]
     assert loader.skip_counts()["wrong_modality"] == 1 and loader.repeat_count() == 1
+
+
+@pytest.mark.parametrize("override,key", [("data.video_share=1.5", "data.video_share"),
+                                          ("data.modality_block=0", "data.modality_block"),
+                                          ("data.modality_order=random", "data.modality_order")])
+def test_config_names_the_bad_mixed_key(override, key):
+    from pathlib import Path
+    from megavl.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=key):
+        load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml", [override])
