@@ -46,6 +46,17 @@ def stable_id(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
+def namespaced_id(modality: str, source: int, image_id: int) -> int:
+    """The id a training sample carries: a 63-bit hash of (modality, source index, decoded id).
+
+    Sources share no images, but their ids may collide (two synthetic sources both numbering from
+    0, COCO's integers against another integer-id source): ITC's same-image targets (batch and
+    queue), ITM's negative exclusion and SCL would then treat a clip and an image as one image.
+    Equal ids within one source stay equal (COCO's 5 captions of an image remain positives); a pure
+    function of its arguments, so a resumed run sees the same ids."""
+    return stable_id(f"{modality}:{source}:{image_id}".encode())
+
+
 def _image_id(meta: dict, image_bytes: bytes) -> int:
     value = meta.get("image_id")
     if isinstance(value, bool) or value is None:

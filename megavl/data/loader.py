@@ -99,8 +99,9 @@ class TrainLoader:
         return self.batches_in_epoch * self.plan.micro_global_batch
 
     @property
-    def modality(self) -> str:
-        return self.plan.modality
+    def modalities(self) -> tuple[str, ...]:
+        """What the run's batches hold: this loader's one modality."""
+        return (self.plan.modality,)
 
     def modality_at(self, step: int) -> str:
         """What optimizer step `step` reads: this loader's one modality."""
@@ -250,8 +251,8 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob:
         if cfg.video_share >= 0 and cfg.video_share != (1.0 if kinds[0] == "video" else 0.0):
             raise ValueError(f"data.video_share={cfg.video_share} but every train source holds "
                              f"{kinds[0]}s: leave it at -1 (auto) or add sources of the other kind")
-        loader = _stream_loader(cfg, sources, quotas, virtual_size, kinds[0], sizing_counts,
-                                **stream_args)
+        loader = _stream_loader(cfg, sources, list(range(len(sources))), quotas, virtual_size,
+                                kinds[0], sizing_counts, **stream_args)
     else:
         share = cfg.video_share if cfg.video_share >= 0 else default_video_share(sources, modalities)
         if not 0.0 < share < 1.0:
@@ -264,7 +265,7 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob:
             ids = [i for i, m in enumerate(modalities) if m == kind]
             kind_quotas = [quotas[i] for i in ids] if quotas else []
             kind_size = sum(kind_quotas) if quotas else sum(split[i] for i in ids)
-            streams[kind] = _stream_loader(cfg, [sources[i] for i in ids], kind_quotas, kind_size,
+            streams[kind] = _stream_loader(cfg, [sources[i] for i in ids], ids, kind_quotas, kind_size,
                                            kind, sizing_counts if kind == kinds[0] else Counter(),
                                            **stream_args)
         loader = MixedTrainLoader(streams, ModalitySchedule(share, cfg.modality_block, cfg.seed,
@@ -277,10 +278,12 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob:
     return loader
 
 
-def _stream_loader(cfg: DataConfig, sources: list[Source], quotas: list[int], virtual_size: int,
-                   modality: str, sizing_counts: Counter, *, rank: int, world_size: int,
-                   global_batch_size: int, collator: Collator) -> TrainLoader:
-    """The loader of one modality's sources (all of a single-modality run)."""
+def _stream_loader(cfg: DataConfig, sources: list[Source], source_indices: list[int],
+                   quotas: list[int], virtual_size: int, modality: str, sizing_counts: Counter, *,
+                   rank: int, world_size: int, global_batch_size: int,
+                   collator: Collator) -> TrainLoader:
+    """The loader of one modality's sources (all of a single-modality run); `source_indices`: their
+    places in data.train_shards (the image-id namespaces, decode.namespaced_id)."""
     epoch_length = virtual_size // global_batch_size * global_batch_size
     if epoch_length == 0:
         raise ValueError(f"an epoch of {virtual_size} {modality} samples cannot give one global batch "
@@ -293,7 +296,7 @@ def _stream_loader(cfg: DataConfig, sources: list[Source], quotas: list[int], vi
                      max_pixels=cfg.max_image_pixels,
                      draft_size=train_draft_size(cfg.image_size, cfg.train_crop_scale),
                      num_frames=cfg.num_frames, max_video_frames=cfg.max_video_frames,
-                     modality=modality)
+                     modality=modality, source_indices=source_indices)
     loader = TrainLoader(plan, collator, cfg.num_workers, global_batch_size,
                          _order_digest(sources, quotas), sizing_counts)
     logger.info("train data (%s): %d samples/epoch (of %d), rank %d/%d gets %d batches of %d per "
@@ -332,11 +335,20 @@ def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: 
     """Deterministic loader over `cfg.val_shards` (eval transform, file order, fixed masks)."""
     if not cfg.val_shards:
         raise ValueError("data.val_shards is empty")
-    urls = [u for pattern in cfg.val_shards for u in expand_urls(pattern)]
+    url_lists = [expand_urls(pattern) for pattern in cfg.val_shards]
+    urls = [u for pattern_urls in url_lists for u in pattern_urls]
     check_shards_exist(urls)
     sizing_counts: Counter = Counter()
-    segments = [Segment(u, 0, n) for u, n in zip(urls, shard_sizes(urls, sizing_counts)) if n > 0]
-    kinds = {source_modality(Source([s.url], [s.stop], 0.0)) for s in segments}
+    sizes = shard_sizes(urls, sizing_counts)
+    segments = [Segment(u, 0, n) for u, n in zip(urls, sizes) if n > 0]
+    # one look per val_shards pattern (a source is one dataset of one kind), not per shard: this
+    # runs at every evaluation, on every rank
+    kinds, first = set(), 0
+    for pattern_urls in url_lists:
+        pattern_sizes = sizes[first:first + len(pattern_urls)]
+        first += len(pattern_urls)
+        if any(n > 0 for n in pattern_sizes):
+            kinds.add(source_modality(Source(pattern_urls, pattern_sizes, 0.0)))
     if len(kinds) > 1:  # an eval batch is one modality, and the val shards are read in file order
         raise ValueError(f"data.val_shards mix images and videos ({urls}): evaluate one modality per "
                          f"run (e.g. the image val shards during mixed pre-training)")

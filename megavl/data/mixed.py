@@ -49,6 +49,11 @@ class MixedTrainLoader:
     def modality_at(self, step: int) -> str:
         return self.schedule.at(step)
 
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """What the run's batches hold: both modalities, in MODALITIES order."""
+        return tuple(self.streams)
+
     def samples_consumed(self) -> dict[str, int]:
         """Global samples (all ranks, all epochs) handed out so far, by modality."""
         return {kind: stream.samples_consumed()[kind] for kind, stream in self.streams.items()}
@@ -95,9 +100,6 @@ class MixedTrainLoader:
         """Samples skipped so far on this rank, by reason, over both streams."""
         per_stream = [s.skip_counts() for s in self.streams.values()]
         return {reason: sum(c[reason] for c in per_stream) for reason in per_stream[0]}
-
-    def repeat_count(self) -> int:
-        return sum(s.repeat_count() for s in self.streams.values())
 
     def close(self) -> None:
         for stream in self.streams.values():

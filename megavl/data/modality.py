@@ -27,6 +27,7 @@ import random
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from megavl.data.decode import IMAGE_EXTS
 from megavl.data.plan import Source, derive_seed
 from megavl.data.shards import iter_raw_samples
 from megavl.data.video import ALL_SKIP_REASONS, VIDEO_EXTS
@@ -38,17 +39,40 @@ MODALITY_IDS = {"image": 0, "video": 1}  # logged as data/modality
 MODALITY_ORDERS = ("shuffled", "contiguous")
 
 
-def source_modality(source: Source) -> str:
-    """'video' when the source's first sample has a video member (VIDEO_EXTS), else 'image'.
+MODALITY_LOOKAHEAD = 8  # samples of a source's first shard read to find one with a media member
 
-    Read from the headers of the first non-empty shard only: a source is one dataset of one kind.
-    A sample of the other kind met later in the stream is a counted skip (`wrong_modality`)."""
+
+def source_modality(source: Source) -> str:
+    """'video' when the first sample of the source that has a media member has a video one
+    (VIDEO_EXTS), 'image' when it has an image one (IMAGE_EXTS).
+
+    Read from the headers of the first MODALITY_LOOKAHEAD samples of the first non-empty shard: a
+    source is one dataset of one kind, and a sample of the other kind met later in the stream is a
+    counted skip (`wrong_modality`). A first sample without its media (a WebVid sample whose mp4 is
+    missing) is itself a counted skip later, so it must not decide the kind; none of the first few
+    with media is an error naming the shard."""
     for url, size in zip(source.urls, source.sizes, strict=True):  # sizes: shards.shard_sizes
         if size <= 0:
             continue
-        for raw in iter_raw_samples(url, 0, 1):
-            return "video" if any(ext in raw for ext in VIDEO_EXTS) else "image"
+        for raw in iter_raw_samples(url, 0, MODALITY_LOOKAHEAD):
+            if any(ext in raw for ext in VIDEO_EXTS):
+                return "video"
+            if any(ext in raw for ext in IMAGE_EXTS):
+                return "image"
+        raise ValueError(f"shard {url}: none of its first {MODALITY_LOOKAHEAD} samples has an image "
+                         f"({', '.join(IMAGE_EXTS)}) or video ({', '.join(VIDEO_EXTS)}) member, so "
+                         f"the source's modality is unknown: fix or drop the shard")
     raise ValueError(f"source {source.urls[0]}... has no readable sample to tell its modality")
+
+
+def check_clip_model(modalities: tuple[str, ...], data_num_frames: int, model_num_frames: int) -> None:
+    """Refuse, before the first step, clips of data.num_frames > 1 frames for a vision tower built
+    without a temporal embedding (model.vision.num_frames == 1): pretrain.clip_frames would raise
+    only at the first video step, possibly long into a mixed run."""
+    if "video" in modalities and data_num_frames > 1 and model_num_frames == 1:
+        raise ValueError(f"model.vision.num_frames=1 builds no temporal embedding, but the train "
+                         f"sources hold videos read as clips of data.num_frames={data_num_frames} "
+                         f"frames: set model.vision.num_frames > 1 (SCL: 8) or data.num_frames: 1")
 
 
 def default_video_share(sources: list[Source], modalities: list[str]) -> float:
@@ -81,6 +105,10 @@ class ModalitySchedule:
         if self.order not in MODALITY_ORDERS:
             raise ValueError(f"modality order must be one of {MODALITY_ORDERS}, got {self.order!r}")
         self._fraction = Fraction(self.share).limit_denominator(1_000_000)
+        if (self._fraction == 0) != (self.share == 0) or (self._fraction == 1) != (self.share == 1):
+            raise ValueError(f"video share {self.share} is within 1e-6 of {self._fraction} (the "
+                             f"schedule's exact fraction), which would give one modality no steps: "
+                             f"use a share in [1e-6, 1 - 1e-6], or 0 / 1")
 
     def _video_before_block(self, block: int) -> int:
         return int(block * self.block * self._fraction)  # floor: exact rational arithmetic

@@ -18,6 +18,7 @@ position); only the filler of a bad slot depends on the share (B, world).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections import Counter
@@ -28,7 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from megavl.data.collate import Collator
-from megavl.data.decode import Decoded
+from megavl.data.decode import Decoded, namespaced_id
 from megavl.data.order import EpochOrder
 from megavl.data.plan import (Segment, Source, derive_seed, epoch_segments,
                               resampled_epoch_segments, slice_segments)
@@ -79,6 +80,22 @@ class TrainPlan:
     num_frames: int = 4          # frames per video clip (image samples are unaffected)
     max_video_frames: int = 18_000
     modality: str = "image"      # image | video: what every batch of this stream holds (modality.py)
+    # per source: its index among data.train_shards (a mixed run's streams hold a subset of them);
+    # image ids are namespaced by (modality, this index): decode.namespaced_id. Empty = 0, 1, ...
+    source_indices: list[int] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.source_indices and len(self.source_indices) != len(self.sources):
+            raise ValueError(f"{len(self.source_indices)} source indices for {len(self.sources)} sources")
+
+    def source_of_url(self) -> dict[str, int]:
+        """Shard url -> index of its source among data.train_shards (the first, if listed twice)."""
+        indices = self.source_indices or list(range(len(self.sources)))
+        out: dict[str, int] = {}
+        for source, index in zip(self.sources, indices):
+            for url in source.urls:
+                out.setdefault(url, index)
+        return out
 
     @property
     def micro_global_batch(self) -> int:
@@ -120,6 +137,7 @@ class TrainStream(IterableDataset):
         step = num_workers or 1
         counts: Counter = Counter()
         self._orders: dict[int, EpochOrder] = {}
+        self._source_of_url = self.plan.source_of_url()
         self._reader = ShardReader(counts, max_open=self.plan.max_open_shards())
         try:
             t = self.start_batch + worker
@@ -174,9 +192,12 @@ class TrainStream(IterableDataset):
         decoded = decode_any(raw, caption_key=plan.caption_key, max_pixels=plan.max_pixels,
                              draft_size=plan.draft_size, num_frames=plan.num_frames, train=True,
                              seed=frame_seed, max_video_frames=plan.max_video_frames)
-        if isinstance(decoded, Decoded) and isinstance(decoded, DecodedVideo) != (plan.modality == "video"):
+        if isinstance(decoded, str):
+            return decoded
+        if isinstance(decoded, DecodedVideo) != (plan.modality == "video"):
             return "wrong_modality"
-        return decoded
+        source = self._source_of_url[raw["__url__"]]
+        return dataclasses.replace(decoded, image_id=namespaced_id(plan.modality, source, decoded.image_id))
 
     def _borrow(self, t: int, positions: list[int]) -> list[Decoded]:
         """Good samples for a share whose samples all failed: from the rank's next shares (their

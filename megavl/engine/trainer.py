@@ -19,7 +19,7 @@ import yaml
 
 from megavl.config import Config, to_dict
 from megavl.data import SKIP_REASONS, build_eval_loader, build_train_loader
-from megavl.data.modality import MODALITIES, MODALITY_IDS
+from megavl.data.modality import MODALITIES, MODALITY_IDS, check_clip_model
 from megavl.objectives.pretrain import PretrainModule
 from megavl.objectives.teacher import teacher_momentum
 
@@ -166,6 +166,7 @@ class Trainer:
                                          scl_mask_prob=cfg.objectives.scl.text_mask_prob,
                                          global_batch_size=cfg.run.global_batch_size
                                          or cfg.data.batch_size * cfg.run.grad_accum * self.dist.world_size)
+        check_clip_model(self.loader.modalities, cfg.data.num_frames, cfg.model.vision.num_frames)
         self.step = 0
         self._grad_norm_fallback: float | None = None
         self._resume(resume, fresh)

@@ -214,3 +214,110 @@ def test_config_names_the_bad_mixed_key(override, key):
     from megavl.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=key):
         load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml", [override])
+
+
+# ------------------------------------------------------------------------------------ review fixes
+def write_colliding_sources(out: str) -> tuple[str, str]:
+    """An image source and a video source that both number their ids from 0 (as megavl-synth-shapes
+    and megavl-synth-videos do), two captions per id."""
+    with ShardWriter(out, samples_per_shard=12, prefix="cimg-") as writer:
+        for i in range(12):
+            writer.write(f"img{i:03d}", {"png": png_bytes(i), "txt": f"image {i}".encode(),
+                                         "json": json.dumps({"image_id": i // 2}).encode()})
+    with ShardWriter(out, samples_per_shard=8, prefix="cvid-") as writer:
+        for c in range(8):
+            frames = [np.full((10, 10, 3), (9 * t + 5 * c) % 256, np.uint8) for t in range(2)]
+            writer.write(f"vid{c:03d}", {"mp4": encode_mp4(frames, crf=0), "txt": f"clip {c}".encode(),
+                                          "json": json.dumps({"image_id": c // 2}).encode()})
+    return os.path.join(out, "cimg-000000.tar"), os.path.join(out, "cvid-000000.tar")
+
+
+def test_image_ids_of_different_sources_never_collide(tmp_path):
+    """A clip and an image with the same integer id are different images to ITC (batch and queue),
+    ITM and SCL; captions of one image within a source still share an id; ids are resume-exact."""
+    sources = write_colliding_sources(str(tmp_path))
+    ids_of: dict[str, int] = {}
+    for loader_ids in _ids_by_key(sources, steps=6):
+        ids_of.update(loader_ids)
+    assert {k[:3] for k in ids_of} == {"img", "vid"}
+    image_ids = {i for k, i in ids_of.items() if k.startswith("img")}
+    video_ids = {i for k, i in ids_of.items() if k.startswith("vid")}
+    assert not image_ids & video_ids
+    for key, image_id in ids_of.items():  # the json id is int(key) // 2: pairs share, others differ
+        twins = {k for k, i in ids_of.items() if i == image_id}
+        assert twins <= {f"{key[:3]}{2 * (int(key[3:]) // 2) + j:03d}" for j in (0, 1)}
+    assert any(len({k for k, i in ids_of.items() if i == v}) == 2 for v in image_ids)
+    assert all(0 <= i < 2 ** 63 for i in ids_of.values())
+    # a resumed run (another world) hands out the same ids
+    _, states = run_steps(sources, world=2, steps=3, batch_size=2)
+    resumed = _ids_by_key(sources, steps=3, world=2, state=states[0], first=3)
+    assert all(ids_of[k] == i for part in resumed for k, i in part.items())
+
+
+def _ids_by_key(sources, steps: int, world: int = 1, state: dict | None = None, first: int = 0):
+    cfg = make_cfg(sources, batch_size=8 // world)
+    loaders = [build_train_loader(cfg, rank=r, world_size=world, mlm_prob=0.15, scl_mask_prob=0.4,
+                                  global_batch_size=GLOBAL_BATCH, epoch_start_state=state)
+               for r in range(world)]
+    out = []
+    for _ in range(first, first + steps):
+        for loader in loaders:
+            batch = next(loader)
+            out.append(dict(zip(batch["keys"], batch["image_ids"].tolist())))
+    return out
+
+
+def test_source_modality_skips_a_first_sample_without_media(tmp_path):
+    with ShardWriter(str(tmp_path), samples_per_shard=8, prefix="webvid-") as writer:
+        writer.write("nomp4", {"txt": b"its mp4 failed to download", "json": b"{}"})
+        frames = [np.full((10, 10, 3), 40 * t, np.uint8) for t in range(2)]
+        writer.write("clip", {"mp4": encode_mp4(frames, crf=0), "txt": b"a clip"})
+    from megavl.data.shards import shard_sizes
+    url = str(tmp_path / "webvid-000000.tar")
+    assert source_modality(Source([url], shard_sizes([url]), 1.0)) == "video"
+
+
+def test_source_modality_without_media_in_the_first_samples_names_the_shard(tmp_path):
+    from megavl.data.modality import MODALITY_LOOKAHEAD
+    with ShardWriter(str(tmp_path), samples_per_shard=64, prefix="bare-") as writer:
+        for i in range(MODALITY_LOOKAHEAD):
+            writer.write(f"s{i}", {"txt": b"no media"})
+        writer.write("late", {"png": png_bytes(0), "txt": b"too late to tell"})
+    from megavl.data.shards import shard_sizes
+    url = str(tmp_path / "bare-000000.tar")
+    with pytest.raises(ValueError, match="bare-000000.tar.*image.*or video"):
+        source_modality(Source([url], shard_sizes([url]), 1.0))
+
+
+def test_clips_for_an_image_only_vision_tower_are_refused_at_start(shards):
+    from megavl.data.modality import check_clip_model
+    mixed = build_train_loader(make_cfg(shards), rank=0, world_size=1, mlm_prob=0.15, scl_mask_prob=0.4,
+                               global_batch_size=4)
+    images = build_train_loader(make_cfg(shards[:1], video_share=-1.0), rank=0, world_size=1,
+                                mlm_prob=0.15, scl_mask_prob=0.4, global_batch_size=4)
+    assert mixed.modalities == ("image", "video") and images.modalities == ("image",)
+    with pytest.raises(ValueError, match="model.vision.num_frames=1"):
+        check_clip_model(mixed.modalities, data_num_frames=2, model_num_frames=1)
+    check_clip_model(mixed.modalities, data_num_frames=2, model_num_frames=4)
+    check_clip_model(mixed.modalities, data_num_frames=1, model_num_frames=1)  # T=1 clips = images
+    check_clip_model(images.modalities, data_num_frames=2, model_num_frames=1)
+
+
+@pytest.mark.parametrize("share", [1e-9, 1 - 1e-9])
+def test_a_share_that_rounds_to_one_modality_is_refused(share):
+    with pytest.raises(ValueError, match="no steps"):
+        ModalitySchedule(share, 10, 0)
+
+
+def test_eval_loader_tells_the_modality_once_per_source(shards, monkeypatch):
+    import megavl.data.loader as loader_module
+    calls = []
+    real = loader_module.source_modality
+
+    def counting(source):
+        calls.append(source.urls)
+        return real(source)
+
+    monkeypatch.setattr(loader_module, "source_modality", counting)
+    loader_module.build_eval_loader(make_cfg(shards, val_shards=[shards[1]]), rank=0, world_size=1)
+    assert len(calls) == 1  # two shards, one source
