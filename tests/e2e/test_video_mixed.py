@@ -5,8 +5,8 @@ reads one modality, as the seeded schedule says; a run SIGKILLed after its step-
 continued with `--resume auto` trains on exactly the samples (keys per rank and micro-step) and
 gives exactly the losses of the uninterrupted run.
 
-ITC + ITM + MLM only: the masked-image objectives on clips are helper "clips"' work; nothing in the
-mixed data path depends on which objectives run. The uninterrupted run and the run to be killed
+Every objective on (ITC, ITM, MLM, MIM-pixel, SemMIM, SCL): the image and the video steps each run
+the whole recipe (tube masks on clips), and the masks are resume-exact too. The uninterrupted run and the run to be killed
 start together (their launchers and imports overlap on a 2-core machine)."""
 from __future__ import annotations
 
@@ -49,7 +49,6 @@ def _cmd(shards: tuple[Path, Path], out: Path) -> list[str]:
         "data.video_share=0.5", "data.modality_block=4", "data.seed=3",
         "data.batch_size=2", "run.grad_accum=2", "run.global_batch_size=8", "data.num_workers=0",
         "data.image_size=32", "model.vision.img_size=32", "model.vision.num_frames=2", "data.num_frames=2",
-        "objectives.mim_pixel.weight=0", "objectives.mim_sem.weight=0", "objectives.scl.weight=0",
         f"run.max_steps={STEPS}", "run.checkpoint_every=2", "run.keep_checkpoints=5", "run.eval_every=-1",
         "run.log_every=1", "run.log_sample_keys=true"])
 
