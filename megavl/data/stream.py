@@ -77,22 +77,21 @@ class TrainPlan:
     caption_key: str
     max_pixels: int
     draft_size: int
+    # per source: its index among data.train_shards (a mixed run's streams hold a subset of them):
+    # the namespace of its image ids (decode.namespaced_id)
+    source_indices: list[int]
     num_frames: int = 4          # frames per video clip (image samples are unaffected)
     max_video_frames: int = 18_000
     modality: str = "image"      # image | video: what every batch of this stream holds (modality.py)
-    # per source: its index among data.train_shards (a mixed run's streams hold a subset of them);
-    # image ids are namespaced by (modality, this index): decode.namespaced_id. Empty = 0, 1, ...
-    source_indices: list[int] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.source_indices and len(self.source_indices) != len(self.sources):
+        if len(self.source_indices) != len(self.sources):
             raise ValueError(f"{len(self.source_indices)} source indices for {len(self.sources)} sources")
 
     def source_of_url(self) -> dict[str, int]:
         """Shard url -> index of its source among data.train_shards (the first, if listed twice)."""
-        indices = self.source_indices or list(range(len(self.sources)))
         out: dict[str, int] = {}
-        for source, index in zip(self.sources, indices):
+        for source, index in zip(self.sources, self.source_indices, strict=True):
             for url in source.urls:
                 out.setdefault(url, index)
         return out
