@@ -9,7 +9,8 @@ ranks, so the loss does not depend on the world size):
   ITC  every caption of the same image is a positive: targets = same-image mask / its row sum
        (ALBEF's `idx` targets), symmetric soft cross-entropy with a learnable temperature;
   ITM  one hard negative text per image and one hard negative image per text, drawn from
-       softmax(ITC similarity) over the global batch with same-image columns excluded.
+       softmax(ITC similarity) over the global batch with same-image columns excluded; only the
+       picked rows' tokens cross ranks (objectives.itm.itm_pairs, shared with pre-training).
 With task.itc_queue_size > 0 (ALBEF `model_retrieval.py`): an EMA teacher of the student
 (objectives/teacher.py, momentum task.itc_momentum, on ZeRO-3 partitions; a copy of the initialised
 student at step 0) gives momentum features; a queue of them with their image ids
@@ -119,6 +120,7 @@ class RetrievalModule(nn.Module):
                                                  img_emb, txt_emb, self.temp, hard=True, generator=generator)
         fused = self.student.fuse(images, texts, masks, self.mode)
         return itm_loss(self.student.itm_head(fused.image_global, fused.text_global), labels)
+
 
 @torch.no_grad()
 def evaluate(module: RetrievalModule, image_batches, text_batches, img2txt, txt2img, *, device,
