@@ -14,7 +14,10 @@ tokens, the head reads the fused clip [CLS] and text [CLS]; negatives are other 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+from .distributed import RowPlan, gather_features, is_distributed
 
 
 def _valid_columns(image_ids_rows: torch.Tensor, image_ids_cols: torch.Tensor) -> torch.Tensor:
@@ -97,3 +100,46 @@ def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if labels.dtype not in (torch.int64, torch.int32, torch.uint8, torch.bool):
         raise TypeError(f"labels must be integer class ids; got {labels.dtype}")
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels.long())
+
+
+def itm_pairs(img: torch.Tensor, txt: torch.Tensor, text_mask: torch.Tensor, image_ids: torch.Tensor,
+              img_emb: torch.Tensor, txt_emb: torch.Tensor, temp: torch.Tensor, *, hard: bool,
+              generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ALBEF's ITM batch [positives ; (neg image, text) ; (image, neg text)] with negatives drawn
+    from the GLOBAL batch, moving only the picked rows across ranks (pre-training and retrieval).
+
+    img (B, Ni, Wv) image/clip tokens, txt (B, L, Wt) text tokens, text_mask (B, L), image_ids (B,)
+    long, img_emb / txt_emb (B, E) ITC embeddings, temp (1,) ITC temperature; B equal on every rank.
+    Every rank gathers the ids (and, with hard=True, the embeddings: sim = img_all @ txt_all.T / temp)
+    and draws the negatives of ALL W*B global rows with the same generator (text negatives first,
+    then image negatives), so every rank knows which rows every other rank needs: a `RowPlan`
+    moves those rows' tokens (one all_to_all, their gradients sent back in backward) instead of an
+    all-gather of every rank's token tensors (whose backward all-reduces the whole gathered tensor).
+    Bytes per rank are then independent of the world size. hard=False: uniform negatives (SCL).
+
+    Returns images (3B, Ni, Wv), texts (3B, L, Wt), masks (3B, L) and labels (3B,) long (1 for the
+    first B rows, 0 after) for fusion -> ITM head -> itm_loss.
+    """
+    B = img.shape[0]
+    world = dist.get_world_size() if is_distributed() else 1
+    ids_all = gather_features(image_ids, with_grad=False)
+    if hard:
+        sim = (gather_features(img_emb.detach(), with_grad=False)
+               @ gather_features(txt_emb.detach(), with_grad=False).t()) / temp.detach()
+        neg_txt = sample_hard_negatives(sim, ids_all, ids_all, generator=generator)
+        neg_img = sample_hard_negatives(sim.t(), ids_all, ids_all, generator=generator)
+    else:
+        neg_txt = sample_random_negatives(ids_all, ids_all, generator=generator)
+        neg_img = sample_random_negatives(ids_all, ids_all, generator=generator)
+    neg_txt, neg_img = neg_txt.view(world, B).to(img.device), neg_img.view(world, B).to(img.device)
+    if is_distributed():
+        txt_plan, img_plan = RowPlan(neg_txt, B), RowPlan(neg_img, B)
+        neg_img_tokens = img_plan.gather(img, "itm/image_tokens")
+        neg_txt_tokens, neg_mask = txt_plan.gather(txt, "itm/text_tokens"), txt_plan.gather(text_mask, "itm/mask")
+    else:
+        neg_img_tokens, neg_txt_tokens, neg_mask = img[neg_img[0]], txt[neg_txt[0]], text_mask[neg_txt[0]]
+    labels = torch.cat([torch.ones(B, dtype=torch.long, device=img.device),
+                        torch.zeros(2 * B, dtype=torch.long, device=img.device)])
+    return (torch.cat([img, neg_img_tokens, img]), torch.cat([txt, txt, neg_txt_tokens]),
+            torch.cat([text_mask, text_mask, neg_mask]), labels)

@@ -41,10 +41,10 @@ from megavl.models.fusion import FusionOutput
 from megavl.models.vlp import VLPModel
 from megavl_kernels import gather_tokens, masked_patch_targets
 
-from .distributed import RowPlan, all_reduce_mean, gather_features, is_distributed
+from .distributed import all_reduce_mean, gather_features, is_distributed
 from .itc import (EMPTY_QUEUE_ID, clamp_temperature_, enqueue_momentum_features_, itc_distill_loss, itc_loss,
                   register_itc_queue)
-from .itm import itm_loss, sample_hard_negatives, sample_random_negatives
+from .itm import itm_loss, itm_pairs
 from .masking import MaskSpec, random_masking, text_guided_masking
 from .mim_pixel import mim_pixel_loss
 from .mim_semantic import semantic_mim_loss, update_center
@@ -291,39 +291,19 @@ class PretrainModule(nn.Module):
     def _fused_pass(self, img, txt, img_emb, txt_emb, batch, mode, generator, with_itm: bool):
         """One fusion call over [positives ; (neg image, text) ; (image, neg text)] (ALBEF's ITM batch).
 
-        Negatives come from the GLOBAL batch (as BLIP): similarities and image ids are gathered, every
-        rank draws the negatives of all global rows with the same generator, so every rank knows which
-        rows every other rank needs; only those rows' tokens move (`RowPlan`: an all_to_all of the
-        picked rows, their gradients sent back in backward), not every rank's token tensors. So the ITM
-        loss does not depend on the world size, a negative can be any sample of the step, and the bytes
-        per rank do not grow with the world size. Returns the positives' FusionOutput and the loss.
+        Negatives come from the GLOBAL batch (as BLIP), drawn alike on every rank; only the picked rows'
+        tokens cross ranks (`itm_pairs`, shared with retrieval fine-tuning: a RowPlan all_to_all, not an
+        all-gather of every rank's token tensors). So the ITM loss does not depend on the world size, a
+        negative can be any sample of the step, and the bytes per rank do not grow with the world size.
+        Returns the positives' FusionOutput and the loss.
         """
         s, B, text_mask = self.student, img.shape[0], batch["attention_mask"]
         if not with_itm:
             return s.fuse(img, txt, text_mask, mode), {}
-        _, world = _rank_world()
-        ids_all = gather_features(batch["image_ids"], with_grad=False)
-        if self.cfg.itm.hard_negatives:
-            img_all = gather_features(img_emb.detach(), with_grad=False)
-            txt_all = gather_features(txt_emb.detach(), with_grad=False)
-            sim = img_all @ txt_all.t() / self.temp.detach()
-            neg_txt = sample_hard_negatives(sim, ids_all, ids_all, generator=generator)
-            neg_img = sample_hard_negatives(sim.t(), ids_all, ids_all, generator=generator)
-        else:
-            neg_txt = sample_random_negatives(ids_all, ids_all, generator=generator)
-            neg_img = sample_random_negatives(ids_all, ids_all, generator=generator)
-        neg_txt, neg_img = neg_txt.view(world, B).to(img.device), neg_img.view(world, B).to(img.device)
-        if is_distributed():
-            txt_plan, img_plan = RowPlan(neg_txt, B), RowPlan(neg_img, B)
-            neg_img_tokens = img_plan.gather(img, "itm/image_tokens")
-            neg_txt_tokens, neg_mask = txt_plan.gather(txt, "itm/text_tokens"), txt_plan.gather(text_mask, "itm/mask")
-        else:
-            neg_img_tokens, neg_txt_tokens, neg_mask = img[neg_img[0]], txt[neg_txt[0]], text_mask[neg_txt[0]]
-        fused = s.fuse(torch.cat([img, neg_img_tokens, img]), torch.cat([txt, txt, neg_txt_tokens]),
-                       torch.cat([text_mask, text_mask, neg_mask]), mode)
+        images, texts, masks, labels = itm_pairs(img, txt, text_mask, batch["image_ids"], img_emb, txt_emb,
+                                                 self.temp, hard=self.cfg.itm.hard_negatives, generator=generator)
+        fused = s.fuse(images, texts, masks, mode)
         logits = s.itm_head(fused.image_global, fused.text_global)
-        labels = torch.cat([torch.ones(B, dtype=torch.long, device=img.device),
-                            torch.zeros(2 * B, dtype=torch.long, device=img.device)])
         return _first_rows(fused, B), {"itm": itm_loss(logits, labels)}
 
     def _mlm(self, text_states, labels, count: int | None = None) -> torch.Tensor:

@@ -9,7 +9,8 @@ ranks, so the loss does not depend on the world size):
   ITC  every caption of the same image is a positive: targets = same-image mask / its row sum
        (ALBEF's `idx` targets), symmetric soft cross-entropy with a learnable temperature;
   ITM  one hard negative text per image and one hard negative image per text, drawn from
-       softmax(ITC similarity) over the global batch with same-image columns excluded.
+       softmax(ITC similarity) over the global batch with same-image columns excluded; only the
+       picked rows' tokens cross ranks (objectives.itm.itm_pairs, shared with pre-training).
 With task.itc_queue_size > 0 (ALBEF `model_retrieval.py`): an EMA teacher of the student
 (objectives/teacher.py, momentum task.itc_momentum, on ZeRO-3 partitions; a copy of the initialised
 student at step 0) gives momentum features; a queue of them with their image ids
@@ -30,7 +31,7 @@ from megavl.models.vlp import VLPModel
 from megavl.objectives.distributed import gather_features
 from megavl.objectives.itc import (QUEUE_BUFFERS, clamp_temperature_, enqueue_momentum_features_,
                                    itc_distill_loss, itc_loss, register_itc_queue, same_image_targets)
-from megavl.objectives.itm import itm_loss, sample_hard_negatives
+from megavl.objectives.itm import itm_loss, itm_pairs
 from megavl.objectives.teacher import ema_update_, make_teacher
 from megavl.tasks.base import rank_world
 
@@ -97,7 +98,7 @@ class RetrievalModule(nn.Module):
                            same_image_targets(idx_all, idx_all))
         losses = {"itc": itc}
         if self.itm_weight > 0:
-            losses["itm"] = self._itm(img, txt, img_emb, txt_emb, batch, idx_all, generator)
+            losses["itm"] = self._itm(img, txt, img_emb, txt_emb, batch, generator)
         total = itc + self.itm_weight * losses.get("itm", 0.0)
         return total, {k: v.detach() for k, v in losses.items()}
 
@@ -112,24 +113,13 @@ class RetrievalModule(nn.Module):
         enqueue_momentum_features_(self, img_m, txt_m, idx_all)
         return loss
 
-    def _itm(self, img, txt, img_emb, txt_emb, batch, idx_all, generator) -> torch.Tensor:
-        rank, _ = rank_world()
-        B, mask = img.shape[0], batch["attention_mask"]
-        with torch.no_grad():
-            sim = (gather_features(img_emb.detach(), with_grad=False)
-                   @ gather_features(txt_emb.detach(), with_grad=False).t()) / self.temp.detach()
-            neg_txt = sample_hard_negatives(sim, idx_all, idx_all, generator=generator)
-            neg_img = sample_hard_negatives(sim.t(), idx_all, idx_all, generator=generator)
-        mine = slice(rank * B, (rank + 1) * B)
-        neg_txt, neg_img = neg_txt[mine].to(img.device), neg_img[mine].to(img.device)
-        img_all, txt_all = gather_features(img), gather_features(txt)
-        mask_all = gather_features(mask, with_grad=False)
-        fused = self.student.fuse(torch.cat([img, img_all[neg_img], img]),
-                                torch.cat([txt, txt, txt_all[neg_txt]]),
-                                torch.cat([mask, mask, mask_all[neg_txt]]), self.mode)
-        logits = self.student.itm_head(fused.image_global, fused.text_global)
-        labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)])
-        return itm_loss(logits, labels.to(img.device))
+    def _itm(self, img, txt, img_emb, txt_emb, batch, generator) -> torch.Tensor:
+        """ITM over [positives ; hard negatives from the global batch] (objectives.itm.itm_pairs: only
+        the picked negative rows cross ranks)."""
+        images, texts, masks, labels = itm_pairs(img, txt, batch["attention_mask"], batch["image_index"],
+                                                 img_emb, txt_emb, self.temp, hard=True, generator=generator)
+        fused = self.student.fuse(images, texts, masks, self.mode)
+        return itm_loss(self.student.itm_head(fused.image_global, fused.text_global), labels)
 
 
 @torch.no_grad()
