@@ -1,6 +1,6 @@
 """Does the flexible encoder use time? Video retrieval after the same pre-training with T=4 vs T=1.
 
-    python bench/bench_video_retrieval.py [--out outputs/bench_video_retrieval] [--steps 800]
+    python bench/bench_video_retrieval.py [--out outputs/bench_video_retrieval] [--steps 600]
                                           [--num-train 2048] [--num-val 256]
 
 1. megavl-synth-videos --contrast-pairs: moving-shapes clips in twins, the second the first played
@@ -195,7 +195,7 @@ def rows(device, quick: bool) -> list:
     from harness import Row
 
     out = REPO / "outputs" / ("bench_video_retrieval_quick" if quick else "bench_video_retrieval")
-    r = measure(out, 2 if quick else 800, 64 if quick else 2048, 32 if quick else 256, with_mixed=not quick)
+    r = measure(out, 2 if quick else 600, 64 if quick else 2048, 32 if quick else 256, with_mixed=not quick)
     case = f"synthetic moving-shapes twins, {r['num_val']} val clips, {r['steps']} pre-training steps"
     note = (f"zero-shot; chance {r['chance_r1']:.2f}, motion-blind ceiling {r['motion_blind_r1']:.2f}; "
             f"one process, ZeRO-0, {r['seconds']} s; higher is better")
@@ -220,7 +220,7 @@ def rows(device, quick: bool) -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="outputs/bench_video_retrieval")
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--num-train", type=int, default=2048)
     parser.add_argument("--num-val", type=int, default=256)
     args = parser.parse_args(argv)
