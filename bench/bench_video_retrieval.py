@@ -21,7 +21,8 @@ The second figure, image retrieval after image+video pre-training vs image-only,
 image+video batches (issue 14 item 3, helper `mixed`); until a mixed run works the row says
 "skipped" with the error the mixed run gave.
 
-Writes <out>/bench_video_retrieval.json; `rows(device, quick)` gives bench/run_all.py its rows.
+Runs whose final checkpoint exists under <out> are reused (delete <out> after changing the recipe);
+new clip arguments discard them. Writes <out>/bench_video_retrieval.json; `rows(device, quick)` gives bench/run_all.py its rows.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def synth(out: Path, num_train: int, num_val: int) -> Path:
             str(IMAGE_SIZE), "--samples-per-shard", "512", "--contrast-pairs"]
     stamp = videos / "bench_args.json"  # reuse a set only if it was made with these arguments
     if not stamp.is_file() or json.loads(stamp.read_text()) != args:
-        shutil.rmtree(videos, ignore_errors=True)
+        for stale in ("videos", "t4", "t1", "mixed", "image_only"):  # runs trained on other clips too
+            shutil.rmtree(out / stale, ignore_errors=True)
         _checked([str(BIN / "megavl-synth-videos"), "--out", str(videos), *args])
         stamp.write_text(json.dumps(args))
     return videos
