@@ -1,6 +1,6 @@
 """Does the flexible encoder use time? Video retrieval after the same pre-training with T=4 vs T=1.
 
-    python bench/bench_video_retrieval.py [--out outputs/bench_video_retrieval] [--steps 800]
+    python bench/bench_video_retrieval.py [--out outputs/bench_video_retrieval] [--steps 600]
                                           [--num-train 2048] [--num-val 256]
 
 1. megavl-synth-videos --contrast-pairs: moving-shapes clips in twins, the second the first played
@@ -21,7 +21,8 @@ The second figure, image retrieval after image+video pre-training vs image-only,
 image+video batches (issue 14 item 3, helper `mixed`); until a mixed run works the row says
 "skipped" with the error the mixed run gave.
 
-Writes <out>/bench_video_retrieval.json; `rows(device, quick)` gives bench/run_all.py its rows.
+Runs whose final checkpoint exists under <out> are reused (delete <out> after changing the recipe);
+new clip arguments discard them. Writes <out>/bench_video_retrieval.json; `rows(device, quick)` gives bench/run_all.py its rows.
 """
 from __future__ import annotations
 
@@ -36,12 +37,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 IMAGE_SIZE = 32  # 4x4 patches of 8 px per frame: a 4-frame step costs what one 64 px image does
 COMMON = ["objectives.mim_pixel.weight=0", "objectives.mim_sem.weight=0", "objectives.scl.weight=0",
           f"model.vision.img_size={IMAGE_SIZE}", f"data.image_size={IMAGE_SIZE}",
-          "model.vision.num_frames=4", "run.eval_every=-1", "run.image_log_every=0", "data.num_workers=1"]
+          "model.vision.num_frames=4", "run.eval_every=-1", "run.image_log_every=0", "data.num_workers=1",
+          # no sample shuffle: a batch holds consecutive clips, i.e. whole twins, so every caption's
+          # hardest negative (its twin, the same frames backwards) is in its batch. With a shuffle
+          # buffer a twin rarely shares a batch and 800 steps of T=4 did not learn the direction
+          # (twin accuracy 51%, README)
+          "data.shuffle_buffer=0"]
 RERANK_K = 16
 
 
@@ -62,7 +70,8 @@ def synth(out: Path, num_train: int, num_val: int) -> Path:
             str(IMAGE_SIZE), "--samples-per-shard", "512", "--contrast-pairs"]
     stamp = videos / "bench_args.json"  # reuse a set only if it was made with these arguments
     if not stamp.is_file() or json.loads(stamp.read_text()) != args:
-        shutil.rmtree(videos, ignore_errors=True)
+        for stale in ("videos", "t4", "t1", "mixed", "image_only"):  # runs trained on other clips too
+            shutil.rmtree(out / stale, ignore_errors=True)
         _checked([str(BIN / "megavl-synth-videos"), "--out", str(videos), *args])
         stamp.write_text(json.dumps(args))
     return videos
@@ -103,13 +112,13 @@ def _pretrain(out: Path, train: str, val: list[str], steps: int, frames: int, *e
 def zero_shot_retrieval(export: Path, val: list[str], frames: int) -> dict:
     """The pre-training evaluation (engine/evaluate.py) on the val shards with clips of `frames`
     frames: {"itc": metrics of ITC alone, "itm": ITC top-16 re-ranked by ITM}, percentages."""
-    import torch
     import yaml
 
     from megavl import load_pretrained
     from megavl.config import config_from_dict
     from megavl.data.loader import build_eval_loader
-    from megavl.engine.evaluate import evaluate_retrieval
+    from megavl.engine.evaluate import PairBatches, evaluate_retrieval
+    from megavl.tasks.retrieval_eval import retrieval_scores
 
     model = load_pretrained(export)
     cfg = config_from_dict(yaml.safe_load((export / "config.yaml").read_text()))
@@ -119,7 +128,43 @@ def zero_shot_retrieval(export: Path, val: list[str], frames: int) -> dict:
         metrics = evaluate_retrieval(model, build_eval_loader(cfg.data, rank=0, world_size=1),
                                      torch.device("cpu"), itm_rerank_k=k, mode="two")
         out[name] = {key: metrics[key] for key in ("tr1", "tr5", "ir1", "ir5", "r_mean")}
+    pairs = PairBatches(build_eval_loader(cfg.data, rank=0, world_size=1))
+    sim, _ = retrieval_scores(model, pairs.images(), pairs.texts(), device=torch.device("cpu"),
+                              dtype=torch.float32, k=0, mode="two", rerank="none")
+    out["itc"]["twin"] = twin_accuracy(sim)
+    out["motion_seen"] = motion_seen(model, build_eval_loader(cfg.data, rank=0, world_size=1))
     return out
+
+
+@torch.no_grad()
+def motion_seen(model, loader) -> dict:
+    """Why a twin is or is not told apart: mean cosine of the ITC embeddings of twin captions
+    (1.0 = the text tower ignores the motion word) and of each clip with its frames reversed
+    (1.0 = the vision tower ignores frame order)."""
+    model.eval()
+    caption_cos, clip_cos = [], []
+    for batch in loader:
+        text = model.text_embedding(model.encode_text(batch["input_ids"], batch["attention_mask"]))
+        n = len(text) - len(text) % 2
+        caption_cos.append((text[0:n:2] * text[1:n:2]).sum(-1))
+        if batch["images"].ndim == 5 and batch["images"].shape[1] > 1:
+            clip = model.image_embedding(model.encode_image(batch["images"]))
+            backwards = model.image_embedding(model.encode_image(batch["images"].flip(1)))
+            clip_cos.append((clip * backwards).sum(-1))
+    return {"caption_twin_cos": torch.cat(caption_cos).mean().item(),
+            "clip_reversed_cos": torch.cat(clip_cos).mean().item() if clip_cos else None}
+
+
+def twin_accuracy(sim_i2t) -> float:
+    """% of (caption, clip) pairs scored above the twin: caption 2m+s belongs to clip 2m+s, and clip
+    2m+1 is clip 2m played backwards; both directions (caption vs twin clip, clip vs twin caption)
+    averaged. 50 = the motion is not seen (a single frame's best)."""
+    n = sim_i2t.shape[0] - sim_i2t.shape[0] % 2
+    index = torch.arange(n)
+    own, twin = sim_i2t.diagonal()[:n], index ^ 1
+    caption_picks_own_clip = own > sim_i2t[twin, index]
+    clip_picks_own_caption = own > sim_i2t[index, twin]
+    return 50.0 * (caption_picks_own_clip.float().mean() + clip_picks_own_caption.float().mean()).item()
 
 
 def motion_blind_ceiling(annotations: Path) -> float:
@@ -158,11 +203,14 @@ def mixed_vs_image_only(out: Path, videos: Path, steps: int) -> dict:
                   "2048", "--num-val", "256", "--seed", "0", "--image-size", str(IMAGE_SIZE),
                   "--samples-per-shard", "512"])
     images, val = _shards(shapes, "train"), _shards(shapes, "val")
-    mixed = pretrain_and_eval(out / "mixed", _listed(images + _shards(videos, "train")), val, steps, 4)
+    # shuffled (not COMMON's in-order reading): batches must really mix the sources, which the
+    # collator refuses until mixed image+video batches land
+    shuffled = "data.shuffle_buffer=1000"
+    mixed = pretrain_and_eval(out / "mixed", _listed(images + _shards(videos, "train")), val, steps, 4, shuffled)
     if isinstance(mixed, str):  # the image-only side is not worth its minutes without the other
         return {"skipped": f"mixed image+video pre-training failed (issue 14 item 3, helper `mixed`, "
                            f"not on this branch?): {mixed[:200]}"}
-    image_only = pretrain_and_eval(out / "image_only", _listed(images), val, steps, 4)
+    image_only = pretrain_and_eval(out / "image_only", _listed(images), val, steps, 4, shuffled)
     if isinstance(image_only, str):
         raise RuntimeError(f"image-only pre-training failed: {image_only}")
     return {"mixed": mixed, "image_only": image_only}
@@ -172,7 +220,7 @@ def rows(device, quick: bool) -> list:
     from harness import Row
 
     out = REPO / "outputs" / ("bench_video_retrieval_quick" if quick else "bench_video_retrieval")
-    r = measure(out, 2 if quick else 800, 64 if quick else 2048, 32 if quick else 256, with_mixed=not quick)
+    r = measure(out, 2 if quick else 600, 64 if quick else 2048, 32 if quick else 256, with_mixed=not quick)
     case = f"synthetic moving-shapes twins, {r['num_val']} val clips, {r['steps']} pre-training steps"
     note = (f"zero-shot; chance {r['chance_r1']:.2f}, motion-blind ceiling {r['motion_blind_r1']:.2f}; "
             f"one process, ZeRO-0, {r['seconds']} s; higher is better")
@@ -197,7 +245,7 @@ def rows(device, quick: bool) -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="outputs/bench_video_retrieval")
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--num-train", type=int, default=2048)
     parser.add_argument("--num-val", type=int, default=256)
     args = parser.parse_args(argv)
