@@ -34,6 +34,7 @@ from megavl.data.transforms import Transform, normalize_batch
 
 MAX_PIXELS_DEFAULT = 89_478_485  # PIL's own decompression-bomb limit
 # What open_video_file can return instead of a clip (the engine logs each as data/skipped/<reason>).
+# (the decode reasons of video.VIDEO_SKIP_REASONS; a file has no caption/json/tar members to fail)
 VIDEO_FILE_SKIP_REASONS = ("missing_video_file", "empty_video", "corrupt_video", "no_frames",
                            "too_few_frames", "too_many_frames", "too_many_pixels")
 
@@ -130,9 +131,13 @@ class TaskCollator:
             good = [it for it in items if not isinstance(it["images"], str)]
             # keep_batch_size: a bad item's place goes to a copy of the batch's good items in turn,
             # so every rank keeps B rows (retrieval gathers features over ranks: equal shapes);
-            # a copy is a positive of its original, so the retrieval losses stay well defined
-            items = ([good[i % len(good)] if isinstance(it["images"], str) else it
-                      for i, it in enumerate(items)] if self.keep_batch_size and good else good)
+            # a copy is a positive of its original, so the retrieval losses stay well defined.
+            # When every item failed there is nothing to copy: the rows stay, as black images/clips
+            # (counted in "skipped"), since a rank that dropped them would leave the others waiting.
+            if not self.keep_batch_size:
+                items = good
+            elif good:
+                items = [good[i % len(good)] if isinstance(it["images"], str) else it for i, it in enumerate(items)]
         n_images = next((len(it["images"]) for it in items if not isinstance(it["images"], str)), 1)
         blank = torch.zeros(*((self.clip_frames,) if self.clip_frames else ()), 3, self.image_size,
                             self.image_size, dtype=torch.uint8)

@@ -144,6 +144,9 @@ def test_bad_clip_leaves_a_training_batch_and_is_black_in_evaluation(videos):
             kept = keep([dataset[i] for i in range(3)])
             assert kept["images"].shape == (3, 4, 3, 16, 16) and kept["index"].tolist() == [0, 2, 2]
             assert kept["skipped"] == ["corrupt_video"]
+            # every item failed: B black rows, not torch.stack([]) on one rank while the others wait
+            failed = keep([dataset[1], dataset[1]])
+            assert failed["images"].shape == (2, 4, 3, 16, 16) and failed["skipped"] == ["corrupt_video"] * 2
         else:
             assert batch["images"].shape == (3, 4, 3, 16, 16) and batch["index"].tolist() == [0, 1, 2]
             black = (0 - 0.5) / 0.25
