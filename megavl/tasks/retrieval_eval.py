@@ -17,6 +17,7 @@ a rank that has run out runs a one-sample dummy pass, for the same reason.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterable, Iterator
 
@@ -86,11 +87,18 @@ def _embed_images(model: VLPModel, batches: Iterable[dict], device, dtype):
     index, tokens, embeds = [], [], []
     shape_probe = None
     it = iter(batches)
+    first = _next_nonempty(it)
+    # the dummy pass of a rank without images must give the tokens of a real batch: clips (B, T, 3, S, S)
+    # give 1 + T*N tokens, so the ranks agree on T first (0: this rank has no image at all)
+    local_frames = 0 if first is None else (first["images"].shape[1] if first["images"].ndim == 5 else 1)
+    frames = _max_over_ranks(local_frames, device)
+    dummy_shape = (1, frames, 3, size, size) if frames > 1 else (1, 3, size, size)
+    it = itertools.chain([first] if first is not None else [], it)
     while True:
         batch = _next_nonempty(it)
         if not _any_rank(batch is not None, device):
             break
-        images = (batch["images"] if batch is not None else torch.zeros(1, 3, size, size)).to(device, dtype)
+        images = (batch["images"] if batch is not None else torch.zeros(dummy_shape)).to(device, dtype)
         tok = model.encode_image(images)
         emb = model.image_embedding(tok).float()
         if batch is None:  # keeps this rank in step with the others; only its shape is used

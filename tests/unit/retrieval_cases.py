@@ -139,3 +139,14 @@ def dense_batches(pairs: list[dict]):
                       "index": torch.arange(pos, pos + n)})
         pos += n
     return images, texts
+
+
+def clip_batches() -> tuple[list[dict], list[dict]]:
+    """6 clips of 2 frames (one batch) and 6 captions, dense indices: for the rank that holds no clip."""
+    g = torch.Generator().manual_seed(2)
+    clips = torch.randn(6, 2, 3, 64, 64, generator=g)
+    ids = torch.randint(1000, 2000, (6, TEXT_LEN), generator=g)
+    ids[:, 0] = 101
+    images = [{"images": clips, "index": torch.arange(6)}]
+    texts = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "index": torch.arange(6)}]
+    return images, texts

@@ -16,7 +16,7 @@ from megavl.engine.evaluate import evaluate_retrieval  # noqa: E402
 from megavl.engine.launch import init_distributed  # noqa: E402
 from megavl.engine.trainer import build_engine  # noqa: E402
 from megavl.tasks.retrieval_eval import retrieval_scores  # noqa: E402
-from retrieval_cases import dense_batches  # noqa: E402
+from retrieval_cases import clip_batches, dense_batches, tiny_student  # noqa: E402
 
 
 def main(out_dir: str) -> None:
@@ -40,6 +40,12 @@ def main(out_dir: str) -> None:
                                                mode="two", pair_batch=7)
     result["metrics/single"] = evaluate_retrieval(student, share, info.device, torch.float32, itm_rerank_k=K,
                                                   mode="single", pair_batch=64)
+    # clips, all on rank 0: rank 1's dummy passes must give clip-shaped tokens for the gathers
+    clip_model = tiny_student(tiny_config("model.vision.num_frames=2")).student
+    images, texts = clip_batches()
+    result["scores/clips"] = retrieval_scores(
+        clip_model, images if info.rank == 0 else [], texts if info.rank == 0 else [], device=info.device,
+        dtype=torch.float32, k=3, mode="two", rerank="itm")
     torch.save(result, Path(out_dir) / f"rank{info.rank}.pt")
     torch.distributed.barrier()
 

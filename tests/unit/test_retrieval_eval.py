@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_cases import K, dense_batches, pair_batches, reference_evaluate, tiny_student
+from retrieval_cases import K, clip_batches, dense_batches, pair_batches, reference_evaluate, tiny_config, tiny_student
 
 from megavl.engine.evaluate import eval_fusion_mode, evaluate_retrieval
 from megavl.tasks.metrics import retrieval_metrics
@@ -181,6 +181,11 @@ def test_two_rank_zero3_scores_equal_one_process(student, tmp_path):
             for got, ref in zip(r[f"scores/{rerank}"], want):
                 torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         assert all(torch.equal(a, b) for a, b in zip(ranks[0][f"scores/{rerank}"], ranks[1][f"scores/{rerank}"]))
+    clip_model = tiny_student(tiny_config("model.vision.num_frames=2")).student
+    want = retrieval_scores(clip_model, *clip_batches(), device=cpu, dtype=torch.float32, k=3, mode="two")
+    for r in ranks:  # every clip on rank 0, none on rank 1
+        for got, ref in zip(r["scores/clips"], want):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     for mode in ("two", "single"):
         ref = reference_evaluate(student, pairs, cpu, itm_rerank_k=K, mode=mode)[0]
         for r in ranks:
