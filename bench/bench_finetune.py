@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     out = (REPO / args.out).resolve()
     start = time.time()
     export = pretrain(out, args.pretrain_steps)
+    print(f"pre-training + export: {time.time() - start:.0f} s", flush=True)
     synth = out / "shapes_downstream"
     if not (synth / "stats.json").is_file():
         _run([str(BIN / "megavl-synth-downstream"), "--out", str(synth), "--seed", "0",
@@ -90,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for name, init in (("pretrained", str(export)), ("random", "")):
                 run_dir = out / f"{task}_{name}_seed{seed}"
+                began = time.time()
                 scores[name].append(finetune(task, synth, run_dir, args.finetune_steps, seed, init))
-                print(f"{task} {name} seed {seed}: {METRIC[task]} {scores[name][-1]:.2f}", flush=True)
+                print(f"{task} {name} seed {seed}: {METRIC[task]} {scores[name][-1]:.2f} "
+                      f"({time.time() - began:.0f} s)", flush=True)
         for name, values in scores.items():
             rows.append({"task": task, "init": name, "metric": METRIC[task], "values": values,
                          "mean": statistics.mean(values), "min": min(values), "max": max(values)})
