@@ -86,6 +86,7 @@ def _kernel_rows(device: torch.device, quick: bool) -> list[Row]:
 def _sections(include_base: bool) -> list[tuple[str, Callable[[torch.device, bool], list[Row]]]]:
     import bench_checkpoint
     import bench_ema
+    import bench_finetune
     import bench_itm_exchange
     import bench_model
     import bench_retrieval
@@ -110,6 +111,7 @@ def _sections(include_base: bool) -> list[tuple[str, Callable[[torch.device, boo
         ("end to end", bench_step.end_to_end),
         ("retrieval eval", bench_retrieval.rows),
         ("video retrieval", bench_video_retrieval.rows),
+        ("finetune", bench_finetune.rows),  # ~25 min on 2 CPU cores; skipped in --quick
     ]
 
 

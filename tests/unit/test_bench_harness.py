@@ -14,7 +14,7 @@ import torch
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 EXPECTED_BENCHES = ["masked encoding", "framework overhead", "ZeRO-3 memory", "checkpoint", "FLOP accounting",
                     "data", "video decoding", "kernels", "attention", "end to end", "retrieval eval",
-                    "ITM negatives", "EMA teacher", "ZeRO-3 curriculum", "video retrieval"]
+                    "ITM negatives", "EMA teacher", "ZeRO-3 curriculum", "video retrieval", "finetune"]
 FIELDS = {"bench", "case", "metric", "megavl", "reference", "reference_name", "ratio", "goal", "met", "note"}
 
 
