@@ -72,10 +72,15 @@ class TaskDataset(Dataset):
     gives the image paths and the task's other fields."""
 
     def __init__(self, items: list, to_fields: Callable[[object], tuple[list[str], dict]],
-                 max_pixels: int = MAX_PIXELS_DEFAULT, draft_size: int = 0):
+                 max_pixels: int = MAX_PIXELS_DEFAULT, draft_size: int = 0, *, seed: int = 0):
         self.items, self.to_fields = items, to_fields
-        self.max_pixels, self.draft_size = max_pixels, draft_size
-        self.epoch = 0  # set by TaskLoader.set_epoch; only datasets that draw randomness use it
+        self.max_pixels, self.draft_size, self.seed = max_pixels, draft_size, seed
+        self.epoch = 0  # set by TaskLoader.set_epoch: the augmentation and frame draws are per epoch
+
+    def augment_seed(self, index: int) -> int:
+        """The seed of item `index`'s training augmentation in this epoch: a function of (seed,
+        epoch, index) alone, so an evaluation or a resume in between does not change the crops."""
+        return derive_seed(self.seed, "task-augment", self.epoch, index)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -84,7 +89,8 @@ class TaskDataset(Dataset):
         paths, fields = self.to_fields(self.items[index])
         images = [open_image_file(p, self.max_pixels, self.draft_size) for p in paths]
         bad = next((im for im in images if isinstance(im, str)), None)
-        return {"index": index, "images": bad if bad is not None else images, **fields}
+        return {"index": index, "images": bad if bad is not None else images,
+                "augment_seed": self.augment_seed(index), **fields}
 
 
 class VideoTaskDataset(TaskDataset):
@@ -94,8 +100,8 @@ class VideoTaskDataset(TaskDataset):
     def __init__(self, items: list, to_fields: Callable[[object], tuple[list[str], dict]],
                  num_frames: int, *, train: bool, seed: int, max_pixels: int = MAX_PIXELS_DEFAULT,
                  max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES):
-        super().__init__(items, to_fields, max_pixels)
-        self.num_frames, self.train, self.seed = num_frames, train, seed
+        super().__init__(items, to_fields, max_pixels, seed=seed)
+        self.num_frames, self.train = num_frames, train
         self.max_video_frames = max_video_frames
 
     def __getitem__(self, index: int) -> dict:
@@ -107,7 +113,8 @@ class VideoTaskDataset(TaskDataset):
             clips.append(open_video_file(path, self.num_frames, rng, self.max_pixels,
                                          self.max_video_frames))
         bad = next((c for c in clips if isinstance(c, str)), None)
-        return {"index": index, "images": bad if bad is not None else clips, **fields}
+        return {"index": index, "images": bad if bad is not None else clips,
+                "augment_seed": self.augment_seed(index), **fields}
 
 
 class TaskCollator:
@@ -125,6 +132,11 @@ class TaskCollator:
         self.train, self.image_size, self.clip_frames = train, image_size, clip_frames
         self.keep_batch_size = keep_batch_size
 
+    def _transformed(self, item: dict) -> list[torch.Tensor]:
+        if "augment_seed" in item:  # seeded per item (see TaskDataset.augment_seed), not by the stream of calls
+            torch.default_generator.manual_seed(item["augment_seed"])
+        return [self.transform(im) for im in item["images"]]
+
     def __call__(self, items: list[dict]) -> dict:
         skipped = [it["images"] for it in items if isinstance(it["images"], str)]
         if self.train:
@@ -141,9 +153,10 @@ class TaskCollator:
         n_images = next((len(it["images"]) for it in items if not isinstance(it["images"], str)), 1)
         blank = torch.zeros(*((self.clip_frames,) if self.clip_frames else ()), 3, self.image_size,
                             self.image_size, dtype=torch.uint8)
-        pixels = torch.stack([
-            torch.stack([blank] * n_images) if isinstance(it["images"], str)
-            else torch.stack([self.transform(im) for im in it["images"]]) for it in items])
+        with torch.random.fork_rng(devices=[]):  # the transforms draw from the global CPU generator
+            pixels = torch.stack([
+                torch.stack([blank] * n_images) if isinstance(it["images"], str)
+                else torch.stack(self._transformed(it)) for it in items])
         images = normalize_batch(pixels.flatten(0, 1), self.mean, self.std)
         images = images.view(len(items), n_images, *images.shape[1:]) if items else images
         batch = {"images": images.squeeze(1) if n_images == 1 else images,
@@ -157,7 +170,7 @@ class TaskCollator:
             batch["input_ids"] = tokens["input_ids"].long()
             batch["attention_mask"] = tokens["attention_mask"].long()
         for key in items[0] if items else ():
-            if key not in ("index", "images", "text", "valid"):
+            if key not in ("index", "images", "text", "valid", "augment_seed"):
                 values = [it[key] for it in items]
                 batch[key] = torch.stack(values) if torch.is_tensor(values[0]) else (
                     torch.tensor(values) if isinstance(values[0], (int, float)) else values)

@@ -164,7 +164,7 @@ def loader(items, to_fields, collator, cfg, *, train: bool, video: bool = False)
     d = cfg.data
     dataset = (VideoTaskDataset(items, to_fields, d.num_frames, train=train, seed=cfg.run.seed,
                                 max_pixels=d.max_image_pixels, max_video_frames=d.max_video_frames)
-               if video else TaskDataset(items, to_fields, d.max_image_pixels, d.image_size))
+               if video else TaskDataset(items, to_fields, d.max_image_pixels, d.image_size, seed=cfg.run.seed))
     return TaskLoader(dataset, collator, batch_size=d.batch_size, rank=rank, world=world,
                       train=train, seed=cfg.run.seed, num_workers=d.num_workers)
 
