@@ -54,7 +54,9 @@ RERANK_K = 16
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+    from harness import child_env
+
+    env = child_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
 
 

@@ -110,6 +110,13 @@ def test_vqa_parts_evaluate_the_held_out_minival(synth):
 
 
 @pytest.mark.slow
+def _child_env() -> dict:
+    # without the rendezvous variables an earlier in-process world of one left in os.environ
+    # (the child would try to listen on the parent's MASTER_PORT: EADDRINUSE)
+    skip = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    return {**{k: v for k, v in os.environ.items() if k not in skip}, "OMP_NUM_THREADS": "1"}
+
+
 def test_finetuning_run_evaluates_the_minival_and_keeps_the_best(synth, tmp_path):
     """One ZeRO-0 process through megavl/train.py: with no task.val the FineTuner evaluates the
     held-out minival at the end and writes best/ by its overall accuracy."""
@@ -117,7 +124,7 @@ def test_finetuning_run_evaluates_the_minival_and_keeps_the_best(synth, tmp_path
     proc = subprocess.run([sys.executable, "megavl/train.py", "--ds_config", "ds_configs/zero0.json",
                            "--config", "configs/finetune_vqa_tiny.yaml", "--set", *_minival_sets(synth),
                            f"run.output_dir={out}", "run.max_steps=2", "run.eval_every=0", "run.log_every=1"],
-                          cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          cwd=REPO, env=_child_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "VQA minival held out of the training pool" in proc.stderr
