@@ -195,12 +195,11 @@ def test_mim_reconstruction_pixels_by_hand(norm_pix):
             assert drawn[0, n, k].item() == pytest.approx(pixels[0, ch, r * p + y, c * p + x].item(), abs=1e-5)
 
 
-def test_log_mask_images_draws_four_panels(tiny_module):
+def _drawn_mask_picture(module, cfg, images: torch.Tensor) -> torch.Tensor:
+    """The one (C, H, W) picture log_mask_images draws for a batch of these images or clips."""
     from megavl.engine.visuals import log_mask_images
 
-    cfg, module = tiny_module
-    images = torch.randn(2, 3, 64, 64)
-    ids = torch.randint(1000, 2000, (2, 10))
+    ids = torch.randint(1000, 2000, (images.shape[0], 10))
     batch = {"images": images, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
     drawn = {}
 
@@ -210,6 +209,13 @@ def test_log_mask_images_draws_four_panels(tiny_module):
 
     log_mask_images(module, batch, "two", Monitor(), 3, cfg)
     (image,) = drawn.values()
+    return image
+
+
+def test_log_mask_images_draws_four_panels(tiny_module):
+    cfg, module = tiny_module
+    images = torch.randn(2, 3, 64, 64)
+    image = _drawn_mask_picture(module, cfg, images)
     assert image.shape == (3, 64, 4 * 64)
     pixels = (images[0] * torch.tensor(cfg.data.std).view(3, 1, 1) + torch.tensor(cfg.data.mean).view(3, 1, 1))
     assert torch.allclose(image[:, :, :64], pixels.clamp(0, 1))
@@ -218,22 +224,11 @@ def test_log_mask_images_draws_four_panels(tiny_module):
 def test_log_mask_images_on_a_clip_shows_its_first_frame():
     """A video step at run.image_log_every: the tube mask over T frames, frame 0 drawn (it crashed
     with 'keep_ids keeps 19 patches of only 16' when the relevance of all frames was ranked as one)."""
-    from megavl.engine.visuals import log_mask_images
-
     cfg = load_config("configs/tiny.yaml", ["model.vision.num_frames=4"])
     torch.manual_seed(0)
     module = PretrainModule(cfg.model, cfg.objectives, {"single": ["itc"], "two": ["itc"]})
     clips = torch.randn(2, 3, 3, 64, 64)
-    ids = torch.randint(1000, 2000, (2, 10))
-    batch = {"images": clips, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    drawn = {}
-
-    class Monitor:
-        def image(self, step, tag, image_CHW):
-            drawn[tag] = image_CHW
-
-    log_mask_images(module, batch, "two", Monitor(), 3, cfg)
-    (image,) = drawn.values()
+    image = _drawn_mask_picture(module, cfg, clips)
     assert image.shape == (3, 64, 4 * 64)
     frame0 = clips[0, 0] * torch.tensor(cfg.data.std).view(3, 1, 1) + torch.tensor(cfg.data.mean).view(3, 1, 1)
     assert torch.allclose(image[:, :, :64], frame0.clamp(0, 1))
