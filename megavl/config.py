@@ -260,7 +260,8 @@ class TaskConfig:
     """What a run optimises (megavl/tasks/); `pretrain` keeps the pre-training loop."""
 
     name: str = "pretrain"        # pretrain | retrieval | vqa | nlvr2
-    init_from: str = ""           # megavl-export dir or checkpoint dir ("" = random init)
+    init_from: str = ""           # megavl-export dir or checkpoint dir ("" = random init); with pretrain:
+                                  # continued pre-training (e.g. an image-text model -> video-text)
     image_root: str = ""          # image paths of the annotation files are relative to it
     video_root: str = ""          # retrieval: set = video-text files ({"video", "caption"}, MSRVTT
                                   # style), video paths relative to it; clips of data.num_frames frames
@@ -436,6 +437,8 @@ def _text_from_hf(data: dict) -> dict:
 def _validate_task(cfg: Config) -> None:
     t = cfg.task
     _check(t.name in TASK_NAMES, "task.name", "|".join(TASK_NAMES), t.name)
+    _check(not t.init_from or Path(t.init_from).is_dir(), "task.init_from",
+           "an existing megavl-export or checkpoint directory", t.init_from)
     if t.name == "pretrain":
         return
     _check(bool(t.train), "task.train", "at least one annotation file", t.train)

@@ -22,6 +22,7 @@ from megavl.data import SKIP_REASONS, build_eval_loader, build_train_loader
 from megavl.data.modality import MODALITIES, MODALITY_IDS, check_clip_model
 from megavl.objectives.pretrain import PretrainModule
 from megavl.objectives.teacher import teacher_momentum
+from megavl.tasks.base import load_backbone
 
 from . import checkpoint, reshard
 from .curriculum import MODE_IDS, mode_at, objectives_by_mode
@@ -31,6 +32,7 @@ from .evaluate import eval_fusion_mode, evaluate_retrieval
 from .flops import mfu, peak_flops, step_flops
 from .launch import DistInfo, init_distributed
 from .stop import StopFlag
+from .task_init import read_init
 from .metrics import Monitor, StepTimer, peak_memory_gb
 from .optim import build_optimizer, build_scheduler, param_groups
 from .visuals import log_mask_images
@@ -96,6 +98,8 @@ def build_engine(cfg: Config, ds_config_path: str, world_size: int, device: torc
 
     Returns (engine, lr_scheduler, zero_stage)."""
     module = PretrainModule(cfg.model, cfg.objectives, objectives_by_mode(cfg.curriculum))
+    if cfg.task.init_from:
+        init_pretraining(module, cfg.task.init_from)
     ds_config = build_ds_config(ds_config_path, cfg, world_size, device)
     optimizer = build_optimizer(param_groups(module, cfg.optim), cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.run.max_steps)
@@ -106,6 +110,16 @@ def build_engine(cfg: Config, ds_config_path: str, world_size: int, device: torc
         # DeepSpeed flattens, "all-reduces" over one rank and unflattens every gradient each step.
         engine.enable_backward_allreduce = False
     return engine, scheduler, zero_stage(ds_config)
+
+
+def init_pretraining(module: PretrainModule, path: str) -> None:
+    """Continued pre-training (e.g. image-text weights -> video-text): student and teacher start
+    from a megavl export or checkpoint (tasks/base.load_backbone: same architecture, resolution and
+    frames may differ). A resumed run's checkpoint then replaces them as usual."""
+    state, source_cfg = read_init(path)
+    load_backbone(module.student, state, source_cfg, f"task.init_from={path}")
+    module.teacher.load_state_dict(module.student.state_dict())
+    log.info("pre-training starts from %s", path)
 
 
 def zero_fill_unused_grads(module: PretrainModule, zero_stage: int) -> None:

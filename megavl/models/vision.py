@@ -57,6 +57,12 @@ def resample_pos_embed(pos_embed_1LE: torch.Tensor, new_grid: tuple[int, int], o
     return torch.cat([prefix_1PE, grid_1NE], dim=1)
 
 
+def resample_temporal_embed(table_TE: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(T, E) -> (num_frames, E), linear between the segment centres (align_corners=False)."""
+    table_1ET = table_TE.t()[None]
+    return F.interpolate(table_1ET, size=num_frames, mode="linear", align_corners=False)[0].t()
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches by a strided conv: (B, C, H, W) -> (B, N, E), row-major patch order."""
 
@@ -249,8 +255,7 @@ class VisionTransformer(nn.Module):
             return None
         if num_frames == self.num_frames:
             return self.temporal_embed
-        table_1ET = self.temporal_embed.t()[None]
-        return F.interpolate(table_1ET, size=num_frames, mode="linear", align_corners=False)[0].t()
+        return resample_temporal_embed(self.temporal_embed, num_frames)
 
     def embed(self, images: torch.Tensor, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings before the blocks: (B, T*S, E), per frame t

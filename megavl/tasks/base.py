@@ -4,8 +4,12 @@ of an image-text pair, and the gathering of per-rank evaluation outputs.
 Initial weights: `load_backbone(model, state, source_cfg)` copies a pre-trained VLPModel state
 (an export's model.safetensors, or a checkpoint's "student."/"model." weights, read by the engine)
 into the task's VLPModel. The architecture must agree field by field (a clear error names every
-field that differs); only the image resolution may change, and the position embeddings are then
-resampled to the fine-tuning grid (bicubic, as timm/ALBEF's interpolate_pos_embed).
+field that differs); only the image resolution and the number of frames may change. Position
+embeddings are then resampled to the fine-tuning grid (bicubic, as timm/ALBEF's
+interpolate_pos_embed). The temporal table follows model.vision.num_frames (fit_temporal_table):
+an image-only model's weights start a video model with the table at zero (each frame then encodes
+as the image did), a table of other length is resampled, and a video model's table folds into the
+position embedding of an image-only target (its images encode exactly as before).
 """
 from __future__ import annotations
 
@@ -20,14 +24,14 @@ import torch.distributed as dist
 from megavl.config import ModelConfig
 from megavl.data.task_data import TaskCollator, TaskDataset, TaskLoader, VideoTaskDataset
 from megavl.data.transforms import eval_transform, train_transform
-from megavl.models.vision import resample_pos_embed
+from megavl.models.vision import resample_pos_embed, resample_temporal_embed
 from megavl.models.vlp import VLPModel
 
 log = logging.getLogger(__name__)
 
 # Fields allowed to differ between the pre-trained and the fine-tuning architecture.
-_FREE_FIELDS = {"vision.img_size", "vision.drop_path", "attention", "grad_checkpointing",
-                "text.hf_path"}
+_FREE_FIELDS = {"vision.img_size", "vision.num_frames", "vision.drop_path", "attention",
+                "grad_checkpointing", "text.hf_path"}
 _PREFIXES = ("student.", "model.")
 
 
@@ -77,10 +81,38 @@ def load_backbone(model: VLPModel, state: dict[str, torch.Tensor], source_cfg: M
                 resampled = resample_pos_embed(table, new_grid, old_grid, prefix)
                 state[key] = resampled if state[key].dim() == 3 else resampled[0]
         log.info("resampled the position embeddings from grid %s to %s", old_grid, new_grid)
+    fit_temporal_table(state, source_cfg.vision.num_frames, model.vision.num_frames)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{source_name}: weights do not fit the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
+
+
+def fit_temporal_table(state: dict[str, torch.Tensor], source_frames: int, target_frames: int) -> None:
+    """Make state's "vision.temporal_embed" fit a ViT built with `target_frames` (in place).
+
+    1 -> T: a zero table (SCL's image-to-video start: T copies of the image encoder, mixed only by
+    the [CLS] attention). T -> T': resampled as VisionTransformer.temporal_embedding does. T -> 1:
+    the target encodes images as 1-frame clips without a table, so the source's 1-frame entry is
+    added to every row of the position embedding ([CLS] row too), which is where it acted."""
+    key = "vision.temporal_embed"
+    table_TE = state.pop(key, None)
+    if target_frames > 1:
+        width = state["vision.cls_token"].shape[-1]
+        if table_TE is None:
+            state[key] = torch.zeros(target_frames, width, dtype=state["vision.cls_token"].dtype)
+        elif source_frames == target_frames:
+            state[key] = table_TE
+        else:
+            state[key] = resample_temporal_embed(table_TE.float(), target_frames).to(table_TE.dtype)
+        if table_TE is None or source_frames != target_frames:
+            log.info("temporal embedding: %s -> %d frames", "none (image model)" if table_TE is None
+                     else f"{source_frames} frames, resampled", target_frames)
+    elif table_TE is not None:
+        one_frame_E = resample_temporal_embed(table_TE.float(), 1)[0]
+        state["vision.pos_embed"] = (state["vision.pos_embed"].float() + one_frame_E).to(state["vision.pos_embed"].dtype)
+        log.info("temporal embedding of %d frames folded into the position embedding (image-only target)",
+                 source_frames)
 
 
 def _pair(size) -> tuple[int, int]:
