@@ -3,23 +3,16 @@ the real Trainer with grad_accum 2: parameters are bf16 while the objective buff
 teacher keeps fp32 master copies of its bf16 shards (saved and restored), the ITC temperature stays
 clamped, and a run resumed from the step-2 checkpoint repeats the uninterrupted run's steps 3-4."""
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from launch_helpers import REPO, run_ranks
+
 WORKER = Path(__file__).with_name("bf16_train_worker.py")
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_bf16_zero3_two_ranks_trains_checkpoints_and_resumes(tmp_path):
@@ -27,22 +20,7 @@ def test_bf16_zero3_two_ranks_trains_checkpoints_and_resumes(tmp_path):
     subprocess.run([sys.executable, "-m", "megavl.tools.synth_shapes", "--out", str(shards), "--num-train", "64",
                     "--num-val", "8", "--seed", "0", "--image-size", "64", "--samples-per-shard", "32"],
                    check=True, capture_output=True, cwd=REPO)
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(shards), str(tmp_path)], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=900)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank}:\n{log[-5000:]}"
+    run_ranks(2, [WORKER, shards, tmp_path], timeout=900)
     for rank in range(2):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert r["param_dtype"] == "torch.bfloat16"

@@ -6,47 +6,19 @@ absolute differences against single-process references and write them to JSON; t
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from launch_helpers import run_ranks
+
 WORKER = Path(__file__).with_name("gather_teacher_worker.py")
-REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_ranks(mode: str, out_dir: Path, timeout: float = 480.0, world: int = WORLD) -> list[dict[str, float]]:
     """Run every rank; ~30-60 s on an idle 2-core box (DeepSpeed import dominates), slower under load."""
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), mode, str(out_dir)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{mode} workers did not finish in {timeout:.0f} s (machine overloaded or a rank hung)")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-4000:]}"
+    run_ranks(world, [WORKER, mode, out_dir], timeout, what=mode)
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
 
 

@@ -15,7 +15,6 @@ teacher EMA step and losses differed.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -24,29 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_gather_and_teacher import REPO, _free_port
+from launch_helpers import REPO, run_ranks
 
 WORKER = Path(__file__).with_name("reshard_zero3_worker.py")
 pytestmark = pytest.mark.slow
 
 
 def _launch(phase: str, world: int, shards: Path, run: Path, out: Path, ds_config: str) -> dict:
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), phase, str(shards), str(run), str(out), ds_config], cwd=REPO,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"{phase} rank {rank}:\n{log[-5000:]}"
+    run_ranks(world, [WORKER, phase, shards, run, out, ds_config], timeout=600, what=phase)
     return torch.load(out / f"{phase}{world}.pt", weights_only=False)
 
 

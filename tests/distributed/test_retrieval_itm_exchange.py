@@ -4,42 +4,20 @@ the all-gather version it replaced (the reference in retrieval_itm_worker.py), o
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from launch_helpers import run_ranks
+
 WORKER = Path(__file__).with_name("retrieval_itm_worker.py")
-REPO = Path(__file__).resolve().parents[2]
 B = 4  # the worker's local batch
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_retrieval_itm_row_exchange_equals_all_gather(tmp_path):
-    world, port, procs = 2, _free_port(), []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(tmp_path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-4000:]}"
+    world = 2
+    run_ranks(world, [WORKER, tmp_path], timeout=300)
     for rank in range(world):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert abs(res["loss"] - res["ref_loss"]) < 1e-12, (rank, res["loss"], res["ref_loss"])

@@ -12,15 +12,13 @@ teacher's relevance, so reduction-order noise cannot flip a near-tie.
 One 2-rank launch runs the three sharded stages one after the other (one DeepSpeed start-up), next to
 the 1-process reference."""
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from launch_helpers import start_ranks, wait_ranks
+
 WORKER = Path(__file__).with_name("sharded_step_worker.py")
 pytestmark = pytest.mark.slow
 SHARDED = (1, 2, 3)
@@ -28,42 +26,13 @@ sys.path.insert(0, str(WORKER.parent))
 from sharded_step_worker import ACCUM, STEPS, TEMP_MAX, TEMP_MIN, global_batch  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(world: int, stages, out_dir: Path) -> list[subprocess.Popen]:
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out_dir), *map(str, stages)], cwd=REPO,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return procs
-
-
-def _wait(procs: list[subprocess.Popen], timeout: float = 900.0) -> None:
-    try:
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-5000:]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sharded")
-    reference = _launch(1, [0], out)  # the reference and the sharded run share the 2 cores
-    sharded = _launch(2, SHARDED, out)
-    _wait(reference)
-    _wait(sharded)
+    reference = start_ranks(1, [WORKER, out, 0])  # the reference and the sharded run share the 2 cores
+    sharded = start_ranks(2, [WORKER, out, *SHARDED])
+    wait_ranks(reference, timeout=900, what="reference")
+    wait_ranks(sharded, timeout=900, what="sharded")
     results = {0: [json.loads((out / "stage0_rank0.json").read_text())]}
     for stage in SHARDED:
         results[stage] = [json.loads((out / f"stage{stage}_rank{r}.json").read_text()) for r in range(2)]

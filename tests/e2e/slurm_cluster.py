@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from launch_helpers import free_port
+
 NODES = ("n1", "n2")
 CRED_EXPIRE_S = 10
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "scancel")
@@ -33,12 +35,6 @@ DAEMONS = ("slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "scan
 def missing_binaries() -> list[str]:
     """The Slurm programs this helper needs that are not on PATH (tests skip when non-empty)."""
     return [name for name in DAEMONS if shutil.which(name) is None]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _total_mem_mib() -> int:
@@ -66,7 +62,7 @@ class LocalSlurm:
         for sub in ["state", *[f"spool/{n}" for n in NODES]]:
             (d / sub).mkdir(parents=True, exist_ok=True)
         mem = max(1024, _total_mem_mib() - 1024)
-        ctld_port = _free_port()
+        ctld_port = free_port()
         lines = [
             "ClusterName=megavlci",
             f"SlurmctldHost={self.host}(127.0.0.1)",
@@ -90,7 +86,7 @@ class LocalSlurm:
             "SlurmdTimeout=60", "SlurmctldTimeout=60",
         ]
         for node in NODES:
-            lines.append(f"NodeName={node} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={_free_port()} "
+            lines.append(f"NodeName={node} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={free_port()} "
                          f"CPUs={self.cpus} Sockets=1 CoresPerSocket={self.cpus} ThreadsPerCore=1 "
                          f"RealMemory={mem} State=UNKNOWN")
         lines.append(f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP")

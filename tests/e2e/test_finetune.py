@@ -9,16 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from launch_helpers import BIN, REPO, deepspeed_cmd, run_child, train_env
+
 pytestmark = pytest.mark.slow
 
 
@@ -31,37 +29,19 @@ def synth(tmp_path_factory) -> Path:
     return out
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    return env
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
 def _train_cmd(task: str, ds: str, synth: Path, out: Path, *extra: str) -> list[str]:
     split = {"vqa": ("vqa_val", "vqa_test"), "nlvr2": ("nlvr2_dev", "nlvr2_test"),
              "retrieval": ("retrieval_val", "retrieval_test")}[task]
-    return [str(BIN / "deepspeed"), "--master_port", str(_port()), "--num_gpus", "2",
-            "megavl/train.py", "--ds_config", f"ds_configs/{ds}.json",
-            "--config", f"configs/finetune_{task}_tiny.yaml", "--set", f"run.output_dir={out}",
-            f"task.image_root={synth}", f"task.train=[{synth}/{task}_train.json]",
-            f"task.val={synth}/{split[0]}.json", f"task.test={synth}/{split[1]}.json",
-            "data.batch_size=8", "run.log_every=1", "run.max_steps=4", "run.checkpoint_every=2",
-            "run.eval_every=2", *extra]
+    return deepspeed_cmd(2, f"ds_configs/{ds}.json", f"configs/finetune_{task}_tiny.yaml",
+                         "--set", f"run.output_dir={out}", f"task.image_root={synth}",
+                         f"task.train=[{synth}/{task}_train.json]",
+                         f"task.val={synth}/{split[0]}.json", f"task.test={synth}/{split[1]}.json",
+                         "data.batch_size=8", "run.log_every=1", "run.max_steps=4", "run.checkpoint_every=2",
+                         "run.eval_every=2", *extra)
 
 
 def _train(task: str, ds: str, synth: Path, out: Path, *extra: str) -> None:
-    _run(_train_cmd(task, ds, synth, out, *extra))
+    run_child(_train_cmd(task, ds, synth, out, *extra))
 
 
 def _losses(out: Path, tag: str = "loss/total") -> dict[int, float]:
@@ -82,10 +62,10 @@ def test_nlvr2_zero3_and_megavl_evaluate(synth, nlvr2_run, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["count"] == len(json.loads((synth / "nlvr2_test.json").read_text()))
     out = tmp_path / "eval"
-    _run([str(BIN / "megavl-evaluate"), "--config", "configs/finetune_nlvr2_tiny.yaml",
-          "--weights", str(run / "best"), "--split", "val", "--out", str(out), "--set",
-          f"task.image_root={synth}", f"task.train=[{synth}/nlvr2_train.json]",
-          f"task.val={synth}/nlvr2_dev.json"])
+    run_child([str(BIN / "megavl-evaluate"), "--config", "configs/finetune_nlvr2_tiny.yaml",
+               "--weights", str(run / "best"), "--split", "val", "--out", str(out), "--set",
+               f"task.image_root={synth}", f"task.train=[{synth}/nlvr2_train.json]",
+               f"task.val={synth}/nlvr2_dev.json"])
     evaluated = json.loads((out / "metrics.json").read_text())
     # the best weights re-evaluated alone give the accuracy the run recorded for them
     assert evaluated["accuracy"] == pytest.approx(metrics["best"]["accuracy"])
@@ -125,10 +105,10 @@ def test_retrieval_two_ranks_queue_best_weights_and_megavl_evaluate(synth, tmp_p
     with safe_open(str(run / "best" / "task_head.safetensors"), framework="pt") as f:
         assert sorted(f.keys()) == ["temp"]  # the teacher and the queue stay in the checkpoints
     out = tmp_path / "eval"
-    _run([str(BIN / "megavl-evaluate"), "--config", "configs/finetune_retrieval_tiny.yaml",
-          "--weights", str(run / "best"), "--split", "val", "--out", str(out), "--set",
-          f"task.image_root={synth}", f"task.train=[{synth}/retrieval_train.json]",
-          f"task.val={synth}/retrieval_val.json", "task.itc_queue_size=32", "task.itc_distill_alpha=0.4"])
+    run_child([str(BIN / "megavl-evaluate"), "--config", "configs/finetune_retrieval_tiny.yaml",
+               "--weights", str(run / "best"), "--split", "val", "--out", str(out), "--set",
+               f"task.image_root={synth}", f"task.train=[{synth}/retrieval_train.json]",
+               f"task.val={synth}/retrieval_val.json", "task.itc_queue_size=32", "task.itc_distill_alpha=0.4"])
     evaluated = json.loads((out / "metrics.json").read_text())
     assert evaluated["r_mean"] == pytest.approx(metrics["best"]["r_mean"])
 
@@ -166,7 +146,7 @@ def test_retrieval_queue_zero3_sigterm_saves_and_resume_auto_equals_uninterrupte
     cmd = _train_cmd("retrieval", "zero3", synth, run, *common)
     log = tmp_path / "stopped.log"
     with open(log, "w") as out:
-        first = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+        first = subprocess.Popen(cmd, cwd=REPO, env=train_env(), stdout=out, stderr=subprocess.STDOUT,
                                  start_new_session=True)
     try:
         marker = run / "checkpoints" / "step_00000002" / "COMPLETE.json"
@@ -190,7 +170,7 @@ def test_retrieval_queue_zero3_sigterm_saves_and_resume_auto_equals_uninterrupte
 
     # --resume auto (train.py's default); eval_every=0: the final val evaluation only (after the
     # last step, so the losses are unchanged), which exports best/ from ZeRO-3 without the teacher
-    _run(cmd + ["run.eval_every=0", "task.test="])
+    run_child(cmd + ["run.eval_every=0", "task.test="])
     metrics = json.loads((run / "metrics.json").read_text())
     assert "r_mean" in metrics["val"] and metrics["best"]["step"] == steps
     assert (run / "best" / "model.safetensors").is_file()

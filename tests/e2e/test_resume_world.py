@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from test_train import REPO, BIN, _env, _free_port, _scalars
+from launch_helpers import REPO, deepspeed_cmd, run_child, train_env
+from test_train import _scalars
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -37,20 +38,18 @@ MICRO = {1: 8, 2: 4, 4: 2}  # batch_size per rank: 8 samples per micro-step at e
 
 
 def _cmd(world: int, stage: int, shards: Path, out: Path, *extra: str) -> list[str]:
-    return [str(BIN / "deepspeed"), "--master_port", str(_free_port()), "--num_gpus", str(world), "megavl/train.py",
-            "--ds_config", f"ds_configs/zero{stage}.json", "--config", "configs/tiny.yaml",
-            "--set", f"run.output_dir={out}", f"data.train_shards={shards}/train-{{000000..000003}}.tar",
-            f"data.val_shards={shards}/val-000000.tar", f"data.batch_size={MICRO[world]}", "run.grad_accum=1",
-            "run.global_batch_size=8", "data.num_workers=0", "run.log_every=1", f"run.max_steps={STEPS}",
-            "run.checkpoint_every=2", "run.eval_every=-1", "run.keep_checkpoints=5", *extra]
+    return deepspeed_cmd(
+        world, f"ds_configs/zero{stage}.json", "configs/tiny.yaml",
+        "--set", f"run.output_dir={out}", f"data.train_shards={shards}/train-{{000000..000003}}.tar",
+        f"data.val_shards={shards}/val-000000.tar", f"data.batch_size={MICRO[world]}", "run.grad_accum=1",
+        "run.global_batch_size=8", "data.num_workers=0", "run.log_every=1", f"run.max_steps={STEPS}",
+        "run.checkpoint_every=2", "run.eval_every=-1", "run.keep_checkpoints=5", *extra)
 
 
 def _run(world, stage, shards, out, *extra, flags=(), expect=0) -> subprocess.CompletedProcess:
     cmd = _cmd(world, stage, shards, out, *extra)
     cmd[cmd.index("--set"):cmd.index("--set")] = list(flags)
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == expect, (proc.returncode, proc.stdout[-5000:])
-    return proc
+    return run_child(cmd, timeout=900, expect=expect)
 
 
 def _continue_from(ref: Path, tag: str, out: Path) -> Path:
@@ -118,7 +117,7 @@ def test_sigkill_during_save_then_resume_and_mistaken_fresh_runs(reference, shar
     # SIGKILL while a save is being written: the half-written tag is ignored, then replaced.
     out = tmp_path / "killed"
     cmd = _cmd(2, stage, shards, out, "run.checkpoint_every=1")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 600

@@ -3,12 +3,8 @@ reader, export + load_pretrained, and a 2-rank ZeRO-3 run killed with SIGKILL an
 reproduce the uninterrupted run's per-step losses and final weights."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from launch_helpers import BIN, deepspeed_cmd, run_child, sigkill_after_checkpoint
+
 import megavl
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
@@ -38,21 +34,8 @@ def _sets(shards: Path, out: Path, *extra: str) -> list[str]:
             "run.log_every=1", *extra]
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_ranks(ds_config: str, sets: list[str]) -> list[str]:
-    return [str(BIN / "deepspeed"), "--master_port", str(_free_port()), "--num_gpus", "2",
-            "megavl/train.py", "--ds_config", ds_config, "--config", "configs/tiny.yaml", *sets]
+    return deepspeed_cmd(2, ds_config, "configs/tiny.yaml", *sets)
 
 
 def _scalars(out: Path) -> dict[str, dict[int, float]]:
@@ -66,8 +49,7 @@ def test_one_process_run_logs_every_tag_and_exports(shards, tmp_path):
     cmd = [sys.executable, "megavl/train.py", "--ds_config", "ds_configs/zero0.json", "--config", "configs/tiny.yaml",
            *_sets(shards, out, "run.max_steps=4", "run.checkpoint_every=2", "run.eval_every=2",
                   "run.image_log_every=2")]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_child(cmd)
     assert "retrieval i2t R@1" in proc.stdout + proc.stderr
 
     scalars, images = _scalars(out)
@@ -85,8 +67,7 @@ def test_one_process_run_logs_every_tag_and_exports(shards, tmp_path):
     assert images, "no mask/reconstruction images"
 
     export = tmp_path / "export"
-    subprocess.run([str(BIN / "megavl-export"), str(out / "checkpoints"), str(export)], check=True, cwd=REPO,
-                   env=_env(), capture_output=True)
+    run_child([str(BIN / "megavl-export"), str(out / "checkpoints"), str(export)])
     model = megavl.load_pretrained(export)
     saved = torch.load(out / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt",
                        map_location="cpu", weights_only=False)["module"]
@@ -94,21 +75,8 @@ def test_one_process_run_logs_every_tag_and_exports(shards, tmp_path):
         torch.testing.assert_close(tensor, saved[f"student.{name}"], rtol=0, atol=0, msg=name)
 
 
-def _wait_for_checkpoint(proc: subprocess.Popen, ckpt_dir: Path, tag: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        latest = ckpt_dir / "latest"
-        if latest.is_file() and latest.read_text().strip() >= tag:
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"run ended (rc {proc.returncode}) before checkpoint {tag}")
-        time.sleep(0.2)
-    pytest.fail(f"no checkpoint {tag} within {timeout} s")
-
-
 def _export_weights(out: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    subprocess.run([str(BIN / "megavl-export"), str(out / "checkpoints"), str(tmp)], check=True, cwd=REPO,
-                   env=_env(), capture_output=True)
+    run_child([str(BIN / "megavl-export"), str(out / "checkpoints"), str(tmp)])
     return load_file(str(tmp / "model.safetensors"))
 
 
@@ -117,22 +85,12 @@ def test_zero3_two_ranks_killed_and_resumed_equals_uninterrupted(shards, tmp_pat
     common = ("run.max_steps=10", "run.checkpoint_every=2", "run.eval_every=-1", "run.keep_checkpoints=2")
 
     full = tmp_path / "full"
-    proc = subprocess.run(_two_ranks("ds_configs/zero3.json", _sets(shards, full, *common)), cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    run_child(_two_ranks("ds_configs/zero3.json", _sets(shards, full, *common)), timeout=900)
 
     resumed = tmp_path / "resumed"
     cmd = _two_ranks("ds_configs/zero3.json", _sets(shards, resumed, *common))
-    first = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    try:
-        _wait_for_checkpoint(first, resumed / "checkpoints", "step_00000004", timeout=600)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the launcher and both ranks, with no chance to save
-        first.wait()
-    assert not (resumed / "checkpoints" / f"step_{steps:08d}").exists(), "the run finished before the kill"
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    sigkill_after_checkpoint(cmd, resumed / "checkpoints", "step_00000004", f"step_{steps:08d}", timeout=600)
+    run_child(cmd, timeout=900)  # --resume auto
 
     full_losses, _ = _scalars(full)
     resumed_losses, _ = _scalars(resumed)
@@ -151,8 +109,7 @@ def test_every_ds_config_trains_and_checkpoints(shards, tmp_path, ds_config):
     cmd = [sys.executable, "megavl/train.py", "--ds_config", f"ds_configs/{ds_config}.json", "--config",
            "configs/tiny.yaml", *_sets(shards, out, "run.max_steps=2", "run.checkpoint_every=2", "run.eval_every=-1",
                                        "data.num_workers=0")]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_child(cmd)
     scalars, _ = _scalars(out)
     assert sorted(scalars["loss/total"]) == [1, 2] and all(v > 0 for v in scalars["train/grad_norm"].values())
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"

@@ -11,15 +11,14 @@ start together (their launchers and imports overlap on a 2-core machine)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from test_train import REPO, _env, _scalars, _two_ranks, _wait_for_checkpoint
+from launch_helpers import REPO, run_child, sigkill_after_checkpoint, train_env
+from test_train import _scalars, _two_ranks
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -66,22 +65,14 @@ def _sample_keys(out: Path) -> dict[tuple[int, int, int], tuple[str, list[str]]]
 def test_mixed_zero3_run_killed_and_resumed_equals_uninterrupted(shards, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     log = (tmp_path / "full.log").open("w")  # a file, not a pipe: nobody reads it while we wait
-    uninterrupted = subprocess.Popen(_cmd(shards, full), cwd=REPO, env=_env(), stdout=log,
+    uninterrupted = subprocess.Popen(_cmd(shards, full), cwd=REPO, env=train_env(), stdout=log,
                                      stderr=subprocess.STDOUT)
-    first = subprocess.Popen(_cmd(shards, resumed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        _wait_for_checkpoint(first, resumed / "checkpoints", "step_00000002", timeout=600)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the launcher and both ranks, with no chance to save
-        first.wait()
-    assert not (resumed / "checkpoints" / f"step_{STEPS:08d}").exists(), "the run finished before the kill"
+    sigkill_after_checkpoint(_cmd(shards, resumed), resumed / "checkpoints", "step_00000002",
+                             f"step_{STEPS:08d}", timeout=600)
     uninterrupted.wait(timeout=900)
     log.close()
     assert uninterrupted.returncode == 0, (tmp_path / "full.log").read_text()[-4000:]
-    proc = subprocess.run(_cmd(shards, resumed), cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    proc = run_child(_cmd(shards, resumed), timeout=900)  # --resume auto
     assert "resumed from" in proc.stdout + proc.stderr
 
     want, got = _sample_keys(full), _sample_keys(resumed)

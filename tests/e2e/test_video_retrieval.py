@@ -7,45 +7,24 @@ val figures the run recorded."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from launch_helpers import BIN, deepspeed_cmd, run_child
+
 pytestmark = pytest.mark.slow
 KEYS = {"tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "txt_r_mean", "img_r_mean", "r_mean"}
 VIDEO = ["model.vision.img_size=32", "data.image_size=32", "model.vision.num_frames=4",
          "data.num_frames=4", "task.retrieval_k=4"]
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    return env
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("msrvtt_synth")
-    _run([str(BIN / "megavl-synth-videos"), "--out", str(out), "--num-train", "16", "--num-val", "6",
-          "--num-test", "7", "--seed", "0", "--image-size", "32", "--num-frames", "8"])
+    run_child([str(BIN / "megavl-synth-videos"), "--out", str(out), "--num-train", "16", "--num-val", "6",
+               "--num-test", "7", "--seed", "0", "--image-size", "32", "--num-frames", "8"])
     (out / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 truncated")
     for split in ("train", "test"):
         with open(out / f"msrvtt_{split}.jsonl", "a") as f:
@@ -60,10 +39,9 @@ def _split_args(clips: Path) -> list[str]:
 
 def test_video_retrieval_two_ranks_then_megavl_evaluate(clips, tmp_path):
     run = tmp_path / "run"
-    _run([str(BIN / "deepspeed"), "--master_port", str(_port()), "--num_gpus", "2", "megavl/train.py",
-          "--ds_config", "ds_configs/zero2.json", "--config", "configs/finetune_retrieval_tiny.yaml",
-          "--set", f"run.output_dir={run}", *_split_args(clips), *VIDEO, "data.batch_size=4",
-          "run.log_every=1", "run.max_steps=4", "run.checkpoint_every=4", "run.eval_every=2"])
+    run_child(deepspeed_cmd(2, "ds_configs/zero2.json", "configs/finetune_retrieval_tiny.yaml",
+                            "--set", f"run.output_dir={run}", *_split_args(clips), *VIDEO, "data.batch_size=4",
+                            "run.log_every=1", "run.max_steps=4", "run.checkpoint_every=4", "run.eval_every=2"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert KEYS <= set(metrics["test"]) and KEYS <= set(metrics["val"])
     assert all(0 <= metrics["test"][k] <= 100 for k in KEYS)
@@ -74,7 +52,7 @@ def test_video_retrieval_two_ranks_then_megavl_evaluate(clips, tmp_path):
     assert acc.Scalars("data/skipped/corrupt_video")[-1].value >= 1
 
     out = tmp_path / "eval"
-    _run([str(BIN / "megavl-evaluate"), "--config", "configs/finetune_retrieval_tiny.yaml", "--weights",
-          str(run / "best"), "--split", "val", "--out", str(out), "--set", *_split_args(clips), *VIDEO])
+    run_child([str(BIN / "megavl-evaluate"), "--config", "configs/finetune_retrieval_tiny.yaml", "--weights",
+               str(run / "best"), "--split", "val", "--out", str(out), "--set", *_split_args(clips), *VIDEO])
     evaluated = json.loads((out / "metrics.json").read_text())
     assert evaluated["r_mean"] == pytest.approx(metrics["best"]["r_mean"])

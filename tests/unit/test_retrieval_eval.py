@@ -3,23 +3,19 @@ the batched scorer against round-1's per-query loop (copied into retrieval_cases
 2-rank ZeRO-3 sharded path against the single-process one."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from launch_helpers import run_ranks
 from retrieval_cases import K, clip_batches, dense_batches, pair_batches, reference_evaluate, tiny_config, tiny_student
 
 from megavl.engine.evaluate import eval_fusion_mode, evaluate_retrieval
 from megavl.tasks.metrics import retrieval_metrics
 from megavl.tasks.retrieval_eval import NOT_RERANKED, retrieval_scores
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("retrieval_eval_worker.py")
 
 
@@ -147,29 +143,9 @@ def test_eval_fusion_mode_follows_the_curriculum():
 
 
 # ---------------------------------------------------------------- 2 ranks, ZeRO-3, uneven shares
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_rank_zero3_scores_equal_one_process(student, tmp_path):
-    port, procs = _free_port(), []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(tmp_path)], env=env, cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=480)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-4000:]}"
+    run_ranks(2, [WORKER, tmp_path], timeout=480)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     pairs = pair_batches()
     images, texts = dense_batches(pairs)

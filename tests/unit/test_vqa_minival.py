@@ -4,7 +4,6 @@ Read from annotation files on disk (load_vqa), VG entries included."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -13,11 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from launch_helpers import BIN, run_child
+
 from megavl.data.annotations import load_vqa
 from megavl.tasks.vqa import holdout_minival
-
-BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -110,23 +108,15 @@ def test_vqa_parts_evaluate_the_held_out_minival(synth):
 
 
 @pytest.mark.slow
-def _child_env() -> dict:
-    # without the rendezvous variables an earlier in-process world of one left in os.environ
-    # (the child would try to listen on the parent's MASTER_PORT: EADDRINUSE)
-    skip = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-    return {**{k: v for k, v in os.environ.items() if k not in skip}, "OMP_NUM_THREADS": "1"}
-
-
 def test_finetuning_run_evaluates_the_minival_and_keeps_the_best(synth, tmp_path):
     """One ZeRO-0 process through megavl/train.py: with no task.val the FineTuner evaluates the
     held-out minival at the end and writes best/ by its overall accuracy."""
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "megavl/train.py", "--ds_config", "ds_configs/zero0.json",
-                           "--config", "configs/finetune_vqa_tiny.yaml", "--set", *_minival_sets(synth),
-                           f"run.output_dir={out}", "run.max_steps=2", "run.eval_every=0", "run.log_every=1"],
-                          cwd=REPO, env=_child_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # run_child's environment drops the rendezvous variables the in-process world of one above
+    # left in os.environ (the child tried to listen on the parent's MASTER_PORT: EADDRINUSE)
+    proc = run_child([sys.executable, "megavl/train.py", "--ds_config", "ds_configs/zero0.json",
+                      "--config", "configs/finetune_vqa_tiny.yaml", "--set", *_minival_sets(synth),
+                      f"run.output_dir={out}", "run.max_steps=2", "run.eval_every=0", "run.log_every=1"])
     assert "VQA minival held out of the training pool" in proc.stderr
     pool, _ = load_vqa([f"{synth}/vqa_train.json"], {"vqa": str(synth)}, need_answers=True)
     metrics = json.loads((out / "metrics.json").read_text())
