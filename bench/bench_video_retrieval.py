@@ -72,7 +72,7 @@ def synth(out: Path, num_train: int, num_val: int) -> Path:
             str(IMAGE_SIZE), "--samples-per-shard", "512", "--contrast-pairs"]
     stamp = videos / "bench_args.json"  # reuse a set only if it was made with these arguments
     if not stamp.is_file() or json.loads(stamp.read_text()) != args:
-        for stale in ("videos", "t4", "t1", "mixed", "image_only"):  # runs trained on other clips too
+        for stale in ("videos", "t4", "t1", "mixed", "mixed_equal_image_steps", "image_only"):  # runs trained on other clips too
             shutil.rmtree(out / stale, ignore_errors=True)
         _checked([str(BIN / "megavl-synth-videos"), "--out", str(videos), *args])
         stamp.write_text(json.dumps(args))
@@ -91,6 +91,7 @@ def pretrain_and_eval(out: Path, train: str, val: list[str], steps: int, frames:
     """Pre-train (ZeRO-0, one process), export, and return zero_shot_retrieval(export), or the
     failing run's last error line. A run whose final checkpoint exists is not trained again."""
     if not (out / "checkpoints" / f"step_{steps:08d}").is_dir():
+        shutil.rmtree(out / "export", ignore_errors=True)  # an older run's export
         error = _pretrain(out, train, val, steps, frames, *extra)
         if error:
             return error
@@ -206,11 +207,10 @@ def mixed_vs_image_only(out: Path, videos: Path, steps: int) -> dict:
                   "2048", "--num-val", "256", "--seed", "0", "--image-size", str(IMAGE_SIZE),
                   "--samples-per-shard", "512"])
     images, val = _shards(shapes, "train"), _shards(shapes, "val")
-    # shuffled (not COMMON's in-order reading): batches must really mix the sources, which the
-    # collator refuses until mixed image+video batches land
+    # shuffled (not COMMON's in-order reading): batches really mix the sources
     shuffled = "data.shuffle_buffer=1000"
-    mixed = pretrain_and_eval(out / "mixed", _listed(images + _shards(videos, "train")), val, 2 * steps, 4, shuffled,
-                              "data.video_share=0.5")
+    mixed = pretrain_and_eval(out / "mixed_equal_image_steps", _listed(images + _shards(videos, "train")), val,
+                              2 * steps, 4, shuffled, "data.video_share=0.5")
     if isinstance(mixed, str):  # the image-only side is not worth its minutes without the other
         return {"skipped": f"mixed image+video pre-training failed: {mixed[:200]}"}
     image_only = pretrain_and_eval(out / "image_only", _listed(images), val, steps, 4, shuffled)

@@ -36,7 +36,22 @@ def _data_config(videos: Path):
 
 
 def _motion_ids(tokenizer) -> torch.Tensor:
-    return torch.tensor([tokenizer.convert_tokens_to_ids(w) for w in MOTION_WORDS])
+    """The first word piece of each motion word ("shrinks" is "shrink ##s" in bert-base-uncased)."""
+    pieces = [tokenizer.tokenize(w)[0] for w in MOTION_WORDS]
+    if len(set(pieces)) != len(pieces):
+        raise ValueError(f"motion words share a first word piece: {pieces}")
+    return torch.tensor(tokenizer.convert_tokens_to_ids(pieces))
+
+
+def _word_positions(input_ids: torch.Tensor, ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """(B, L) bool: the motion word's pieces, its "##" continuations too (they would give it away)."""
+    where = torch.isin(input_ids, ids)
+    continuation = torch.tensor([t.startswith("##") for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))])
+    for _ in range(2):
+        follows = torch.zeros_like(where)
+        follows[:, 1:] = where[:, :-1] & continuation[input_ids[:, 1:]]
+        where = where | follows
+    return where
 
 
 def motion_labels(input_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -61,13 +76,14 @@ def mlm_probe(export: Path, videos: Path) -> dict:
     for mode in ("two", "single"):
         hits, count = {"in_order": 0, "reversed": 0}, 0
         for batch in build_eval_loader(cfg.data, rank=0, world_size=1):
-            where = torch.isin(batch["input_ids"], ids)
-            target = batch["input_ids"][where]
-            masked = batch["input_ids"].masked_fill(where, tokenizer.mask_token_id)
+            first = torch.isin(batch["input_ids"], ids)
+            target = batch["input_ids"][first]
+            masked = batch["input_ids"].masked_fill(_word_positions(batch["input_ids"], ids, tokenizer),
+                                                    tokenizer.mask_token_id)
             text = model.encode_text(masked, batch["attention_mask"])
             for key, clips in (("in_order", batch["images"]), ("reversed", batch["images"].flip(1))):
                 fused = model.fuse(model.encode_image(clips), text, batch["attention_mask"], mode)
-                picked = model.mlm_head(fused.text_states[where])[:, ids].argmax(-1)
+                picked = model.mlm_head(fused.text_states[first])[:, ids].argmax(-1)
                 hits[key] += (ids[picked] == target).sum().item()
             count += len(target)
         result[mode] = {k: 100 * v / max(count, 1) for k, v in hits.items()} | {"words": count}

@@ -114,8 +114,6 @@ def _validate_init_paths(m: ModelConfig) -> None:
 def _validate_task(cfg: Config) -> None:
     t = cfg.task
     _check(t.name in TASK_NAMES, "task.name", "|".join(TASK_NAMES), t.name)
-    _check(not t.init_from or Path(t.init_from).is_dir(), "task.init_from",
-           "an existing megavl-export or checkpoint directory", t.init_from)
     if t.name == "pretrain":
         return
     _check(bool(t.train), "task.train", "at least one annotation file", t.train)

@@ -17,6 +17,8 @@ from .export import _resolve, consolidated_state_dict
 
 def read_init(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     root = Path(path)
+    if not root.is_dir():  # checked here, not at config load: saved configs keep the path after it moves
+        raise FileNotFoundError(f"task.init_from={path}: not a directory (a megavl-export or checkpoint directory)")
     if (root / "model.safetensors").is_file():
         config = root / "config.yaml"
         state = load_file(str(root / "model.safetensors"))

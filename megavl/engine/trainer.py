@@ -93,12 +93,13 @@ def _share_cpu_threads(device: torch.device) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
-def build_engine(cfg: Config, ds_config_path: str, world_size: int, device: torch.device):
-    """The DeepSpeed engine around a fresh PretrainModule (call after init_distributed and seeding).
+def build_engine(cfg: Config, ds_config_path: str, world_size: int, device: torch.device, init: bool = True):
+    """The DeepSpeed engine around a fresh PretrainModule (call after init_distributed and seeding);
+    init: load task.init_from's weights first (a new run, not a resumed one).
 
     Returns (engine, lr_scheduler, zero_stage)."""
     module = PretrainModule(cfg.model, cfg.objectives, objectives_by_mode(cfg.curriculum))
-    if cfg.task.init_from:
+    if init and cfg.task.init_from:
         init_pretraining(module, cfg.task.init_from)
     ds_config = build_ds_config(ds_config_path, cfg, world_size, device)
     optimizer = build_optimizer(param_groups(module, cfg.optim), cfg.optim, device)
@@ -170,8 +171,10 @@ class Trainer:
         self.precision = resolve_precision(cfg, self.device)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
 
+        choice = self._choose_checkpoint(resume, fresh)
+        # task.init_from starts a new run only: a resumed one takes its weights from the checkpoint
         self.engine, self.scheduler, self.zero_stage = build_engine(cfg, ds_config_path, self.dist.world_size,
-                                                                    self.device)
+                                                                    self.device, init=choice is None)
         self.module: PretrainModule = self.engine.module
 
         masking = cfg.objectives.masking
@@ -183,7 +186,7 @@ class Trainer:
         check_clip_model(self.loader.modalities, cfg.data.num_frames, cfg.model.vision.num_frames)
         self.step = 0
         self._grad_norm_fallback: float | None = None
-        self._resume(resume, fresh)
+        self._resume(choice, fresh)
         self.stop = stop or StopFlag()
         self.monitor = Monitor(self.output_dir, self.dist.is_main, cfg.run.max_steps, self.step)
         if self.dist.is_main:
@@ -191,20 +194,23 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # ------------------------------------------------------------------------------ resume
-    def _resume(self, resume: str, fresh: bool) -> None:
-        """Continue from a checkpoint (any world size, any ZeRO stage), or start a new run.
-
-        Rank 0 lists the directory and picks the tag; every rank gets its choice (or its error)."""
-        self.run_id = checkpoint.broadcast_from_rank0(checkpoint.new_run_id() if self.dist.is_main else None)
-        # The recipe's (lr, weight decay) per group, read from the fresh optimizer before any load
-        # (param_groups() cannot be re-run after ZeRO-3 has partitioned the parameters).
-        self._recipe_groups = [(g["initial_lr"], g["weight_decay"]) for g in self.scheduler.optimizer.param_groups]
+    def _choose_checkpoint(self, resume: str, fresh: bool) -> dict | None:
+        """The checkpoint to resume from, or None for a new run. Rank 0 lists the directory and picks
+        the tag; every rank gets its choice (or its error)."""
         if fresh and resume not in ("auto", "none"):
             raise checkpoint.CheckpointError(f"--fresh starts a new run; it cannot be combined with --resume {resume}")
         choice = checkpoint.choose_checkpoint(self.ckpt_dir, resume) if self.dist.is_main and not fresh else None
         choice = checkpoint.broadcast_from_rank0(choice)
         if isinstance(choice, str):  # rank 0's error, raised on every rank alike
             raise checkpoint.CheckpointError(choice)
+        return choice
+
+    def _resume(self, choice: dict | None, fresh: bool) -> None:
+        """Continue from the chosen checkpoint (any world size, any ZeRO stage), or start a new run."""
+        self.run_id = checkpoint.broadcast_from_rank0(checkpoint.new_run_id() if self.dist.is_main else None)
+        # The recipe's (lr, weight decay) per group, read from the fresh optimizer before any load
+        # (param_groups() cannot be re-run after ZeRO-3 has partitioned the parameters).
+        self._recipe_groups = [(g["initial_lr"], g["weight_decay"]) for g in self.scheduler.optimizer.param_groups]
         if choice is None:
             if fresh:
                 log.info("--fresh: new run %s at step 0; checkpoints already in %s are kept", self.run_id,

@@ -47,7 +47,7 @@ def _flat(obj, prefix: str = "") -> dict:
 
 
 def architecture_mismatch(source: ModelConfig, target: ModelConfig) -> list[str]:
-    """'field: source -> target' for every architecture field that differs (resolution excepted)."""
+    """'field: source -> target' for every architecture field that differs (resolution and frames excepted)."""
     a, b = _flat(source), _flat(target)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if k not in _FREE_FIELDS and a.get(k) != b.get(k)]
@@ -106,11 +106,12 @@ def fit_temporal_table(state: dict[str, torch.Tensor], source_frames: int, targe
         else:
             state[key] = resample_temporal_embed(table_TE.float(), target_frames).to(table_TE.dtype)
         if table_TE is None or source_frames != target_frames:
-            log.info("temporal embedding: %s -> %d frames", "none (image model)" if table_TE is None
+            log.info("temporal embedding: %s -> %d frames", "none in the source" if table_TE is None
                      else f"{source_frames} frames, resampled", target_frames)
     elif table_TE is not None:
         one_frame_E = resample_temporal_embed(table_TE.float(), 1)[0]
-        state["vision.pos_embed"] = (state["vision.pos_embed"].float() + one_frame_E).to(state["vision.pos_embed"].dtype)
+        pos = state["vision.pos_embed"]
+        state["vision.pos_embed"] = (pos.float() + one_frame_E).to(pos.dtype)
         log.info("temporal embedding of %d frames folded into the position embedding (image-only target)",
                  source_frames)
 

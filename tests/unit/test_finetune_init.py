@@ -114,8 +114,13 @@ def test_pretraining_starts_student_and_teacher_from_task_init_from(tmp_path):
     assert torch.count_nonzero(module.teacher.vision.temporal_embed) == 0
 
 
-def test_task_init_from_must_exist(tmp_path):
-    from megavl.config import ConfigError
+def test_a_missing_task_init_from_is_a_clear_error_when_read_but_not_when_a_saved_config_loads(tmp_path):
+    """A run's saved config.yaml keeps its task.init_from after that directory moves: loading the
+    config (export, resume, megavl-evaluate) must not depend on it; reading the weights names it."""
+    from megavl.engine.task_init import read_init
 
-    with pytest.raises(ConfigError, match="task.init_from"):
-        load_config(REPO / "configs/tiny.yaml", [f"task.init_from={tmp_path / 'missing'}"])
+    missing = str(tmp_path / "moved_away")
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"task.init_from={missing}"])
+    assert cfg.task.init_from == missing
+    with pytest.raises(FileNotFoundError, match="task.init_from=.*moved_away: not a directory"):
+        read_init(missing)
