@@ -72,7 +72,8 @@ def synth(out: Path, num_train: int, num_val: int) -> Path:
             str(IMAGE_SIZE), "--samples-per-shard", "512", "--contrast-pairs"]
     stamp = videos / "bench_args.json"  # reuse a set only if it was made with these arguments
     if not stamp.is_file() or json.loads(stamp.read_text()) != args:
-        for stale in ("videos", "t4", "t1", "mixed", "mixed_equal_image_steps", "image_only"):  # runs trained on other clips too
+        # runs trained on other clips too ("mixed": stop 17's equal-total-steps run)
+        for stale in ("videos", "t4", "t1", "mixed", "mixed_equal_image_steps", "image_only"):
             shutil.rmtree(out / stale, ignore_errors=True)
         _checked([str(BIN / "megavl-synth-videos"), "--out", str(videos), *args])
         stamp.write_text(json.dumps(args))

@@ -43,19 +43,24 @@ def _motion_ids(tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer.convert_tokens_to_ids(pieces))
 
 
-def _word_positions(input_ids: torch.Tensor, ids: torch.Tensor, tokenizer) -> torch.Tensor:
+def _continuation_pieces(tokenizer) -> torch.Tensor:
+    """(V,) bool: the vocabulary's "##" pieces, which continue the word before them."""
+    return torch.tensor([t.startswith("##") for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))])
+
+
+def _word_positions(input_ids: torch.Tensor, ids: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
     """(B, L) bool: the motion word's pieces, its "##" continuations too (they would give it away)."""
     where = torch.isin(input_ids, ids)
-    continuation = torch.tensor([t.startswith("##") for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))])
-    for _ in range(2):
+    while True:
         follows = torch.zeros_like(where)
         follows[:, 1:] = where[:, :-1] & continuation[input_ids[:, 1:]]
+        if not (follows & ~where).any():
+            return where
         where = where | follows
-    return where
 
 
 def motion_labels(input_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the caption's motion word in MOTION_WORDS, -100 where it is not one token."""
+    """(B,) index of the caption's motion word in MOTION_WORDS (by its first piece), -100 without one."""
     labels = torch.full((len(input_ids),), -100)
     rows, cols = torch.isin(input_ids, ids).nonzero(as_tuple=True)
     labels[rows] = (input_ids[rows, cols, None] == ids).float().argmax(-1)
@@ -71,14 +76,14 @@ def mlm_probe(export: Path, videos: Path) -> dict:
     model = load_pretrained(export).eval()
     cfg = _data_config(videos)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    ids = _motion_ids(tokenizer)
+    ids, continuation = _motion_ids(tokenizer), _continuation_pieces(tokenizer)
     result = {}
     for mode in ("two", "single"):
         hits, count = {"in_order": 0, "reversed": 0}, 0
         for batch in build_eval_loader(cfg.data, rank=0, world_size=1):
             first = torch.isin(batch["input_ids"], ids)
             target = batch["input_ids"][first]
-            masked = batch["input_ids"].masked_fill(_word_positions(batch["input_ids"], ids, tokenizer),
+            masked = batch["input_ids"].masked_fill(_word_positions(batch["input_ids"], ids, continuation),
                                                     tokenizer.mask_token_id)
             text = model.encode_text(masked, batch["attention_mask"])
             for key, clips in (("in_order", batch["images"]), ("reversed", batch["images"].flip(1))):
