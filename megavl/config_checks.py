@@ -75,6 +75,8 @@ def validate(cfg: Config) -> Config:
     _check(cfg.optim.schedule in ("cosine", "linear"), "optim.schedule", "cosine|linear", cfg.optim.schedule)
     _check(len(cfg.optim.betas) == 2, "optim.betas", "two values", cfg.optim.betas)
     _check(0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "a value in [0, 1]", cfg.optim.min_lr_ratio)
+    for mult in ("fusion_lr_mult", "temporal_lr_mult"):
+        _check(getattr(cfg.optim, mult) > 0, f"optim.{mult}", "> 0", getattr(cfg.optim, mult))
     _check(r.precision in ("auto", "bf16", "fp32"), "run.precision", "auto|bf16|fp32", r.precision)
     _check(r.max_steps > 0, "run.max_steps", "> 0", r.max_steps)
     _check(r.grad_accum > 0, "run.grad_accum", "> 0", r.grad_accum)

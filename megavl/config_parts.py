@@ -205,6 +205,7 @@ class OptimConfig:
     schedule: str = "cosine"      # cosine | linear
     min_lr_ratio: float = 0.0     # the schedule decays to lr x this (ALBEF: 1e-5 / 1e-4 = 0.1)
     fusion_lr_mult: float = 1.0   # SCL: x5 for fusion and heads
+    temporal_lr_mult: float = 10.0  # the vision temporal embedding (zero at start; engine/optim.py)
     grad_clip: float = 1.0
 
 

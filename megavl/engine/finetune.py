@@ -35,7 +35,7 @@ from . import checkpoint
 from .ds_config import build_ds_config, resolve_precision, zero_stage
 from .launch import init_distributed
 from .metrics import Monitor
-from .optim import build_optimizer, build_scheduler
+from .optim import TEMPORAL_EMBED, build_optimizer, build_scheduler, group_lr
 from .stop import StopFlag
 from .task_init import read_init
 
@@ -47,16 +47,17 @@ HEADS = ("head.", "temp", "student.fusion.", "student.itm_head.", "student.visio
 
 
 def task_param_groups(module: torch.nn.Module, cfg) -> list[dict]:
-    """AdamW groups: no decay for biases/norms/embeddings, fusion_lr_mult for fusion + heads."""
+    """AdamW groups: no decay for biases/norms/embeddings, fusion_lr_mult for fusion + heads,
+    temporal_lr_mult for the temporal embedding (engine/optim.py says why)."""
     no_decay = {f"student.{n}" for n in module.student.no_weight_decay()} | {"temp"}
-    groups: dict[tuple[bool, bool], dict] = {}
+    groups: dict[tuple[bool, bool, bool], dict] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        key = (name in no_decay or p.ndim <= 1, name.startswith(HEADS))
+        key = (name in no_decay or p.ndim <= 1, name.startswith(HEADS), name == f"student.{TEMPORAL_EMBED}")
         group = groups.setdefault(key, {"params": [], "names": [],
                                         "weight_decay": 0.0 if key[0] else cfg.weight_decay,
-                                        "lr": cfg.lr * (cfg.fusion_lr_mult if key[1] else 1.0)})
+                                        "lr": group_lr(cfg, *key[1:])})
         group["params"].append(p)
         group["names"].append(name)
     return [groups[k] for k in sorted(groups)]

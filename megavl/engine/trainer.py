@@ -242,7 +242,8 @@ class Trainer:
     def _schedule_settings(self) -> dict:
         o = self.cfg.optim
         return {"lr": o.lr, "warmup_steps": o.warmup_steps, "schedule": o.schedule, "min_lr_ratio": o.min_lr_ratio,
-                "fusion_lr_mult": o.fusion_lr_mult, "weight_decay": o.weight_decay,
+                "fusion_lr_mult": o.fusion_lr_mult, "temporal_lr_mult": o.temporal_lr_mult,
+                "weight_decay": o.weight_decay,
                 "max_steps": self.cfg.run.max_steps}
 
     def _apply_schedule(self, saved: dict) -> None:

@@ -11,9 +11,11 @@ from megavl.config import ConfigError, CurriculumConfig, load_config
 from megavl.engine import checkpoint
 from megavl.engine.curriculum import mode_at
 from megavl.engine.ds_config import build_ds_config
+from megavl.engine.finetune import task_param_groups
 from megavl.engine.launch import fill_env_from_launcher
 from megavl.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from megavl.objectives.pretrain import PretrainModule
+from megavl.tasks import retrieval
 
 CPU = torch.device("cpu")
 
@@ -62,6 +64,27 @@ def test_param_groups_decay_and_lr_multiplier(tiny_module):
     assert by_name["student.vision.blocks.0.attn.qkv.weight"]["lr"] == pytest.approx(cfg.optim.lr)
     assert by_name["student.fusion.layers.0.mlp.fc1.weight"]["lr"] == pytest.approx(5 * cfg.optim.lr)
     assert by_name["student.itm_head.proj.0.weight"]["lr"] == pytest.approx(5 * cfg.optim.lr)
+
+
+def test_temporal_embedding_has_its_own_rate():
+    """A clip model's temporal embedding (zero at start) trains at lr x temporal_lr_mult without decay;
+    at the tower's rate it stays too small to tell frame order (engine/optim.py)."""
+    cfg = load_config("configs/tiny.yaml", ["model.vision.num_frames=4", "optim.temporal_lr_mult=7.0",
+                                            "optim.fusion_lr_mult=5.0"])
+    torch.manual_seed(0)
+    module = PretrainModule(cfg.model, cfg.objectives, {"single": ["itc"], "two": ["itc"]})
+    groups = param_groups(module, cfg.optim)
+    temporal = [g for g in groups if "student.vision.temporal_embed" in g["names"]]
+    assert len(temporal) == 1 and temporal[0]["names"] == ["student.vision.temporal_embed"]
+    assert temporal[0]["lr"] == pytest.approx(7 * cfg.optim.lr) and temporal[0]["weight_decay"] == 0.0
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["student.vision.pos_embed"]["lr"] == pytest.approx(cfg.optim.lr)
+    fine_tuned = {n: g for g in task_param_groups(retrieval.RetrievalModule(cfg.model), cfg.optim) for n in g["names"]}
+    assert fine_tuned["student.vision.temporal_embed"]["lr"] == pytest.approx(7 * cfg.optim.lr)
+    assert fine_tuned["student.vision.pos_embed"]["lr"] == pytest.approx(cfg.optim.lr)
+    assert len({id(g) for n, g in fine_tuned.items() if n.endswith("temporal_embed")}) == 1
+    with pytest.raises(ConfigError, match="optim.temporal_lr_mult"):
+        load_config("configs/tiny.yaml", ["optim.temporal_lr_mult=0"])
 
 
 # ------------------------------------------------------------------------------- ds config
