@@ -35,7 +35,7 @@ from . import checkpoint
 from .ds_config import build_ds_config, resolve_precision, zero_stage
 from .launch import init_distributed
 from .metrics import Monitor
-from .optim import TEMPORAL_EMBED, build_optimizer, build_scheduler, group_lr
+from .optim import TEMPORAL_EMBED, build_optimizer, build_scheduler, group_lr, predates_temporal_group
 from .stop import StopFlag
 from .task_init import read_init
 
@@ -130,6 +130,10 @@ class FineTuner:
             raise checkpoint.CheckpointError(
                 f"{tag_dir.name} was saved on {meta['world_size']} ranks with ZeRO-{meta['zero_stage']}; "
                 f"fine-tuning resumes only on the same world size and stage (pre-training reshards)")
+        if predates_temporal_group(meta.get("schedule", {}), self.module.student):
+            raise checkpoint.CheckpointError(
+                f"{tag_dir.name} predates the temporal embedding's own optimizer group (optim.temporal_lr_mult): "
+                "its optimizer state does not fit; start the fine-tuning again from its task.init_from")
         path, _ = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
@@ -143,7 +147,8 @@ class FineTuner:
 
     def save(self) -> None:
         meta = {"epoch": self.epoch, "batch": self.batch_in_epoch, "best": self.best,
-                "task_state": self.parts.extra_state}
+                "task_state": self.parts.extra_state,
+                "schedule": {"temporal_lr_mult": self.cfg.optim.temporal_lr_mult}}  # the optimizer group layout
         info = checkpoint.SaveInfo(run_id=self.run_id, world_size=self.dist.world_size, zero_stage=self.zero_stage,
                                    keep=self.cfg.run.keep_checkpoints,
                                    config_yaml=yaml.safe_dump(to_dict(self.cfg), sort_keys=False))

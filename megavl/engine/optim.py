@@ -28,6 +28,12 @@ def group_lr(cfg: OptimConfig, fast: bool, temporal: bool) -> float:
     return cfg.lr * (cfg.fusion_lr_mult if fast else 1.0) * (cfg.temporal_lr_mult if temporal else 1.0)
 
 
+def predates_temporal_group(saved_schedule: dict, model: torch.nn.Module) -> bool:
+    """A clip model's checkpoint saved before the temporal embedding had a group of its own (its
+    schedule settings have no temporal_lr_mult): its optimizer groups are laid out differently."""
+    return "temporal_lr_mult" not in saved_schedule and getattr(model.vision, "temporal_embed", None) is not None
+
+
 def param_groups(module: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     """Groups over `module.student_parameters()` (the teacher is not trained)."""
     student = module.student

@@ -34,7 +34,7 @@ from .launch import DistInfo, init_distributed
 from .stop import StopFlag
 from .task_init import read_init
 from .metrics import Monitor, StepTimer, peak_memory_gb
-from .optim import build_optimizer, build_scheduler, param_groups
+from .optim import build_optimizer, build_scheduler, param_groups, predates_temporal_group
 from .visuals import log_mask_images
 
 log = logging.getLogger("megavl")
@@ -219,7 +219,12 @@ class Trainer:
         tag_dir = Path(choice["tag_dir"])
         meta = checkpoint.read_meta(tag_dir)
         old_world, old_stage = meta["world_size"], meta["zero_stage"]
-        if reshard.needs_reshard(tag_dir, old_world, old_stage, self.dist.world_size, self.zero_stage):
+        if predates_temporal_group(meta.get("schedule", {}), self.module.student):
+            # DeepSpeed pairs optimizer groups by position, which this split would misalign
+            log.warning("%s predates the temporal embedding's own optimizer group: loading it by name; the "
+                        "table trains at optim.temporal_lr_mult=%s from here", tag_dir.name, self.cfg.optim.temporal_lr_mult)
+            reshard.load(self.engine, self.module, tag_dir, self.dist.rank, self.zero_stage)
+        elif reshard.needs_reshard(tag_dir, old_world, old_stage, self.dist.world_size, self.zero_stage):
             log.info("resuming %s saved on %d ranks (ZeRO-%d) on %d ranks (ZeRO-%d): resharding", tag_dir.name,
                      old_world, old_stage, self.dist.world_size, self.zero_stage)
             reshard.load(self.engine, self.module, tag_dir, self.dist.rank, self.zero_stage)

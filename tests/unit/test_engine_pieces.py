@@ -13,7 +13,7 @@ from megavl.engine.curriculum import mode_at
 from megavl.engine.ds_config import build_ds_config
 from megavl.engine.finetune import task_param_groups
 from megavl.engine.launch import fill_env_from_launcher
-from megavl.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from megavl.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups, predates_temporal_group
 from megavl.objectives.pretrain import PretrainModule
 from megavl.tasks import retrieval
 
@@ -79,12 +79,18 @@ def test_temporal_embedding_has_its_own_rate():
     assert temporal[0]["lr"] == pytest.approx(7 * cfg.optim.lr) and temporal[0]["weight_decay"] == 0.0
     by_name = {n: g for g in groups for n in g["names"]}
     assert by_name["student.vision.pos_embed"]["lr"] == pytest.approx(cfg.optim.lr)
-    fine_tuned = {n: g for g in task_param_groups(retrieval.RetrievalModule(cfg.model), cfg.optim) for n in g["names"]}
+    with_teacher = retrieval.RetrievalModule(cfg.model, queue_size=64)  # the teacher's table is not trained
+    fine_tuned = {n: g for g in task_param_groups(with_teacher, cfg.optim) for n in g["names"]}
     assert fine_tuned["student.vision.temporal_embed"]["lr"] == pytest.approx(7 * cfg.optim.lr)
     assert fine_tuned["student.vision.pos_embed"]["lr"] == pytest.approx(cfg.optim.lr)
-    assert len({id(g) for n, g in fine_tuned.items() if n.endswith("temporal_embed")}) == 1
+    assert [n for n in fine_tuned if n.endswith("temporal_embed")] == ["student.vision.temporal_embed"]
     with pytest.raises(ConfigError, match="optim.temporal_lr_mult"):
         load_config("configs/tiny.yaml", ["optim.temporal_lr_mult=0"])
+    # a clip model's checkpoint from before this group (no temporal_lr_mult saved) is loaded by name
+    assert predates_temporal_group({"lr": 1e-4}, module.student)
+    assert not predates_temporal_group({"temporal_lr_mult": 10.0}, module.student)
+    assert not predates_temporal_group({}, PretrainModule(load_config("configs/tiny.yaml").model, cfg.objectives,
+                                                          {"single": ["itc"], "two": ["itc"]}).student)
 
 
 # ------------------------------------------------------------------------------- ds config
