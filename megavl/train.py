@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megavl: cannot start: {err}", file=sys.stderr)
         return 3
     trainer.train()
+    from megavl.engine.launch import close_distributed
+
+    close_distributed()
     return 0
 
 

@@ -87,3 +87,14 @@ def init_distributed() -> DistInfo:
         _skip_shm_op_build()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def close_distributed() -> None:
+    """Leave the job cleanly: wait for every rank, then destroy the process group. Left to interpreter
+    exit, gloo's threads can be torn down while a peer still talks to them: a finished run's rank
+    then aborts ("terminate called without an active exception") and the job reads as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -2,6 +2,9 @@
 bookkeeping, retrieval metrics, launcher environment."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -201,6 +204,16 @@ def test_env_from_slurm_and_defaults():
     assert (alone["RANK"], alone["WORLD_SIZE"]) == ("0", "1") and int(alone["MASTER_PORT"]) > 0
     with pytest.raises(RuntimeError, match="MASTER_PORT"):
         fill_env_from_launcher({"RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_a_finished_job_leaves_its_process_group():
+    """train.py's last act: destroy the process group (a subprocess, so no other test's group is touched)."""
+    code = ("import torch.distributed as dist; from megavl.engine.launch import close_distributed, init_distributed;"
+            "init_distributed(); assert dist.is_initialized(); close_distributed(); close_distributed();"
+            "assert not dist.is_initialized()")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("norm_pix", [True, False])
