@@ -22,8 +22,7 @@ steps (the mixed run makes as many video steps on top; `data.video_share=0.5`). 
 fails the row says "skipped" with its error.
 
 The third: video pre-training continued from that image-only export (`task.init_from`; its temporal
-table is what the image steps left: they train the 1-frame entry, the mean of the middle two), 2.5x
-steps, T=4 vs T=1. The image start already knows colour, shape and the
+table is still zero: images are 1-frame clips, which read no table), 2.5x steps, T=4 vs T=1. The image start already knows colour, shape and the
 spatial words, so what is left to learn on the twins is the motion: twin accuracy above 50% and an
 R@1 above the motion-blind ceiling need frame order.
 

@@ -9,7 +9,8 @@ only within their own frame (divided attention: the [CLS] tokens carry the tempo
 the cost grows like T*S^2 + T^2*S, not (T*S)^2). One image is a 1-frame clip through the same
 weights, where this is exactly timm's ViT. Position embeddings: the spatial table tiled over the
 frames plus a learned temporal embedding (zero at init, `num_frames` entries, linearly resampled
-when a clip has another T).
+when a clip has another T). A 1-frame clip (an image) reads no temporal entry: there is no frame
+order to tell, and image steps of a mixed run then neither train the table nor depend on it.
 
 Token layout of the output (B, 1 + T*K, E): the clip [CLS] = the mean of the T frame [CLS] tokens,
 then frame 0's kept patches, frame 1's, ... (frame-major), all after the final LayerNorm, as timm's
@@ -138,7 +139,8 @@ class VisionTransformer(nn.Module):
 
     A 1-frame model has exactly timm's parameters. With num_frames > 1 a learned temporal
     embedding (num_frames, E), zero-initialised, is added to every token of frame t (its [CLS]
-    included); clips of another length T use it linearly resampled to T entries. A model freshly
+    included); clips of another length T > 1 use it linearly resampled to T entries, and a 1-frame
+    clip uses none (an image encodes the same with any table). A model freshly
     loaded from timm therefore starts with no notion of frame order (SCL's flexible encoder).
     CLIP towers differ in three switches: pre_norm (a LayerNorm before the blocks, CLIP's ln_pre),
     act="quick_gelu" (OpenAI's weights) and patch_bias=False.
@@ -250,8 +252,11 @@ class VisionTransformer(nn.Module):
         torch._assert_async(in_range, f"keep_ids out of range [0, {self.num_patches})")
 
     def temporal_embedding(self, num_frames: int) -> torch.Tensor | None:
-        """(T, E): the learned table, linearly resampled (segment centres) when T != num_frames."""
-        if self.temporal_embed is None:
+        """(T, E): the learned table, linearly resampled (segment centres) when T != num_frames;
+        None for one frame. An image reading the table's middle would make the table a bias on every
+        image token, trained by image steps at the table's own (higher) rate and moved by video
+        steps under the images' feet."""
+        if self.temporal_embed is None or num_frames == 1:
             return None
         if num_frames == self.num_frames:
             return self.temporal_embed

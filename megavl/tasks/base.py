@@ -93,8 +93,7 @@ def fit_temporal_table(state: dict[str, torch.Tensor], source_frames: int, targe
 
     1 -> T: a zero table (SCL's image-to-video start: T copies of the image encoder, mixed only by
     the [CLS] attention). T -> T': resampled as VisionTransformer.temporal_embedding does. T -> 1:
-    the target encodes images as 1-frame clips without a table, so the source's 1-frame entry is
-    added to every row of the position embedding ([CLS] row too), which is where it acted."""
+    the table is dropped; the source encoded images (1-frame clips) without it too."""
     key = "vision.temporal_embed"
     table_TE = state.pop(key, None)
     if target_frames > 1:
@@ -109,11 +108,7 @@ def fit_temporal_table(state: dict[str, torch.Tensor], source_frames: int, targe
             log.info("temporal embedding: %s -> %d frames", "none in the source" if table_TE is None
                      else f"{source_frames} frames, resampled", target_frames)
     elif table_TE is not None:
-        one_frame_E = resample_temporal_embed(table_TE.float(), 1)[0]
-        pos = state["vision.pos_embed"]
-        state["vision.pos_embed"] = (pos.float() + one_frame_E).to(pos.dtype)
-        log.info("temporal embedding of %d frames folded into the position embedding (image-only target)",
-                 source_frames)
+        log.info("temporal embedding of %d frames dropped (an image-only target)", source_frames)
 
 
 def _pair(size) -> tuple[int, int]:
