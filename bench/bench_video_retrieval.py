@@ -26,12 +26,13 @@ table is still zero: images are 1-frame clips, which read no table), 2.5x steps,
 spatial words, so what is left to learn on the twins is the motion: twin accuracy above 50% and an
 R@1 above the motion-blind ceiling need frame order.
 
-Runs whose final checkpoint exists under <out> are reused (delete <out> after changing the recipe);
-new clip arguments discard them. Writes <out>/bench_video_retrieval.json; `rows(device, quick)` gives bench/run_all.py its rows.
+A finished run under <out> is reused when its command and the training code (megavl/, configs/,
+ds_configs/) are unchanged, and trained again otherwise; new clip arguments discard every run. Writes <out>/bench_video_retrieval.json; `rows(device, quick)` gives bench/run_all.py its rows.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -97,27 +98,36 @@ def _listed(paths: list[str]) -> str:
 
 def pretrain_and_eval(out: Path, train: str, val: list[str], steps: int, frames: int, *extra: str) -> dict | str:
     """Pre-train (ZeRO-0, one process), export, and return zero_shot_retrieval(export), or the
-    failing run's last error line. A run whose final checkpoint exists is not trained again."""
-    if not (out / "checkpoints" / f"step_{steps:08d}").is_dir():
-        shutil.rmtree(out / "export", ignore_errors=True)  # an older run's export
-        error = _pretrain(out, train, val, steps, frames, *extra)
-        if error:
-            return error
+    failing run's last error line. A finished run of the same command and code is not trained again."""
+    cmd = _train_command(out, train, val, steps, frames, *extra)
+    stamp = out / "bench_stamp.json"  # what the run in `out` was trained with
+    recipe = {"command": cmd, "code": _code_hash()}
+    if not stamp.is_file() or json.loads(stamp.read_text()) != recipe:
+        shutil.rmtree(out, ignore_errors=True)  # an older recipe's run (a directory this bench made)
+        proc = _run(cmd)
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+            return next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "no output")
+        stamp.write_text(json.dumps(recipe))
     if not (out / "export" / "model.safetensors").is_file():
         _checked([str(BIN / "megavl-export"), str(out / "checkpoints"), str(out / "export")])
     return zero_shot_retrieval(out / "export", val, frames)
 
 
-def _pretrain(out: Path, train: str, val: list[str], steps: int, frames: int, *extra: str) -> str | None:
-    proc = _run([sys.executable, "megavl/train.py", "--ds_config", "ds_configs/zero0.json", "--config",
-                 "configs/tiny.yaml", "--resume", "none", "--set", f"run.output_dir={out}",
-                 f"data.train_shards={train}", f"data.val_shards=[{','.join(val)}]", f"run.max_steps={steps}",
-                 f"run.checkpoint_every={steps}", "run.log_every=10", f"data.num_frames={frames}",
-                 *COMMON, *extra])
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        return next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "no output")
-    return None
+def _train_command(out: Path, train: str, val: list[str], steps: int, frames: int, *extra: str) -> list[str]:
+    return [sys.executable, "megavl/train.py", "--ds_config", "ds_configs/zero0.json", "--config",
+            "configs/tiny.yaml", "--resume", "none", "--set", f"run.output_dir={out}",
+            f"data.train_shards={train}", f"data.val_shards=[{','.join(val)}]", f"run.max_steps={steps}",
+            f"run.checkpoint_every={steps}", "run.log_every=10", f"data.num_frames={frames}", *COMMON, *extra]
+
+
+def _code_hash() -> str:
+    """The training code and recipes a run used: any change to them retrains (not just new steps)."""
+    digest = hashlib.sha256()
+    for path in sorted([*(REPO / "megavl").rglob("*.py"), *(REPO / "configs").glob("*.yaml"),
+                        *(REPO / "ds_configs").glob("*.json")]):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def zero_shot_retrieval(export: Path, val: list[str], frames: int) -> dict:
