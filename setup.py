@@ -14,9 +14,11 @@ setup(
     description="Vision-language pre-training (SemMIM, SCL, SemVLP, MaskVLM) on DeepSpeed",
     python_requires=">=3.10",
     packages=find_packages(include=["megavl", "megavl.*"]) + ["megavl_kernels"],
-    # The Triton kernels live in kernels/ but import as megavl_kernels: a top-level
-    # package named `kernels` would clash with an existing PyPI package.
-    package_dir={"megavl_kernels": "kernels"},
+    # The Triton kernels live in kernels/megavl_kernels/ and import as megavl_kernels. kernels/
+    # itself holds no __init__.py: run from the repository root (python -m pytest, python -m
+    # megavl...) a package there would shadow Hugging Face's `kernels`, which transformers >= 5
+    # requires and imports.
+    package_dir={"megavl_kernels": "kernels/megavl_kernels"},
     package_data={"megavl": ["py.typed"]},
     install_requires=TORCH_PINS + [
         # megavl uses DeepSpeed internals (megavl/engine/ds_compat.py checks each at start-up):
