@@ -53,7 +53,7 @@ stage() {  # stage NAME LIMIT_S CMD...: run, log, record status and seconds
 
 # ------------------------------------------------------------------------------------ 1. install
 mkdir -p "$SITE"
-ln -sfn "$REPO/kernels" "$SITE/megavl_kernels"  # setup.py's package_dir mapping, without pip -e
+ln -sfn "$REPO/kernels/megavl_kernels" "$SITE/megavl_kernels"  # setup.py's package_dir mapping, without pip -e
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 install_cmd=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation
