@@ -2,6 +2,7 @@
 
     python bench/bench_video_retrieval.py [--out outputs/bench_video_retrieval] [--steps 600]
                                           [--num-train 2048] [--num-val 256]
+                                          [--seeds 1 2] [--continue-steps 3000]
 
 1. megavl-synth-videos --contrast-pairs: moving-shapes clips in twins, the second the first played
    backwards, so every caption has a twin that differs only in the motion ("moves to the left" vs
@@ -24,7 +25,10 @@ fails the row says "skipped" with its error.
 The third: video pre-training continued from that image-only export (`task.init_from`; its temporal
 table is still zero: images are 1-frame clips, which read no table), 2.5x steps, T=4 vs T=1. The image start already knows colour, shape and the
 spatial words, so what is left to learn on the twins is the motion: twin accuracy above 50% and an
-R@1 above the motion-blind ceiling need frame order.
+R@1 above the motion-blind ceiling need frame order. `--continue-steps` sets its budget.
+
+`--seeds S ...` runs the second and third sides again under each seed (run.seed and data.seed; the
+third from the same seed-0 image-only export), under <out>/seedS: one seed's ratio is noisy.
 
 A finished run under <out> is reused when its command and the training code (megavl/, configs/,
 ds_configs/) are unchanged, and trained again otherwise; new clip arguments discard every run. Writes <out>/bench_video_retrieval.json; `rows(device, quick)` gives bench/run_all.py its rows.
@@ -81,7 +85,7 @@ def synth(out: Path, num_train: int, num_val: int) -> Path:
     if not stamp.is_file() or json.loads(stamp.read_text()) != args:
         # runs trained on other clips too ("mixed": stop 17's equal-total-steps run)
         for stale in ("videos", "t4", "t1", "mixed", "mixed_equal_image_steps", "image_only", "continued_t4",
-                      "continued_t1"):
+                      "continued_t1", *(p.name for p in out.glob("seed*"))):
             shutil.rmtree(out / stale, ignore_errors=True)
         _checked([str(BIN / "megavl-synth-videos"), "--out", str(videos), *args])
         stamp.write_text(json.dumps(args))
@@ -197,7 +201,8 @@ def motion_blind_ceiling(annotations: Path) -> float:
     return 100 * sum(1 / group[b] for b in blind) / len(blind)
 
 
-def measure(out: Path, steps: int, num_train: int, num_val: int, with_mixed: bool = True) -> dict:
+def measure(out: Path, steps: int, num_train: int, num_val: int, with_mixed: bool = True,
+            seeds: tuple[int, ...] = (), continue_steps: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     videos = synth(out, num_train, num_val)
@@ -213,21 +218,36 @@ def measure(out: Path, steps: int, num_train: int, num_val: int, with_mixed: boo
                        else {"skipped": "quick mode (two more pre-training runs)"})
     image_export = out / "image_only" / "export"
     if "image_only" in result["mixed"]:  # this run's image-only export, not an older one
-        for frames in (4, 1):
-            metrics = pretrain_and_eval(out / f"continued_t{frames}", train, val, CONTINUE_FACTOR * steps // 2,
-                                        frames, f"task.init_from={image_export}")
-            if isinstance(metrics, str):
-                raise RuntimeError(f"continued T={frames} pre-training failed: {metrics}")
-            result[f"continued_t{frames}"] = metrics
+        continued_steps = continue_steps or CONTINUE_FACTOR * steps // 2
+        result.update(continued_from(image_export, out, train, val, continued_steps))
+        # the same comparisons under other seeds (run.seed: init and masking; data.seed: frames and
+        # crops), continued from the same image-only export: the spread one seed hides
+        for seed in seeds:
+            seeded = (f"run.seed={seed}", f"data.seed={seed}")
+            result[f"seed{seed}"] = {
+                **continued_from(image_export, out / f"seed{seed}", train, val, continued_steps, *seeded),
+                "mixed": mixed_vs_image_only(out / f"seed{seed}", videos, steps, *seeded)}
     result["seconds"] = round(time.time() - start, 1)
     (out / "bench_video_retrieval.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def mixed_vs_image_only(out: Path, videos: Path, steps: int) -> dict:
+def continued_from(image_export: Path, out: Path, train: str, val: list[str], steps: int, *extra: str) -> dict:
+    """Video pre-training from the image-only export, T=4 and T=1: {"continued_t4": ..., "continued_t1": ...}."""
+    result = {}
+    for frames in (4, 1):
+        metrics = pretrain_and_eval(out / f"continued_t{frames}", train, val, steps, frames,
+                                    f"task.init_from={image_export}", *extra)
+        if isinstance(metrics, str):
+            raise RuntimeError(f"continued T={frames} pre-training failed: {metrics}")
+        result[f"continued_t{frames}"] = metrics
+    return result
+
+
+def mixed_vs_image_only(out: Path, videos: Path, steps: int, *extra: str) -> dict:
     """Image retrieval (val images) after image-only vs image + video pre-training at equal image
     steps: the mixed run makes `steps` image steps and `steps` video steps (data.video_share=0.5)."""
-    shapes = out / "shapes"
+    shapes = videos.parent / "shapes"  # one image set for every seed
     if not (shapes / "val-000000.tar").is_file():
         _checked([sys.executable, "-m", "megavl.tools.synth_shapes", "--out", str(shapes), "--num-train",
                   "2048", "--num-val", "256", "--seed", "0", "--image-size", str(IMAGE_SIZE),
@@ -236,10 +256,10 @@ def mixed_vs_image_only(out: Path, videos: Path, steps: int) -> dict:
     # shuffled (not COMMON's in-order reading): batches really mix the sources
     shuffled = "data.shuffle_buffer=1000"
     mixed = pretrain_and_eval(out / "mixed_equal_image_steps", _listed(images + _shards(videos, "train")), val,
-                              2 * steps, 4, shuffled, "data.video_share=0.5")
+                              2 * steps, 4, shuffled, "data.video_share=0.5", *extra)
     if isinstance(mixed, str):  # the image-only side is not worth its minutes without the other
         return {"skipped": f"mixed image+video pre-training failed: {mixed[:200]}"}
-    image_only = pretrain_and_eval(out / "image_only", _listed(images), val, steps, 4, shuffled)
+    image_only = pretrain_and_eval(out / "image_only", _listed(images), val, steps, 4, shuffled, *extra)
     if isinstance(image_only, str):
         raise RuntimeError(f"image-only pre-training failed: {image_only}")
     return {"mixed": mixed, "image_only": image_only}
@@ -285,8 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--num-train", type=int, default=2048)
     parser.add_argument("--num-val", type=int, default=256)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[],
+                        help="also run the second and third sides with these seeds (from the same image-only export)")
+    parser.add_argument("--continue-steps", type=int, default=0,
+                        help="video steps from the image-only export (default: 2.5x --steps)")
     args = parser.parse_args(argv)
-    result = measure((REPO / args.out).resolve(), args.steps, args.num_train, args.num_val)
+    result = measure((REPO / args.out).resolve(), args.steps, args.num_train, args.num_val,
+                     seeds=tuple(args.seeds), continue_steps=args.continue_steps)
     print(json.dumps(result, indent=1))
     return 0
 
