@@ -23,15 +23,17 @@ steps (the mixed run makes as many video steps on top; `data.video_share=0.5`). 
 fails the row says "skipped" with its error.
 
 The third: video pre-training continued from that image-only export (`task.init_from`; its temporal
-table is still zero: images are 1-frame clips, which read no table), 2.5x steps, T=4 vs T=1. The image start already knows colour, shape and the
-spatial words, so what is left to learn on the twins is the motion: twin accuracy above 50% and an
-R@1 above the motion-blind ceiling need frame order. `--continue-steps` sets its budget.
+table is still zero: images are 1-frame clips, which read no table), 2.5x steps, T=4 vs T=1. The
+image start already knows colour, shape and the spatial words, so what is left to learn on the twins
+is the motion: twin accuracy above 50% and an R@1 above the motion-blind ceiling need frame order.
+`--continue-steps` sets its budget.
 
 `--seeds S ...` runs the second and third sides again under each seed (run.seed and data.seed; the
 third from the same seed-0 image-only export), under <out>/seedS: one seed's ratio is noisy.
 
 A finished run under <out> is reused when its command and the training code (megavl/, configs/,
-ds_configs/) are unchanged, and trained again otherwise; new clip arguments discard every run. Writes <out>/bench_video_retrieval.json; `rows(device, quick)` gives bench/run_all.py its rows.
+ds_configs/) are unchanged, and trained again otherwise; new clip arguments discard every run.
+Writes <out>/bench_video_retrieval.json; `rows(device, quick)` gives bench/run_all.py its rows.
 """
 from __future__ import annotations
 
