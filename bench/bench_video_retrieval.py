@@ -220,7 +220,7 @@ def measure(out: Path, steps: int, num_train: int, num_val: int, with_mixed: boo
                        else {"skipped": "quick mode (two more pre-training runs)"})
     image_export = out / "image_only" / "export"
     if "image_only" in result["mixed"]:  # this run's image-only export, not an older one
-        continued_steps = continue_steps or CONTINUE_FACTOR * steps // 2
+        continued_steps = result["continue_steps"] = continue_steps or CONTINUE_FACTOR * steps // 2
         result.update(continued_from(image_export, out, train, val, continued_steps))
         # the same comparisons under other seeds (run.seed: init and masking; data.seed: frames and
         # crops), continued from the same image-only export: the spread one seed hides
@@ -292,7 +292,7 @@ def rows(device, quick: bool) -> list:
                             note="must not collapse; equal image steps (mixed: as many video steps more), same seed"))
     if "continued_t4" in r:
         t4, t1 = r["continued_t4"]["itc"], r["continued_t1"]["itc"]
-        case = (f"synthetic moving-shapes twins, {r['num_val']} val clips, {CONTINUE_FACTOR * r['steps'] // 2} "
+        case = (f"synthetic moving-shapes twins, {r['num_val']} val clips, {r['continue_steps']} "
                 "pre-training steps from the image-only export, ITC")
         for key, what, goal in (("ir1", "text->video R@1 (%)", ">= 1.5x"), ("tr1", "video->text R@1 (%)", ">= 1.5x"),
                                 ("twin", "twin accuracy (%)", ">= 1.2x")):
