@@ -67,7 +67,7 @@ CONTINUE_FACTOR = 5  # halves: video pre-training from the image-only export run
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    from harness import child_env
+    from megavl.engine.launch import child_env
 
     env = child_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -61,16 +61,6 @@ class Row:
         return {**asdict(self), "ratio": self.ratio, "met": self.met}
 
 
-RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """This process's environment for a child training run, without the rendezvous variables an
-    in-process world of one left in os.environ (the child would try to listen on the same port)."""
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
-    return {**env, **extra}
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

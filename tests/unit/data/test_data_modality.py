@@ -213,7 +213,7 @@ def test_config_names_the_bad_mixed_key(override, key):
     from pathlib import Path
     from megavl.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=key):
-        load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml", [override])
+        load_config(Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml", [override])
 
 
 # ------------------------------------------------------------------------------------ review fixes

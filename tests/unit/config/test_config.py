@@ -5,7 +5,7 @@ import pytest
 
 from megavl.config import Config, ConfigError, load_config, split_overrides
 
-RECIPES = Path(__file__).resolve().parents[2] / "configs"
+RECIPES = Path(__file__).resolve().parents[3] / "configs"
 
 
 @pytest.mark.parametrize("name", ["tiny", "pretrain_4m", "pretrain_14m"])
