@@ -5,8 +5,8 @@ processes; after two training steps (AdamW has its moments) `megavl.engine.check
 complete checkpoint (DeepSpeed's files, megavl's state, the marker) `REPS` times. Bytes are split into
 DeepSpeed's optimizer partitions (`*optim_states.pt`: their total is the same at any world size, one
 file per rank) and everything else (model states, teacher, queues, centres, RNG, marker), which must
-not grow with the world size: state identical on every rank is written once. Round 1 wrote the full
-teacher, its master and both queues from every rank.
+not grow with the world size: state identical on every rank is written once (writing the teacher, its
+master and both queues from every rank would multiply them by the world size).
 """
 from __future__ import annotations
 

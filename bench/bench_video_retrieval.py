@@ -85,7 +85,7 @@ def synth(out: Path, num_train: int, num_val: int) -> Path:
             str(IMAGE_SIZE), "--samples-per-shard", "512", "--contrast-pairs"]
     stamp = videos / "bench_args.json"  # reuse a set only if it was made with these arguments
     if not stamp.is_file() or json.loads(stamp.read_text()) != args:
-        # runs trained on other clips too ("mixed": stop 17's equal-total-steps run)
+        # runs trained on other clips too ("mixed": the equal-total-steps variant)
         for stale in ("videos", "t4", "t1", "mixed", "mixed_equal_image_steps", "image_only", "continued_t4",
                       "continued_t1", *(p.name for p in out.glob("seed*"))):
             shutil.rmtree(out / stale, ignore_errors=True)

@@ -45,7 +45,7 @@ def _data_rows(device: torch.device, quick: bool) -> list[Row]:
                 note=note + "; higher is better"),
             Row("data", "tar opens per sample (train read)", "opens/sample", ours["opens_per_sample"],
                 plain["opens_per_sample"], plain["pipeline"], GOAL_NONE,
-                note="one open per shard per worker; round-1 megavl: 2 (image + txt), 3 with json")]
+                note="one open per shard per worker; a reader opening each member: 2 (image + txt), 3 with json")]
 
 
 def _video_rows(device: torch.device, quick: bool) -> list[Row]:

@@ -1,6 +1,6 @@
 # Shared body of slurm/pretrain_*.sh: sourced by the batch script on the first node of the job.
 # The thin scripts hold the #SBATCH lines and the recipe; this file launches the ranks, forwards
-# the preemption signal, and requeues the job. README (slurm/README_fragment.md) has the table.
+# the preemption signal, and requeues the job. The manual's Slurm page (docs/slurm.md) has the table.
 #
 # Settings read from the environment (sbatch exports the submitting shell's environment):
 #   MEGAVL_ROOT           repo checkout to run from           default: the directory sbatch ran in

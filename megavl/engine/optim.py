@@ -8,7 +8,7 @@ Why the temporal embedding gets its own rate: it starts at zero (an image checkp
 order), and at the tower's rate it stays small next to the patch tokens: on clips whose reversed twins
 are in the data (bench_video_retrieval's), a supervised tiny ViT then learns the axis of a motion but
 not its direction (val 51% of 6-way, reversed clips scored the same). At x10 the same run reaches 89%,
-and reversing the clips drops it to 6% (bench/probe_video_motion.py supervised, 1,500 steps).
+and reversing the clips drops it to 6% (experiments/probe_video_motion.py supervised, 1,500 steps).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Load DeepSpeed's model/optimizer state saved on W ranks (or another ZeRO stage) into this engine.
 
-How: rank 0 consolidates the old partitions per parameter with DeepSpeed's own converter
+How: rank 0 consolidates the saved partitions per parameter with DeepSpeed's own converter
 (`deepspeed.checkpoint.ds_to_universal`: full fp32 master, exp_avg, exp_avg_sq and the Adam step of
 every parameter, by name) into `<checkpoints>/.reshard/<tag>`; then every rank writes its piece of
 each full tensor into the fresh engine through DeepSpeed's public tensor-fragment API

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Checkpoint wrappers: DeiT releases {"model": state}; training checkpoints {"state_dict": state}.
 _WRAPPER_KEYS = ("model", "state_dict", "module")
-# timm entries forward_features never reads: classifier heads and the old ViT "representation" layer.
+# timm entries forward_features never reads: classifier heads and the ViT "representation" (pre-logits) layer.
 _TIMM_DROPPED_PREFIXES = ("head.", "head_dist.", "pre_logits.")
 # OpenCLIP visual names -> timm names, inside transformer.resblocks.{i}. / blocks.{i}.
 _CLIP_BLOCK_NAMES = {

@@ -1,8 +1,8 @@
-"""The training stream is a function of (seed, epoch, global position) only (issue 11 item 2):
+"""The training stream is a function of (seed, epoch, global position) only:
 the concatenation over ranks of every micro-step's batches is the same global batch -- same samples,
 same crops/flips, same text masks -- at world 1, 2, 4 and 0, 1, 3 workers; a run resumed on another
 world size / micro-batch / workers continues exactly where the uninterrupted run would be; what fixes
-the order is checked on resume; one open per shard (issue 12 item 5). Ranks are simulated in one
+the order is checked on resume; one open per shard. Ranks are simulated in one
 process by building the loader with rank/world arguments."""
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def test_what_fixes_the_order_must_match_on_resume(shards):
 
 
 def test_one_open_per_shard(shards, monkeypatch):
-    """An epoch read in-process opens each tar once (round 1: once per member, 2 per sample)."""
+    """An epoch read in-process opens each tar once (not once per member: 2 per sample)."""
     opened: list[str] = []
     real_open = builtins.open
 

@@ -1,4 +1,4 @@
-"""Mixed image + video training data (issue 14 item 3): the per-step modality schedule against a
+"""Mixed image + video training data: the per-step modality schedule against a
 slow reference, and the mixed loader on real image and mp4 shards: every micro-step of an optimizer
 step is one modality, the streams advance only on their own steps, and a resume on another world
 size / micro-batch continues both streams exactly. Ranks are simulated in one process."""

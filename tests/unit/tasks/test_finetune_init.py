@@ -55,7 +55,7 @@ def _frames_model(cfg, num_frames: int, seed: int) -> VLPModel:
 
 @torch.no_grad()
 def test_image_weights_start_a_video_model_whose_still_clip_encodes_as_the_image():
-    """Issue 14: an image-only export starts a video model with the temporal table at zero; a clip
+    """An image-only export starts a video model with the temporal table at zero; a clip
     of T copies of an image then gives the image's [CLS] and its patches in every frame."""
     cfg = load_config(REPO / "configs/tiny.yaml").model
     image_model, video_model = _frames_model(cfg, 1, 0), _frames_model(cfg, 4, 1)
@@ -92,8 +92,8 @@ def test_video_weights_start_an_image_model_that_encodes_images_as_the_source_di
 
 
 def test_pretraining_starts_student_and_teacher_from_task_init_from(tmp_path):
-    """task.init_from with task.name=pretrain (continued pre-training) was ignored in round 2 until
-    issue 14: the run started from random weights without a word."""
+    """task.init_from with task.name=pretrain (continued pre-training) loads student and teacher: a
+    run that ignored it would start from random weights without a word."""
     from safetensors.torch import save_file
 
     from megavl.config import to_dict

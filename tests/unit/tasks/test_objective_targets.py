@@ -1,4 +1,4 @@
-"""Issue 15 items 2-4 on one process: the EMA teacher is always in eval mode; SCL's targets follow
+"""Pre-training targets on one process: the EMA teacher is always in eval mode; SCL's targets follow
 IIGROUP/SCL's code (cross-pass) or the documented `intact` option, with its own masks when configured;
 captions of the same image are positives in ITC (batch and queue) and SCL, against float64 loop references."""
 from __future__ import annotations

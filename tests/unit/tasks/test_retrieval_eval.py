@@ -1,5 +1,5 @@
 """Retrieval evaluation: the ALBEF metrics against hand-computed cases and a loop port of itm_eval,
-the batched scorer against round-1's per-query loop (copied into retrieval_cases.py), and the
+the batched scorer against a plain per-query evaluation (retrieval_cases.py), and the
 2-rank ZeRO-3 sharded path against the single-process one."""
 from __future__ import annotations
 
@@ -84,14 +84,14 @@ def test_retrieval_metrics_bad_input():
         retrieval_metrics(torch.zeros(2, 2), [[0], [1]], [0, 1], torch.zeros(2, 3))
 
 
-# ------------------------------------------------------------------ scorer vs round-1 loop
+# --------------------------------------------------------------- scorer vs per-query loop
 @pytest.fixture(scope="module")
 def student():
     return tiny_student().student
 
 
 @pytest.mark.parametrize("mode", ["two", "single"])
-def test_batched_scores_and_recalls_equal_the_round1_loop(student, mode):
+def test_batched_scores_and_recalls_equal_the_per_query_loop(student, mode):
     pairs = pair_batches()
     for k in (0, K):
         ref, ref_i2t, ref_t2i, ref_ids = reference_evaluate(student, pairs, torch.device("cpu"), itm_rerank_k=k,
