@@ -1,5 +1,5 @@
 """megavl-export of bf16 runs gives the fp32 master weights, and the start-up check of
-DeepSpeed's private hooks passes on a real engine and names what is missing otherwise (item 8).
+DeepSpeed's private hooks passes on a real engine and names what is missing otherwise.
 
 Real DeepSpeed engines on CPU (a world of one, gloo) in a subprocess: tests/e2e/ds_engine_worker.py.
 """
