@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from megavl.data.decode import Decoded
-from megavl.data.plan import derive_seed
+from megavl.data.decode_image import Decoded
+from megavl.data.sources import derive_seed
 from megavl.data.text import mlm_mask, scl_mask, special_tokens_mask
 from megavl.data.transforms import Transform, normalize_batch
 

@@ -42,7 +42,7 @@ from megavl.data.collate import Collator
 from megavl.data.mixed import MixedTrainLoader
 from megavl.data.modality import (MODALITIES, SKIP_REASONS, ModalitySchedule, default_video_share,
                                   source_modality)
-from megavl.data.plan import Segment, Source, eval_rank_range, source_quotas
+from megavl.data.sources import Segment, Source, eval_rank_range, source_quotas
 from megavl.data.shards import check_shards_exist, expand_urls, shard_sizes
 from megavl.data.stream import EvalPlan, EvalStream, TrainPlan, TrainStream
 from megavl.data.text import build_tokenizer

@@ -27,10 +27,10 @@ import random
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from megavl.data.decode import IMAGE_EXTS
-from megavl.data.plan import Source, derive_seed
+from megavl.data.decode_image import IMAGE_EXTS
+from megavl.data.sources import Source, derive_seed
 from megavl.data.shards import iter_raw_samples
-from megavl.data.video import ALL_SKIP_REASONS, VIDEO_EXTS
+from megavl.data.decode_video import ALL_SKIP_REASONS, VIDEO_EXTS
 
 MODALITIES = ("image", "video")
 # every reason the training pipeline counts: the decoders' plus a sample of the other modality

@@ -29,12 +29,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from megavl.data.collate import Collator
-from megavl.data.decode import Decoded, namespaced_id
+from megavl.data.decode_image import Decoded, namespaced_id
 from megavl.data.order import EpochOrder
-from megavl.data.plan import (Segment, Source, derive_seed, epoch_segments,
+from megavl.data.sources import (Segment, Source, derive_seed, epoch_segments,
                               resampled_epoch_segments, slice_segments)
 from megavl.data.reader import ShardReader
-from megavl.data.video import DecodedVideo, decode_any
+from megavl.data.decode_video import DecodedVideo, decode_any
 from megavl.data.shards import RawSample, iter_raw_samples
 
 logger = logging.getLogger(__name__)

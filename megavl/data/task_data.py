@@ -2,7 +2,7 @@
 
 Items decode images from files with the existing transforms and tokenise with the project
 tokenizer; video items (VideoTaskDataset) decode T frames of a video file with
-megavl.data.video.decode_frames (training: one random frame per equal segment, drawn from a seed of
+megavl.data.decode_video.decode_frames (training: one random frame per equal segment, drawn from a seed of
 (run seed, epoch, item), so a resumed run sees the same frames; evaluation: the segment centres), and
 their batches carry `images` as (B, T, 3, S, S), one crop/flip draw shared by the T frames. A file that fails to decode (corrupt, truncated, decompression bomb) is a counted skip:
 in training the item leaves its batch; in evaluation it is scored on a black image (every item is
@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from megavl.data.decode import _open_image, _Skip  # one image-opening path for shards and files
-from megavl.data.plan import derive_seed
-from megavl.data.video import DEFAULT_MAX_VIDEO_FRAMES, decode_frames
+from megavl.data.decode_image import _open_image, _Skip  # one image-opening path for shards and files
+from megavl.data.sources import derive_seed
+from megavl.data.decode_video import DEFAULT_MAX_VIDEO_FRAMES, decode_frames
 from megavl.data.transforms import Transform, normalize_batch
 
 MAX_PIXELS_DEFAULT = 89_478_485  # PIL's own decompression-bomb limit

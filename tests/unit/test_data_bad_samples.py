@@ -11,7 +11,7 @@ from PIL import Image
 
 from megavl.config import DataConfig
 from megavl.data import SKIP_REASONS, build_eval_loader, build_train_loader
-from megavl.data.decode import decode_sample
+from megavl.data.decode_image import decode_sample
 from megavl.data.shards import iter_raw_samples
 from megavl.data.writer import ShardWriter
 

@@ -17,7 +17,7 @@ from PIL import Image
 from megavl.config import DataConfig
 from megavl.data import build_train_loader
 from megavl.data.order import EpochOrder
-from megavl.data.plan import Segment
+from megavl.data.sources import Segment
 from megavl.data.writer import ShardWriter
 
 GLOBAL_BATCH = 8      # optimizer-step global batch: kept when the world changes

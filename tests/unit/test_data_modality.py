@@ -17,7 +17,7 @@ from megavl.config import DataConfig
 from megavl.data import build_train_loader
 from megavl.data.mixed import MixedTrainLoader
 from megavl.data.modality import ModalitySchedule, source_modality
-from megavl.data.plan import Source, derive_seed
+from megavl.data.sources import Source, derive_seed
 from megavl.data.writer import ShardWriter
 from megavl.tools.synth_videos import encode_mp4
 

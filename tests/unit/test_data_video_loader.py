@@ -67,7 +67,7 @@ def _state_after(loader, n: int) -> dict:
 
 def test_training_frames_differ_by_epoch_but_evaluation_takes_segment_centres(tmp_path):
     from megavl.data.shards import iter_raw_samples
-    from megavl.data.video import decode_any, frame_seed
+    from megavl.data.decode_video import decode_any, frame_seed
 
     pattern = write_video_shards(str(tmp_path))
     raw = next(iter(iter_raw_samples(pattern.replace("{000000..000001}", "000000"))))

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megavl.data.decode import SKIP_REASONS, Decoded, _image_id, _Skip, decode_sample, meta_and_caption
-from megavl.data.plan import derive_seed
+from megavl.data.decode_image import SKIP_REASONS, Decoded, _image_id, _Skip, decode_sample, meta_and_caption
+from megavl.data.sources import derive_seed
 from megavl.data.shards import RawSample, read_field
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
