@@ -23,7 +23,8 @@ from __future__ import annotations
 import bisect
 import random
 
-from megavl.data.sources import Segment, derive_seed
+from megavl.data.seeds import derive_seed
+from megavl.data.sources import Segment
 
 _PERMUTATIONS_KEPT = 4  # a batch touches <= 2 windows; borrowing for bad batches may look further
 
