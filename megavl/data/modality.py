@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from megavl.data.decode_image import IMAGE_EXTS
-from megavl.data.sources import Source, derive_seed
+from megavl.data.decode_video import VIDEO_EXTS
+from megavl.data.seeds import derive_seed
 from megavl.data.shards import iter_raw_samples
-from megavl.data.decode_video import ALL_SKIP_REASONS, VIDEO_EXTS
+from megavl.data.sources import Source
 
 MODALITIES = ("image", "video")
-# every reason the training pipeline counts: the decoders' plus a sample of the other modality
-SKIP_REASONS = ALL_SKIP_REASONS + ("wrong_modality",)
 MODALITY_IDS = {"image": 0, "video": 1}  # logged as data/modality
 MODALITY_ORDERS = ("shuffled", "contiguous")
 
