@@ -204,6 +204,7 @@ def build_task_loader(items: list, to_fields: Callable[[object], tuple[list[str]
                                                 max_pixels=cfg.max_image_pixels,
                                                 max_video_frames=cfg.max_video_frames)
     else:
-        dataset = TaskDataset(items, to_fields, cfg.max_image_pixels, cfg.image_size, seed=seed)
+        draft = train_draft_size(cfg.image_size, cfg.train_crop_scale) if train else cfg.image_size
+        dataset = TaskDataset(items, to_fields, cfg.max_image_pixels, draft, seed=seed)
     return TaskLoader(dataset, collator, batch_size=cfg.batch_size, rank=rank, world=world,
                       train=train, seed=seed, num_workers=cfg.num_workers)
