@@ -16,7 +16,8 @@ per batch, so `images` is either images or clips.
 The trainer adds device-side keys of its own (images_fp32, mlm_count); they are not data.
 
 Fine-tuning (task_data.TaskCollator, through TaskLoader): the keys every task batch carries, then
-the task's own fields (`to_fields` of its items), each stacked over the batch.
+the task's own fields (`to_fields` of its items), each stacked over the batch; a task that adds a
+field adds it here.
   images          float32 (B, 3, S, S) | (B, N, 3, S, S) | (B, T, 3, S, S)
   index           int64   (B,)     the item's index in the dataset
   valid           bool    (B,)     False on the padding rows of an evaluation batch
@@ -52,7 +53,7 @@ class PretrainBatch(TypedDict):
 
 
 class TaskBatch(TypedDict):
-    """A fine-tuning batch (see the module docstring); task fields beyond these are allowed."""
+    """A fine-tuning batch (see the module docstring): the keys of every task, then each task's own."""
 
     images: torch.Tensor
     index: torch.Tensor
@@ -74,7 +75,8 @@ class Spec:
 
 _TEXT = Spec(torch.int64, (("B", "L"),))
 SPECS: dict[str, Spec] = {
-    "images": Spec(torch.float32, (("B", 3, "S", "S"), ("B", "T", 3, "S", "S"), ("B", "N", 3, "S", "S"))),
+    "images": Spec(torch.float32, (("B", 3, "S", "S"), ("B", "T", 3, "S", "S"),
+                                   ("B", "N", 3, "S", "S"))),
     "input_ids": _TEXT,
     "attention_mask": _TEXT,
     "mlm_input_ids": _TEXT,
@@ -92,11 +94,12 @@ SPECS: dict[str, Spec] = {
 
 def conforms(batch: dict, contract: type, **dims: int) -> list[str]:
     """What is wrong with `batch` as a `contract` (PretrainBatch or TaskBatch): missing keys, keys
-    a PretrainBatch does not carry, and every key's dtype or shape against SPECS. `dims` binds legend
-    letters (S=224, L=30, ...); letters not given bind on first use and must then agree. [] = fine."""
+    the contract does not name (a new task field belongs in TaskBatch and SPECS first), and every
+    key's dtype or shape against SPECS. `dims` binds legend letters (S=224, L=30, ...); letters not
+    given bind on first use and must then agree. [] = the batch conforms."""
     problems = [f"missing key {k!r}" for k in sorted(contract.__required_keys__ - set(batch))]
-    if contract is PretrainBatch:
-        problems += [f"unexpected key {k!r}" for k in sorted(set(batch) - set(contract.__annotations__))]
+    problems += [f"key {k!r} is not in the contract"
+                 for k in sorted(set(batch) - set(contract.__annotations__))]
     bound = dict(dims)
     for key, value in batch.items():
         spec = SPECS.get(key)
@@ -114,7 +117,8 @@ def conforms(batch: dict, contract: type, **dims: int) -> list[str]:
             shape = tuple(value.shape)
             if value.dtype != spec.dtype:
                 problems.append(f"{key}: dtype {value.dtype}, expected {spec.dtype}")
-        matched = next((b for b in (_bind(s, shape, bound) for s in spec.shapes) if b is not None), None)
+        fits = (_bind(pattern, shape, bound) for pattern in spec.shapes)
+        matched = next((b for b in fits if b is not None), None)
         if matched is None:
             problems.append(f"{key}: shape {shape} is none of {list(spec.shapes)} with {bound}")
         else:
