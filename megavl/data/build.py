@@ -123,7 +123,7 @@ def _stream_loader(cfg: DataConfig, sources: list[Source], source_indices: list[
                    rank: int, world_size: int, global_batch_size: int,
                    collator: Collator) -> TrainLoader:
     """The loader of one modality's sources (all of a single-modality run); `source_indices`: their
-    places in data.train_shards (the image-id namespaces, decode.namespaced_id)."""
+    places in data.train_shards (the image-id namespaces, decode_image.namespaced_id)."""
     epoch_length = virtual_size // global_batch_size * global_batch_size
     if epoch_length == 0:
         raise ValueError(f"an epoch of {virtual_size} {modality} samples cannot give one global batch "

@@ -4,9 +4,9 @@ of the task datasets (task_data.py).
 
 The video counterpart of decode_image.py for shards in the video2dataset layout (`KEY.mp4` +
 `KEY.txt` + `KEY.json`). The mp4 is decoded straight from its bytes (an in-memory file object handed to
-FFmpeg through PyAV; no temporary file). PyAV was chosen over torchcodec by bench/bench_video.py:
-PyAV's wheels carry FFmpeg, torchcodec needs a system FFmpeg (absent on our CI machines), and the
-measured clips/s per core are in the README's performance table.
+FFmpeg through PyAV; no temporary file). PyAV rather than torchcodec (bench/bench_video.py measures
+clips/s per core of both): PyAV's wheels carry FFmpeg, torchcodec needs a system FFmpeg (absent on
+our CI machines).
 
 Frame sampling (SCL's `base_video_dataset.py`): the clip's n frames are cut into T equal
 segments [floor(i n / T), floor((i + 1) n / T)); training takes one random frame per segment

@@ -1,11 +1,11 @@
-"""Random access to samples of tar shards with ONE open handle per shard (issue 12 item 5).
+"""Random access to samples of tar shards with ONE open handle per shard.
 
 `ShardReader.read(url, index)` returns the raw sample (shards.py layout, member bytes read) or None
 when the shard holds no such sample (it is shorter than its stats said: truncated). A local shard is
 opened once and kept open while the global order uses it (an LRU of `max_open` shards; the order
 moves through windows of a few shards, order.py); its tar headers are walked lazily, only as far as
 the highest index asked for, and member bytes are read with `os.pread` on the same descriptor. So a
-worker does one `open` per shard per epoch instead of one per member (round 1: 2-3 per sample).
+worker does one `open` per shard per epoch instead of one per member (2-3 per sample).
 
 Cost at scale, honestly: every worker needs a few samples of every shard, so every worker walks the
 headers of every shard of the epoch (one 512-byte read per member, no image bytes of other workers'

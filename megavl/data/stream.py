@@ -1,15 +1,16 @@
 """The per-worker pipeline of the training stream, stage by stage (what flows out of each):
 
-  plan.py / order.py  the epoch's global order: position -> (shard, index), world-independent
-  rank share          rank batch t of this rank = epoch e = t // batches_per_epoch, micro-step
-                      j = t % batches_per_epoch, positions [j*G + r*B, j*G + (r+1)*B), G = B * world
-                      (contiguous shares: rank r's rows are rows r*B.. of the global batch)
-  reader.py           raw samples, one open handle per shard, member bytes by seek
-  decode_any          RGB image + caption + image id, or a skip reason (counted)
-  fill                a bad slot repeats a good sample of the same rank share (i-th bad slot takes
-                      good[i % len(good)]); an all-bad share borrows from the rank's next shares
-  Collator            the batch dict (collate.py); augmentation and masks seeded PER SAMPLE from
-                      (seed, epoch, position), so a sample looks the same at any world size
+  sources.py, order.py  the epoch's global order: position -> (shard, index), world-independent
+  rank share            rank batch t of this rank = epoch e = t // batches_per_epoch, micro-step
+                        j = t % batches_per_epoch, positions [j*G + r*B, j*G + (r+1)*B), G = B * world
+                        (contiguous shares: rank r's rows are rows r*B.. of the global batch)
+  reader.py             raw samples, one open handle per shard, member bytes by seek
+  decode_any            Decoded image or DecodedVideo clip + caption + image id, or a skip reason
+                        (counted; decode_image.py, decode_video.py)
+  fill                  a bad slot repeats a good sample of the same rank share (i-th bad slot takes
+                        good[i % len(good)]); an all-bad share borrows from the rank's next shares
+  Collator              PretrainBatch (collate.py, batch.py); augmentation and masks seeded PER
+                        SAMPLE from (seed, epoch, position), so a sample looks the same at any world
 
 DataLoader hands batches out round-robin from worker 0, so after a (re)start at rank batch t0,
 physical worker p serves t0 + p, t0 + p + W, ...: no state beyond t0, and no fast-forward reading.
@@ -99,7 +100,7 @@ class TrainPlan:
     max_pixels: int
     draft_size: int
     # per source: its index among data.train_shards (a mixed run's streams hold a subset of them):
-    # the namespace of its image ids (decode.namespaced_id)
+    # the namespace of its image ids (decode_image.namespaced_id)
     source_indices: list[int]
     num_frames: int = 4          # frames per video clip (image samples are unaffected)
     max_video_frames: int = 18_000

@@ -1,14 +1,17 @@
 """Map-style datasets over downstream annotations, their collation and rank-sharded batching.
 
-Items decode images from files with the existing transforms and tokenise with the project
-tokenizer; video items (VideoTaskDataset) decode T frames of a video file with
-megavl.data.decode_video.decode_frames (training: one random frame per equal segment, drawn from a seed of
-(run seed, epoch, item), so a resumed run sees the same frames; evaluation: the segment centres), and
-their batches carry `images` as (B, T, 3, S, S), one crop/flip draw shared by the T frames. A file that fails to decode (corrupt, truncated, decompression bomb) is a counted skip:
-in training the item leaves its batch; in evaluation it is scored on a black image (every item is
-scored exactly once, and the VQA server needs an answer to every question) and counted as
-`corrupt_image` (a video: its reason, e.g. `corrupt_video`, `too_few_frames`). Every batch carries `skipped` (a list of reasons) so counts survive DataLoader
-worker processes; `TaskLoader.skip_counts()` sums them.
+Items decode image files through the shard pipeline's image path (decode_image.open_image, drafted
+as build.build_task_loader says) and tokenise with the project tokenizer; video items
+(VideoTaskDataset) decode T frames of a video file with decode_video.decode_frames (training: one
+random frame per equal segment, drawn from a seed of (run seed, epoch, item), so a resumed run sees
+the same frames; evaluation: the segment centres), and their batches carry `images` as
+(B, T, 3, S, S), one crop/flip draw shared by the T frames. Batches: TaskBatch (batch.py).
+
+A file that fails to decode (corrupt, truncated, decompression bomb) is a counted skip
+(skips.TASK_SKIP_REASONS): in training the item leaves its batch; in evaluation it is scored on a
+black image (every item is scored exactly once, and the VQA server needs an answer to every
+question). Every batch carries `skipped` (a list of reasons) so counts survive DataLoader worker
+processes; `TaskLoader.skip_counts()` sums them.
 
 Sharding: training draws an epoch-seeded permutation, drops the tail that does not fill a global
 batch (world x batch_size) and deals batch b of rank r = items [(b * world + r) * B, +B): every rank

@@ -99,7 +99,7 @@ def test_every_reason_is_skipped_and_counted(bad_shards):
     loader.close()
     assert set(counts) == set(SKIP_REASONS)
     expected = ({reason: 0 for reason in SKIP_REASONS} | {reason: 1 for reason in BAD}
-                | {"truncated_tar": 2})  # video-only reasons (data/video.py) stay 0 here
+                | {"truncated_tar": 2})  # video-only reasons (data/decode_video.py) stay 0 here
     assert counts == expected
     assert set(keys) == good_keys, "bad samples reached a batch or good ones were lost"
     assert loader.repeat_count() == len(BAD)
