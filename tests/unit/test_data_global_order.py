@@ -142,14 +142,14 @@ def test_what_fixes_the_order_must_match_on_resume(shards):
         build(make_cfg(shards.replace("000003", "000002"), batch_size=4))
     resumed = build(make_cfg(shards, batch_size=1, num_workers=2), world=4)  # accepted
     assert resumed.batches_in_epoch == 2  # position 8 / (1 x 4)
-    with pytest.raises(ValueError, match="round-1 checkpoint"):
+    with pytest.raises(ValueError, match="depended on the world size"):
         resumed.load_state_dict({"epoch": 0, "batches_in_epoch": 3, "world_size": 1})
     with pytest.raises(ValueError, match="not a multiple of the micro-step global batch"):
         resumed.load_state_dict({**state, "position": 6})
 
 
 def test_one_open_per_shard(shards, monkeypatch):
-    """An epoch read in-process opens each tar once (round 1: once per member, 2 per sample)."""
+    """An epoch read in-process opens each tar once, not once per member (2 per sample)."""
     opened: list[str] = []
     real_open = builtins.open
 
