@@ -184,8 +184,8 @@ def build_task_collators(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, *,
     """(train, eval) TaskCollators: ALBEF train augmentation and eval resize (video: on clips of
     data.num_frames frames; keep_batch_size: see TaskCollator)."""
     clip_frames = cfg.num_frames if video else 0
-    train = TaskCollator(train_transform(cfg.image_size, cfg.train_crop_scale, cfg.hflip, cfg.randaugment),
-                         cfg.mean, cfg.std, tokenizer, cfg.max_text_len, train=True,
+    augment = train_transform(cfg.image_size, cfg.train_crop_scale, cfg.hflip, cfg.randaugment)
+    train = TaskCollator(augment, cfg.mean, cfg.std, tokenizer, cfg.max_text_len, train=True,
                          image_size=cfg.image_size, clip_frames=clip_frames,
                          keep_batch_size=keep_batch_size)
     evaluation = TaskCollator(eval_transform(cfg.image_size), cfg.mean, cfg.std, tokenizer,
@@ -200,8 +200,8 @@ def build_task_loader(items: list, to_fields: Callable[[object], tuple[list[str]
     """This rank's TaskLoader over items whose paths (`to_fields`) are images, or videos decoded as
     data.num_frames frames; `seed` (run.seed) fixes the order, crops and frame draws."""
     if video:
-        dataset: TaskDataset = VideoTaskDataset(items, to_fields, cfg.num_frames, train=train, seed=seed,
-                                                max_pixels=cfg.max_image_pixels,
+        dataset: TaskDataset = VideoTaskDataset(items, to_fields, cfg.num_frames, train=train,
+                                                seed=seed, max_pixels=cfg.max_image_pixels,
                                                 max_video_frames=cfg.max_video_frames)
     else:
         draft = train_draft_size(cfg.image_size, cfg.train_crop_scale) if train else cfg.image_size

@@ -79,4 +79,4 @@ def test_the_cycle_finder_sees_a_circle():
 def test_package_docstring_names_every_file_once():
     doc = megavl.data.__doc__
     for module in data_modules():
-        assert doc.count(f" {module}.py ") == 1, f"{module}.py is not listed once in megavl/data/__init__.py"
+        assert doc.count(f" {module}.py ") == 1, f"{module}.py is not listed once in data/__init__.py"

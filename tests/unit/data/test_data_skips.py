@@ -60,11 +60,13 @@ def test_every_counted_reason_is_a_registered_name():
         names = skip_names(tree)
         for site in counting_sites(tree):
             for node in ast.walk(site):
-                if isinstance(node, (ast.JoinedStr, ast.Constant)) and isinstance(getattr(node, "value", ""), str):
-                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} counts a string of its own")
-                if isinstance(node, ast.Name) and node.id in names and node.id.isupper() \
-                        and not node.id.endswith("REASONS") and getattr(skips, node.id) not in COUNTED:
-                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.id} is not a reason")
+                where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+                if isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant)
+                                                       and isinstance(node.value, str)):
+                    bad.append(f"{where} counts a string of its own")
+                elif (isinstance(node, ast.Name) and node.id in names
+                      and getattr(skips, node.id) not in COUNTED):
+                    bad.append(f"{where} counts {node.id}, which is not a reason")
     assert not bad, "\n".join(bad)
 
 
@@ -82,4 +84,5 @@ def test_groups_are_ordered_registered_and_without_repeats():
     assert skips.REPEATED not in skips.REASONS  # a filled slot, not a skip
     assert set(skips.IMAGE_SAMPLE_SKIP_REASONS) | set(skips.VIDEO_SKIP_REASONS) | {
         skips.UNREADABLE_SHARD, skips.WRONG_MODALITY} == set(skips.SKIP_REASONS)
-    assert set(skips.TASK_SKIP_REASONS) == set(skips.IMAGE_FILE_SKIP_REASONS) | set(skips.VIDEO_FILE_SKIP_REASONS)
+    assert set(skips.TASK_SKIP_REASONS) == (set(skips.IMAGE_FILE_SKIP_REASONS)
+                                            | set(skips.VIDEO_FILE_SKIP_REASONS))
