@@ -143,7 +143,7 @@ def zero_shot_retrieval(export: Path, val: list[str], frames: int) -> dict:
 
     from megavl import load_pretrained
     from megavl.config import config_from_dict
-    from megavl.data.loader import build_eval_loader
+    from megavl.data import build_eval_loader
     from megavl.engine.evaluate import PairBatches, evaluate_retrieval
     from megavl.tasks.retrieval_eval import retrieval_scores
 

@@ -86,7 +86,7 @@ def interleaved_median(sides: dict[str, Callable[[], object]], device: torch.dev
 def synthetic_batch(cfg: Config, batch_size: int, text_len: int, device: torch.device,
                     dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
     """A data-loader-shaped batch: captions padded to text_len (lengths spread over [L/2, L]),
-    15% of the real tokens MLM-masked (at least one per caption). Keys as megavl.data.collate."""
+    15% of the real tokens MLM-masked (at least one per caption). Keys as megavl.data.batch.PretrainBatch."""
     gen = torch.Generator().manual_seed(seed)
     vocab = cfg.model.text.vocab_size
     size = cfg.model.vision.img_size

@@ -72,7 +72,7 @@ def motion_labels(input_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def mlm_probe(export: Path, videos: Path) -> dict:
     from megavl import load_pretrained
-    from megavl.data.loader import build_eval_loader
+    from megavl.data import build_eval_loader
     from megavl.data.text import build_tokenizer
 
     model = load_pretrained(export).eval()
@@ -99,7 +99,7 @@ def mlm_probe(export: Path, videos: Path) -> dict:
 
 def supervised_probe(videos: Path, steps: int, attention: str, temporal_init: str,
                      temporal_lr_mult: float | None = None) -> dict:
-    from megavl.data.loader import build_eval_loader, build_train_loader
+    from megavl.data import build_eval_loader, build_train_loader
     from megavl.data.text import build_tokenizer
     from megavl.models.vision import VisionTransformer
 

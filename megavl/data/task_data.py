@@ -1,14 +1,17 @@
 """Map-style datasets over downstream annotations, their collation and rank-sharded batching.
 
-Items decode images from files with the existing transforms and tokenise with the project
-tokenizer; video items (VideoTaskDataset) decode T frames of a video file with
-megavl.data.video.decode_frames (training: one random frame per equal segment, drawn from a seed of
-(run seed, epoch, item), so a resumed run sees the same frames; evaluation: the segment centres), and
-their batches carry `images` as (B, T, 3, S, S), one crop/flip draw shared by the T frames. A file that fails to decode (corrupt, truncated, decompression bomb) is a counted skip:
-in training the item leaves its batch; in evaluation it is scored on a black image (every item is
-scored exactly once, and the VQA server needs an answer to every question) and counted as
-`corrupt_image` (a video: its reason, e.g. `corrupt_video`, `too_few_frames`). Every batch carries `skipped` (a list of reasons) so counts survive DataLoader
-worker processes; `TaskLoader.skip_counts()` sums them.
+Items decode image files through the shard pipeline's image path (decode_image.open_image, drafted
+as build.build_task_loader says) and tokenise with the project tokenizer; video items
+(VideoTaskDataset) decode T frames of a video file with decode_video.decode_frames (training: one
+random frame per equal segment, drawn from a seed of (run seed, epoch, item), so a resumed run sees
+the same frames; evaluation: the segment centres), and their batches carry `images` as
+(B, T, 3, S, S), one crop/flip draw shared by the T frames. Batches: TaskBatch (batch.py).
+
+A file that fails to decode (corrupt, truncated, decompression bomb) is a counted skip
+(skips.TASK_SKIP_REASONS): in training the item leaves its batch; in evaluation it is scored on a
+black image (every item is scored exactly once, and the VQA server needs an answer to every
+question). Every batch carries `skipped` (a list of reasons) so counts survive DataLoader worker
+processes; `TaskLoader.skip_counts()` sums them.
 
 Sharding: training draws an epoch-seeded permutation, drops the tail that does not fill a global
 batch (world x batch_size) and deals batch b of rank r = items [(b * world + r) * B, +B): every rank
@@ -27,43 +30,42 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from megavl.data.decode import _open_image, _Skip  # one image-opening path for shards and files
-from megavl.data.plan import derive_seed
-from megavl.data.video import DEFAULT_MAX_VIDEO_FRAMES, decode_frames
+from megavl.data.batch import TaskBatch
+from megavl.data.decode_image import SkipSample, open_image  # one image-opening path for shards and files
+from megavl.data.decode_video import DEFAULT_MAX_VIDEO_FRAMES, decode_frames
+from megavl.data.seeds import derive_seed
+from megavl.data.skips import (IMAGE_FILE_SKIP_REASONS, MISSING_IMAGE_FILE,  # noqa: F401 (re-exported)
+                               MISSING_VIDEO_FILE, VIDEO_FILE_SKIP_REASONS)
 from megavl.data.transforms import Transform, normalize_batch
 
 MAX_PIXELS_DEFAULT = 89_478_485  # PIL's own decompression-bomb limit
-# What open_video_file can return instead of a clip (the engine logs each as data/skipped/<reason>).
-# (the decode reasons of video.VIDEO_SKIP_REASONS; a file has no caption/json/tar members to fail)
-VIDEO_FILE_SKIP_REASONS = ("missing_video_file", "empty_video", "corrupt_video", "no_frames",
-                           "too_few_frames", "too_many_frames", "too_many_pixels")
 
 
 def open_image_file(path: str, max_pixels: int, draft_size: int) -> Image.Image | str:
-    """RGB image, or a skip reason (missing_image_file, corrupt_image, too_many_pixels, ...)."""
+    """RGB image, or a skip reason (IMAGE_FILE_SKIP_REASONS); `draft_size`: see open_image."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError:
-        return "missing_image_file"
+        return MISSING_IMAGE_FILE
     try:
-        return _open_image(data, max_pixels, draft_size)
-    except _Skip as skip:
+        return open_image(data, max_pixels, draft_size)
+    except SkipSample as skip:
         return skip.reason
 
 
 def open_video_file(path: str, num_frames: int, rng: random.Random | None, max_pixels: int,
                     max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES) -> torch.Tensor | str:
     """uint8 (T, 3, H, W) sampled frames (rng: training draw, None: segment centres), or a skip
-    reason (missing_video_file, empty_video, corrupt_video, no_frames, too_few_frames, ...)."""
+    reason (VIDEO_FILE_SKIP_REASONS)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError:
-        return "missing_video_file"
+        return MISSING_VIDEO_FILE
     try:
         return decode_frames(data, num_frames, rng, max_pixels, max_video_frames)[0]
-    except _Skip as skip:
+    except SkipSample as skip:
         return skip.reason
 
 
@@ -137,7 +139,9 @@ class TaskCollator:
             torch.default_generator.manual_seed(item["augment_seed"])
         return [self.transform(im) for im in item["images"]]
 
-    def __call__(self, items: list[dict]) -> dict:
+    def __call__(self, items: list[dict]) -> TaskBatch:
+        """The batch (TaskBatch, batch.py) plus `skipped`: the reasons of the items that failed
+        (TaskLoader takes it out and counts it)."""
         skipped = [it["images"] for it in items if isinstance(it["images"], str)]
         if self.train:
             good = [it for it in items if not isinstance(it["images"], str)]

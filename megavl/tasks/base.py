@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from megavl.config import ModelConfig
-from megavl.data.task_data import TaskCollator, TaskDataset, TaskLoader, VideoTaskDataset
-from megavl.data.transforms import eval_transform, train_transform
+from megavl.data.build import build_task_collators, build_task_loader
+from megavl.data.task_data import TaskLoader
 from megavl.models.vision import resample_pos_embed, resample_temporal_embed
 from megavl.models.vlp import VLPModel
 
@@ -174,27 +174,14 @@ class TaskParts:
 def collators(cfg, tokenizer, video: bool = False, keep_batch_size: bool = False):
     """(train, eval) TaskCollators from the data config: ALBEF train augmentation and eval resize
     (video: on clips of data.num_frames frames; keep_batch_size: see TaskCollator)."""
-    d = cfg.data
-    clip_frames = d.num_frames if video else 0
-    train = TaskCollator(train_transform(d.image_size, d.train_crop_scale, d.hflip, d.randaugment),
-                         d.mean, d.std, tokenizer, d.max_text_len, train=True,
-                         image_size=d.image_size, clip_frames=clip_frames,
-                         keep_batch_size=keep_batch_size)
-    evaluation = TaskCollator(eval_transform(d.image_size), d.mean, d.std, tokenizer,
-                              d.max_text_len, train=False, image_size=d.image_size,
-                              clip_frames=clip_frames)
-    return train, evaluation
+    return build_task_collators(cfg.data, tokenizer, video=video, keep_batch_size=keep_batch_size)
 
 
 def loader(items, to_fields, collator, cfg, *, train: bool, video: bool = False) -> "TaskLoader":
     """A TaskLoader over items whose paths are images, or videos (decoded as data.num_frames frames)."""
     rank, world = rank_world()
-    d = cfg.data
-    dataset = (VideoTaskDataset(items, to_fields, d.num_frames, train=train, seed=cfg.run.seed,
-                                max_pixels=d.max_image_pixels, max_video_frames=d.max_video_frames)
-               if video else TaskDataset(items, to_fields, d.max_image_pixels, d.image_size, seed=cfg.run.seed))
-    return TaskLoader(dataset, collator, batch_size=d.batch_size, rank=rank, world=world,
-                      train=train, seed=cfg.run.seed, num_workers=d.num_workers)
+    return build_task_loader(items, to_fields, collator, cfg.data, rank=rank, world=world,
+                             seed=cfg.run.seed, train=train, video=video)
 
 
 def split_file(cfg, split: str) -> str:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from megavl.config import DataConfig
 from megavl.data import SKIP_REASONS, build_eval_loader, build_train_loader
-from megavl.data.decode import decode_sample
+from megavl.data.decode_image import decode_sample
 from megavl.data.shards import iter_raw_samples
 from megavl.data.writer import ShardWriter
 
@@ -99,7 +99,7 @@ def test_every_reason_is_skipped_and_counted(bad_shards):
     loader.close()
     assert set(counts) == set(SKIP_REASONS)
     expected = ({reason: 0 for reason in SKIP_REASONS} | {reason: 1 for reason in BAD}
-                | {"truncated_tar": 2})  # video-only reasons (data/video.py) stay 0 here
+                | {"truncated_tar": 2})  # video-only reasons (data/decode_video.py) stay 0 here
     assert counts == expected
     assert set(keys) == good_keys, "bad samples reached a batch or good ones were lost"
     assert loader.repeat_count() == len(BAD)

@@ -17,7 +17,8 @@ from megavl.config import DataConfig
 from megavl.data import build_train_loader
 from megavl.data.mixed import MixedTrainLoader
 from megavl.data.modality import ModalitySchedule, source_modality
-from megavl.data.plan import Source, derive_seed
+from megavl.data.seeds import derive_seed
+from megavl.data.sources import Source
 from megavl.data.writer import ShardWriter
 from megavl.tools.synth_videos import encode_mp4
 
@@ -310,14 +311,14 @@ def test_a_share_that_rounds_to_one_modality_is_refused(share):
 
 
 def test_eval_loader_tells_the_modality_once_per_source(shards, monkeypatch):
-    import megavl.data.loader as loader_module
+    import megavl.data.build as build_module
     calls = []
-    real = loader_module.source_modality
+    real = build_module.source_modality
 
     def counting(source):
         calls.append(source.urls)
         return real(source)
 
-    monkeypatch.setattr(loader_module, "source_modality", counting)
-    loader_module.build_eval_loader(make_cfg(shards, val_shards=[shards[1]]), rank=0, world_size=1)
+    monkeypatch.setattr(build_module, "source_modality", counting)
+    build_module.build_eval_loader(make_cfg(shards, val_shards=[shards[1]]), rank=0, world_size=1)
     assert len(calls) == 1  # two shards, one source

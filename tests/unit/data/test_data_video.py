@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from megavl.data.decode import Decoded
+from megavl.data.decode_image import Decoded
+from megavl.data.decode_video import DecodedVideo, decode_video_sample, sample_frame_ids, segment_bounds
 from megavl.data.shards import iter_raw_samples, read_field
-from megavl.data.video import (VIDEO_SKIP_REASONS, DecodedVideo, decode_video_sample, sample_frame_ids,
-                               segment_bounds)
+from megavl.data.skips import VIDEO_SKIP_REASONS
 from megavl.data.writer import ShardWriter
 from megavl.tools import synth_videos
 from megavl.tools.synth_videos import encode_mp4

@@ -16,7 +16,7 @@ from megavl.config import ConfigError, load_config
 from megavl.data.annotations import load_retrieval, load_video_retrieval, pre_caption
 from megavl.data.task_data import TaskCollator, VideoTaskDataset, open_video_file
 from megavl.data.transforms import eval_transform, train_transform
-from megavl.data.video import sample_frame_ids
+from megavl.data.decode_video import sample_frame_ids
 from megavl.tools.synth_videos import encode_mp4
 
 NUM_FRAMES = 12

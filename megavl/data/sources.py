@@ -13,15 +13,10 @@ position is stream.py's business. Nothing here depends on the rank, world size o
 """
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
-
-def derive_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any tuple of ints/strings (independent of PYTHONHASHSEED)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+from megavl.data.seeds import derive_seed
 
 
 @dataclass(frozen=True)

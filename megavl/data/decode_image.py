@@ -1,16 +1,9 @@
-"""Raw sample -> (PIL image, caption, image id), or the reason it must be skipped.
+"""Decode stage, images: raw shard sample -> Decoded (RGB PIL image, caption, image id), or the
+reason it is skipped (skips.py; `decode_sample` returns one of IMAGE_SAMPLE_SKIP_REASONS).
 
-Skip reasons (the trainer logs them as `data/skipped/<reason>`):
-  missing_image     no jpg/jpeg/png/webp member
-  empty_image       zero-byte image member
-  corrupt_image     PIL cannot decode the bytes (including a truncated image)
-  too_many_pixels   width * height above `max_image_pixels` (decompression bomb)
-  missing_caption   neither json[caption_key] nor a txt member
-  empty_caption     caption is empty or whitespace
-  caption_not_utf8  txt member is not valid UTF-8
-  bad_json          json member does not parse to an object
-  truncated_tar     a shard ended mid-archive (counted once per shard read; see shards.py)
-  unreadable_shard  a shard could not be opened as a tar
+Also what every decoder shares: the caption and json metadata of a sample (`meta_and_caption`),
+its image id, and the one image-opening path (`open_image`) that shard samples and the task
+datasets' image files (task_data.py) both go through.
 """
 from __future__ import annotations
 
@@ -23,11 +16,10 @@ from dataclasses import dataclass
 from PIL import Image
 
 from megavl.data.shards import RawSample, read_field
+from megavl.data.skips import (BAD_JSON, CAPTION_NOT_UTF8, CORRUPT_IMAGE, EMPTY_CAPTION, EMPTY_IMAGE,
+                               MISSING_CAPTION, MISSING_IMAGE, TOO_MANY_PIXELS, TRUNCATED_TAR)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SKIP_REASONS = ("missing_image", "empty_image", "corrupt_image", "too_many_pixels",
-                "missing_caption", "empty_caption", "caption_not_utf8", "bad_json",
-                "truncated_tar", "unreadable_shard")
 MAX_IMAGE_ID = (1 << 63) - 1
 
 
@@ -57,7 +49,7 @@ def namespaced_id(modality: str, source: int, image_id: int) -> int:
     return stable_id(f"{modality}:{source}:{image_id}".encode())
 
 
-def _image_id(meta: dict, image_bytes: bytes) -> int:
+def image_id_of(meta: dict, image_bytes: bytes) -> int:
     value = meta.get("image_id")
     if isinstance(value, bool) or value is None:
         return stable_id(image_bytes)
@@ -73,33 +65,40 @@ def _caption(raw: RawSample, meta: dict, caption_key: str) -> str:
     if isinstance(value, str):
         return value
     if "txt" not in raw:
-        raise _Skip("missing_caption")
+        raise SkipSample(MISSING_CAPTION)
     try:
         return read_field(raw, "txt").decode("utf-8")
     except UnicodeDecodeError:
-        raise _Skip("caption_not_utf8") from None
+        raise SkipSample(CAPTION_NOT_UTF8) from None
 
 
-class _Skip(Exception):
+class SkipSample(Exception):
+    """Raised inside a decoder with the reason (a skips.py name) the sample cannot be used."""
+
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
 
 
-def _open_image(data: bytes, max_pixels: int, draft_size: int) -> Image.Image:
+def open_image(data: bytes, max_pixels: int, draft_size: int) -> Image.Image:
+    """The RGB image of encoded bytes; raises SkipSample when it cannot be used.
+
+    `draft_size` > 0 lets a JPEG decode at a reduced scale whose sides stay >= draft_size
+    (transforms.draft_size: what the smallest crop of the transform still needs); 0 decodes in full.
+    """
     if not data:
-        raise _Skip("empty_image")
+        raise SkipSample(EMPTY_IMAGE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError:
-            raise _Skip("too_many_pixels") from None
+            raise SkipSample(TOO_MANY_PIXELS) from None
         except Exception:  # PIL raises many types (UnidentifiedImageError, SyntaxError, ...)
-            raise _Skip("corrupt_image") from None
+            raise SkipSample(CORRUPT_IMAGE) from None
         width, height = image.size
         if width * height > max_pixels:
-            raise _Skip("too_many_pixels")
+            raise SkipSample(TOO_MANY_PIXELS)
         if draft_size > 0 and image.format == "JPEG":
             # DCT-domain downscaling: decode at the smallest power-of-2 reduction that keeps both
             # sides >= draft_size (the transforms never need more), several times faster.
@@ -108,38 +107,38 @@ def _open_image(data: bytes, max_pixels: int, draft_size: int) -> Image.Image:
             image.load()  # decode now, so corrupt data is caught here
             return image if image.mode == "RGB" else image.convert("RGB")
         except Exception:
-            raise _Skip("corrupt_image") from None
+            raise SkipSample(CORRUPT_IMAGE) from None
 
 
 def meta_and_caption(raw: RawSample, caption_key: str) -> tuple[dict, str]:
-    """The sample's json metadata ({} without one) and its stripped caption; raises _Skip
-    ("bad_json", "empty_caption", ...) when either is unusable. Shared by images and videos."""
+    """The sample's json metadata ({} without one) and its stripped caption; raises SkipSample
+    (BAD_JSON, EMPTY_CAPTION, ...) when either is unusable. Shared by images and videos."""
     meta: dict = {}
     if "json" in raw:
         try:
             meta = json.loads(read_field(raw, "json"))
         except (ValueError, UnicodeDecodeError):
-            raise _Skip("bad_json") from None
+            raise SkipSample(BAD_JSON) from None
         if not isinstance(meta, dict):
-            raise _Skip("bad_json")
+            raise SkipSample(BAD_JSON)
     caption = _caption(raw, meta, caption_key).strip()
     if not caption:
-        raise _Skip("empty_caption")
+        raise SkipSample(EMPTY_CAPTION)
     return meta, caption
 
 
 def decode_sample(raw: RawSample, *, caption_key: str, max_pixels: int,
                   draft_size: int = 0) -> Decoded | str:
-    """Decode one raw sample; returns a `Decoded`, or a skip reason from SKIP_REASONS."""
+    """Decode one raw sample; returns a `Decoded`, or a skip reason (IMAGE_SAMPLE_SKIP_REASONS)."""
     try:
         meta, caption = meta_and_caption(raw, caption_key)
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None:
-            raise _Skip("missing_image")
+            raise SkipSample(MISSING_IMAGE)
         data = read_field(raw, ext)
-        image = _open_image(data, max_pixels, draft_size)
-        return Decoded(raw["__key__"], image, caption, _image_id(meta, data))
-    except _Skip as skip:
+        image = open_image(data, max_pixels, draft_size)
+        return Decoded(raw["__key__"], image, caption, image_id_of(meta, data))
+    except SkipSample as skip:
         return skip.reason
     except (OSError, EOFError):  # the shard changed or was cut after its headers were read
-        return "truncated_tar"
+        return TRUNCATED_TAR
