@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import deepspeed
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 
 from megavl.config import Config, to_dict
 from megavl.data.text import build_tokenizer
+from megavl.models.pretrained import without_init_files
 from megavl.data.task_data import VIDEO_FILE_SKIP_REASONS
 from megavl.tasks import nlvr2, retrieval, vqa
 from megavl.tasks.base import load_backbone
@@ -88,7 +90,8 @@ class FineTuner:
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         resumed_state = task_state or _saved_task_state(self.ckpt_dir, resume, fresh)
-        self.parts = TASKS[cfg.task.name](cfg, self.tokenizer, self.device, self.dtype,
+        build_cfg = cfg if init and not cfg.task.init_from else replace(cfg, model=without_init_files(cfg.model))
+        self.parts = TASKS[cfg.task.name](build_cfg, self.tokenizer, self.device, self.dtype,
                                           **resumed_state)
         module = self.parts.module
         if init and cfg.task.init_from and not resumed_state:

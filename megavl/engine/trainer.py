@@ -20,6 +20,7 @@ import yaml
 from megavl.config import Config, to_dict
 from megavl.data import SKIP_REASONS, build_eval_loader, build_train_loader
 from megavl.data.modality import MODALITIES, MODALITY_IDS, check_clip_model
+from megavl.models.pretrained import without_init_files
 from megavl.objectives.pretrain import PretrainModule
 from megavl.objectives.teacher import teacher_momentum
 from megavl.tasks.base import load_backbone
@@ -98,7 +99,9 @@ def build_engine(cfg: Config, ds_config_path: str, world_size: int, device: torc
     init: load task.init_from's weights first (a new run, not a resumed one).
 
     Returns (engine, lr_scheduler, zero_stage)."""
-    module = PretrainModule(cfg.model, cfg.objectives, objectives_by_mode(cfg.curriculum))
+    # weights from a checkpoint or task.init_from: the init files are never read (they may be gone)
+    model_cfg = cfg.model if init and not cfg.task.init_from else without_init_files(cfg.model)
+    module = PretrainModule(model_cfg, cfg.objectives, objectives_by_mode(cfg.curriculum))
     if init and cfg.task.init_from:
         init_pretraining(module, cfg.task.init_from)
     ds_config = build_ds_config(ds_config_path, cfg, world_size, device)
