@@ -33,7 +33,7 @@ from .evaluate import eval_fusion_mode, evaluate_retrieval
 from .flops import mfu, peak_flops, step_flops
 from .launch import DistInfo, init_distributed
 from .stop import StopFlag
-from .task_init import read_init
+from .task_init import config_for_weights, read_init
 from .metrics import Monitor, StepTimer, peak_memory_gb
 from .optim import build_optimizer, build_scheduler, param_groups, predates_temporal_group
 from .visuals import log_mask_images
@@ -175,6 +175,8 @@ class Trainer:
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
 
         choice = self._choose_checkpoint(resume, fresh)
+        if choice is not None or cfg.task.init_from:  # weights from there: the init files are not read
+            cfg = self.cfg = config_for_weights(cfg, choice["tag_dir"] if choice else cfg.task.init_from)
         # task.init_from starts a new run only: a resumed one takes its weights from the checkpoint
         self.engine, self.scheduler, self.zero_stage = build_engine(cfg, ds_config_path, self.dist.world_size,
                                                                     self.device, init=choice is None)

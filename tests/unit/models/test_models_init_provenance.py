@@ -5,6 +5,7 @@ the fine-tuning architecture check ignores where the first weights came from and
 real difference. Real timm and Hugging Face files (tests/init_files.py), tiny sizes."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 
 from init_files import bert_dir, timm_vit_file
 from megavl.config import ConfigError, load_config, to_dict
-from megavl.engine.task_init import read_init
+from megavl.engine.task_init import config_for_weights, read_init
 from megavl.models.pretrained import load_pretrained, without_init_files
 from megavl.models.vlp import VLPModel
 from megavl.tasks.base import architecture_mismatch, load_backbone
@@ -84,6 +85,14 @@ def test_an_export_whose_init_files_are_gone_reads_and_loads(init_cfg, tmp_path)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
+    assert loaded.text.embed_drop.p == 0.1
+    # A recipe naming the gone directory holds only what it wrote (dropout 0 by default); a run
+    # whose weights come from the export takes the tower the export recorded, keeping the path.
+    recipe = load_config(TINY, [f"model.text.hf_path={bert}"])
+    assert recipe.model.text.dropout == 0.0
+    continued = config_for_weights(recipe, export)
+    assert continued.model.text == dataclasses.replace(cfg.model.text, hf_path=bert)
+    assert config_for_weights(load_config(TINY), export).model.text.dropout == 0.0  # no hf_path: the recipe's
 
 
 def test_a_model_that_reads_a_missing_init_file_names_the_key(tmp_path):
