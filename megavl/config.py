@@ -74,8 +74,8 @@ def _text_from_hf(data: dict) -> dict:
         return data
     config_json = Path(text["hf_path"]) / "config.json"
     if not config_json.is_file():
-        log.warning("model.text.hf_path=%s has no config.json: model.text is the recipe's as written",
-                    text["hf_path"])
+        log.warning("model.text.hf_path=%s has no config.json: only a run that starts from these weights "
+                    "needs it", text["hf_path"])
         return data
     hf = json.loads(config_json.read_text())
     _check(hf.get("model_type", "bert") == "bert", "model.text.hf_path",

@@ -52,8 +52,10 @@ def config_for_weights(cfg: Config, source: str | Path) -> Config:
     checkpoints save this config. Where the recipe and the source both take the text tower from
     model.text.hf_path, the tower's fields are the source's: once the directory is gone the recipe
     holds only what it wrote, not what config.json filled in (BERT's dropout, or the whole shape)."""
+    if not cfg.model.text.hf_path:
+        return cfg
     saved = saved_model_config(source)
-    if saved is None or not (saved.text.hf_path and cfg.model.text.hf_path):
+    if saved is None or not saved.text.hf_path:
         return cfg
     text = dataclasses.replace(saved.text, hf_path=cfg.model.text.hf_path)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text=text))
