@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import deepspeed
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 
 from megavl.config import Config, to_dict
 from megavl.data.text import build_tokenizer
+from megavl.models.pretrained import without_init_files
 from megavl.data.task_data import VIDEO_FILE_SKIP_REASONS
 from megavl.tasks import nlvr2, retrieval, vqa
 from megavl.tasks.base import load_backbone
@@ -37,7 +39,7 @@ from .launch import init_distributed
 from .metrics import Monitor
 from .optim import TEMPORAL_EMBED, build_optimizer, build_scheduler, group_lr, predates_temporal_group
 from .stop import StopFlag
-from .task_init import read_init
+from .task_init import config_for_weights, read_init
 
 log = logging.getLogger("megavl")
 TASKS = {"retrieval": retrieval.build_parts, "vqa": vqa.build_parts, "nlvr2": nlvr2.build_parts}
@@ -88,7 +90,10 @@ class FineTuner:
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         resumed_state = task_state or _saved_task_state(self.ckpt_dir, resume, fresh)
-        self.parts = TASKS[cfg.task.name](cfg, self.tokenizer, self.device, self.dtype,
+        if init and cfg.task.init_from:  # weights from there: the init files are not read
+            cfg = self.cfg = config_for_weights(cfg, cfg.task.init_from)
+        build_cfg = cfg if init and not cfg.task.init_from else replace(cfg, model=without_init_files(cfg.model))
+        self.parts = TASKS[cfg.task.name](build_cfg, self.tokenizer, self.device, self.dtype,
                                           **resumed_state)
         module = self.parts.module
         if init and cfg.task.init_from and not resumed_state:

@@ -20,6 +20,7 @@ import yaml
 from megavl.config import Config, to_dict
 from megavl.data import SKIP_REASONS, build_eval_loader, build_train_loader
 from megavl.data.modality import MODALITIES, MODALITY_IDS, check_clip_model
+from megavl.models.pretrained import without_init_files
 from megavl.objectives.pretrain import PretrainModule
 from megavl.objectives.teacher import teacher_momentum
 from megavl.tasks.base import load_backbone
@@ -32,7 +33,7 @@ from .evaluate import eval_fusion_mode, evaluate_retrieval
 from .flops import mfu, peak_flops, step_flops
 from .launch import DistInfo, init_distributed
 from .stop import StopFlag
-from .task_init import read_init
+from .task_init import config_for_weights, read_init
 from .metrics import Monitor, StepTimer, peak_memory_gb
 from .optim import build_optimizer, build_scheduler, param_groups, predates_temporal_group
 from .visuals import log_mask_images
@@ -98,7 +99,9 @@ def build_engine(cfg: Config, ds_config_path: str, world_size: int, device: torc
     init: load task.init_from's weights first (a new run, not a resumed one).
 
     Returns (engine, lr_scheduler, zero_stage)."""
-    module = PretrainModule(cfg.model, cfg.objectives, objectives_by_mode(cfg.curriculum))
+    # weights from a checkpoint or task.init_from: the init files are never read (they may be gone)
+    model_cfg = cfg.model if init and not cfg.task.init_from else without_init_files(cfg.model)
+    module = PretrainModule(model_cfg, cfg.objectives, objectives_by_mode(cfg.curriculum))
     if init and cfg.task.init_from:
         init_pretraining(module, cfg.task.init_from)
     ds_config = build_ds_config(ds_config_path, cfg, world_size, device)
@@ -172,6 +175,8 @@ class Trainer:
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
 
         choice = self._choose_checkpoint(resume, fresh)
+        if choice is not None or cfg.task.init_from:  # weights from there: the init files are not read
+            cfg = self.cfg = config_for_weights(cfg, choice["tag_dir"] if choice else cfg.task.init_from)
         # task.init_from starts a new run only: a resumed one takes its weights from the checkpoint
         self.engine, self.scheduler, self.zero_stage = build_engine(cfg, ds_config_path, self.dist.world_size,
                                                                     self.device, init=choice is None)

@@ -29,9 +29,13 @@ from megavl.models.vlp import VLPModel
 
 log = logging.getLogger(__name__)
 
-# Fields allowed to differ between the pre-trained and the fine-tuning architecture.
-_FREE_FIELDS = {"vision.img_size", "vision.num_frames", "vision.drop_path", "attention",
-                "grad_checkpointing", "text.hf_path"}
+# Fields allowed to differ between the pre-trained and the fine-tuning model: the input size
+# (position and temporal tables are resampled), regularisation and how the same weights compute.
+_FREE_FIELDS = {"vision.img_size", "vision.num_frames", "vision.drop_path", "text.dropout",
+                "text.attn_dropout", "attention", "grad_checkpointing"}
+# Where a tower's first weights came from: provenance, not architecture. The architecture read
+# from those files is in the other fields; the files may have moved or never be read again.
+_PROVENANCE_FIELDS = {"vision.init", "vision.init_format", "text.hf_path"}
 _PREFIXES = ("student.", "model.")
 
 
@@ -47,10 +51,11 @@ def _flat(obj, prefix: str = "") -> dict:
 
 
 def architecture_mismatch(source: ModelConfig, target: ModelConfig) -> list[str]:
-    """'field: source -> target' for every architecture field that differs (resolution and frames excepted)."""
+    """'field: source -> target' for every architecture field that differs (the free and provenance
+    fields above excepted)."""
     a, b = _flat(source), _flat(target)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in _FREE_FIELDS and a.get(k) != b.get(k)]
+            if k not in _FREE_FIELDS | _PROVENANCE_FIELDS and a.get(k) != b.get(k)]
 
 
 def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

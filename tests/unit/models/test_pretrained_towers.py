@@ -18,7 +18,7 @@ from timm.models.vision_transformer import _convert_openai_clip
 
 from megavl.config import ConfigError, config_from_dict, load_config
 from megavl.models.vision import VisionTransformer
-from megavl.models.vision_init import load_vision_init
+from megavl.models.vision_init import check_init_file, load_vision_init
 from megavl.models.vlp import VLPModel
 
 TOL = 1e-5  # fp32 CPU, max abs
@@ -137,13 +137,15 @@ def test_vision_mismatch_and_missing_file_name_the_key(tmp_path):
         built_vision(vision_overrides(path, 224, width=96, heads=3))
     with pytest.raises(ConfigError, match="model.vision.depth"):
         built_vision(vision_overrides(path, 224) + ["model.vision.depth=3"])
+    # the file is checked where a run reads it (a resumed run never does): at the model's build
+    absent = load_config(TINY, vision_overrides(str(tmp_path / "absent.safetensors"), 224))
     with pytest.raises(ConfigError, match="model.vision.init"):
-        load_config(TINY, vision_overrides(str(tmp_path / "absent.safetensors"), 224))
+        VLPModel(absent.model)
     with pytest.raises(ConfigError, match="model.vision.init_format"):
         load_config(TINY, vision_overrides(path, 224, extra="model.vision.init_format=deit"))
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match="model.vision.init"):
-        load_config(TINY, vision_overrides(str(tmp_path / "notes.txt"), 224))
+        built_vision(vision_overrides(str(tmp_path / "notes.txt"), 224))
 
 
 def test_vision_init_leaves_temporal_embedding_zero(tmp_path):
@@ -180,10 +182,11 @@ def test_text_recipe_mismatch_and_missing_dir_name_the_key(tmp_path):
         config_from_dict(tiny_dict_with_text({"hf_path": MINILM_DIR, "width": 768}))
     same = config_from_dict(tiny_dict_with_text({"hf_path": MINILM_DIR, "width": 384, "layer_norm_eps": "1e-12"}))
     assert same.model.text.width == 384
+    # the directory is read when the model is built (a resumed run builds without it)
     with pytest.raises(ConfigError, match="model.text.hf_path"):
-        config_from_dict(tiny_dict_with_text({"hf_path": str(tmp_path / "absent")}))
+        VLPModel(config_from_dict(tiny_dict_with_text({"hf_path": str(tmp_path / "absent")})).model)
     with pytest.raises(ConfigError, match="model.text.hf_path"):
-        load_config(TINY, [f"model.text.hf_path={tmp_path}"])  # a directory without config.json
+        VLPModel(load_config(TINY, [f"model.text.hf_path={tmp_path}"]).model)  # a directory without config.json
 
 
 @pytest.mark.parametrize("name", ["pretrain_4m", "pretrain_14m"])
@@ -192,5 +195,6 @@ def test_base_recipes_take_deit_and_bert_paths(tmp_path, name):
     recipe = TINY.parent / f"{name}.yaml"
     raw = yaml.safe_load(recipe.read_text())["model"]
     assert "init" in raw["vision"] and "hf_path" in raw["text"]
+    cfg = load_config(recipe, [f"model.vision.init={tmp_path / 'deit_base_patch16_224.pth'}"])
     with pytest.raises(ConfigError, match="model.vision.init"):
-        load_config(recipe, [f"model.vision.init={tmp_path / 'deit_base_patch16_224.pth'}"])
+        check_init_file(cfg.model.vision.init)  # what VLPModel checks before it reads the file
