@@ -43,7 +43,7 @@ FULL_IMAGES, CPU_IMAGES, QUICK_IMAGES = 1000, 200, 12  # the issue's size; CPU d
 
 
 def tiny_student():
-    from megavl.objectives.pretrain import PretrainModule
+    from megavl.tasks.pretrain import PretrainModule
 
     cfg = load_config(RECIPES["tiny"], [f"data.max_text_len={TEXT_LEN}", "run.precision=fp32"])
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def time_ranks(world: int, num_images: int) -> float:
 
 
 def round1_loop_rerank(model, sim, img_tok, txt_tok, txt_mask, k: int, mode: str):
-    """Round 1's engine/evaluate.py `_itm_rerank`: one fusion call of k pairs per query."""
+    """Round 1's tasks/pretrain_eval.py `_itm_rerank`: one fusion call of k pairs per query."""
     def itm_scores(i_idx, t_idx):
         fused = model.fuse(img_tok[i_idx], txt_tok[t_idx], txt_mask[t_idx], mode)
         logits = model.itm_head(fused.image_global, fused.text_global).float()

@@ -18,12 +18,13 @@ import torch
 import torch.distributed as dist
 
 from megavl.config import load_config
-from megavl.engine.curriculum import objectives_by_mode
-from megavl.engine.flops import mfu, peak_flops, step_flops
+from megavl.tasks.curriculum import objectives_by_mode
+from megavl.engine.metrics import mfu, peak_flops
+from megavl.tasks.pretrain_flops import step_flops
 from megavl.engine.launch import init_distributed
 from megavl.engine.optim import build_optimizer, build_scheduler, param_groups
 from megavl.engine.trainer import build_engine, clear_zero3_grad_partitions, step_generator, zero_fill_unused_grads
-from megavl.objectives.pretrain import PretrainModule
+from megavl.tasks.pretrain import PretrainModule
 
 from harness import DS_CONFIGS, RECIPES, Row, interleaved_median, sync, synthetic_batch
 

@@ -20,7 +20,7 @@ import yaml
 from megavl.config import Config, to_dict
 from megavl.data import SKIP_REASONS, build_eval_loader, build_train_loader
 from megavl.data.modality import MODALITIES, MODALITY_IDS, check_clip_model
-from megavl.objectives.pretrain import PretrainModule
+from megavl.tasks.pretrain import PretrainModule
 from megavl.objectives.teacher import teacher_momentum
 from megavl.tasks.base import load_backbone
 
@@ -278,7 +278,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- eval
     def evaluate(self) -> dict[str, float] | None:
-        """Retrieval on the val shards, each rank embedding its share (see engine/evaluate.py)."""
+        """Retrieval on the val shards, each rank embedding its share (see tasks/pretrain_eval.py)."""
         if not self.cfg.data.val_shards:
             return None
         run = self.cfg.run

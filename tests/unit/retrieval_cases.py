@@ -19,7 +19,7 @@ def tiny_config(*sets: str):
 
 
 def tiny_student(cfg=None):
-    from megavl.objectives.pretrain import PretrainModule
+    from megavl.tasks.pretrain import PretrainModule
 
     torch.manual_seed(0)
     cfg = cfg or tiny_config()
@@ -48,7 +48,7 @@ def pair_batches() -> list[dict]:
     return batches
 
 
-# ------------------------------------------------------- round-1 engine/evaluate.py, verbatim (reference)
+# ------------------------------------------------------- round-1 tasks/pretrain_eval.py, verbatim (reference)
 def recall_at_k(sim, image_ids, text_image_ids, ks=(1, 5, 10), sim_t2i=None):
     sim_t2i = sim if sim_t2i is None else sim_t2i
     positives = image_ids[:, None] == text_image_ids[None, :]  # (Ni, Nt)

@@ -12,12 +12,12 @@ from safetensors.torch import save_file
 
 from megavl.config import ConfigError, CurriculumConfig, load_config
 from megavl.engine import checkpoint
-from megavl.engine.curriculum import mode_at
+from megavl.tasks.curriculum import mode_at
 from megavl.engine.ds_config import build_ds_config
 from megavl.engine.finetune import task_param_groups
 from megavl.engine.launch import fill_env_from_launcher
 from megavl.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups, predates_temporal_group
-from megavl.objectives.pretrain import PretrainModule
+from megavl.tasks.pretrain import PretrainModule
 from megavl.tasks import retrieval
 
 CPU = torch.device("cpu")
@@ -219,7 +219,7 @@ def test_a_finished_job_leaves_its_process_group():
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_mim_reconstruction_pixels_by_hand(norm_pix):
     """A perfect MIM prediction (the loss's own target) is drawn as the original pixels (issue 15 item 9)."""
-    from megavl.engine.visuals import prediction_to_pixels
+    from megavl.tasks.pretrain_visuals import prediction_to_pixels
     from megavl_kernels import masked_patch_targets
 
     torch.manual_seed(0)
@@ -239,7 +239,7 @@ def test_mim_reconstruction_pixels_by_hand(norm_pix):
 
 def _drawn_mask_picture(module, cfg, images: torch.Tensor) -> torch.Tensor:
     """The one (C, H, W) picture log_mask_images draws for a batch of these images or clips."""
-    from megavl.engine.visuals import log_mask_images
+    from megavl.tasks.pretrain_visuals import log_mask_images
 
     ids = torch.randint(1000, 2000, (images.shape[0], 10))
     batch = {"images": images, "input_ids": ids, "attention_mask": torch.ones_like(ids)}

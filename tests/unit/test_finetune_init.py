@@ -98,7 +98,7 @@ def test_pretraining_starts_student_and_teacher_from_task_init_from(tmp_path):
 
     from megavl.config import to_dict
     from megavl.engine.trainer import init_pretraining
-    from megavl.objectives.pretrain import PretrainModule
+    from megavl.tasks.pretrain import PretrainModule
 
     full = load_config(REPO / "configs/tiny.yaml")
     source = _frames_model(full.model, 1, 0)

@@ -5,7 +5,7 @@ import torch
 
 from megavl.config import OBJECTIVE_NAMES, load_config
 from megavl.engine.optim import build_optimizer, param_groups
-from megavl.objectives.pretrain import PretrainModule
+from megavl.tasks.pretrain import PretrainModule
 
 
 def _batch(B=8, L=16, size=64, seed=0):

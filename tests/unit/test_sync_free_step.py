@@ -14,7 +14,7 @@ import torch
 from megavl.config import OBJECTIVE_NAMES, load_config
 from megavl.engine.metrics import StepTimer
 from megavl.engine.stop import StopFlag
-from megavl.objectives.pretrain import PretrainModule
+from megavl.tasks.pretrain import PretrainModule
 
 
 def _batch(device, B=8, L=16, size=64, seed=0):

@@ -41,19 +41,19 @@ from megavl.models.fusion import FusionOutput
 from megavl.models.vlp import VLPModel
 from megavl_kernels import gather_tokens, masked_patch_targets
 
-from .distributed import all_reduce_mean, gather_features, is_distributed
-from .itc import (EMPTY_QUEUE_ID, clamp_temperature_, enqueue_momentum_features_, itc_distill_loss, itc_loss,
-                  register_itc_queue)
-from .itm import itm_loss, itm_pairs
-from .masking import MaskSpec, random_masking, text_guided_masking
-from .mim_pixel import mim_pixel_loss
-from .mim_semantic import semantic_mim_loss, update_center
-from .mlm import mlm_loss
-from .scl import scl_loss
-from .teacher import ema_update_, make_teacher
-from .temperature import clamp_trained_temperature_
+from megavl.objectives.distributed import all_reduce_mean, gather_features, is_distributed
+from megavl.objectives.itc import (EMPTY_QUEUE_ID, clamp_temperature_, enqueue_momentum_features_,
+                                   itc_distill_loss, itc_loss, register_itc_queue)
+from megavl.objectives.itm import itm_loss, itm_pairs
+from megavl.objectives.masking import MaskSpec, random_masking, text_guided_masking
+from megavl.objectives.mim_pixel import mim_pixel_loss
+from megavl.objectives.mim_semantic import semantic_mim_loss, update_center
+from megavl.objectives.mlm import mlm_loss
+from megavl.objectives.scl import scl_loss
+from megavl.objectives.teacher import ema_update_, make_teacher
+from megavl.objectives.temperature import clamp_trained_temperature_
 
-__all__ = ["EMPTY_QUEUE_ID", "PretrainModule"]  # EMPTY_QUEUE_ID lives in .itc (shared with tasks/retrieval)
+__all__ = ["EMPTY_QUEUE_ID", "PretrainModule", "build"]  # EMPTY_QUEUE_ID lives in objectives.itc (shared with retrieval)
 
 
 def _rank_world() -> tuple[int, int]:
