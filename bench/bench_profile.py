@@ -44,7 +44,7 @@ def _worker(rank: int, world: int, port: int, stage: int, steps: int, batch_size
     from megavl.config import load_config
     from megavl.tasks.curriculum import mode_at
     from megavl.engine.launch import init_distributed
-    from megavl.engine.trainer import build_engine, clear_zero3_grad_partitions, step_generator, zero_fill_unused_grads
+    from megavl.engine.step import build_engine, clear_zero3_grad_partitions, step_generator, zero_fill_unused_grads
 
     info = init_distributed()
     cfg = load_config(RECIPES["tiny"], [f"data.batch_size={batch_size}", "run.grad_accum=1 run.precision=fp32",

@@ -151,7 +151,7 @@ def _zero3_worker(rank: int, world: int, port: int, num_images: int, reps: int, 
     import json
     import tempfile
 
-    from megavl.engine.trainer import build_engine
+    from megavl.engine.step import build_engine
 
     info = init_distributed()
     ds = json.loads((REPO / "ds_configs/zero3.json").read_text())

@@ -29,7 +29,9 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
 class Monitor:
     """Writes only on rank 0; other ranks get a Monitor that does nothing, so callers never branch."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, max_steps: int, start_step: int) -> None:
+    def __init__(self, output_dir: str | Path, enabled: bool, max_steps: int, start_step: int,
+                 name: str = "train") -> None:
+        """name: the progress bar's label (the task's name)."""
         self.enabled = enabled
         self.writer = None
         self.bar = None
@@ -38,7 +40,7 @@ class Monitor:
             from tqdm import tqdm
 
             self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tb"))
-            self.bar = tqdm(total=max_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=max_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:
