@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from megavl.config import OBJECTIVE_NAMES, load_config
-from megavl.objectives import pretrain as pretrain_mod
+from megavl.tasks import pretrain as pretrain_mod
 from megavl.objectives.itc import itc_distill_loss, itc_loss
 from megavl.tasks.pretrain import EMPTY_QUEUE_ID, PretrainModule
 from megavl.objectives.scl import scl_loss
