@@ -1,9 +1,11 @@
 """What the run reports: TensorBoard scalars and images on rank 0, and a console progress bar.
 
 Tag names are a public interface (users build dashboards on them): loss/total, loss/<objective>,
-train/lr, train/grad_norm, train/itc_temperature, train/teacher_momentum, curriculum/mode,
-perf/samples_per_sec, perf/tflops, perf/mfu, perf/data_wait, mem/peak_gb, data/skipped/<reason>,
-eval/i2t_r{1,5,10}, eval/t2i_r{1,5,10}.
+train/lr, train/grad_norm, perf/samples_per_sec, perf/data_wait, mem/peak_gb, data/skipped/<reason>
+for every task; pre-training's train/itc_temperature, train/teacher_momentum, curriculum/mode,
+data/modality, perf/tflops, perf/mfu, eval/i2t_r{1,5,10}, eval/t2i_r{1,5,10}, eval/r_mean; the
+fine-tuning tasks' val/<metric>, test/<metric> (retrieval with a queue: train/teacher_momentum,
+train/itc_distill_alpha). Also the device peak table and MFU.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """What every fine-tuning task shares: initial weights from a pre-trained model, the fused [CLS]
-of an image-text pair, and the gathering of per-rank evaluation outputs.
+of an image-text pair, the gathering of per-rank evaluation outputs, the loaders and the trained
+parameters of a Task (tasks/task.py).
 
 Initial weights: `load_backbone(model, state, source_cfg)` copies a pre-trained VLPModel state
 (an export's model.safetensors, or a checkpoint's "student."/"model." weights, read by the engine)

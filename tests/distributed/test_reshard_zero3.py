@@ -10,7 +10,7 @@ tests/e2e/test_resume_world.py; its 1 -> 2 leg catches the other defect (DeepSpe
 ignoring the partitions' padding, reshard.py).
 Run with ds_configs/zero3.json and zero3_offload.json (CPU offload of optimizer and params): the
 latter caught stale gradients in the offloaded fp32 gradient buffers (an unused parameter re-applied
-its last gradient in the uninterrupted run only; trainer.clear_zero3_grad_partitions): step 4's
+its last gradient in the uninterrupted run only; step.clear_zero3_grad_partitions): step 4's
 teacher EMA step and losses differed.
 """
 from __future__ import annotations

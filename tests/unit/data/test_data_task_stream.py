@@ -69,7 +69,7 @@ def test_a_resume_on_another_world_continues_at_the_global_position():
     assert (state["epoch"], state["position"]) == (1, 8)  # 2 steps per epoch of 16, then one more
     assert _steps(1, 8, 1, 3, state) == _steps(2, 4, 1, 6)[3:6]
     # the per-rank state older checkpoints saved: (epoch, batch) of a known world and micro-batch
-    legacy = _stream(0, 1, 8)
+    legacy = _stream(0, 2, 4)
     legacy.load_state_dict({"epoch": 1, "batch": 1, "world_size": 2})
     assert legacy.state_dict()["position"] == 8
 
