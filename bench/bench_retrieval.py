@@ -43,7 +43,7 @@ FULL_IMAGES, CPU_IMAGES, QUICK_IMAGES = 1000, 200, 12  # the issue's size; CPU d
 
 
 def tiny_student():
-    from megavl.objectives.pretrain import PretrainModule
+    from megavl.tasks.pretrain import PretrainModule
 
     cfg = load_config(RECIPES["tiny"], [f"data.max_text_len={TEXT_LEN}", "run.precision=fp32"])
     torch.manual_seed(0)
@@ -151,7 +151,7 @@ def _zero3_worker(rank: int, world: int, port: int, num_images: int, reps: int, 
     import json
     import tempfile
 
-    from megavl.engine.trainer import build_engine
+    from megavl.engine.step import build_engine
 
     info = init_distributed()
     ds = json.loads((REPO / "ds_configs/zero3.json").read_text())

@@ -12,7 +12,7 @@
    seed, data order and steps, the same model (temporal table of 4 entries): data.num_frames=4
    and data.num_frames=1 (one clip = its middle frame in evaluation, a random frame in training).
 3. Zero-shot retrieval on the val clips (twins too) from each run's export, with the pre-training
-   evaluation (engine/evaluate.py): ITC alone, and ITC top-16 re-scored by ITM (a tiny run's ITM
+   evaluation (tasks/pretrain_eval.py): ITC alone, and ITC top-16 re-scored by ITM (a tiny run's ITM
    head learns late, so both are reported).
 Also printed: the "motion-blind ceiling", the R@1 of an ideal model that knows colour,
 shape and the still shape but not the motion (each caption ranks the clips that match it up to
@@ -137,14 +137,14 @@ def _code_hash() -> str:
 
 
 def zero_shot_retrieval(export: Path, val: list[str], frames: int) -> dict:
-    """The pre-training evaluation (engine/evaluate.py) on the val shards with clips of `frames`
+    """The pre-training evaluation (tasks/pretrain_eval.py) on the val shards with clips of `frames`
     frames: {"itc": metrics of ITC alone, "itm": ITC top-16 re-ranked by ITM}, percentages."""
     import yaml
 
     from megavl import load_pretrained
     from megavl.config import config_from_dict
     from megavl.data import build_eval_loader
-    from megavl.engine.evaluate import PairBatches, evaluate_retrieval
+    from megavl.tasks.pretrain_eval import PairBatches, evaluate_retrieval
     from megavl.tasks.retrieval_eval import retrieval_scores
 
     model = load_pretrained(export)

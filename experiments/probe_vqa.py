@@ -49,7 +49,9 @@ def probe(cfg, export: str, iters: int, lr: float) -> dict:
     from megavl.tasks.base import collators, load_backbone
 
     torch.manual_seed(0)
-    parts = vqa.build_parts(cfg, build_tokenizer(cfg.data.tokenizer), "cpu", torch.float32)
+    from megavl.tasks.task import TaskEnv
+
+    parts = vqa.build(cfg, TaskEnv(torch.device("cpu"), torch.float32, 0, 1, {}))
     if export:
         state, source_cfg = read_init(export)
         load_backbone(parts.module.student, state, source_cfg, export)

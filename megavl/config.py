@@ -24,7 +24,7 @@ import yaml
 
 from megavl.config_checks import (VISION_ACTS, VISION_INIT_FORMATS, VISION_INIT_SUFFIXES, ConfigError,
                                   _check, validate)
-from megavl.config_parts import (OBJECTIVE_NAMES, TASK_NAMES, Config, CurriculumConfig, DataConfig,
+from megavl.config_parts import (OBJECTIVE_NAMES, Config, CurriculumConfig, DataConfig,
                                  DecoderConfig, FusionConfig, ITCConfig, ITMConfig, MaskingConfig,
                                  MIMPixelConfig, MIMSemanticConfig, MLMConfig, ModelConfig, ObjectivesConfig,
                                  OptimConfig, RunConfig, SCLConfig, TaskConfig, TeacherConfig, TextConfig,
@@ -34,7 +34,7 @@ __all__ = [
     "Config", "ModelConfig", "VisionConfig", "TextConfig", "FusionConfig", "DecoderConfig", "DataConfig",
     "ObjectivesConfig", "MaskingConfig", "TeacherConfig", "ITCConfig", "ITMConfig", "MLMConfig",
     "MIMPixelConfig", "MIMSemanticConfig", "SCLConfig", "OptimConfig", "CurriculumConfig", "RunConfig",
-    "TaskConfig", "OBJECTIVE_NAMES", "TASK_NAMES", "VISION_ACTS", "VISION_INIT_FORMATS",
+    "TaskConfig", "OBJECTIVE_NAMES", "VISION_ACTS", "VISION_INIT_FORMATS",
     "VISION_INIT_SUFFIXES", "ConfigError", "validate", "load_config", "config_from_dict", "config_from_saved",
     "to_dict", "split_overrides", "apply_overrides",
 ]

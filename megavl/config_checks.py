@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megavl.config_parts import OBJECTIVE_NAMES, TASK_NAMES, Config, ModelConfig
+from megavl.config_parts import OBJECTIVE_NAMES, Config, ModelConfig
 
 
 class ConfigError(ValueError):
@@ -113,7 +113,9 @@ def _validate_tower_choices(m: ModelConfig) -> None:
 
 def _validate_task(cfg: Config) -> None:
     t = cfg.task
-    _check(t.name in TASK_NAMES, "task.name", "|".join(TASK_NAMES), t.name)
+    from megavl.tasks import TASKS  # the registry: a task is known where it is built
+
+    _check(t.name in TASKS, "task.name", "|".join(TASKS), t.name)
     if t.name == "pretrain":
         return
     _check(bool(t.train), "task.train", "at least one annotation file", t.train)

@@ -250,9 +250,9 @@ class RunConfig:
 
 @dataclass
 class TaskConfig:
-    """What a run optimises (megavl/tasks/); `pretrain` keeps the pre-training loop."""
+    """What a run optimises (megavl/tasks/, one engine for every task)."""
 
-    name: str = "pretrain"        # pretrain | retrieval | vqa | nlvr2
+    name: str = "pretrain"        # a key of megavl.tasks.TASKS: pretrain | retrieval | vqa | nlvr2
     init_from: str = ""           # megavl-export dir or checkpoint dir ("" = random init); with pretrain:
                                   # continued pre-training (e.g. an image-text model -> video-text)
     image_root: str = ""          # image paths of the annotation files are relative to it
@@ -273,9 +273,6 @@ class TaskConfig:
     minival_images: int = 0       # VQA with task.val empty: hold out this many train images (all their
                                   # VQA questions) as the minival; 0 = no minival
     fusion_mode: str = "two"      # two | single
-
-
-TASK_NAMES = ("pretrain", "retrieval", "vqa", "nlvr2")
 
 
 @dataclass

@@ -196,9 +196,11 @@ def build_task_collators(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, *,
 
 def build_task_loader(items: list, to_fields: Callable[[object], tuple[list[str], dict]],
                       collator: TaskCollator, cfg: DataConfig, *, rank: int, world: int, seed: int,
-                      train: bool, video: bool = False) -> TaskLoader:
+                      train: bool, video: bool = False, global_batch_size: int | None = None) -> TaskLoader:
     """This rank's TaskLoader over items whose paths (`to_fields`) are images, or videos decoded as
-    data.num_frames frames; `seed` (run.seed) fixes the order, crops and frame draws."""
+    data.num_frames frames; `seed` (run.seed) fixes the order, crops and frame draws;
+    `global_batch_size` (samples per optimizer step over all ranks) cuts the training order into
+    world-independent global batches."""
     if video:
         dataset: TaskDataset = VideoTaskDataset(items, to_fields, cfg.num_frames, train=train,
                                                 seed=seed, max_pixels=cfg.max_image_pixels,
@@ -207,4 +209,5 @@ def build_task_loader(items: list, to_fields: Callable[[object], tuple[list[str]
         draft = train_draft_size(cfg.image_size, cfg.train_crop_scale) if train else cfg.image_size
         dataset = TaskDataset(items, to_fields, cfg.max_image_pixels, draft, seed=seed)
     return TaskLoader(dataset, collator, batch_size=cfg.batch_size, rank=rank, world=world,
-                      train=train, seed=seed, num_workers=cfg.num_workers)
+                      train=train, seed=seed, num_workers=cfg.num_workers,
+                      global_batch_size=global_batch_size)

@@ -4,7 +4,7 @@ A batch is one modality (the collator cannot stack a (T, 3, S, S) clip with a (3
 under ZeRO-3 every rank must run the same modules in the same order, so in a mixed run the modality
 is chosen per OPTIMIZER step (all micro-steps of a step alike), the same on every rank, as a pure
 function of (seed, step): no communication, and a resumed run (on any world size) continues the
-same sequence, like the curriculum (engine/curriculum.py).
+same sequence, like the curriculum (tasks/curriculum.py).
 
 Schedule. Steps are cut into blocks of `block` steps. Block b holds exactly
     n_b = floor((b + 1) * block * share) - floor(b * block * share)

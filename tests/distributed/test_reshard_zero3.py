@@ -10,7 +10,7 @@ tests/e2e/test_resume_world.py; its 1 -> 2 leg checks the partitions' padding (D
 setter ignores it, reshard.py).
 Run with ds_configs/zero3.json and zero3_offload.json (CPU offload of optimizer and params): the
 latter checks that the offloaded fp32 gradient buffers hold no stale gradient (an unused parameter
-would re-apply its last gradient in the uninterrupted run only, trainer.clear_zero3_grad_partitions;
+would re-apply its last gradient in the uninterrupted run only, step.clear_zero3_grad_partitions;
 step 4's teacher EMA step and losses would differ).
 """
 from __future__ import annotations

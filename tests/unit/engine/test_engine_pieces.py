@@ -12,12 +12,12 @@ from safetensors.torch import save_file
 
 from megavl.config import ConfigError, CurriculumConfig, load_config
 from megavl.engine import checkpoint
-from megavl.engine.curriculum import mode_at
+from megavl.tasks.curriculum import mode_at
 from megavl.engine.ds_config import build_ds_config
-from megavl.engine.finetune import task_param_groups
 from megavl.engine.launch import fill_env_from_launcher
 from megavl.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups, predates_temporal_group
-from megavl.objectives.pretrain import PretrainModule
+from megavl.tasks.base import finetune_params
+from megavl.tasks.pretrain import PretrainModule, pretrain_params
 from megavl.tasks import retrieval
 
 CPU = torch.device("cpu")
@@ -55,7 +55,7 @@ def tiny_module():
 
 def test_param_groups_decay_and_lr_multiplier(tiny_module):
     cfg, module = tiny_module
-    groups = param_groups(module, cfg.optim)
+    groups = param_groups(pretrain_params(module), cfg.optim)
     by_name = {n: g for g in groups for n in g["names"]}
     trained = {n for n, p in module.student_parameters() if p.requires_grad}
     assert set(by_name) == trained  # every trained parameter exactly once; no teacher parameter
@@ -76,14 +76,14 @@ def test_temporal_embedding_has_its_own_rate():
                                             "optim.fusion_lr_mult=5.0"])
     torch.manual_seed(0)
     module = PretrainModule(cfg.model, cfg.objectives, {"single": ["itc"], "two": ["itc"]})
-    groups = param_groups(module, cfg.optim)
+    groups = param_groups(pretrain_params(module), cfg.optim)
     temporal = [g for g in groups if "student.vision.temporal_embed" in g["names"]]
     assert len(temporal) == 1 and temporal[0]["names"] == ["student.vision.temporal_embed"]
     assert temporal[0]["lr"] == pytest.approx(7 * cfg.optim.lr) and temporal[0]["weight_decay"] == 0.0
     by_name = {n: g for g in groups for n in g["names"]}
     assert by_name["student.vision.pos_embed"]["lr"] == pytest.approx(cfg.optim.lr)
     with_teacher = retrieval.RetrievalModule(cfg.model, queue_size=64)  # the teacher's table is not trained
-    fine_tuned = {n: g for g in task_param_groups(with_teacher, cfg.optim) for n in g["names"]}
+    fine_tuned = {n: g for g in param_groups(finetune_params(with_teacher), cfg.optim) for n in g["names"]}
     assert fine_tuned["student.vision.temporal_embed"]["lr"] == pytest.approx(7 * cfg.optim.lr)
     assert fine_tuned["student.vision.pos_embed"]["lr"] == pytest.approx(cfg.optim.lr)
     assert [n for n in fine_tuned if n.endswith("temporal_embed")] == ["student.vision.temporal_embed"]
@@ -220,7 +220,7 @@ def test_a_finished_job_leaves_its_process_group():
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_mim_reconstruction_pixels_by_hand(norm_pix):
     """A perfect MIM prediction (the loss's own target) is drawn as the original pixels."""
-    from megavl.engine.visuals import prediction_to_pixels
+    from megavl.tasks.pretrain_visuals import prediction_to_pixels
     from megavl_kernels import masked_patch_targets
 
     torch.manual_seed(0)
@@ -240,7 +240,7 @@ def test_mim_reconstruction_pixels_by_hand(norm_pix):
 
 def _drawn_mask_picture(module, cfg, images: torch.Tensor) -> torch.Tensor:
     """The one (C, H, W) picture log_mask_images draws for a batch of these images or clips."""
-    from megavl.engine.visuals import log_mask_images
+    from megavl.tasks.pretrain_visuals import log_mask_images
 
     ids = torch.randint(1000, 2000, (images.shape[0], 10))
     batch = {"images": images, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -286,7 +286,7 @@ def test_schedule_decays_every_group_to_min_lr_ratio(tiny_module, schedule):
     cfg, module = tiny_module
     optim = load_config("configs/tiny.yaml", [f"optim.min_lr_ratio=0.1 optim.schedule={schedule}",
                                               "optim.warmup_steps=2 optim.lr=1e-4 optim.fusion_lr_mult=5.0"]).optim
-    optimizer = build_optimizer(param_groups(module, optim), optim, torch.device("cpu"))
+    optimizer = build_optimizer(param_groups(pretrain_params(module), optim), optim, torch.device("cpu"))
     scheduler = build_scheduler(optimizer, optim, total_steps=12)
     base = [g["initial_lr"] for g in optimizer.param_groups]
     assert sorted(set(base)) == pytest.approx([1e-4, 5e-4])

@@ -1,4 +1,4 @@
-"""Analytic step FLOPs (megavl.engine.flops) against torch's FlopCounterMode on real PretrainModule steps.
+"""Analytic step FLOPs (megavl.tasks.pretrain_flops) against torch's FlopCounterMode on real PretrainModule steps.
 
 FlopCounterMode counts the matmul-like aten ops (mm, addmm, bmm, convolution, sdpa kernels) that
 actually ran, forward and backward, so it is the obviously-correct reference for `step_flops`.
@@ -15,9 +15,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megavl.config import OBJECTIVE_NAMES, load_config
-from megavl.engine import flops as flops_mod
-from megavl.engine.flops import PEAK_BF16_FLOPS, StepFlops, mfu, peak_flops, step_flops
-from megavl.objectives.pretrain import PretrainModule
+from megavl.tasks import pretrain_flops as flops_mod
+from megavl.engine import metrics as metrics_mod
+from megavl.engine.metrics import PEAK_BF16_FLOPS, mfu, peak_flops
+from megavl.tasks.pretrain_flops import StepFlops, step_flops
+from megavl.tasks.pretrain import PretrainModule
 
 B, L = 3, 12
 ALL = list(OBJECTIVE_NAMES)
@@ -160,7 +162,7 @@ def test_peak_flops_by_device_name(monkeypatch, name: str, expected: float) -> N
 
 def test_peak_flops_unknown_is_none_and_logged_once(monkeypatch, caplog) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU 9000")
-    with caplog.at_level(logging.INFO, logger=flops_mod.logger.name):
+    with caplog.at_level(logging.INFO, logger=metrics_mod.logger.name):
         assert peak_flops("cuda:0") is None
         assert peak_flops("cuda:0") is None
     assert sum("Some Future GPU 9000" in r.getMessage() for r in caplog.records) == 1
@@ -208,7 +210,7 @@ def test_flops_follow_a_text_tower_loaded_from_hugging_face(mode: str = "two") -
 @pytest.mark.parametrize("frames, kept", [(1, None), (1, 5), (3, None), (3, 5), (4, 1)])
 def test_vision_tower_flops_cover_clips(frames, kept):
     """vision_tower_flops against FlopCounterMode on the real tower, images and clips, masked or not."""
-    from megavl.engine.flops import vision_tower_flops
+    from megavl.tasks.pretrain_flops import vision_tower_flops
     from megavl.models.vision import VisionTransformer
 
     from megavl.config import ModelConfig, VisionConfig

@@ -14,7 +14,7 @@ import torch
 from megavl.config import OBJECTIVE_NAMES, load_config
 from megavl.engine.metrics import StepTimer
 from megavl.engine.stop import StopFlag
-from megavl.objectives.pretrain import PretrainModule
+from megavl.tasks.pretrain import PretrainModule
 
 
 def _batch(device, B=8, L=16, size=64, seed=0):
@@ -28,7 +28,7 @@ def _batch(device, B=8, L=16, size=64, seed=0):
     batch = {"images": torch.randn(B, 3, size, size, generator=g), "input_ids": ids * mask, "attention_mask": mask,
              "mlm_input_ids": torch.where(picked, torch.full_like(ids, 103), ids * mask),
              "mlm_labels": torch.where(picked, ids, torch.full_like(ids, -100)), "image_ids": torch.arange(B)}
-    count = int(picked.sum())  # what Trainer._to_device adds, from the CPU batch
+    count = int(picked.sum())  # what engine.step.to_device adds, from the CPU batch
     return {**{k: v.to(device) for k, v in batch.items()}, "mlm_count": count}
 
 

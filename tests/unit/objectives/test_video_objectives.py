@@ -15,7 +15,7 @@ from megavl.config import OBJECTIVE_NAMES, load_config
 from megavl.objectives.masking import random_masking, text_guided_masking
 from megavl.objectives.mim_pixel import mim_pixel_loss
 from megavl.objectives.mim_semantic import semantic_mim_loss
-from megavl.objectives.pretrain import PretrainModule
+from megavl.tasks.pretrain import PretrainModule
 from megavl.objectives.scl import scl_loss
 
 B, T, L, S, PATCH = 2, 3, 10, 32, 8

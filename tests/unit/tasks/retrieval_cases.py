@@ -20,7 +20,7 @@ def tiny_config(*sets: str):
 
 
 def tiny_student(cfg=None):
-    from megavl.objectives.pretrain import PretrainModule
+    from megavl.tasks.pretrain import PretrainModule
 
     torch.manual_seed(0)
     cfg = cfg or tiny_config()

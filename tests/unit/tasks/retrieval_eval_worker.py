@@ -12,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from retrieval_cases import K, pair_batches, tiny_config  # noqa: E402
 
-from megavl.engine.evaluate import evaluate_retrieval  # noqa: E402
+from megavl.tasks.pretrain_eval import evaluate_retrieval  # noqa: E402
 from megavl.engine.launch import init_distributed  # noqa: E402
-from megavl.engine.trainer import build_engine  # noqa: E402
+from megavl.engine.step import build_engine  # noqa: E402
 from megavl.tasks.retrieval_eval import retrieval_scores  # noqa: E402
 from retrieval_cases import clip_batches, dense_batches, tiny_student  # noqa: E402
 

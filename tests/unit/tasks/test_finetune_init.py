@@ -97,8 +97,8 @@ def test_pretraining_starts_student_and_teacher_from_task_init_from(tmp_path):
     from safetensors.torch import save_file
 
     from megavl.config import to_dict
-    from megavl.engine.trainer import init_pretraining
-    from megavl.objectives.pretrain import PretrainModule
+    from megavl.engine.task_init import read_init
+    from megavl.tasks.pretrain import PretrainModule, load_weights
 
     full = load_config(REPO / "configs/tiny.yaml")
     source = _frames_model(full.model, 1, 0)
@@ -107,7 +107,7 @@ def test_pretraining_starts_student_and_teacher_from_task_init_from(tmp_path):
     video_cfg = dataclasses.replace(full.model, vision=dataclasses.replace(full.model.vision, num_frames=4))
     torch.manual_seed(1)
     module = PretrainModule(video_cfg, full.objectives, {"two": ["itc"]})
-    init_pretraining(module, str(tmp_path))
+    load_weights(module, *read_init(str(tmp_path)), "task.init_from")
     for name, value in source.state_dict().items():
         torch.testing.assert_close(module.student.state_dict()[name], value, rtol=0, atol=0, msg=name)
         torch.testing.assert_close(module.teacher.state_dict()[name], value, rtol=0, atol=0, msg=name)

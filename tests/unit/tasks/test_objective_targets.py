@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from megavl.config import OBJECTIVE_NAMES, load_config
-from megavl.objectives import pretrain as pretrain_mod
+from megavl.tasks import pretrain as pretrain_mod
 from megavl.objectives.itc import itc_distill_loss, itc_loss
-from megavl.objectives.pretrain import EMPTY_QUEUE_ID, PretrainModule
+from megavl.tasks.pretrain import EMPTY_QUEUE_ID, PretrainModule
 from megavl.objectives.scl import scl_loss
 
 
@@ -274,13 +274,13 @@ def test_clamp_trained_temperature_plain_parameter_and_bounds():
 
 def test_mim_pixel_targets_come_from_the_fp32_images(monkeypatch):
     """Under bf16 the Trainer casts the batch to bf16 and keeps `images_fp32`; the pixel targets use it."""
-    from megavl.engine.trainer import _to_device
+    from megavl.engine.step import to_device
 
     batch = _batch()
-    moved = _to_device(batch, torch.device("cpu"), torch.bfloat16)
+    moved = to_device(batch, torch.device("cpu"), torch.bfloat16)
     assert moved["images"].dtype == torch.bfloat16 and moved["images_fp32"].dtype == torch.float32
     assert torch.equal(moved["images_fp32"], batch["images"])
-    assert "images_fp32" not in _to_device(batch, torch.device("cpu"), torch.float32)
+    assert "images_fp32" not in to_device(batch, torch.device("cpu"), torch.float32)
 
     module = _module(objectives=["mim_pixel"])
     seen = []

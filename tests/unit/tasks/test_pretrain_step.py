@@ -5,7 +5,7 @@ import torch
 
 from megavl.config import OBJECTIVE_NAMES, load_config
 from megavl.engine.optim import build_optimizer, param_groups
-from megavl.objectives.pretrain import PretrainModule
+from megavl.tasks.pretrain import PretrainModule, pretrain_params
 
 
 def _batch(B=8, L=16, size=64, seed=0):
@@ -59,7 +59,7 @@ def test_disabled_objectives_do_not_run(setup):
 def test_total_loss_falls_over_50_steps_on_fixed_data(setup):
     cfg, module = setup
     torch.set_num_threads(1)
-    optimizer = build_optimizer(param_groups(module, cfg.optim), cfg.optim, torch.device("cpu"))
+    optimizer = build_optimizer(param_groups(pretrain_params(module), cfg.optim), cfg.optim, torch.device("cpu"))
     batch, history = _batch(), []
     for step in range(50):
         total, _ = module(batch, ("single", "two")[step % 2], torch.Generator().manual_seed(step))

@@ -12,7 +12,7 @@ import torch
 from launch_helpers import run_ranks
 from retrieval_cases import K, clip_batches, dense_batches, pair_batches, reference_evaluate, tiny_config, tiny_student
 
-from megavl.engine.evaluate import eval_fusion_mode, evaluate_retrieval
+from megavl.tasks.pretrain_eval import eval_fusion_mode, evaluate_retrieval
 from megavl.tasks.metrics import retrieval_metrics
 from megavl.tasks.retrieval_eval import NOT_RERANKED, retrieval_scores
 

@@ -1,4 +1,4 @@
-"""Zero-shot video retrieval as pre-training runs it (engine/evaluate.py over the video val shards):
+"""Zero-shot video retrieval as pre-training runs it (tasks/pretrain_eval.py over the video val shards):
 the sharded, batched scores on clips equal a per-clip reference (each clip and caption encoded alone,
 ITC similarities, top-k re-scored by ITM one pair at a time)."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from megavl.config import DataConfig, ModelConfig
 from megavl.data import build_eval_loader
 from megavl.data.writer import ShardWriter
-from megavl.engine.evaluate import PairBatches, evaluate_retrieval
+from megavl.tasks.pretrain_eval import PairBatches, evaluate_retrieval
 from megavl.models.vlp import VLPModel
 from megavl.tasks.metrics import retrieval_metrics
 from megavl.tasks.retrieval_eval import retrieval_scores

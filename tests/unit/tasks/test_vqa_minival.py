@@ -88,28 +88,28 @@ def _minival_sets(out: Path) -> list[str]:
 
 
 def test_vqa_parts_evaluate_the_held_out_minival(synth):
-    """build_parts with task.minival_images and no task.val: the train loader holds the rest, the
-    "val" split is the minival (what FineTuner evaluates and keeps the best checkpoint by)."""
+    """vqa.build with task.minival_images and no task.val: the train loader holds the rest, the
+    "val" split is the minival (what the Trainer evaluates and keeps the best checkpoint by)."""
     import torch
 
     from megavl.config import load_config
-    from megavl.data.text import build_tokenizer
     from megavl.tasks import vqa
+    from megavl.tasks.task import TaskEnv
 
     out = synth
     cfg = load_config("configs/finetune_vqa_tiny.yaml", _minival_sets(out))
-    parts = vqa.build_parts(cfg, build_tokenizer(cfg.data.tokenizer), torch.device("cpu"), torch.float32)
+    parts = vqa.build(cfg, TaskEnv(torch.device("cpu"), torch.float32, 0, 1, {}))
     pool, _ = load_vqa([f"{out}/vqa_train.json"], {"vqa": str(out)}, need_answers=True)
     train, minival, _ = holdout_minival(pool, 3, cfg.run.seed)
     assert parts.has_val
-    assert [it.question_id for it in parts.train_loader.dataset.items] == [it.question_id for it in train]
+    assert [it.question_id for it in parts.train_loader.loader.dataset.items] == [it.question_id for it in train]
     metrics = parts.evaluate("val")
     assert metrics["questions"] == len(minival) and 0 <= metrics["overall"] <= 100
 
 
 @pytest.mark.slow
 def test_finetuning_run_evaluates_the_minival_and_keeps_the_best(synth, tmp_path):
-    """One ZeRO-0 process through megavl/train.py: with no task.val the FineTuner evaluates the
+    """One ZeRO-0 process through megavl/train.py: with no task.val the Trainer evaluates the
     held-out minival at the end and writes best/ by its overall accuracy."""
     out = tmp_path / "run"
     # run_child's environment drops the rendezvous variables the in-process world of one above

@@ -10,7 +10,7 @@ import torch
 
 from megavl.config import Config
 from megavl.objectives.masking import random_masking, text_guided_masking
-from megavl.objectives.pretrain import clip_frames
+from megavl.tasks.pretrain import clip_frames
 from megavl_kernels import patchify
 
 

@@ -32,28 +32,31 @@ modules in the same order (ZeRO-3 gathers parameters in that order; a mismatch h
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megavl.config import ModelConfig, ObjectivesConfig
+from megavl.config import Config, ModelConfig, ObjectivesConfig
 from megavl.models.fusion import FusionOutput
 from megavl.models.vlp import VLPModel
 from megavl_kernels import gather_tokens, masked_patch_targets
 
-from .distributed import all_reduce_mean, gather_features, is_distributed
-from .itc import (EMPTY_QUEUE_ID, clamp_temperature_, enqueue_momentum_features_, itc_distill_loss, itc_loss,
-                  register_itc_queue)
-from .itm import itm_loss, itm_pairs
-from .masking import MaskSpec, random_masking, text_guided_masking
-from .mim_pixel import mim_pixel_loss
-from .mim_semantic import semantic_mim_loss, update_center
-from .mlm import mlm_loss
-from .scl import scl_loss
-from .teacher import ema_update_, make_teacher
-from .temperature import clamp_trained_temperature_
+from megavl.objectives.distributed import all_reduce_mean, gather_features, is_distributed
+from megavl.objectives.itc import (EMPTY_QUEUE_ID, clamp_temperature_, enqueue_momentum_features_,
+                                   itc_distill_loss, itc_loss, register_itc_queue)
+from megavl.objectives.itm import itm_loss, itm_pairs
+from megavl.objectives.masking import MaskSpec, random_masking, text_guided_masking
+from megavl.objectives.mim_pixel import mim_pixel_loss
+from megavl.objectives.mim_semantic import semantic_mim_loss, update_center
+from megavl.objectives.mlm import mlm_loss
+from megavl.objectives.scl import scl_loss
+from megavl.objectives.teacher import ema_update_, make_teacher
+from megavl.objectives.temperature import clamp_trained_temperature_
+from megavl.tasks.task import StepPlan, Task, TaskEnv, TrainedParameters
 
-__all__ = ["EMPTY_QUEUE_ID", "PretrainModule"]  # EMPTY_QUEUE_ID lives in .itc (shared with tasks/retrieval)
+__all__ = ["EMPTY_QUEUE_ID", "PretrainModule", "build"]  # EMPTY_QUEUE_ID lives in objectives.itc (shared with retrieval)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -311,7 +314,7 @@ class PretrainModule(nn.Module):
         the world size (gradients are averaged over ranks). The vocabulary head runs on masked tokens only.
 
         count: this rank's number of masked tokens, counted on the host from the CPU batch (the
-        Trainer's `_to_device` adds it as batch["mlm_count"]). With it the masked tokens are taken by a
+        engine's `to_device` adds it as batch["mlm_count"]). With it the masked tokens are taken by a
         fixed-size stable sort (row-major order, as boolean indexing) and the step does not wait on the
         device; without it, boolean indexing (one host sync to size the result)."""
         picked = labels != -100
@@ -347,3 +350,83 @@ class PretrainModule(nn.Module):
         self.center_patch.copy_(update_center(self.center_patch, t_patch, cfg.center_momentum))
         self.center_global.copy_(update_center(self.center_global, t_global, cfg.center_momentum))
         return patch + cfg.global_weight * agree
+
+
+# ---------------------------------------------------------------------------------- the task
+def pretrain_params(module: PretrainModule) -> TrainedParameters:
+    """The student and the ITC temperature (the teacher is not trained); the fusion stack and the
+    heads (and the temperature) at optim.fusion_lr_mult."""
+    student = module.student
+    return TrainedParameters(
+        named=[(n, p) for n, p in module.student_parameters() if p.requires_grad],
+        no_decay={f"student.{n}" for n in student.no_weight_decay()} | {"temp"},
+        fast=tuple(f"student.{p}" for p in student.fusion_and_head_prefixes()) + ("temp",))
+
+
+def load_weights(module: PretrainModule, state: dict, source_cfg: ModelConfig, source_name: str) -> None:
+    """Continued pre-training (e.g. image-text weights -> video-text): student and teacher start
+    from the same weights (tasks/base.load_backbone: resolution and frames may differ)."""
+    from megavl.tasks.base import load_backbone
+
+    load_backbone(module.student, state, source_cfg, source_name)
+    module.teacher.load_state_dict(module.student.state_dict())
+
+
+def build(cfg: Config, env: TaskEnv) -> Task:
+    """Pre-training as a Task: the curriculum's mode and the data's modality per step, the EMA
+    teacher after each step, retrieval on data.val_shards as its evaluation (no best/)."""
+    from megavl.data import build_train_loader
+    from megavl.data.modality import MODALITIES, MODALITY_IDS, check_clip_model
+    from megavl.objectives.teacher import teacher_momentum
+    from megavl.tasks.curriculum import MODE_IDS, mode_at, objectives_by_mode
+    from megavl.tasks.pretrain_eval import pretrain_evaluation
+    from megavl.tasks.pretrain_flops import step_flops
+    from megavl.tasks.pretrain_visuals import log_mask_images
+
+    run, data = cfg.run, cfg.data
+    module = PretrainModule(cfg.model, cfg.objectives, objectives_by_mode(cfg.curriculum))
+    loader = build_train_loader(data, rank=env.rank, world_size=env.world_size,
+                                mlm_prob=cfg.objectives.masking.text_mask_prob,
+                                scl_mask_prob=cfg.objectives.scl.text_mask_prob,
+                                global_batch_size=run.global_batch_size
+                                or data.batch_size * run.grad_accum * env.world_size)
+    check_clip_model(loader.modalities, data.num_frames, cfg.model.vision.num_frames)
+
+    def before_step(step: int) -> StepPlan:
+        mode = mode_at(step, loader.epoch, cfg.curriculum)
+        modality = loader.modality_at(step)  # every rank alike (data/modality.py)
+        # every step: the curriculum alternates, the modality follows its schedule
+        return StepPlan(forward_args={"mode": mode}, progress={"mode": MODE_IDS[mode]},
+                        every_step_scalars={"curriculum/mode": MODE_IDS[mode],
+                                            "data/modality": MODALITY_IDS[modality]},
+                        info={"mode": mode, "modality": modality})
+
+    def after_step(step: int) -> dict:
+        momentum = teacher_momentum(step, run.max_steps, cfg.objectives.teacher.momentum,
+                                    cfg.objectives.teacher.momentum_end)
+        module.update_teacher(momentum)
+        return {"train/teacher_momentum": momentum}
+
+    def log_scalars(plan: StepPlan, batch: dict) -> dict:
+        consumed = loader.samples_consumed()  # global counts, the same on every rank
+        # the temperature the last forward's ITC loss used (the clamped working copy)
+        return {"train/itc_temperature": float(module.temperature_used),
+                **{f"data/samples/{kind}": consumed.get(kind, 0) for kind in MODALITIES}}
+
+    def flops(plan: StepPlan, batch: dict, global_batch: int) -> float:
+        mode = plan.info["mode"]
+        num_mlm = int((batch["mlm_labels"] != -100).sum()) * env.world_size
+        return step_flops(cfg.model, cfg.objectives, module.active(mode), mode, global_batch,
+                          batch["input_ids"].shape[1], num_mlm * run.grad_accum,
+                          num_frames=batch["images"].shape[1] if batch["images"].ndim == 5 else 1).total
+
+    def visualize(step: int, plan: StepPlan, batch: dict, monitor) -> None:
+        if plan.info["modality"] == "image":  # a clip has no single picture; every rank agrees
+            log_mask_images(module, batch, plan.info["mode"], monitor, step, cfg)
+
+    evaluate, report = pretrain_evaluation(cfg, module, env)
+    return Task(name="pretrain", module=module, params=pretrain_params(module), train_loader=loader,
+                load_weights=partial(load_weights, module), evaluate=evaluate, has_val=bool(data.val_shards),
+                report=report, before_step=before_step, after_optimizer_step=module.clamp_temperature,
+                after_step=after_step, log_scalars=log_scalars, step_flops=flops, visualize=visualize,
+                evaluate_first=True)

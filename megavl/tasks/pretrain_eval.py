@@ -1,4 +1,4 @@
-"""Zero-shot image<->text retrieval on the held-out shards during pre-training (a thin caller).
+"""Zero-shot image<->text retrieval on the held-out shards: pre-training's evaluation (a thin caller).
 
 The scoring is `megavl.tasks.retrieval_eval.retrieval_scores` (sharded over the ranks, batched ITM
 re-ranking) and the metrics are `megavl.tasks.metrics.retrieval_metrics`, the same code the
@@ -9,7 +9,7 @@ at the same step; the numbers are identical on all ranks.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -100,3 +100,35 @@ def eval_fusion_mode(requested: str, cross_attention: bool, curriculum) -> str:
     itm_modes = {m for m in used if "itm" in (curriculum.objectives_two if m == "two" else curriculum.objectives_single)}
     candidates = itm_modes or used
     return "two" if "two" in candidates else "single"
+
+
+def pretrain_evaluation(cfg, module, env) -> tuple[Callable[[str], dict | None], Callable[[str, dict, str], tuple[dict, str]]]:
+    """(evaluate, report) of the pre-training Task: retrieval on data.val_shards, each rank embedding
+    its share; the report keeps the eval/* tags and, at the end, the before -> after R@1 line."""
+    from megavl.data import build_eval_loader
+
+    run = cfg.run
+    mode = eval_fusion_mode(run.eval_mode, cfg.model.fusion.cross_attention, cfg.curriculum)
+    first: dict = {}
+
+    def evaluate(split: str) -> dict:
+        loader = build_eval_loader(cfg.data, rank=env.rank, world_size=env.world_size)
+        return evaluate_retrieval(module.student, loader, env.device, env.dtype, itm_rerank_k=run.eval_itm_rerank_k,
+                                  mode=mode, rerank=run.eval_rerank, pair_batch=run.eval_pair_batch)
+
+    def report(split: str, metrics: dict, when: str) -> tuple[dict, str]:
+        scalars = {f"eval/{d}_r{k}": metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RETRIEVAL_KS}
+        scalars["eval/r_mean"] = metrics["r_mean"]
+        chance = 1.0 / metrics["num_texts"]
+        line = (f"retrieval i2t R@1 {metrics['i2t_r1']:.3f} t2i R@1 {metrics['t2i_r1']:.3f} (chance {chance:.4f}, "
+                f"{int(metrics['num_images'])} images, ITM re-rank k={run.eval_itm_rerank_k} in {mode}-stream mode)")
+        if when == "start":
+            first["metrics"] = metrics
+        before = first.get("metrics")
+        if when == "end" and before is not None:
+            line += (f"\nretrieval R@1 before -> after: i2t {before['i2t_r1']:.3f} -> {metrics['i2t_r1']:.3f}, "
+                     f"t2i {before['t2i_r1']:.3f} -> {metrics['t2i_r1']:.3f}; chance {chance:.4f} "
+                     f"(after = {metrics['i2t_r1'] / chance:.1f}x chance i2t, {metrics['t2i_r1'] / chance:.1f}x t2i)")
+        return scalars, line
+
+    return evaluate, report

@@ -1,6 +1,6 @@
-"""Analytic FLOPs of one pre-training step, the device peak table, and MFU.
+"""Analytic FLOPs of one pre-training step (the MFU numerator; the peak and MFU are engine/metrics.py's).
 
-`step_flops` follows `PretrainModule.forward` pass by pass (objectives/pretrain.py): which passes run
+`step_flops` follows `PretrainModule.forward` pass by pass (tasks/pretrain.py): which passes run
 for a mode and its active objectives, on how many tokens, and which of them get a backward. It counts
 exactly the matrix products that `torch.utils.flop_counter.FlopCounterMode` counts (mm, addmm, bmm,
 convolution, attention kernels); norms, softmax, GELU, gathers and losses are not FLOPs here.
@@ -26,31 +26,16 @@ Kp prototypes.
 """
 from __future__ import annotations
 
-import functools
-import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
-
 from megavl.config import FusionConfig, ModelConfig, ObjectivesConfig
 from megavl.objectives.masking import num_kept
-
-logger = logging.getLogger(__name__)
 
 # Constructor defaults of the modules (models/) that the config does not carry.
 _IN_CHANS = 3                  # VisionTransformer(in_chans=3): RGB images
 _DECODER_MLP_RATIO = 4.0       # MaskedImageDecoder builds Block(dec_width, heads, 4.0, ...)
 _PROTOTYPE_BOTTLENECK = 256    # PrototypeHead(bottleneck=256), capped at the fusion width
-
-# bf16 dense tensor-core peak per GPU, matched as a substring of torch.cuda.get_device_name, first
-# match wins (so specific names come before the family). Source: NVIDIA datasheets.
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),          # SXM
-    ("H200", 989e12),
-    ("A100", 312e12),
-)
 
 FUSION_GRADS = ("none", "image", "text", "both")
 
@@ -305,39 +290,3 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
     if "scl" in on:  # two InfoNCE terms against detached targets: grad w.r.t. the query side only
         t.add("scl", 2 * _gemm(gathered, w, gathered), 2 * _gemm(gathered, gathered, w))
     return t.result()
-
-
-# --------------------------------------------------------------------------------------- peak, MFU
-@functools.lru_cache(maxsize=None)
-def _log_no_peak_once(what: str) -> None:
-    logger.info("no bf16 peak FLOPs for %s; MFU is not reported", what)
-
-
-def peak_flops(device: torch.device | str) -> float | None:
-    """bf16 dense peak FLOP/s of one `device` from PEAK_BF16_FLOPS; None on CPU or an unknown GPU
-    (logged once per device name)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        _log_no_peak_once(device.type)
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_BF16_FLOPS:
-        if key in name:
-            return peak
-    _log_no_peak_once(name)
-    return None
-
-
-def mfu(flops_per_step: float, step_seconds: float, world_size: int, peak: float | None) -> float | None:
-    """Model FLOPs utilisation = flops_per_step / (step_seconds * world_size * peak).
-
-    flops_per_step: FLOPs of one optimizer step summed over ALL world_size ranks (e.g.
-    `step_flops(..., batch_size=global batch).total`); peak: per-device FLOP/s (`peak_flops`).
-    None when the peak is unknown.
-    """
-    if peak is None:
-        return None
-    if step_seconds <= 0 or world_size < 1 or peak <= 0:
-        raise ValueError(f"need step_seconds > 0, world_size >= 1, peak > 0; got {step_seconds}, "
-                         f"{world_size}, {peak}")
-    return flops_per_step / (step_seconds * world_size * peak)
