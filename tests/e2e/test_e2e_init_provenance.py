@@ -86,7 +86,7 @@ def test_continued_pretraining_from_the_export_after_the_init_files_are_gone(pre
     out = tmp_path / "continued"
     proc = _train(TINY, out, *pretrained["init"], *pretrained["data"], f"task.init_from={pretrained['export']}",
                   "run.max_steps=1")
-    assert "pre-training starts from" in proc.stderr and sorted(_losses(out)) == [1]
+    assert "pretrain starts from" in proc.stderr and sorted(_losses(out)) == [1]
 
 
 def test_a_fresh_run_whose_init_file_is_gone_stops_naming_the_key(pretrained, tmp_path):
