@@ -60,7 +60,7 @@ COMMON = ["objectives.mim_pixel.weight=0", "objectives.mim_sem.weight=0", "objec
           # no sample shuffle: a batch holds consecutive clips, i.e. whole twins, so every caption's
           # hardest negative (its twin, the same frames backwards) is in its batch. With a shuffle
           # buffer a twin rarely shares a batch and 800 steps of T=4 did not learn the direction
-          # (twin accuracy 51%, README)
+          # (twin accuracy 51%, benchmarks/video_retrieval_cpu2core_202612.md)
           "data.shuffle_buffer=0"]
 RERANK_K = 16
 CONTINUE_FACTOR = 5  # halves: video pre-training from the image-only export runs 2.5x its steps

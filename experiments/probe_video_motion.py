@@ -1,7 +1,7 @@
 """Where does the motion get lost? Two probes on the synthetic twin clips of bench_video_retrieval.
 
-    python bench/probe_video_motion.py --videos outputs/bench_video_retrieval/videos mlm --export EXPORT
-    python bench/probe_video_motion.py --videos ... supervised [--steps 1500] [--attention scl|joint]
+    python experiments/probe_video_motion.py --videos outputs/bench_video_retrieval/videos mlm --export EXPORT
+    python experiments/probe_video_motion.py --videos ... supervised [--steps 1500] [--attention scl|joint]
                                        [--temporal-init zero|random] [--temporal-lr-mult 10]
 
 mlm: the export's MLM head predicts the masked motion word (left|right|up|down|grows|shrinks, 6-way)

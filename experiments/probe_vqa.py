@@ -1,6 +1,6 @@
 """Why does (or doesn't) pre-training help shapes-VQA? A frozen-backbone probe, no fine-tuning budget.
 
-    python bench/probe_vqa.py --export outputs/bench_finetune/pretrain100/export \
+    python experiments/probe_vqa.py --export outputs/bench_finetune/pretrain100/export \
         --synth outputs/bench_finetune/shapes_downstream [--iters 300]
 
 The fused pooled pair (the VQA head's input) of every train and minival question is computed once

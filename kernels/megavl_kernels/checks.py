@@ -5,7 +5,7 @@ min/max (and, for ``scatter_tokens``, count each index once to prove a permutati
 raise IndexError/ValueError with the offending values. On CUDA they never make the host wait: the
 condition is computed on the device and enforced by ``torch._assert_async`` (a device-side assert
 carrying the same message, reported at the next synchronisation), so the checks can stay on in the
-training step (a steady-state step has no host sync; see tests/unit/test_sync_free_step.py).
+training step (a steady-state step has no host sync; see tests/unit/engine/test_sync_free_step.py).
 They run when ``check=True`` (the default); ``check=False`` skips even the small device kernels.
 Without the check an out-of-range index is undefined behaviour in the Triton kernels.
 """

@@ -189,7 +189,7 @@ def test_rng_state_round_trips_through_json(tmp_path):
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
 
 
-# retrieval metrics: tests/unit/test_retrieval_eval.py
+# retrieval metrics: tests/unit/tasks/test_retrieval_eval.py
 
 
 # ------------------------------------------------------------------------------ launcher env
