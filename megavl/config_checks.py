@@ -113,7 +113,7 @@ def _validate_tower_choices(m: ModelConfig) -> None:
 
 def _validate_task(cfg: Config) -> None:
     t = cfg.task
-    from megavl.tasks import TASKS  # the registry: a task is known where it is built
+    from megavl.tasks import TASKS  # task names to module names: imports no task, nor torch
 
     _check(t.name in TASKS, "task.name", "|".join(TASKS), t.name)
     if t.name == "pretrain":

@@ -32,9 +32,9 @@ def read_init(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     return state, saved
 
 
-def saved_model_config(path: str | Path) -> ModelConfig | None:
-    """The model config that the weights in `path` (an export, a checkpoint tag dir or a checkpoints
-    dir with `latest`) were written with; None where no config.yaml was saved with them."""
+def _saved_config_file(path: str | Path) -> Path | None:
+    """The config.yaml saved with the weights in `path` (an export, a checkpoint tag dir or a
+    checkpoints dir with `latest`); None where there is none."""
     root = Path(path)
     if (root / "model.safetensors").is_file():
         config = root / "config.yaml"
@@ -43,7 +43,14 @@ def saved_model_config(path: str | Path) -> ModelConfig | None:
         config = ckpt_dir / tag / "config.yaml"
         if not config.is_file():
             config = ckpt_dir.parent / "config.yaml"
-    return config_from_saved(yaml.safe_load(config.read_text())).model if config.is_file() else None
+    return config if config.is_file() else None
+
+
+def saved_model_config(path: str | Path) -> ModelConfig | None:
+    """The model config that the weights in `path` were written with; None where no config.yaml
+    was saved with them."""
+    config = _saved_config_file(path)
+    return config_from_saved(yaml.safe_load(config.read_text())).model if config is not None else None
 
 
 def config_for_weights(cfg: Config, source: str | Path) -> Config:
@@ -51,11 +58,20 @@ def config_for_weights(cfg: Config, source: str | Path) -> Config:
     task.init_from): its model is then built with models.pretrained.without_init_files, and its
     checkpoints save this config. Where the recipe and the source both take the text tower from
     model.text.hf_path, the tower's fields are the source's: once the directory is gone the recipe
-    holds only what it wrote, not what config.json filled in (BERT's dropout, or the whole shape)."""
+    holds only what it wrote, not what config.json filled in (BERT's dropout, or the whole shape).
+    A field the saved config lacks (written before the field existed) keeps the recipe's value,
+    which load_config filled from config.json while the directory was there."""
     if not cfg.model.text.hf_path:
         return cfg
-    saved = saved_model_config(source)
-    if saved is None or not saved.text.hf_path:
+    config = _saved_config_file(source)
+    if config is None:
         return cfg
-    text = dataclasses.replace(saved.text, hf_path=cfg.model.text.hf_path)
+    data = yaml.safe_load(config.read_text())
+    saved = config_from_saved(data).model
+    if not saved.text.hf_path:
+        return cfg
+    written = set(((data.get("model") or {}).get("text") or {}).keys())
+    kept = {f.name: getattr(cfg.model.text, f.name) for f in dataclasses.fields(saved.text)
+            if f.name not in written}
+    text = dataclasses.replace(saved.text, **{**kept, "hf_path": cfg.model.text.hf_path})
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text=text))

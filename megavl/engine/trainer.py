@@ -1,7 +1,7 @@
 """The one training loop, for every task: build, resume, step, log, evaluate, checkpoint, stop cleanly
 on a signal, keep the best weights.
 
-What a run optimises comes from `megavl.tasks.TASKS[cfg.task.name]` as a `Task` (tasks/task.py
+What a run optimises comes from `megavl.tasks.task_builder(cfg.task.name)` as a `Task` (tasks/task.py
 documents the interface: module, trained parameters, train loader, per-step hooks, evaluation,
 best-checkpoint rule). This file knows no task by name.
 
@@ -28,7 +28,7 @@ import yaml
 
 from megavl.config import Config, to_dict
 from megavl.models.pretrained import without_init_files
-from megavl.tasks import TASKS
+from megavl.tasks import task_builder
 from megavl.tasks.task import StepPlan, Task, TaskEnv
 
 from . import checkpoint, reshard
@@ -47,10 +47,13 @@ log = logging.getLogger("megavl")
 
 class Trainer:
     def __init__(self, cfg: Config, ds_config_path: str, resume: str = "auto", stop: StopFlag | None = None,
-                 fresh: bool = False, task_state: dict | None = None) -> None:
+                 fresh: bool = False, task_state: dict | None = None, weights_only: bool = False) -> None:
         """task_state: the Task.extra_state of weights loaded from elsewhere (megavl-evaluate);
-        by default a resumed checkpoint's, or none."""
+        by default a resumed checkpoint's, or none. weights_only: a checkpoint given as `resume`
+        gives its weights only (evaluation), not its data position or schedule, so another batch
+        size or world size than its training run's is fine."""
         self.cfg = cfg
+        self.weights_only = weights_only
         self.dist: DistInfo = init_distributed()
         self.device = self.dist.device
         share_cpu_threads(self.device)
@@ -68,7 +71,7 @@ class Trainer:
             # a model built without reading those files
             cfg = self.cfg = config_for_weights(cfg, choice["tag_dir"] if choice else cfg.task.init_from)
             build_cfg = dataclasses.replace(cfg, model=without_init_files(cfg.model))
-        self.task: Task = TASKS[cfg.task.name](build_cfg, TaskEnv(self.device, self.dtype, self.dist.rank,
+        self.task: Task = task_builder(cfg.task.name)(build_cfg, TaskEnv(self.device, self.dtype, self.dist.rank,
                                                                   self.dist.world_size, saved_state))
         if choice is None and cfg.task.init_from:  # a new run only: a resumed one has its checkpoint
             state, source_cfg = read_init(cfg.task.init_from)
@@ -144,6 +147,9 @@ class Trainer:
         self.best = meta.get("best", {})
         self.engine.global_steps = self.step
         self.engine.global_samples = self.step * self.engine.train_batch_size()
+        if self.weights_only:
+            log.info("loaded the weights of %s (step %d)", tag_dir, self.step)
+            return
         self._apply_schedule(meta.get("schedule", {}))
         self.loader.load_state_dict(meta["data"] if "data" in meta else meta)  # older fine-tuning: epoch, batch
         log.info("resumed from %s at step %d (run %s)", tag_dir, self.step, self.run_id)

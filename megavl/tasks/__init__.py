@@ -1,8 +1,10 @@
 """What a run optimises, one file per task (engine -> tasks -> objectives, models, data).
 
-`TASKS` maps `task.name` to the task's `build(cfg, env) -> Task` (task.py documents the interface
-the engine drives). Adding a task is one new file here with a `build` function, one line below
-and a recipe under configs/.
+`TASKS` maps `task.name` to the module whose `build(cfg, env) -> Task` makes the task (task.py
+documents the interface the engine drives); `task_builder(name)` imports it. Names, not modules:
+the config checks `task.name` against this registry without importing torch and every task.
+Adding a task is one new file here with a `build` function, one line below and a recipe under
+configs/.
 
 Beside the tasks: `base.py` what the fine-tuning tasks share (initial weights, loaders, pooled
 pairs); `metrics.py` the metric functions; `retrieval_eval.py` the sharded, batched ITC + ITM
@@ -10,8 +12,18 @@ retrieval scoring that pre-training's evaluation (`pretrain_eval.py`) and the re
 `curriculum.py`, `pretrain_flops.py`, `pretrain_visuals.py` pre-training's mode schedule, step
 FLOPs and mask pictures.
 """
-from megavl.tasks import nlvr2, pretrain, retrieval, vqa
+from __future__ import annotations
 
-TASKS = {"pretrain": pretrain.build, "retrieval": retrieval.build, "vqa": vqa.build, "nlvr2": nlvr2.build}
+import importlib
+from typing import Callable
 
-__all__ = ["TASKS"]
+TASKS = {"pretrain": "megavl.tasks.pretrain", "retrieval": "megavl.tasks.retrieval",
+         "vqa": "megavl.tasks.vqa", "nlvr2": "megavl.tasks.nlvr2"}
+
+
+def task_builder(name: str) -> Callable:
+    """The `build(cfg, env) -> Task` function of task `name` (a key of TASKS)."""
+    return importlib.import_module(TASKS[name]).build
+
+
+__all__ = ["TASKS", "task_builder"]

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(cfg, model=without_init_files(cfg.model))
     checkpoint_dir = _is_checkpoint(weights)
     tuner = Trainer(cfg, args.ds_config, resume=str(weights) if checkpoint_dir else "none",
-                    task_state=_task_state(weights))
+                    task_state=_task_state(weights), weights_only=True)
     task = tuner.task
     if not checkpoint_dir:
         state = {f"student.{k}": v for k, v in load_file(str(weights / "model.safetensors")).items()}

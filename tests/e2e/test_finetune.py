@@ -111,6 +111,16 @@ def test_retrieval_two_ranks_queue_best_weights_and_megavl_evaluate(synth, tmp_p
                f"task.val={synth}/retrieval_val.json", "task.itc_queue_size=32", "task.itc_distill_alpha=0.4"])
     evaluated = json.loads((out / "metrics.json").read_text())
     assert evaluated["r_mean"] == pytest.approx(metrics["best"]["r_mean"])
+    # a checkpoint evaluates on another world size and batch size than its training run's: only
+    # its weights are read, not its data position
+    last = sorted((run / "checkpoints").glob("step_*"))[-1]
+    run_child([str(BIN / "megavl-evaluate"), "--config", "configs/finetune_retrieval_tiny.yaml",
+               "--weights", str(last), "--split", "val", "--out", str(tmp_path / "eval_ckpt"), "--set",
+               f"task.image_root={synth}", f"task.train=[{synth}/retrieval_train.json]",
+               f"task.val={synth}/retrieval_val.json", "task.itc_queue_size=32", "task.itc_distill_alpha=0.4",
+               "data.batch_size=3"])
+    evaluated = json.loads((tmp_path / "eval_ckpt" / "metrics.json").read_text())
+    assert evaluated["r_mean"] == pytest.approx(metrics["val"]["r_mean"])
 
 
 def _signal_rank(launcher: subprocess.Popen, local_rank: int, sig: int) -> None:

@@ -103,3 +103,19 @@ def test_a_model_that_reads_a_missing_init_file_names_the_key(tmp_path):
     cfg = load_config(TINY, [f"model.text.hf_path={tmp_path / 'bert'}"])
     with pytest.raises(ConfigError, match="model.text.hf_path"):
         VLPModel(cfg.model)
+
+
+def test_a_saved_config_without_the_dropout_keys_keeps_the_recipes_values(init_cfg, tmp_path):
+    """A checkpoint or export written before model.text had dropout keys: resuming it keeps BERT's
+    dropout that the recipe read from config.json, instead of the fields' defaults (0.0)."""
+    cfg, _, _ = init_cfg
+    assert cfg.model.text.dropout == 0.1
+    export = tmp_path / "old_export"
+    export.mkdir()
+    save_file({"unused": torch.zeros(1)}, str(export / "model.safetensors"))
+    saved = to_dict(cfg)
+    for key in ("dropout", "attn_dropout", "pad_token_id"):
+        del saved["model"]["text"][key]
+    (export / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    resumed = config_for_weights(cfg, export)
+    assert resumed.model.text.dropout == 0.1 and resumed.model.text.attn_dropout == cfg.model.text.attn_dropout
