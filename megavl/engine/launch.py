@@ -122,11 +122,11 @@ def leave_job(code: int, message: str | None = None, wait_s: float = EXIT_WAIT_S
 
     The ranks meet in the process group's key-value store, not in a collective: a rank that failed
     alone (a file one node cannot read) must not wait forever in a barrier that a peer, blocked in
-    another collective, never reaches. When all ranks arrive within `wait_s` seconds, the job's code
-    is the lowest failing rank's (every rank exits with it, so what the launcher reports does not
-    depend on which rank it sees end first), its message is printed by that rank alone (another
-    rank's different message as well), and the group is left through a barrier. Otherwise this rank
-    prints its own message, leaves without the barrier and exits with its own code.
+    another collective, never reaches. When every rank posts its outcome within `wait_s` seconds,
+    the job's code is the lowest failing rank's (every rank exits with it, so what the launcher
+    reports does not depend on which rank it sees end first) and its message is printed by that rank
+    alone (another rank's different message as well). Otherwise this rank withdraws its outcome,
+    prints its own message and exits with its own code; its peers then fail in their collective.
     """
     import torch.distributed as dist
 
@@ -138,41 +138,43 @@ def leave_job(code: int, message: str | None = None, wait_s: float = EXIT_WAIT_S
     if outcomes is None:
         log.warning("rank %d: not every rank reached the exit within %.0f s; leaving without them", rank, wait_s)
         _say(message)
-        _destroy(barrier=False)
+        dist.destroy_process_group()
         return code
     failed = [r for r, (c, _) in enumerate(outcomes) if c != 0]
     earlier = {m for c, m in outcomes[:rank] if c != 0}
     if code != 0 and message not in earlier:
         _say(message)
-    _destroy(barrier=world > 1)
+    dist.destroy_process_group()
     return outcomes[failed[0]][0] if failed else 0
 
 
 def _meet(rank: int, world: int, code: int, message: str | None, wait_s: float) -> list | None:
-    """Every rank's (code, message), or None when not all ranks posted theirs within wait_s."""
+    """Every rank's (code, message) once all have posted theirs, or None after wait_s seconds.
+
+    Rank 0 hosts the store: it leaves only after every rank has read the outcomes."""
     from torch.distributed import distributed_c10d
 
+    store = distributed_c10d._get_default_store()
+    mine = f"{_EXIT_KEY}{rank}"
     try:
-        store = distributed_c10d._get_default_store()
-        store.set(f"{_EXIT_KEY}{rank}", json.dumps([code, message]))
-        keys = [f"{_EXIT_KEY}{r}" for r in range(world)]
-        store.wait(keys, timedelta(seconds=wait_s))
-        return [tuple(json.loads(store.get(k))) for k in keys]
-    except Exception:  # noqa: BLE001 - a timeout, or the store's host (rank 0) already gone
+        store.set(mine, json.dumps([code, message]))
+        store.wait([f"{_EXIT_KEY}{r}" for r in range(world)], timedelta(seconds=wait_s))
+        outcomes = [tuple(json.loads(store.get(f"{_EXIT_KEY}{r}"))) for r in range(world)]
+        store.set(f"{_EXIT_KEY}{rank}/read", "1")
+    except Exception:  # noqa: BLE001 - a timeout, or the store's host already gone
+        try:
+            store.delete_key(mine)  # a late peer must not count on this rank any more
+        except Exception:  # noqa: BLE001 - nothing to withdraw from a store that is gone
+            pass
         return None
+    if rank == 0:
+        try:
+            store.wait([f"{_EXIT_KEY}{r}/read" for r in range(world)], timedelta(seconds=wait_s))
+        except Exception:  # noqa: BLE001 - a peer died after posting: its outcome is already known
+            log.warning("not every rank confirmed the exit within %.0f s", wait_s)
+    return outcomes
 
 
 def _say(message: str | None) -> None:
     if message:
         print(message, file=sys.stderr, flush=True)
-
-
-def _destroy(barrier: bool) -> None:
-    import torch.distributed as dist
-
-    if barrier:
-        try:
-            dist.barrier()  # no rank (rank 0 hosts the store) leaves while a peer still reads from it
-        except Exception as err:  # noqa: BLE001 - a broken group is still destroyed below
-            log.warning("exit barrier failed (%s); leaving the process group anyway", err)
-    dist.destroy_process_group()
