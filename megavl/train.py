@@ -45,11 +45,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def use_worker_start_method(method: str) -> None:
     """data.worker_start_method for every DataLoader of the run: the process's start method, set
-    once before any loader exists ("" keeps the platform's default)."""
-    if method:
-        import multiprocessing
+    once before any loader exists ("" keeps the platform's default).
 
+    spawn and forkserver have helper processes of their own: multiprocessing's resource tracker, and
+    the fork server that forks every forkserver worker. Slurm signals every process of a job step,
+    and a helper killed by the stop signal takes the run down with it, so they start here with the
+    stop signals blocked, which they keep for life (a signal mask survives fork and exec). A signal
+    that reaches this process meanwhile waits, and is handled once unblocked."""
+    import multiprocessing
+    import signal
+
+    from megavl.engine.stop import STOP_SIGNALS
+
+    if method:
         multiprocessing.set_start_method(method, force=True)
+    method = multiprocessing.get_start_method()
+    if method == "fork":
+        return
+    from multiprocessing import forkserver, resource_tracker
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        resource_tracker.ensure_running()
+        if method == "forkserver":
+            forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def main(argv: list[str] | None = None) -> int:
