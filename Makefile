@@ -27,9 +27,10 @@ demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 megavl/train.py \
 	    --ds_config ds_configs/zero3.json --config configs/tiny.yaml $(DEMO_ARGS)
 
-# The whole suite except GPU-only tests (those skip with a reason on CPU anyway).
+# The whole suite except GPU-only tests (those skip with a reason on CPU anyway), then the checks of
+# the benchmark programs (bench/tests; tests/ imports nothing from bench/). tests/README.md: what runs where.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -m "not gpu" -ra --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests bench/tests -m "not gpu" -ra --durations=15 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests/unit -m "not slow and not gpu" -q

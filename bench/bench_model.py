@@ -14,12 +14,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megavl.config import load_config
-from megavl.engine.curriculum import objectives_by_mode
-from megavl.engine.flops import step_flops
+from megavl.tasks.curriculum import objectives_by_mode
+from megavl.tasks.pretrain_flops import step_flops
 from megavl.models.attention import attention
 from megavl.models.vision import VisionTransformer
 from megavl.objectives.masking import num_kept
-from megavl.objectives.pretrain import PretrainModule
+from megavl.tasks.pretrain import PretrainModule
 
 from harness import RECIPES, Row, interleaved_median, synthetic_batch
 

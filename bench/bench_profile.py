@@ -42,9 +42,9 @@ def _worker(rank: int, world: int, port: int, stage: int, steps: int, batch_size
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from megavl.config import load_config
-    from megavl.engine.curriculum import mode_at
+    from megavl.tasks.curriculum import mode_at
     from megavl.engine.launch import init_distributed
-    from megavl.engine.trainer import build_engine, clear_zero3_grad_partitions, step_generator, zero_fill_unused_grads
+    from megavl.engine.step import build_engine, clear_zero3_grad_partitions, step_generator, zero_fill_unused_grads
 
     info = init_distributed()
     cfg = load_config(RECIPES["tiny"], [f"data.batch_size={batch_size}", "run.grad_accum=1 run.precision=fp32",

@@ -1,4 +1,4 @@
-"""Retrieval evaluation at scale: 2 ranks vs 1 rank, and the batched ITM re-rank vs round 1's loop.
+"""Retrieval evaluation at scale: 2 ranks vs 1 rank, and the batched ITM re-rank vs a per-query loop.
 
 Inputs: the tiny recipe's model (seed-0 weights, fp32) on N_img random 64 px images and 5 random
 captions per image (24 tokens), ITM re-ranking of the top-k (k=16) both ways, two-stream fusion.
@@ -11,7 +11,7 @@ captions per image (24 tokens), ITM re-ranking of the top-k (k=16) both ways, tw
             vs 2 processes with half the queries each and no communication at all (the 2 vCPUs of a VM
             share the host core's caches and clock: the 2-rank row cannot beat this ratio here)
   re-rank   the re-ranking alone on the same gathered tokens, in this process: `pair_batch` pairs per
-            fusion call vs round 1's loop (one fusion call of k pairs per query)
+            fusion call vs a per-query loop (one fusion call of k pairs per query)
   ZeRO-3    the same two re-rankings on 2 gloo ranks inside a real ZeRO-3 engine, every fusion weight
             partitioned (`stage3_param_persistence_threshold` 0, as every ViT-B/BERT-base matrix is at
             the default 1e5): each fusion call gathers the fusion weights, so the loop's one call per
@@ -43,7 +43,7 @@ FULL_IMAGES, CPU_IMAGES, QUICK_IMAGES = 1000, 200, 12  # the issue's size; CPU d
 
 
 def tiny_student():
-    from megavl.objectives.pretrain import PretrainModule
+    from megavl.tasks.pretrain import PretrainModule
 
     cfg = load_config(RECIPES["tiny"], [f"data.max_text_len={TEXT_LEN}", "run.precision=fp32"])
     torch.manual_seed(0)
@@ -96,8 +96,8 @@ def time_ranks(world: int, num_images: int) -> float:
     return max(results.get()[1] for _ in range(world))
 
 
-def round1_loop_rerank(model, sim, img_tok, txt_tok, txt_mask, k: int, mode: str):
-    """Round 1's engine/evaluate.py `_itm_rerank`: one fusion call of k pairs per query."""
+def per_query_loop_rerank(model, sim, img_tok, txt_tok, txt_mask, k: int, mode: str):
+    """The ITM re-rank written the plain way: one fusion call of k pairs per query."""
     def itm_scores(i_idx, t_idx):
         fused = model.fuse(img_tok[i_idx], txt_tok[t_idx], txt_mask[t_idx], mode)
         logits = model.itm_head(fused.image_global, fused.text_global).float()
@@ -151,7 +151,7 @@ def _zero3_worker(rank: int, world: int, port: int, num_images: int, reps: int, 
     import json
     import tempfile
 
-    from megavl.engine.trainer import build_engine
+    from megavl.engine.step import build_engine
 
     info = init_distributed()
     ds = json.loads((REPO / "ds_configs/zero3.json").read_text())
@@ -207,7 +207,7 @@ def time_rerank(num_images: int, device: torch.device, reps: int) -> tuple[float
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     times: dict[str, list[float]] = {"loop": [], "batched": []}
     for _ in range(reps):  # interleaved: a neighbour's load hits both sides alike
-        for name, fn in (("loop", lambda: round1_loop_rerank(model, sim, img_tok, txt_tok, txt_mask, k, MODE)),
+        for name, fn in (("loop", lambda: per_query_loop_rerank(model, sim, img_tok, txt_tok, txt_mask, k, MODE)),
                          ("batched", batched)):
             sync(device)
             start = clock()
@@ -235,7 +235,7 @@ def rows(device: torch.device, quick: bool, num_images: int | None = None) -> li
     clock = "wall s" if device.type == "cuda" else "CPU s"
     return out + [
         Row("retrieval eval", case, f"re-rank {clock}, loop vs batched", loop, batched, f"batched, {PAIR_BATCH} pairs/call",
-            ">= 5x", note="megavl column = round 1's loop (one call per query); ratio = speed-up of batching"),
+            ">= 5x", note="megavl column = the per-query loop (one call per query); ratio = speed-up of batching"),
     ] + ([] if device.type != "cpu" else [zero3_row(n, case)])
 
 

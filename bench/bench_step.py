@@ -18,12 +18,13 @@ import torch
 import torch.distributed as dist
 
 from megavl.config import load_config
-from megavl.engine.curriculum import objectives_by_mode
-from megavl.engine.flops import mfu, peak_flops, step_flops
+from megavl.tasks.curriculum import objectives_by_mode
+from megavl.engine.metrics import mfu, peak_flops
+from megavl.tasks.pretrain_flops import step_flops
 from megavl.engine.launch import init_distributed
 from megavl.engine.optim import build_optimizer, build_scheduler, param_groups
-from megavl.engine.trainer import build_engine, clear_zero3_grad_partitions, step_generator, zero_fill_unused_grads
-from megavl.objectives.pretrain import PretrainModule
+from megavl.engine.step import build_engine, clear_zero3_grad_partitions, step_generator, zero_fill_unused_grads
+from megavl.tasks.pretrain import PretrainModule, pretrain_params
 
 from harness import DS_CONFIGS, RECIPES, Row, interleaved_median, sync, synthetic_batch
 
@@ -85,7 +86,7 @@ def framework_overhead(device: torch.device, quick: bool, geometry: str, recipe,
     engine, _, stage = build_engine(cfg, str(DS_CONFIGS[0]), 1, device)
     torch.manual_seed(0)
     module = PretrainModule(cfg.model, cfg.objectives, objectives_by_mode(cfg.curriculum)).to(device)
-    optimizer = build_optimizer(param_groups(module, cfg.optim), cfg.optim, device)
+    optimizer = build_optimizer(param_groups(pretrain_params(module), cfg.optim), cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.run.max_steps)
     batch = synthetic_batch(cfg, batch_size, text_len, device)
     t = interleaved_median({"megavl": _megavl_step(engine, stage, batch, device),

@@ -1,4 +1,4 @@
-"""Video decoding per core: PyAV (megavl.data.video) vs torchcodec, T=4 frames at 224 px.
+"""Video decoding per core: PyAV (megavl.data.decode_video) vs torchcodec, T=4 frames at 224 px.
 
 Both sides do the same work on the same in-memory mp4 bytes, one thread each (= one DataLoader
 worker, one core): pick T=4 frames (one random frame per equal segment, the training sampling),
@@ -69,7 +69,7 @@ def _resize(clip_T3HW: torch.Tensor) -> torch.Tensor:
 
 
 def _pyav(data: bytes, rng: random.Random) -> torch.Tensor:
-    from megavl.data.video import decode_frames
+    from megavl.data.decode_video import decode_frames
 
     clip, _ = decode_frames(data, NUM_FRAMES, rng, max_pixels=1 << 30)
     return clip
@@ -78,7 +78,7 @@ def _pyav(data: bytes, rng: random.Random) -> torch.Tensor:
 def _torchcodec(data: bytes, rng: random.Random, seek_mode: str) -> torch.Tensor:
     from torchcodec.decoders import VideoDecoder
 
-    from megavl.data.video import sample_frame_ids
+    from megavl.data.decode_video import sample_frame_ids
 
     decoder = VideoDecoder(data, seek_mode=seek_mode, num_ffmpeg_threads=1)
     ids = sample_frame_ids(decoder.metadata.num_frames, NUM_FRAMES, rng)

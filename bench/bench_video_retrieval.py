@@ -12,7 +12,7 @@
    seed, data order and steps, the same model (temporal table of 4 entries): data.num_frames=4
    and data.num_frames=1 (one clip = its middle frame in evaluation, a random frame in training).
 3. Zero-shot retrieval on the val clips (twins too) from each run's export, with the pre-training
-   evaluation (engine/evaluate.py): ITC alone, and ITC top-16 re-scored by ITM (a tiny run's ITM
+   evaluation (tasks/pretrain_eval.py): ITC alone, and ITC top-16 re-scored by ITM (a tiny run's ITM
    head learns late, so both are reported).
 Also printed: the "motion-blind ceiling", the R@1 of an ideal model that knows colour,
 shape and the still shape but not the motion (each caption ranks the clips that match it up to
@@ -67,7 +67,7 @@ CONTINUE_FACTOR = 5  # halves: video pre-training from the image-only export run
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    from harness import child_env
+    from megavl.engine.launch import child_env
 
     env = child_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -85,7 +85,7 @@ def synth(out: Path, num_train: int, num_val: int) -> Path:
             str(IMAGE_SIZE), "--samples-per-shard", "512", "--contrast-pairs"]
     stamp = videos / "bench_args.json"  # reuse a set only if it was made with these arguments
     if not stamp.is_file() or json.loads(stamp.read_text()) != args:
-        # runs trained on other clips too ("mixed": stop 17's equal-total-steps run)
+        # runs trained on other clips too ("mixed": the equal-total-steps variant)
         for stale in ("videos", "t4", "t1", "mixed", "mixed_equal_image_steps", "image_only", "continued_t4",
                       "continued_t1", *(p.name for p in out.glob("seed*"))):
             shutil.rmtree(out / stale, ignore_errors=True)
@@ -137,14 +137,14 @@ def _code_hash() -> str:
 
 
 def zero_shot_retrieval(export: Path, val: list[str], frames: int) -> dict:
-    """The pre-training evaluation (engine/evaluate.py) on the val shards with clips of `frames`
+    """The pre-training evaluation (tasks/pretrain_eval.py) on the val shards with clips of `frames`
     frames: {"itc": metrics of ITC alone, "itm": ITC top-16 re-ranked by ITM}, percentages."""
     import yaml
 
     from megavl import load_pretrained
     from megavl.config import config_from_dict
-    from megavl.data.loader import build_eval_loader
-    from megavl.engine.evaluate import PairBatches, evaluate_retrieval
+    from megavl.data import build_eval_loader
+    from megavl.tasks.pretrain_eval import PairBatches, evaluate_retrieval
     from megavl.tasks.retrieval_eval import retrieval_scores
 
     model = load_pretrained(export)

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 
 from megavl.config import load_config
 from megavl.engine.launch import _free_port, init_distributed
-from megavl.engine.trainer import build_engine, clear_zero3_grad_partitions, step_generator
+from megavl.engine.step import build_engine, clear_zero3_grad_partitions, step_generator
 
 from harness import DS_CONFIGS, RECIPES, Row, synthetic_batch
 

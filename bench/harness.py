@@ -61,16 +61,6 @@ class Row:
         return {**asdict(self), "ratio": self.ratio, "met": self.met}
 
 
-RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """This process's environment for a child training run, without the rendezvous variables an
-    in-process world of one left in os.environ (the child would try to listen on the same port)."""
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
-    return {**env, **extra}
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -96,7 +86,7 @@ def interleaved_median(sides: dict[str, Callable[[], object]], device: torch.dev
 def synthetic_batch(cfg: Config, batch_size: int, text_len: int, device: torch.device,
                     dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
     """A data-loader-shaped batch: captions padded to text_len (lengths spread over [L/2, L]),
-    15% of the real tokens MLM-masked (at least one per caption). Keys as megavl.data.collate."""
+    15% of the real tokens MLM-masked (at least one per caption). Keys as megavl.data.batch.PretrainBatch."""
     gen = torch.Generator().manual_seed(seed)
     vocab = cfg.model.text.vocab_size
     size = cfg.model.vision.img_size

@@ -1,7 +1,7 @@
 """Run every megavl benchmark and write one table: megavl, its reference, the ratio and the goal.
 
     python bench/run_all.py                  # the full harness on the available device
-    python bench/run_all.py --quick          # tiny shapes, few repetitions (the test runs this)
+    python bench/run_all.py --quick          # tiny shapes, few repetitions (bench/tests runs this)
     python bench/run_all.py --base           # also the base-geometry framework overhead on CPU (slow)
 
 Both sides of every figure are measured in the same run, their repetitions interleaved, medians
@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench modules, when imported from tests
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench modules, when imported from bench/tests
 
 import torch  # noqa: E402
 
@@ -45,7 +45,7 @@ def _data_rows(device: torch.device, quick: bool) -> list[Row]:
                 note=note + "; higher is better"),
             Row("data", "tar opens per sample (train read)", "opens/sample", ours["opens_per_sample"],
                 plain["opens_per_sample"], plain["pipeline"], GOAL_NONE,
-                note="one open per shard per worker; round-1 megavl: 2 (image + txt), 3 with json")]
+                note="one open per shard per worker; a reader opening each member: 2 (image + txt), 3 with json")]
 
 
 def _video_rows(device: torch.device, quick: bool) -> list[Row]:

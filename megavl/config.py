@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shlex
 import types
 import typing
@@ -23,7 +24,7 @@ import yaml
 
 from megavl.config_checks import (VISION_ACTS, VISION_INIT_FORMATS, VISION_INIT_SUFFIXES, ConfigError,
                                   _check, validate)
-from megavl.config_parts import (OBJECTIVE_NAMES, TASK_NAMES, Config, CurriculumConfig, DataConfig,
+from megavl.config_parts import (OBJECTIVE_NAMES, Config, CurriculumConfig, DataConfig,
                                  DecoderConfig, FusionConfig, ITCConfig, ITMConfig, MaskingConfig,
                                  MIMPixelConfig, MIMSemanticConfig, MLMConfig, ModelConfig, ObjectivesConfig,
                                  OptimConfig, RunConfig, SCLConfig, TaskConfig, TeacherConfig, TextConfig,
@@ -33,10 +34,12 @@ __all__ = [
     "Config", "ModelConfig", "VisionConfig", "TextConfig", "FusionConfig", "DecoderConfig", "DataConfig",
     "ObjectivesConfig", "MaskingConfig", "TeacherConfig", "ITCConfig", "ITMConfig", "MLMConfig",
     "MIMPixelConfig", "MIMSemanticConfig", "SCLConfig", "OptimConfig", "CurriculumConfig", "RunConfig",
-    "TaskConfig", "OBJECTIVE_NAMES", "TASK_NAMES", "VISION_ACTS", "VISION_INIT_FORMATS",
-    "VISION_INIT_SUFFIXES", "ConfigError", "validate", "load_config", "config_from_dict", "to_dict",
-    "split_overrides", "apply_overrides",
+    "TaskConfig", "OBJECTIVE_NAMES", "VISION_ACTS", "VISION_INIT_FORMATS",
+    "VISION_INIT_SUFFIXES", "ConfigError", "validate", "load_config", "config_from_dict", "config_from_saved",
+    "to_dict", "split_overrides", "apply_overrides",
 ]
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- text tower from HF config.json
@@ -44,7 +47,9 @@ __all__ = [
 _HF_TEXT_FIELDS = {"vocab_size": "vocab_size", "width": "hidden_size", "depth": "num_hidden_layers",
                    "heads": "num_attention_heads", "intermediate": "intermediate_size",
                    "max_position": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
-                   "hidden_act": "hidden_act", "layer_norm_eps": "layer_norm_eps"}
+                   "hidden_act": "hidden_act", "layer_norm_eps": "layer_norm_eps",
+                   "dropout": "hidden_dropout_prob", "attn_dropout": "attention_probs_dropout_prob",
+                   "pad_token_id": "pad_token_id"}
 
 
 def _same_value(recipe: Any, hf: Any) -> bool:
@@ -59,14 +64,19 @@ def _same_value(recipe: Any, hf: Any) -> bool:
 def _text_from_hf(data: dict) -> dict:
     """With model.text.hf_path set, fill the text-tower fields the recipe leaves out from the HF
     config.json, and refuse any it sets to a different value (the FLOP count and an exported model's
-    rebuild read these fields, so they must describe the tower that is actually loaded)."""
+    rebuild read these fields, so they must describe the tower that is actually loaded).
+
+    A directory that is not there leaves the recipe's fields as written: a resumed run or one
+    started from task.init_from never reads it, and a run that does stops when it builds the model
+    (models/vlp.py), naming the key."""
     text = data.get("model", {}).get("text", {}) if isinstance(data.get("model"), dict) else {}
     if not isinstance(text, dict) or not text.get("hf_path"):
         return data
     config_json = Path(text["hf_path"]) / "config.json"
     if not config_json.is_file():
-        raise ConfigError(f"model.text.hf_path: expected a local Hugging Face model directory with a "
-                          f"config.json, got {text['hf_path']!r}")
+        log.warning("model.text.hf_path=%s has no config.json: only a run that starts from these weights "
+                    "needs it", text["hf_path"])
+        return data
     hf = json.loads(config_json.read_text())
     _check(hf.get("model_type", "bert") == "bert", "model.text.hf_path",
            f"a BERT checkpoint (model_type bert in {config_json})", hf.get("model_type"))
@@ -240,4 +250,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(data: dict) -> Config:
+    """A recipe given as a dict: as load_config, without the file and overrides."""
     return validate(_from_dict(Config, _text_from_hf(data)))
+
+
+def config_from_saved(data: dict) -> Config:
+    """The config a run wrote (config.yaml of a checkpoint or an export). Every field is explicit
+    there, the text tower's included, so its init files (model.vision.init, model.text.hf_path) are
+    neither read nor required: they may have moved since, or live on another cluster."""
+    return validate(_from_dict(Config, data))

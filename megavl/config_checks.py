@@ -1,13 +1,12 @@
 """The config checks: `ConfigError` and `validate`, the cross-field consistency rules of a loaded
-`Config` (and the existence of its weight paths), each raising ConfigError naming the dotted key.
+`Config`, each raising ConfigError naming the dotted key.
 """
 from __future__ import annotations
 
 import multiprocessing
-from pathlib import Path
 from typing import Any
 
-from megavl.config_parts import OBJECTIVE_NAMES, TASK_NAMES, Config, ModelConfig
+from megavl.config_parts import OBJECTIVE_NAMES, Config, ModelConfig
 
 
 class ConfigError(ValueError):
@@ -32,7 +31,7 @@ def validate(cfg: Config) -> Config:
                               ("model.decoder", m.decoder.width, m.decoder.heads)]:
         _check(heads > 0 and width % heads == 0, f"{key}.heads", f"a positive divisor of {key}.width={width}", heads)
     _check(m.attention in ("auto", "flash", "sdpa", "math"), "model.attention", "auto|flash|sdpa|math", m.attention)
-    _validate_init_paths(m)
+    _validate_tower_choices(m)
     _check(d.image_size == v.img_size, "data.image_size", f"equal to model.vision.img_size={v.img_size}",
            d.image_size)
     _check(d.max_text_len <= m.text.max_position, "data.max_text_len",
@@ -102,24 +101,25 @@ VISION_INIT_FORMATS = ("timm", "openclip")
 VISION_ACTS = ("gelu", "quick_gelu")
 
 
-def _validate_init_paths(m: ModelConfig) -> None:
-    """The pretrained-weight paths exist (checked at load, before any process group starts)."""
+def _validate_tower_choices(m: ModelConfig) -> None:
+    """The towers' enumerated options. The init files themselves (model.vision.init,
+    model.text.hf_path) are checked where they are read (models/vision_init.py, models/vlp.py): a
+    resumed run or one started from task.init_from never reads them, so they need not exist."""
     v, t = m.vision, m.text
     _check(v.act in VISION_ACTS, "model.vision.act", "|".join(VISION_ACTS), v.act)
     _check(v.init_format in VISION_INIT_FORMATS, "model.vision.init_format", "|".join(VISION_INIT_FORMATS),
            v.init_format)
-    if v.init:
-        _check(Path(v.init).is_file(), "model.vision.init", "an existing local checkpoint file", v.init)
-        _check(Path(v.init).suffix in VISION_INIT_SUFFIXES, "model.vision.init",
-               f"a file ending in one of {VISION_INIT_SUFFIXES}", v.init)
-    if t.hf_path:
-        _check((Path(t.hf_path) / "config.json").is_file(), "model.text.hf_path",
-               "a local Hugging Face model directory with a config.json", t.hf_path)
+    _check(0.0 <= t.dropout < 1.0, "model.text.dropout", "a probability in [0, 1)", t.dropout)
+    _check(0.0 <= t.attn_dropout < 1.0, "model.text.attn_dropout", "a probability in [0, 1)", t.attn_dropout)
+    _check(0 <= t.pad_token_id < t.vocab_size, "model.text.pad_token_id",
+           f"a token id below model.text.vocab_size={t.vocab_size}", t.pad_token_id)
 
 
 def _validate_task(cfg: Config) -> None:
     t = cfg.task
-    _check(t.name in TASK_NAMES, "task.name", "|".join(TASK_NAMES), t.name)
+    from megavl.tasks import TASKS  # the registry: a task is known where it is built
+
+    _check(t.name in TASKS, "task.name", "|".join(TASKS), t.name)
     if t.name == "pretrain":
         return
     _check(bool(t.train), "task.train", "at least one annotation file", t.train)

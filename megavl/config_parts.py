@@ -28,7 +28,8 @@ class VisionConfig:
     # Initial weights: a local file (.safetensors, .pth, .pt, .bin) of a timm/DeiT ViT state dict
     # (init_format timm; a distilled DeiT's dist token is dropped) or of an OpenCLIP/OpenAI CLIP model
     # (init_format openclip: its visual.* tower; the CLIP projection is dropped). Position embeddings
-    # are resampled to img_size. "" = random init.
+    # are resampled to img_size. "" = random init. Only a run that starts from these weights reads
+    # the file (a resumed or task.init_from run does not): it is provenance, not architecture.
     init: str = ""
     init_format: str = "timm"    # timm | openclip
 
@@ -44,9 +45,16 @@ class TextConfig:
     type_vocab_size: int = 2
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-12
+    # Dropout and the padding row, as BERT's config.json gives them (hidden_dropout_prob,
+    # attention_probs_dropout_prob, pad_token_id): a tower rebuilt from these fields alone (a resumed
+    # run, an export) trains as the one loaded from hf_path did. Random init: no dropout.
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    pad_token_id: int = 0
     # A local Hugging Face BERT directory (config.json + weights) to initialise from ("" = random
     # init). The fields above are then read from its config.json where the recipe leaves them out;
-    # a recipe value that disagrees with config.json is an error naming the key.
+    # a recipe value that disagrees with config.json is an error naming the key. Only a run that
+    # starts from these weights reads the directory (a resumed or task.init_from run does not).
     hf_path: str = ""
 
 
@@ -243,9 +251,9 @@ class RunConfig:
 
 @dataclass
 class TaskConfig:
-    """What a run optimises (megavl/tasks/); `pretrain` keeps the pre-training loop."""
+    """What a run optimises (megavl/tasks/, one engine for every task)."""
 
-    name: str = "pretrain"        # pretrain | retrieval | vqa | nlvr2
+    name: str = "pretrain"        # a key of megavl.tasks.TASKS: pretrain | retrieval | vqa | nlvr2
     init_from: str = ""           # megavl-export dir or checkpoint dir ("" = random init); with pretrain:
                                   # continued pre-training (e.g. an image-text model -> video-text)
     image_root: str = ""          # image paths of the annotation files are relative to it
@@ -266,9 +274,6 @@ class TaskConfig:
     minival_images: int = 0       # VQA with task.val empty: hold out this many train images (all their
                                   # VQA questions) as the minival; 0 = no minival
     fusion_mode: str = "two"      # two | single
-
-
-TASK_NAMES = ("pretrain", "retrieval", "vqa", "nlvr2")
 
 
 @dataclass

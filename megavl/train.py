@@ -1,4 +1,4 @@
-"""Train a vision-language model, pre-training or a downstream task: parse, build, train, close.
+"""Pre-train or fine-tune a vision-language model (task.name): parse, build, train, close.
 
     deepspeed --hostfile hosts megavl/train.py --ds_config ds_configs/zero3.json \
         --config configs/pretrain_14m.yaml [--set key=value ...] [--resume auto|none|CKPT_DIR] [--fresh]
@@ -91,14 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, [item for group in args.overrides for item in group])
         use_worker_start_method(cfg.data.worker_start_method)
-        if cfg.task.name == "pretrain":
-            from megavl.engine.trainer import Trainer
+        from megavl.engine.trainer import Trainer  # every task.name (megavl/tasks/)
 
-            trainer = Trainer(cfg, args.ds_config, args.resume, stop=stop, fresh=args.fresh)
-        else:  # task.name: retrieval | vqa | nlvr2 (megavl/tasks/)
-            from megavl.engine.finetune import FineTuner
-
-            trainer = FineTuner(cfg, args.ds_config, args.resume, stop=stop, fresh=args.fresh)
+        trainer = Trainer(cfg, args.ds_config, args.resume, stop=stop, fresh=args.fresh)
         trainer.train()
     except ConfigError as err:
         code, message = EXIT_BAD_INPUT, f"megavl: bad configuration: {err}"

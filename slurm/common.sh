@@ -1,8 +1,7 @@
 # Shared body of slurm/pretrain_*.sh and slurm/finetune.sh: sourced by the batch script on the
 # first node of the job.
 # The thin scripts hold the #SBATCH lines and the recipe; this file launches the ranks, forwards
-# the preemption signal, and requeues the job. docs/slurm.md is the manual: submitting, the signal
-# and requeue, and every variable below with its default.
+# the preemption signal, and requeues the job. The manual's Slurm page (docs/slurm.md) has the table.
 #
 # Settings read from the environment (sbatch exports the submitting shell's environment):
 #   MEGAVL_ROOT           repo checkout to run from           default: the directory sbatch ran in

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from megavl.engine.launch import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's console scripts: deepspeed, megavl-export, ...
-sys.path.insert(0, str(REPO / "bench"))
-# One list of rendezvous variables for bench and tests: a child must not inherit those an
-# in-process world of one left in os.environ (it tried to listen on the parent's MASTER_PORT).
-from harness import child_env  # noqa: E402
 
 
 def free_port() -> int:

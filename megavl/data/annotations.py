@@ -10,15 +10,7 @@ Formats (ALBEF `dataset/{caption,vqa,nlvr}_dataset.py`, BLIP `data/coco_karpathy
   NLVR2            [{"images": [left, right], "sentence": str, "label": "True"|"False"}]
 Image paths are relative to an image root (VQA: one root per "dataset" value, VG images differ).
 
-Bad entries are counted skips, never a crash (the trainer logs `data/skipped/<reason>`):
-  missing_image_file   an image path that is not a file under its root
-  missing_video_file   a video path that is not a file under its root
-  empty_caption        a caption that is empty after pre_caption
-  no_answers           a training/evaluation question without answers
-  unknown_label        an NLVR2 label other than "True"/"False"
-  unknown_vqa_source   a VQA "dataset" value without an image root
-  bad_entry            an entry missing a required key or of the wrong type (a JSONL line that
-                       is not JSON included)
+Bad entries are counted skips, never a crash: skips.ANNOTATION_SKIP_REASONS (meanings in skips.py).
 A file that does not exist, is not valid JSON (its line and column named) or is not a JSON list is a
 DataError (a wrong path or a broken file, not a bad entry: train.py exits 2 with its one line); so is
 an image-text file read as video-text or the reverse (every entry would be a skip otherwise).
@@ -32,12 +24,12 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from megavl.data.skips import (BAD_ENTRY, EMPTY_CAPTION, MISSING_IMAGE_FILE, MISSING_VIDEO_FILE,
+                               NO_ANSWERS, UNKNOWN_LABEL, UNKNOWN_VQA_SOURCE)
 from megavl.errors import DataError
 
 log = logging.getLogger(__name__)
 
-ANNOTATION_SKIP_REASONS = ("missing_image_file", "missing_video_file", "empty_caption", "no_answers", "unknown_label",
-                           "unknown_vqa_source", "bad_entry")
 NLVR2_LABELS = {"True": 1, "False": 0}
 
 
@@ -86,7 +78,7 @@ def read_entries(path: str) -> tuple[list, Counter]:
             try:
                 entries.append(json.loads(line))
             except json.JSONDecodeError:
-                skips["bad_entry"] += 1
+                skips[BAD_ENTRY] += 1
     return entries, skips
 
 
@@ -121,6 +113,7 @@ def load_video_retrieval(path: str, video_root: str, max_words: int = 30) -> Ret
 
 
 _OTHER_MEDIA = {"image": "video", "video": "image"}
+_MISSING_FILE = {"image": MISSING_IMAGE_FILE, "video": MISSING_VIDEO_FILE}
 _ROOT_KEY = {"image": "task.image_root", "video": "task.video_root"}
 
 
@@ -135,17 +128,17 @@ def _load_captioned(path: str, root: str, media: str, max_words: int) -> Retriev
                              f"file read as {media}-text (set {_ROOT_KEY[other]} for it, not "
                              f"{_ROOT_KEY[media]})")
         if not isinstance(entry, dict) or not isinstance(entry.get(media), str):
-            skips["bad_entry"] += 1
+            skips[BAD_ENTRY] += 1
             continue
         captions = entry.get("caption")
         captions = [captions] if isinstance(captions, str) else captions
         if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-            skips["bad_entry"] += 1
+            skips[BAD_ENTRY] += 1
             continue
         media_path = os.path.join(root, entry[media])
         if media_path not in media_index:
             if not os.path.isfile(media_path):
-                skips[f"missing_{media}_file"] += 1
+                skips[_MISSING_FILE[media]] += 1
                 continue
             media_index[media_path] = len(out.images)
             out.images.append(media_path)
@@ -154,7 +147,7 @@ def _load_captioned(path: str, root: str, media: str, max_words: int) -> Retriev
         for c in captions:
             text = pre_caption(c, max_words)
             if not text:
-                skips["empty_caption"] += 1
+                skips[EMPTY_CAPTION] += 1
                 continue
             out.img2txt[i].append(len(out.texts))
             out.txt2img.append(i)
@@ -200,28 +193,28 @@ def load_vqa(paths: list[str], image_roots: dict[str, str], *, need_answers: boo
 def _vqa_item(entry, image_roots, need_answers, max_words, skips) -> VQAItem | None:
     if (not isinstance(entry, dict) or not isinstance(entry.get("question"), str)
             or not isinstance(entry.get("image"), str) or "question_id" not in entry):
-        skips["bad_entry"] += 1
+        skips[BAD_ENTRY] += 1
         return None
     root = image_roots.get(entry.get("dataset", "vqa"))
     if root is None:
-        skips["unknown_vqa_source"] += 1
+        skips[UNKNOWN_VQA_SOURCE] += 1
         return None
     answers = entry.get("answer", [])
     answers = [answers] if isinstance(answers, str) else answers
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        skips["bad_entry"] += 1
+        skips[BAD_ENTRY] += 1
         return None
     if need_answers and not answers:
-        skips["no_answers"] += 1
+        skips[NO_ANSWERS] += 1
         return None
     image_path = os.path.join(root, entry["image"])
     if not os.path.isfile(image_path):
-        skips["missing_image_file"] += 1
+        skips[MISSING_IMAGE_FILE] += 1
         return None
     try:
         question_id = int(entry["question_id"])
     except (TypeError, ValueError):
-        skips["bad_entry"] += 1
+        skips[BAD_ENTRY] += 1
         return None
     return VQAItem(question_id, pre_question(entry["question"], max_words), answers, image_path,
                    entry.get("answer_type"), entry.get("dataset", "vqa"))
@@ -243,18 +236,18 @@ def load_nlvr2(path: str, image_root: str, max_words: int = 30) -> tuple[list[NL
         if (not isinstance(images, list) or len(images) != 2
                 or not all(isinstance(p, str) for p in images)
                 or not isinstance(entry.get("sentence"), str)):
-            skips["bad_entry"] += 1
+            skips[BAD_ENTRY] += 1
             continue
         if entry.get("label") not in NLVR2_LABELS:
-            skips["unknown_label"] += 1
+            skips[UNKNOWN_LABEL] += 1
             continue
         left, right = (os.path.join(image_root, p) for p in images)
         if not (os.path.isfile(left) and os.path.isfile(right)):
-            skips["missing_image_file"] += 1
+            skips[MISSING_IMAGE_FILE] += 1
             continue
         sentence = pre_caption(entry["sentence"], max_words)
         if not sentence:
-            skips["empty_caption"] += 1
+            skips[EMPTY_CAPTION] += 1
             continue
         items.append(NLVR2Item(left, right, sentence, NLVR2_LABELS[entry["label"]]))
     _log_skips("nlvr2", path, skips)

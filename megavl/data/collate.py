@@ -1,23 +1,17 @@
-"""Decoded samples -> the batch dict every objective reads.
+"""Decoded samples -> the pre-training batch every objective reads (PretrainBatch, batch.py).
 
-Batch (B = batch size, S = image_size, L = max_text_len; padding is always to exactly L):
-  images          float32 (B, 3, S, S)  normalised pixels
-  input_ids       int64   (B, L)        [CLS] caption [SEP] [PAD]...
-  attention_mask  int64   (B, L)        1 = real token
-  mlm_input_ids   int64   (B, L)        BERT 80/10/10 masked ids
-  mlm_labels      int64   (B, L)        original id where MLM-masked, -100 elsewhere
-  scl_input_ids   int64   (B, L)        SCL: non-special tokens -> [MASK] with scl_mask_prob ([MASK]-only;
-                                        read by SCL when objectives.scl.text_mask_prob > 0)
-  keys            list[str] (B)         sample keys (`__key__` of the shard member)
-  image_ids       int64   (B,)          same id = same image (ITM/retrieval positives)
+Images and clips go through the transform (one crop/flip per clip), captions through the
+tokenizer, then the MLM and SCL masks are drawn; scl_input_ids is read by SCL only when
+objectives.scl.text_mask_prob > 0.
 """
 from __future__ import annotations
 
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from megavl.data.decode import Decoded
-from megavl.data.plan import derive_seed
+from megavl.data.batch import PretrainBatch
+from megavl.data.decode_image import Decoded
+from megavl.data.seeds import derive_seed
 from megavl.data.text import mlm_mask, scl_mask, special_tokens_mask
 from megavl.data.transforms import Transform, normalize_batch
 
@@ -39,7 +33,7 @@ class Collator:
         self.special_ids = sorted(set(tokenizer.all_special_ids))
         self.vocab_size = len(tokenizer)
 
-    def __call__(self, samples: list[Decoded], seeds: list[int]) -> dict:
+    def __call__(self, samples: list[Decoded], seeds: list[int]) -> PretrainBatch:
         """One batch; `seeds[i]` fixes sample i's augmentation and text masks (the stream derives
         it from (seed, epoch, global position)), so a sample looks the same in any batch layout."""
         if len(seeds) != len(samples):

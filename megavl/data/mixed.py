@@ -15,18 +15,15 @@ On load every stream's consumed samples are checked against the schedule's count
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from megavl.data.batch import PretrainBatch
+from megavl.data.loader import TrainLoader
 from megavl.data.modality import ModalitySchedule
-
-if TYPE_CHECKING:
-    from megavl.data.loader import TrainLoader
 
 
 class MixedTrainLoader:
     """Endless iterator over this rank's batches, one modality per optimizer step (see above)."""
 
-    def __init__(self, streams: dict[str, "TrainLoader"], schedule: ModalitySchedule,
+    def __init__(self, streams: dict[str, TrainLoader], schedule: ModalitySchedule,
                  global_batch_size: int):
         micro = {s.plan.micro_global_batch for s in streams.values()}
         if len(micro) != 1:
@@ -61,7 +58,7 @@ class MixedTrainLoader:
     def __iter__(self) -> "MixedTrainLoader":
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> PretrainBatch:
         batch = next(self.streams[self.schedule.at(self.step)])
         self.micro_batches += 1
         return batch

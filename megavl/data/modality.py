@@ -4,7 +4,7 @@ A batch is one modality (the collator cannot stack a (T, 3, S, S) clip with a (3
 under ZeRO-3 every rank must run the same modules in the same order, so in a mixed run the modality
 is chosen per OPTIMIZER step (all micro-steps of a step alike), the same on every rank, as a pure
 function of (seed, step): no communication, and a resumed run (on any world size) continues the
-same sequence, like the curriculum (engine/curriculum.py).
+same sequence, like the curriculum (tasks/curriculum.py).
 
 Schedule. Steps are cut into blocks of `block` steps. Block b holds exactly
     n_b = floor((b + 1) * block * share) - floor(b * block * share)
@@ -17,8 +17,8 @@ seeded by (seed, b). So:
     lock onto the curriculum's period (share 1/2 placed every other step would put every video step in
     the same fusion mode of the alternating curriculum);
   - `order="contiguous"` puts the block's video steps first instead: two modality switches per block.
-    Under ZeRO-3 each switch invalidates DeepSpeed's prefetch trace, like a curriculum switch (the
-    README measured 1.4-1.9x per step for alternating fusion modes), so long runs may prefer it with a
+    Under ZeRO-3 each switch invalidates DeepSpeed's prefetch trace, like a curriculum switch
+    (alternating fusion modes measured 1.4-1.9x slower per step), so long runs may prefer it with a
     block that is not a multiple of the curriculum's period.
 """
 from __future__ import annotations
@@ -27,14 +27,13 @@ import random
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from megavl.data.decode import IMAGE_EXTS
-from megavl.data.plan import Source, derive_seed
+from megavl.data.decode_image import IMAGE_EXTS
+from megavl.data.decode_video import VIDEO_EXTS
+from megavl.data.seeds import derive_seed
 from megavl.data.shards import iter_raw_samples
-from megavl.data.video import ALL_SKIP_REASONS, VIDEO_EXTS
+from megavl.data.sources import Source
 
 MODALITIES = ("image", "video")
-# every reason the training pipeline counts: the decoders' plus a sample of the other modality
-SKIP_REASONS = ALL_SKIP_REASONS + ("wrong_modality",)
 MODALITY_IDS = {"image": 0, "video": 1}  # logged as data/modality
 MODALITY_ORDERS = ("shuffled", "contiguous")
 
@@ -77,7 +76,7 @@ def check_clip_model(modalities: tuple[str, ...], data_num_frames: int, model_nu
 
 def default_video_share(sources: list[Source], modalities: list[str]) -> float:
     """Share of video steps when data.video_share is not set: the video sources' part of the mixture,
-    by weight when weights are given (as plan.source_quotas), else by samples."""
+    by weight when weights are given (as sources.source_quotas), else by samples."""
     if all(s.weight <= 0 for s in sources):
         parts = [float(s.size) for s in sources]
     else:

@@ -2,7 +2,7 @@
 (seed, epoch, virtual sequence, shuffle_buffer). Rank, world size, micro-batch and workers play no
 part, so any world reads the same order (Megatron-LM's global consumed-sample counter, for tars).
 
-Design. The virtual sequence (plan.py: shuffled shard segments) is cut into WINDOWS of consecutive
+Design. The virtual sequence (sources.py: shuffled shard segments) is cut into WINDOWS of consecutive
 whole segments, each grown until it holds at least `shuffle_buffer` samples (so a window is a few
 shards: set shuffle_buffer to a few shard sizes, e.g. 50_000 for 10k-sample shards, to make every
 global batch mix ~5 shards). Inside a window the samples are permuted by a generator seeded with
@@ -23,7 +23,8 @@ from __future__ import annotations
 import bisect
 import random
 
-from megavl.data.plan import Segment, derive_seed
+from megavl.data.seeds import derive_seed
+from megavl.data.sources import Segment
 
 _PERMUTATIONS_KEPT = 4  # a batch touches <= 2 windows; borrowing for bad batches may look further
 

@@ -1,11 +1,11 @@
-"""Random access to samples of tar shards with ONE open handle per shard (issue 12 item 5).
+"""Random access to samples of tar shards with ONE open handle per shard.
 
 `ShardReader.read(url, index)` returns the raw sample (shards.py layout, member bytes read) or None
 when the shard holds no such sample (it is shorter than its stats said: truncated). A local shard is
 opened once and kept open while the global order uses it (an LRU of `max_open` shards; the order
 moves through windows of a few shards, order.py); its tar headers are walked lazily, only as far as
 the highest index asked for, and member bytes are read with `os.pread` on the same descriptor. So a
-worker does one `open` per shard per epoch instead of one per member (round 1: 2-3 per sample).
+worker does one `open` per shard per epoch instead of one per member (2-3 per sample).
 
 Cost at scale, honestly: every worker needs a few samples of every shard, so every worker walks the
 headers of every shard of the epoch (one 512-byte read per member, no image bytes of other workers'
@@ -21,6 +21,7 @@ import tarfile
 from collections import Counter, OrderedDict
 
 from megavl.data.shards import TAR_END_BYTES, RawSample, is_pipe, iter_raw_samples, split_member_name
+from megavl.data.skips import TRUNCATED_TAR, UNREADABLE_SHARD
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class _LocalShard:
         try:
             self.tar = tarfile.open(fileobj=self.file, mode="r:")
         except (tarfile.TarError, EOFError) as err:
-            self._fail("unreadable_shard", err)
+            self._fail(UNREADABLE_SHARD, err)
 
     def _fail(self, reason: str, err: Exception) -> None:
         self.done = True
@@ -54,13 +55,13 @@ class _LocalShard:
             member = self.tar.next()
             self.tar.members.clear()  # our own index is enough; do not grow tarfile's list
         except (tarfile.TarError, EOFError, OSError) as err:
-            self._fail("truncated_tar" if self.samples or self._key else "unreadable_shard", err)
+            self._fail(TRUNCATED_TAR if self.samples or self._key else UNREADABLE_SHARD, err)
             return
         if member is None:
             if self.size - self.tar.offset < TAR_END_BYTES:
                 # a cut on a header boundary ends tarfile quietly; a complete tar ends with two
                 # zero blocks, so the last sample may miss members: drop it (as iter_raw_samples)
-                self._fail("truncated_tar", EOFError("no end-of-archive blocks"))
+                self._fail(TRUNCATED_TAR, EOFError("no end-of-archive blocks"))
                 return
             self._close_sample()
             self.done = True
@@ -88,7 +89,7 @@ class _LocalShard:
         for ext, (offset, size) in members.items():
             data = os.pread(self.file.fileno(), size, offset)
             if len(data) != size:  # the file was cut after its headers were read
-                self.skips["truncated_tar"] += 1
+                self.skips[TRUNCATED_TAR] += 1
                 return None
             raw[ext] = data
         return raw
@@ -135,7 +136,7 @@ class ShardReader:
         try:
             shard = _PipeShard(url, self.skips) if pipe else _LocalShard(url, self.skips)
         except OSError as err:
-            self.skips["unreadable_shard"] += 1
+            self.skips[UNREADABLE_SHARD] += 1
             logger.warning("cannot read shard %s: %s", url, err)
             shard = _PipeShard.__new__(_PipeShard)
             shard.samples = []

@@ -22,6 +22,7 @@ from typing import IO, Iterator
 
 import braceexpand
 
+from megavl.data.skips import TRUNCATED_TAR, UNREADABLE_SHARD
 from megavl.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def iter_raw_samples(url: str, start: int = 0, stop: int | None = None,
     local shard gives `FileSpan`s (headers only: counting, tools) and a pipe always gives bytes.
 
     A truncated or unreadable shard ends early: the partial sample is dropped and the event is
-    counted in `skips` as `truncated_tar` / `unreadable_shard` (and logged), never raised.
+    counted in `skips` as TRUNCATED_TAR / UNREADABLE_SHARD (and logged), never raised.
     """
     skips = skips if skips is not None else Counter()
     pipe = is_pipe(url)
@@ -149,11 +150,11 @@ def iter_raw_samples(url: str, start: int = 0, stop: int | None = None,
         if current is not None:
             yield current
     except (tarfile.TarError, EOFError) as err:
-        reason = "truncated_tar" if index >= 0 else "unreadable_shard"
+        reason = TRUNCATED_TAR if index >= 0 else UNREADABLE_SHARD
         skips[reason] += 1
         logger.warning("skipping rest of shard %s after %d samples (%s): %s", url, index, reason, err)
     except OSError as err:
-        skips["unreadable_shard"] += 1
+        skips[UNREADABLE_SHARD] += 1
         logger.warning("cannot read shard %s: %s", url, err)
 
 

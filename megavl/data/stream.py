@@ -1,15 +1,16 @@
 """The per-worker pipeline of the training stream, stage by stage (what flows out of each):
 
-  plan.py / order.py  the epoch's global order: position -> (shard, index), world-independent
-  rank share          rank batch t of this rank = epoch e = t // batches_per_epoch, micro-step
-                      j = t % batches_per_epoch, positions [j*G + r*B, j*G + (r+1)*B), G = B * world
-                      (contiguous shares: rank r's rows are rows r*B.. of the global batch)
-  reader.py           raw samples, one open handle per shard, member bytes by seek
-  decode_any          RGB image + caption + image id, or a skip reason (counted)
-  fill                a bad slot repeats a good sample of the same rank share (i-th bad slot takes
-                      good[i % len(good)]); an all-bad share borrows from the rank's next shares
-  Collator            the batch dict (collate.py); augmentation and masks seeded PER SAMPLE from
-                      (seed, epoch, position), so a sample looks the same at any world size
+  sources.py, order.py  the epoch's global order: position -> (shard, index), world-independent
+  rank share            rank batch t of this rank = epoch e = t // batches_per_epoch, micro-step
+                        j = t % batches_per_epoch, positions [j*G + r*B, j*G + (r+1)*B), G = B * world
+                        (contiguous shares: rank r's rows are rows r*B.. of the global batch)
+  reader.py             raw samples, one open handle per shard, member bytes by seek
+  decode_any            Decoded image or DecodedVideo clip + caption + image id, or a skip reason
+                        (counted; decode_image.py, decode_video.py)
+  fill                  a bad slot repeats a good sample of the same rank share (i-th bad slot takes
+                        good[i % len(good)]); an all-bad share borrows from the rank's next shares
+  Collator              PretrainBatch (collate.py, batch.py); augmentation and masks seeded PER
+                        SAMPLE from (seed, epoch, position), so a sample looks the same at any world
 
 DataLoader hands batches out round-robin from worker 0, so after a (re)start at rank batch t0,
 physical worker p serves t0 + p, t0 + p + W, ...: no state beyond t0, and no fast-forward reading.
@@ -29,13 +30,16 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from megavl.data.collate import Collator
-from megavl.data.decode import Decoded, namespaced_id
+from megavl.data.decode_image import Decoded, decode_sample, namespaced_id
+from megavl.data.decode_video import (DEFAULT_MAX_VIDEO_FRAMES, VIDEO_EXTS, DecodedVideo,
+                                      decode_video_sample)
 from megavl.data.order import EpochOrder
-from megavl.data.plan import (Segment, Source, derive_seed, epoch_segments,
-                              resampled_epoch_segments, slice_segments)
 from megavl.data.reader import ShardReader
-from megavl.data.video import DecodedVideo, decode_any
+from megavl.data.seeds import derive_seed
 from megavl.data.shards import RawSample, iter_raw_samples
+from megavl.data.skips import REPEATED, WRONG_MODALITY
+from megavl.data.sources import (Segment, Source, epoch_segments, resampled_epoch_segments,
+                                 slice_segments)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,24 @@ def _worker_identity() -> tuple[int, int | None]:
         return 0, None
     torch.set_num_threads(1)  # W workers x 1 thread: decode parallelism comes from processes
     return info.id, info.num_workers
+
+
+def decode_any(raw: RawSample, *, caption_key: str, max_pixels: int, draft_size: int = 0,
+               num_frames: int = 4, train: bool = True, seed: int = 0,
+               max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES) -> Decoded | str:
+    """The decode stage for image and video shards alike: a sample with a video member
+    (VIDEO_EXTS) decodes as a clip (decode_video.py), any other as an image (decode_image.py)."""
+    if any(ext in raw for ext in VIDEO_EXTS):
+        return decode_video_sample(raw, caption_key=caption_key, max_pixels=max_pixels,
+                                   num_frames=num_frames, train=train, seed=seed,
+                                   max_video_frames=max_video_frames)
+    return decode_sample(raw, caption_key=caption_key, max_pixels=max_pixels, draft_size=draft_size)
+
+
+def frame_seed(seed: int, epoch: int, position: int) -> int:
+    """Seed of the training frame draw of the clip at a global position: every epoch draws new
+    frames, a resumed run (on any world size) the same ones."""
+    return derive_seed(seed, "frames", epoch, position)
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -78,7 +100,7 @@ class TrainPlan:
     max_pixels: int
     draft_size: int
     # per source: its index among data.train_shards (a mixed run's streams hold a subset of them):
-    # the namespace of its image ids (decode.namespaced_id)
+    # the namespace of its image ids (decode_image.namespaced_id)
     source_indices: list[int]
     num_frames: int = 4          # frames per video clip (image samples are unaffected)
     max_video_frames: int = 18_000
@@ -159,7 +181,7 @@ class TrainStream(IterableDataset):
         decoded = []
         for p in positions:
             raw = self._reader.read(*order.locate(p))
-            decoded.append(None if raw is None else self._decode(raw, derive_seed(self.plan.seed, "frames", epoch, p)))
+            decoded.append(None if raw is None else self._decode(raw, frame_seed(self.plan.seed, epoch, p)))
         return epoch, positions, decoded
 
     def _batch(self, t: int, worker: int, counts: Counter) -> dict:
@@ -177,24 +199,24 @@ class TrainStream(IterableDataset):
             else:
                 samples.append(good[bad % len(good)])
                 bad += 1
-        counts["repeated"] += bad
+        counts[REPEATED] += bad
         seeds = [sample_seed(self.plan.seed, epoch, p) for p in positions]
         batch = self.collator(samples, seeds)
         batch["_meta"] = {"batch": t, "worker": worker, "counts": dict(counts)}
         return batch
 
-    def _decode(self, raw: RawSample, frame_seed: int) -> Decoded | str:
-        """An image, or a clip whose training frames are drawn with `frame_seed` (a function of the
+    def _decode(self, raw: RawSample, frames_seed: int) -> Decoded | str:
+        """An image, or a clip whose training frames are drawn with `frames_seed` (a function of the
         seed, epoch and global position: the same frames at any world size); a sample of the other
         modality than the stream's is skipped (a batch must stack)."""
         plan = self.plan
         decoded = decode_any(raw, caption_key=plan.caption_key, max_pixels=plan.max_pixels,
                              draft_size=plan.draft_size, num_frames=plan.num_frames, train=True,
-                             seed=frame_seed, max_video_frames=plan.max_video_frames)
+                             seed=frames_seed, max_video_frames=plan.max_video_frames)
         if isinstance(decoded, str):
             return decoded
         if isinstance(decoded, DecodedVideo) != (plan.modality == "video"):
-            return "wrong_modality"
+            return WRONG_MODALITY
         source = self._source_of_url[raw["__url__"]]
         return dataclasses.replace(decoded, image_id=namespaced_id(plan.modality, source, decoded.image_id))
 

@@ -1,18 +1,24 @@
 """Map-style datasets over downstream annotations, their collation and rank-sharded batching.
 
-Items decode images from files with the existing transforms and tokenise with the project
-tokenizer; video items (VideoTaskDataset) decode T frames of a video file with
-megavl.data.video.decode_frames (training: one random frame per equal segment, drawn from a seed of
-(run seed, epoch, item), so a resumed run sees the same frames; evaluation: the segment centres), and
-their batches carry `images` as (B, T, 3, S, S), one crop/flip draw shared by the T frames. A file that fails to decode (corrupt, truncated, decompression bomb) is a counted skip:
-in training the item leaves its batch; in evaluation it is scored on a black image (every item is
-scored exactly once, and the VQA server needs an answer to every question) and counted as
-`corrupt_image` (a video: its reason, e.g. `corrupt_video`, `too_few_frames`). Every batch carries `skipped` (a list of reasons) so counts survive DataLoader
-worker processes; `TaskLoader.skip_counts()` sums them.
+Items decode image files through the shard pipeline's image path (decode_image.open_image, drafted
+as build.build_task_loader says) and tokenise with the project tokenizer; video items
+(VideoTaskDataset) decode T frames of a video file with decode_video.decode_frames (training: one
+random frame per equal segment, drawn from a seed of (run seed, epoch, item), so a resumed run sees
+the same frames; evaluation: the segment centres), and their batches carry `images` as
+(B, T, 3, S, S), one crop/flip draw shared by the T frames. Batches: TaskBatch (batch.py).
 
-Sharding: training draws an epoch-seeded permutation, drops the tail that does not fill a global
-batch (world x batch_size) and deals batch b of rank r = items [(b * world + r) * B, +B): every rank
-gets the same number of full batches. Evaluation splits the items into contiguous per-rank ranges
+A file that fails to decode (corrupt, truncated, decompression bomb) is a counted skip
+(skips.TASK_SKIP_REASONS): in training the item leaves its batch; in evaluation it is scored on a
+black image (every item is scored exactly once, and the VQA server needs an answer to every
+question). Every batch carries `skipped` (a list of reasons) so counts survive DataLoader worker
+processes; `TaskLoader.skip_counts()` sums them.
+
+Sharding: training draws an epoch-seeded permutation, drops the tail that does not fill an
+optimizer-step global batch (`global_batch_size`, a multiple of world x batch_size) and deals the
+micro-step's global batch b = order positions [b * G, (b + 1) * G), G = world x batch_size, rank r
+taking its rows [r * B, (r + 1) * B): the samples of each optimizer step are a function of (seed,
+epoch, global position) alone, the same at any world size with the same global batch
+(`TaskTrainStream` continues at a saved global position). Evaluation splits the items into contiguous per-rank ranges
 padded (with `valid` False) to the same number of batches per rank, so collective calls line up
 and each item is scored once.
 """
@@ -27,43 +33,43 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from megavl.data.decode import _open_image, _Skip  # one image-opening path for shards and files
-from megavl.data.plan import derive_seed
-from megavl.data.video import DEFAULT_MAX_VIDEO_FRAMES, decode_frames
+from megavl.data.batch import TaskBatch
+from megavl.data.decode_image import SkipSample, open_image  # one image-opening path for shards and files
+from megavl.data.loader import _ignore_stop_signals
+from megavl.data.decode_video import DEFAULT_MAX_VIDEO_FRAMES, decode_frames
+from megavl.data.seeds import derive_seed
+from megavl.data.skips import (IMAGE_FILE_SKIP_REASONS, MISSING_IMAGE_FILE,  # noqa: F401 (re-exported)
+                               MISSING_VIDEO_FILE, TASK_SKIP_REASONS, VIDEO_FILE_SKIP_REASONS)
 from megavl.data.transforms import Transform, normalize_batch
 
 MAX_PIXELS_DEFAULT = 89_478_485  # PIL's own decompression-bomb limit
-# What open_video_file can return instead of a clip (the engine logs each as data/skipped/<reason>).
-# (the decode reasons of video.VIDEO_SKIP_REASONS; a file has no caption/json/tar members to fail)
-VIDEO_FILE_SKIP_REASONS = ("missing_video_file", "empty_video", "corrupt_video", "no_frames",
-                           "too_few_frames", "too_many_frames", "too_many_pixels")
 
 
 def open_image_file(path: str, max_pixels: int, draft_size: int) -> Image.Image | str:
-    """RGB image, or a skip reason (missing_image_file, corrupt_image, too_many_pixels, ...)."""
+    """RGB image, or a skip reason (IMAGE_FILE_SKIP_REASONS); `draft_size`: see open_image."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError:
-        return "missing_image_file"
+        return MISSING_IMAGE_FILE
     try:
-        return _open_image(data, max_pixels, draft_size)
-    except _Skip as skip:
+        return open_image(data, max_pixels, draft_size)
+    except SkipSample as skip:
         return skip.reason
 
 
 def open_video_file(path: str, num_frames: int, rng: random.Random | None, max_pixels: int,
                     max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES) -> torch.Tensor | str:
     """uint8 (T, 3, H, W) sampled frames (rng: training draw, None: segment centres), or a skip
-    reason (missing_video_file, empty_video, corrupt_video, no_frames, too_few_frames, ...)."""
+    reason (VIDEO_FILE_SKIP_REASONS)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError:
-        return "missing_video_file"
+        return MISSING_VIDEO_FILE
     try:
         return decode_frames(data, num_frames, rng, max_pixels, max_video_frames)[0]
-    except _Skip as skip:
+    except SkipSample as skip:
         return skip.reason
 
 
@@ -137,7 +143,9 @@ class TaskCollator:
             torch.default_generator.manual_seed(item["augment_seed"])
         return [self.transform(im) for im in item["images"]]
 
-    def __call__(self, items: list[dict]) -> dict:
+    def __call__(self, items: list[dict]) -> TaskBatch:
+        """The batch (TaskBatch, batch.py) plus `skipped`: the reasons of the items that failed
+        (TaskLoader takes it out and counts it)."""
         skipped = [it["images"] for it in items if isinstance(it["images"], str)]
         if self.train:
             good = [it for it in items if not isinstance(it["images"], str)]
@@ -177,15 +185,18 @@ class TaskCollator:
         return batch
 
 
-def train_batches(num_items: int, batch_size: int, rank: int, world: int, epoch: int, seed: int
-                  ) -> list[list[int]]:
-    """This rank's batches of one training epoch (see the module docstring)."""
-    global_batch = batch_size * world
+def train_batches(num_items: int, batch_size: int, rank: int, world: int, epoch: int, seed: int,
+                  global_batch_size: int = 0) -> list[list[int]]:
+    """This rank's batches of one training epoch (see the module docstring); global_batch_size:
+    samples per optimizer step (0 = world x batch_size), the epoch is cut to a multiple of it."""
+    micro_global = batch_size * world
+    global_batch = global_batch_size or micro_global
+    if global_batch % micro_global:
+        raise ValueError(f"global batch {global_batch} is not a multiple of {world} ranks x {batch_size}")
     if num_items < global_batch:
-        raise ValueError(f"{num_items} training items cannot fill one global batch of "
-                         f"{world} ranks x {batch_size}")
+        raise ValueError(f"{num_items} training items cannot fill one global batch of {global_batch}")
     order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-    steps = num_items // global_batch
+    steps = num_items // global_batch * global_batch // micro_global
     return [order[(b * world + rank) * batch_size:(b * world + rank + 1) * batch_size].tolist()
             for b in range(steps)]
 
@@ -217,14 +228,16 @@ class _Indexed(Dataset):
 
 
 class TaskLoader:
-    """Iterates this rank's batches; training batches depend only on (seed, epoch), so resuming at
-    (epoch, batch) is `set_epoch(epoch)` + `start_batch`."""
+    """Iterates this rank's batches of one epoch; training batches depend only on (seed, epoch), so
+    resuming at (epoch, batch) is `set_epoch(epoch)` + `start_batch`."""
 
     def __init__(self, dataset: TaskDataset, collator: TaskCollator, *, batch_size: int, rank: int,
-                 world: int, train: bool, seed: int = 0, num_workers: int = 0):
+                 world: int, train: bool, seed: int = 0, num_workers: int = 0,
+                 global_batch_size: int = 0):
         self.dataset, self.collator = dataset, collator
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.train, self.seed, self.num_workers = train, seed, num_workers
+        self.global_batch_size = global_batch_size or batch_size * world
         self.epoch, self.start_batch = 0, 0
         self.counts: Counter = Counter()
 
@@ -235,7 +248,8 @@ class TaskLoader:
     def _plan(self) -> list[list[tuple[int, bool]]]:
         if self.train:
             return [[(i, True) for i in b] for b in train_batches(
-                len(self.dataset), self.batch_size, self.rank, self.world, self.epoch, self.seed)]
+                len(self.dataset), self.batch_size, self.rank, self.world, self.epoch, self.seed,
+                self.global_batch_size)]
         return eval_batches(len(self.dataset), self.batch_size, self.rank, self.world)
 
     def __len__(self) -> int:
@@ -244,11 +258,70 @@ class TaskLoader:
     def __iter__(self) -> Iterator[dict]:
         plan = self._plan()[self.start_batch:]
         flat = [entry for batch in plan for entry in batch]
+        # workers ignore stop signals as pre-training's do (data/loader.py says why)
         loader = DataLoader(_Indexed(self.dataset, flat), batch_size=self.batch_size, shuffle=False,
-                            collate_fn=self.collator, num_workers=self.num_workers)
+                            collate_fn=self.collator, num_workers=self.num_workers,
+                            worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None)
         for batch in loader:
             self.counts.update(batch.pop("skipped"))
             yield batch
 
     def skip_counts(self) -> dict[str, int]:
         return dict(self.counts)
+
+
+class TaskTrainStream:
+    """A training TaskLoader as an endless iterator that advances epochs itself, with a resumable
+    state: (epoch, global samples consumed in the epoch) plus what fixes the order. A resume on
+    another world size or micro-batch continues at the same global position (same global batch)."""
+
+    def __init__(self, loader: TaskLoader):
+        self.loader = loader
+        self.epoch, self.batches_in_epoch = 0, 0
+
+    @property
+    def micro_global_batch(self) -> int:
+        return self.loader.batch_size * self.loader.world
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (the same at every world size)."""
+        return len(self.loader.dataset) // self.loader.global_batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            self.loader.set_epoch(self.epoch, self.batches_in_epoch)
+            for batch in self.loader:
+                self.batches_in_epoch += 1
+                yield batch
+            self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+
+    def _settings(self) -> dict:
+        return {"seed": self.loader.seed, "num_items": len(self.loader.dataset),
+                "global_batch_size": self.loader.global_batch_size}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.batches_in_epoch * self.micro_global_batch,
+                **self._settings()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at a saved global position; a state of the per-rank form ({"epoch", "batch",
+        "world_size"}) is read as position = batch x world_size x batch_size (same micro-batch)."""
+        if "position" not in state:
+            state = {"epoch": state["epoch"],
+                     "position": state["batch"] * state["world_size"] * self.loader.batch_size}
+        settings = self._settings()
+        wrong = [f"{k}: saved {state[k]!r}, now {v!r}" for k, v in settings.items() if k in state and state[k] != v]
+        if wrong:
+            raise ValueError("cannot continue the training order exactly, what fixes it changed: "
+                             + "; ".join(wrong))
+        position = int(state["position"])
+        if position % self.micro_global_batch:
+            raise ValueError(f"data position {position} is not a multiple of the micro-step global batch "
+                             f"{self.micro_global_batch} (batch_size x world): keep run.global_batch_size")
+        self.epoch, self.batches_in_epoch = int(state["epoch"]), position // self.micro_global_batch
+
+    def skip_counts(self) -> dict[str, int]:
+        """Items skipped so far on this rank, by reason: every reason a file can give, 0 if none
+        (the same keys on every rank, so the counts reduce over ranks as one vector)."""
+        counts = self.loader.skip_counts()
+        return {reason: counts.get(reason, 0) for reason in TASK_SKIP_REASONS}

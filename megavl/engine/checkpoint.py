@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 TAG_PATTERN = re.compile(r"^step_(\d{8})(?:_([0-9a-f]+))?$")
 MARKER, WRITING, MEGAVL = "COMPLETE.json", ".writing", "megavl"
-FORMAT = 2  # round 1 wrote megavl_rank{r}.pt pickles and no marker
+FORMAT = 2  # format 1 wrote megavl_rank{r}.pt pickles and no marker
 
 
 class CheckpointError(RuntimeError):
@@ -90,7 +90,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _owner(tag_dir: Path) -> str | None:
-    """Run id that wrote (or is writing) this tag; None for a foreign or round-1 directory."""
+    """Run id that wrote (or is writing) this tag; None for a foreign or format-1 directory."""
     for name in (MARKER, WRITING):
         try:
             return _read_json(tag_dir / name)["run_id"]
@@ -227,7 +227,7 @@ def save(engine, module: torch.nn.Module, ckpt_dir: Path, step: int, rank: int, 
 def prune(ckpt_dir: Path, keep: int, run_id: str, current: str | None = None) -> list[str]:
     """Delete this run's complete tags but the newest `keep`, and this run's half-written tags.
 
-    Tags written by any other run (another run id, round-1 checkpoints, foreign directories) are
+    Tags written by any other run (another run id, format-1 checkpoints, foreign directories) are
     never touched, whatever their age or state."""
     mine_complete, mine_partial = [], []
     for tag_dir in tag_dirs(ckpt_dir):
@@ -261,7 +261,7 @@ def check(tag_dir: Path) -> dict:
     tag_dir = Path(tag_dir)
     if not (tag_dir / MARKER).is_file():
         if any(tag_dir.glob("megavl_rank*.pt")):
-            raise CheckpointError(f"{tag_dir.name}: a round-1 checkpoint (megavl_rank*.pt pickles, no "
+            raise CheckpointError(f"{tag_dir.name}: a format-1 checkpoint (megavl_rank*.pt pickles, no "
                                   f"{MARKER}); this version cannot resume it")
         raise CheckpointError(f"{tag_dir.name}: no {MARKER} (a save that did not finish)")
     marker = _marker(tag_dir)
@@ -410,7 +410,7 @@ def load_module_state(module: torch.nn.Module, tag_dir: Path, rank: int, old_wor
 
 
 def load_rng(tag_dir: Path, rank: int) -> bool:
-    """This rank's RNG state if the old run had this rank; False (left as seeded) otherwise."""
+    """This rank's RNG state if the saving run had this rank; False (left as seeded) otherwise."""
     path = Path(tag_dir) / MEGAVL / f"rng_rank{rank}.json"
     if not path.is_file():
         return False

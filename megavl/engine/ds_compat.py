@@ -7,8 +7,8 @@ it, and `check_engine` (from `build_engine`) / `require_shm_op_hook` (from `init
 these were tested with; a new DeepSpeed means re-running the tests and updating this table.
 
     hook                                          used by
-    engine.enable_backward_allreduce              trainer.build_engine: skip the world-of-one all-reduce
-    ZeRO-3 optimizer.grad_partitions_flat_buffer  trainer.clear_zero3_grad_partitions (stale gradients)
+    engine.enable_backward_allreduce              step.deepspeed_engine: skip the world-of-one all-reduce
+    ZeRO-3 optimizer.grad_partitions_flat_buffer  step.clear_zero3_grad_partitions (stale gradients)
     ZeRO-3 param.ds_tensor/ds_id/ds_shape/ds_numel objectives/teacher.py EMA on shards, engine/checkpoint.py
     ZeRO-3 optimizer._get_fp32_opt_state_partition, reshard._set_zero3_partition (padded partitions on
       _swappable_optimizer_subgroup, _optimizer_states_and_gradient_swap_out   resume to another world)
@@ -46,13 +46,13 @@ def missing_engine_hooks(engine, zero_stage: int) -> list[str]:
     """Descriptions of the hooks this engine lacks (empty when all are there)."""
     missing = []
     if not isinstance(getattr(engine, "enable_backward_allreduce", None), bool):
-        missing.append("engine.enable_backward_allreduce (a bool; trainer.build_engine turns off the "
+        missing.append("engine.enable_backward_allreduce (a bool; step.deepspeed_engine turns off the "
                        "world-of-one gradient all-reduce with it)")
     if zero_stage == 3:
         buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
         if not torch.is_tensor(buffer):
             missing.append(f"{type(engine.optimizer).__name__}.grad_partitions_flat_buffer (a tensor; "
-                           "trainer.clear_zero3_grad_partitions zeroes it so unused parameters get no stale gradient)")
+                           "step.clear_zero3_grad_partitions zeroes it so unused parameters get no stale gradient)")
         hooks = ("_get_fp32_opt_state_partition", "_swappable_optimizer_subgroup",
                  "_optimizer_states_and_gradient_swap_out")
         for hook in (h for h in hooks if not callable(getattr(engine.optimizer, h, None))):

@@ -75,6 +75,17 @@ def fill_env_from_launcher(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child training run, plus `extra`, without the rendezvous
+    variables: an in-process world of one leaves them in os.environ (`fill_env_from_launcher`), and
+    a child that inherited them would try to listen on this process's MASTER_PORT."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    return {**env, **extra}
+
+
 def _skip_shm_op_build() -> None:
     """DeepSpeed JIT-compiles a CPU shared-memory all-reduce op at every CPU init (a minute or more,
     and again whenever another environment shares ~/.cache/torch_extensions). gloo does not use it."""

@@ -1,22 +1,39 @@
 """What the run reports: TensorBoard scalars and images on rank 0, and a console progress bar.
 
 Tag names are a public interface (users build dashboards on them): loss/total, loss/<objective>,
-train/lr, train/grad_norm, train/itc_temperature, train/teacher_momentum, curriculum/mode,
-perf/samples_per_sec, perf/tflops, perf/mfu, perf/data_wait, mem/peak_gb, data/skipped/<reason>,
-eval/i2t_r{1,5,10}, eval/t2i_r{1,5,10}.
+train/lr, train/grad_norm, perf/samples_per_sec, perf/data_wait, mem/peak_gb, data/skipped/<reason>
+for every task; pre-training's train/itc_temperature, train/teacher_momentum, curriculum/mode,
+data/modality, perf/tflops, perf/mfu, eval/i2t_r{1,5,10}, eval/t2i_r{1,5,10}, eval/r_mean; the
+fine-tuning tasks' val/<metric>, test/<metric> (retrieval with a queue: train/teacher_momentum,
+train/itc_distill_alpha). Also the device peak table and MFU.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from pathlib import Path
 
 import torch
 
+logger = logging.getLogger(__name__)
+
+# bf16 dense tensor-core peak per GPU, matched as a substring of torch.cuda.get_device_name, first
+# match wins (so specific names come before the family). Source: NVIDIA datasheets.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),          # SXM
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
+
 
 class Monitor:
     """Writes only on rank 0; other ranks get a Monitor that does nothing, so callers never branch."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, max_steps: int, start_step: int) -> None:
+    def __init__(self, output_dir: str | Path, enabled: bool, max_steps: int, start_step: int,
+                 name: str = "train") -> None:
+        """name: the progress bar's label (the task's name)."""
         self.enabled = enabled
         self.writer = None
         self.bar = None
@@ -25,7 +42,7 @@ class Monitor:
             from tqdm import tqdm
 
             self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tb"))
-            self.bar = tqdm(total=max_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=max_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:
@@ -123,3 +140,38 @@ def peak_memory_gb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+@functools.lru_cache(maxsize=None)
+def _log_no_peak_once(what: str) -> None:
+    logger.info("no bf16 peak FLOPs for %s; MFU is not reported", what)
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    """bf16 dense peak FLOP/s of one `device` from PEAK_BF16_FLOPS; None on CPU or an unknown GPU
+    (logged once per device name)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        _log_no_peak_once(device.type)
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16_FLOPS:
+        if key in name:
+            return peak
+    _log_no_peak_once(name)
+    return None
+
+
+def mfu(flops_per_step: float, step_seconds: float, world_size: int, peak: float | None) -> float | None:
+    """Model FLOPs utilisation = flops_per_step / (step_seconds * world_size * peak).
+
+    flops_per_step: FLOPs of one optimizer step summed over ALL world_size ranks (e.g.
+    `step_flops(..., batch_size=global batch).total`); peak: per-device FLOP/s (`peak_flops`).
+    None when the peak is unknown.
+    """
+    if peak is None:
+        return None
+    if step_seconds <= 0 or world_size < 1 or peak <= 0:
+        raise ValueError(f"need step_seconds > 0, world_size >= 1, peak > 0; got {step_seconds}, "
+                         f"{world_size}, {peak}")
+    return flops_per_step / (step_seconds * world_size * peak)

@@ -8,7 +8,7 @@ Why the temporal embedding gets its own rate: it starts at zero (an image checkp
 order), and at the tower's rate it stays small next to the patch tokens: on clips whose reversed twins
 are in the data (bench_video_retrieval's), a supervised tiny ViT then learns the axis of a motion but
 not its direction (val 51% of 6-way, reversed clips scored the same). At x10 the same run reaches 89%,
-and reversing the clips drops it to 6% (bench/probe_video_motion.py supervised, 1,500 steps).
+and reversing the clips drops it to 6% (experiments/probe_video_motion.py supervised, 1,500 steps).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import math
 import torch
 
 from megavl.config import OptimConfig
+from megavl.tasks.task import TrainedParameters
 
 
 TEMPORAL_EMBED = "vision.temporal_embed"  # its name under the VLP model
@@ -34,16 +35,15 @@ def predates_temporal_group(saved_schedule: dict, model: torch.nn.Module) -> boo
     return "temporal_lr_mult" not in saved_schedule and getattr(model.vision, "temporal_embed", None) is not None
 
 
-def param_groups(module: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Groups over `module.student_parameters()` (the teacher is not trained)."""
-    student = module.student
-    no_decay = {f"student.{n}" for n in student.no_weight_decay()} | {"temp"}
-    fast = tuple(f"student.{p}" for p in student.fusion_and_head_prefixes()) + ("temp",)
+def param_groups(trained: TrainedParameters, cfg: OptimConfig) -> list[dict]:
+    """AdamW groups over a task's trained parameters (see the module docstring); each group keeps its
+    parameters' names (checkpoints and resharding pair them by name)."""
     groups: dict[tuple[bool, bool, bool], dict] = {}
-    for name, p in module.student_parameters():
+    for name, p in trained.named:
         if not p.requires_grad:
             continue
-        key = (name in no_decay, name.startswith(fast), name == f"student.{TEMPORAL_EMBED}")
+        key = (name in trained.no_decay or p.ndim <= 1, name.startswith(trained.fast),
+               name == f"student.{TEMPORAL_EMBED}")
         group = groups.setdefault(key, {
             "params": [], "names": [],
             "weight_decay": 0.0 if key[0] else cfg.weight_decay,

@@ -1,6 +1,6 @@
 """Load DeepSpeed's model/optimizer state saved on W ranks (or another ZeRO stage) into this engine.
 
-How: rank 0 consolidates the old partitions per parameter with DeepSpeed's own converter
+How: rank 0 consolidates the saved partitions per parameter with DeepSpeed's own converter
 (`deepspeed.checkpoint.ds_to_universal`: full fp32 master, exp_avg, exp_avg_sq and the Adam step of
 every parameter, by name) into `<checkpoints>/.reshard/<tag>`; then every rank writes its piece of
 each full tensor into the fresh engine through DeepSpeed's public tensor-fragment API
@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
@@ -132,8 +132,10 @@ def _set_zero3_partition(opt, p, full: torch.Tensor, key: str | None, rank: int)
 
 
 @torch.no_grad()
-def inject(engine, module, values: Callable[[str], dict], step: int, rank: int) -> None:
-    """Write full per-parameter fp32 master, Adam moments and step into this engine's partitions."""
+def inject(engine, named: Iterable[tuple[str, torch.nn.Parameter]], values: Callable[[str], dict], step: int,
+           rank: int) -> None:
+    """Write full per-parameter fp32 master, Adam moments and step into this engine's partitions;
+    `named`: the trained parameters by their checkpoint names (Task.params.named)."""
     opt = engine.optimizer
     base = getattr(opt, "optimizer", opt)
     flats = _flat_partitions(opt)
@@ -153,7 +155,7 @@ def inject(engine, module, values: Callable[[str], dict], step: int, rank: int) 
     if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
         opt._lazy_init_hp_params_optimizer_state()  # link each parameter's fragment of the new state
     zero3 = hasattr(opt, "fp32_partitioned_groups_flat")
-    for name, p in module.student_parameters():
+    for name, p in named:
         if not p.requires_grad:
             continue
         v = values(name)
@@ -172,8 +174,9 @@ def inject(engine, module, values: Callable[[str], dict], step: int, rank: int) 
         opt.update_lp_params()  # a collective: model weights from the fp32 partitions
 
 
-def load(engine, module, tag_dir: Path, rank: int, zero_stage: int) -> int:
-    """Reshard `tag_dir` into this engine (a collective); returns the restored Adam step."""
+def load(engine, named: Iterable[tuple[str, torch.nn.Parameter]], tag_dir: Path, rank: int, zero_stage: int) -> int:
+    """Reshard `tag_dir` into this engine (a collective); `named`: the trained parameters by name.
+    Returns the restored Adam step."""
     tag_dir = Path(tag_dir)
     folder = None
     if is_partitioned(tag_dir):
@@ -192,7 +195,7 @@ def load(engine, module, tag_dir: Path, rank: int, zero_stage: int) -> int:
         values, step = universal_values(folder)
     else:
         values, step = zero0_values(tag_dir)
-    inject(engine, module, values, step, rank)
+    inject(engine, named, values, step, rank)
     _barrier()
     if rank == 0 and folder is not None:
         shutil.rmtree(folder, ignore_errors=True)

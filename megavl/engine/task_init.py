@@ -1,16 +1,18 @@
 """Initial weights of a fine-tuning run: `task.init_from` = a megavl-export directory
 (model.safetensors + config.yaml) or a checkpoint directory (a tag dir, or a checkpoints dir with
 `latest`, of a pre-training or fine-tuning run; ZeRO shards are merged). Returns the weights and
-the architecture they were trained with; tasks/base.load_backbone checks and loads them."""
+the architecture they were trained with; tasks/base.load_backbone checks and loads them. The source
+run's own init files (model.vision.init, model.text.hf_path) are provenance: never read or required."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from megavl.config import ModelConfig, config_from_dict
+from megavl.config import Config, ModelConfig, config_from_saved
 
 from .export import _resolve, consolidated_state_dict
 
@@ -20,14 +22,40 @@ def read_init(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     if not root.is_dir():  # checked here, not at config load: saved configs keep the path after it moves
         raise FileNotFoundError(f"task.init_from={path}: not a directory (a megavl-export or checkpoint directory)")
     if (root / "model.safetensors").is_file():
-        config = root / "config.yaml"
         state = load_file(str(root / "model.safetensors"))
     else:
         ckpt_dir, tag = _resolve(root)
         state = consolidated_state_dict(ckpt_dir, tag)
+    saved = saved_model_config(root)
+    if saved is None:
+        raise FileNotFoundError(f"task.init_from={path}: no config.yaml with the weights' architecture")
+    return state, saved
+
+
+def saved_model_config(path: str | Path) -> ModelConfig | None:
+    """The model config that the weights in `path` (an export, a checkpoint tag dir or a checkpoints
+    dir with `latest`) were written with; None where no config.yaml was saved with them."""
+    root = Path(path)
+    if (root / "model.safetensors").is_file():
+        config = root / "config.yaml"
+    else:
+        ckpt_dir, tag = _resolve(root)
         config = ckpt_dir / tag / "config.yaml"
         if not config.is_file():
             config = ckpt_dir.parent / "config.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(f"task.init_from={path}: no config.yaml with the weights' architecture")
-    return state, config_from_dict(yaml.safe_load(config.read_text())).model
+    return config_from_saved(yaml.safe_load(config.read_text())).model if config.is_file() else None
+
+
+def config_for_weights(cfg: Config, source: str | Path) -> Config:
+    """The run's config when its weights come from `source` (the checkpoint it resumes, or
+    task.init_from): its model is then built with models.pretrained.without_init_files, and its
+    checkpoints save this config. Where the recipe and the source both take the text tower from
+    model.text.hf_path, the tower's fields are the source's: once the directory is gone the recipe
+    holds only what it wrote, not what config.json filled in (BERT's dropout, or the whole shape)."""
+    if not cfg.model.text.hf_path:
+        return cfg
+    saved = saved_model_config(source)
+    if saved is None or not saved.text.hf_path:
+        return cfg
+    text = dataclasses.replace(saved.text, hf_path=cfg.model.text.hf_path)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text=text))

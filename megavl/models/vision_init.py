@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from megavl.config import ConfigError, VisionConfig
+from megavl.config import VISION_INIT_SUFFIXES, ConfigError, VisionConfig
 
 from .vision import VisionTransformer, resample_pos_embed
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Checkpoint wrappers: DeiT releases {"model": state}; training checkpoints {"state_dict": state}.
 _WRAPPER_KEYS = ("model", "state_dict", "module")
-# timm entries forward_features never reads: classifier heads and the old ViT "representation" layer.
+# timm entries forward_features never reads: classifier heads and the ViT "representation" (pre-logits) layer.
 _TIMM_DROPPED_PREFIXES = ("head.", "head_dist.", "pre_logits.")
 # OpenCLIP visual names -> timm names, inside transformer.resblocks.{i}. / blocks.{i}.
 _CLIP_BLOCK_NAMES = {
@@ -142,6 +142,18 @@ def _check_architecture(state: dict[str, torch.Tensor], cfg: VisionConfig, sourc
            "a patch-embedding bias" if "patch_embed.proj.bias" in state else "no patch-embedding bias")
 
 
+def check_init_file(path: str) -> None:
+    """ConfigError naming model.vision.init unless `path` is a weights file this module reads.
+
+    Checked here, when the file is read, not at config load: a resumed run or one started from
+    task.init_from builds its model without it (models/pretrained.without_init_files)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"model.vision.init: expected an existing local checkpoint file, got {path!r}")
+    if Path(path).suffix not in VISION_INIT_SUFFIXES:
+        raise ConfigError(f"model.vision.init: expected a file ending in one of {VISION_INIT_SUFFIXES}, "
+                          f"got {path!r}")
+
+
 def load_vision_init(vision: VisionTransformer, cfg: VisionConfig) -> None:
     """Copy the weights of `cfg.init` (format `cfg.init_format`) into `vision`, in place.
 
@@ -149,6 +161,7 @@ def load_vision_init(vision: VisionTransformer, cfg: VisionConfig) -> None:
     the temporal embedding of a multi-frame model stays zero. Every other parameter must be there.
     """
     source = cfg.init
+    check_init_file(source)
     state = CONVERTERS[cfg.init_format](read_state_dict(source))
     _check_architecture(state, cfg, source)
     pos = state["pos_embed"]

@@ -8,6 +8,7 @@ Legend: B batch, N patches, K kept patches, L text length, W fusion width, E emb
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -25,15 +26,17 @@ log = logging.getLogger(__name__)
 
 
 def _check_text_matches(text: TextEncoder, cfg: ModelConfig) -> None:
-    """The loaded BERT has the shape model.text describes (the FLOP count and an exported model's
-    rebuild read model.text). load_config fills these fields from the checkpoint's config.json; a
+    """The loaded BERT has the shape and dropout model.text describes (the FLOP count and a rebuild
+    for a checkpoint's or an export's weights read model.text). load_config fills these fields from the checkpoint's config.json; a
     ModelConfig built by hand may still disagree."""
     t = cfg.text
     layer = text.layers[0] if len(text.layers) else None
     actual = {"vocab_size": text.word_embeddings.num_embeddings, "width": text.width, "depth": len(text.layers),
               "heads": layer.attn.heads if layer is not None else t.heads,
               "intermediate": layer.mlp.fc1.out_features if layer is not None else t.intermediate,
-              "max_position": text.max_position, "type_vocab_size": text.type_vocab_size}
+              "max_position": text.max_position, "type_vocab_size": text.type_vocab_size,
+              "pad_token_id": text.word_embeddings.padding_idx, "dropout": text.embed_drop.p,
+              "attn_dropout": layer.attn.attn_dropout if layer is not None else t.attn_dropout}
     for key, value in actual.items():
         if getattr(t, key) != value:
             raise ConfigError(f"model.text.{key}: the config says {getattr(t, key)!r} but the checkpoint in "
@@ -55,6 +58,10 @@ class VLPModel(nn.Module):
         else:
             log.info("model.vision.init is empty: the vision tower starts from random weights")
         if t.hf_path:
+            # checked here, where it is read: a model built for a checkpoint's weights never reads it
+            if not (Path(t.hf_path) / "config.json").is_file():
+                raise ConfigError(f"model.text.hf_path: expected a local Hugging Face model directory with a "
+                                  f"config.json, got {t.hf_path!r}")
             self.text = TextEncoder.from_hf(t.hf_path, attn_backend=cfg.attention)
             _check_text_matches(self.text, cfg)
         else:
@@ -62,7 +69,8 @@ class VLPModel(nn.Module):
             self.text = TextEncoder(vocab_size=t.vocab_size, width=t.width, depth=t.depth, heads=t.heads,
                                     intermediate=t.intermediate, max_position=t.max_position,
                                     type_vocab_size=t.type_vocab_size, layer_norm_eps=t.layer_norm_eps,
-                                    hidden_act=t.hidden_act, attn_backend=cfg.attention)
+                                    pad_token_id=t.pad_token_id, hidden_act=t.hidden_act,
+                                    attn_backend=cfg.attention, dropout=t.dropout, attn_dropout=t.attn_dropout)
         self.fusion = SemVLPFusion(width=f.width, depth=f.depth, heads=f.heads, mlp_ratio=f.mlp_ratio,
                                    vision_width=v.width, text_width=self.text.width,
                                    cross_attention=f.cross_attention, attn_backend=cfg.attention)

@@ -5,7 +5,7 @@ patches' pixels, already per-patch normalised by `megavl_kernels.masked_patch_ta
 only sees masked patches and needs no mask.
 
 Clips of T frames (tube masking: the same M positions masked in every frame): what is predicted is
-every masked patch of EVERY frame, from the decoder run per frame (objectives/pretrain.py); the
+every masked patch of EVERY frame, from the decoder run per frame (tasks/pretrain.py); the
 rows are the B*T frames (frame t of sample b at row b*T + t), targets are each frame's own pixels
 at the masked positions, normalised per patch as for images. With equal M in every frame the loss
 is the mean over the B*T*M (frame, position) patches, i.e. the mean over frames of the per-frame

@@ -8,7 +8,7 @@ momentum 0.9 are iBOT's defaults; they are arguments here, the recipe config pic
 
 Shapes: (...) any token layout, e.g. (B,) for [CLS] or (B, M) for masked patches; K prototypes.
 
-Clips of T frames (objectives/pretrain.py): the teacher scores the INTACT clip fused with the text;
+Clips of T frames (tasks/pretrain.py): the teacher scores the INTACT clip fused with the text;
 its targets are its prototype distributions at every masked (frame, position) pair, (B*T, M, K)
 (the tube mask masks the same M positions in each frame), and at the clip [CLS] (mean of the frame
 [CLS] tokens), (B, K). The student predicts the former from the per-frame decoder states and the

@@ -1,5 +1,6 @@
 """What every fine-tuning task shares: initial weights from a pre-trained model, the fused [CLS]
-of an image-text pair, and the gathering of per-rank evaluation outputs.
+of an image-text pair, the gathering of per-rank evaluation outputs, the loaders and the trained
+parameters of a Task (tasks/task.py).
 
 Initial weights: `load_backbone(model, state, source_cfg)` copies a pre-trained VLPModel state
 (an export's model.safetensors, or a checkpoint's "student."/"model." weights, read by the engine)
@@ -15,23 +16,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from megavl.config import ModelConfig
-from megavl.data.task_data import TaskCollator, TaskDataset, TaskLoader, VideoTaskDataset
-from megavl.data.transforms import eval_transform, train_transform
+from megavl.data.build import build_task_collators, build_task_loader
+from megavl.data.task_data import TaskLoader, TaskTrainStream
 from megavl.models.vision import resample_pos_embed, resample_temporal_embed
 from megavl.models.vlp import VLPModel
+from megavl.tasks.task import TrainedParameters
 
 log = logging.getLogger(__name__)
 
-# Fields allowed to differ between the pre-trained and the fine-tuning architecture.
-_FREE_FIELDS = {"vision.img_size", "vision.num_frames", "vision.drop_path", "attention",
-                "grad_checkpointing", "text.hf_path"}
+# Fields allowed to differ between the pre-trained and the fine-tuning model: the input size
+# (position and temporal tables are resampled), regularisation and how the same weights compute.
+_FREE_FIELDS = {"vision.img_size", "vision.num_frames", "vision.drop_path", "text.dropout",
+                "text.attn_dropout", "attention", "grad_checkpointing"}
+# Where a tower's first weights came from: provenance, not architecture. The architecture read
+# from those files is in the other fields; the files may have moved or never be read again.
+_PROVENANCE_FIELDS = {"vision.init", "vision.init_format", "text.hf_path"}
 _PREFIXES = ("student.", "model.")
 
 
@@ -47,10 +52,11 @@ def _flat(obj, prefix: str = "") -> dict:
 
 
 def architecture_mismatch(source: ModelConfig, target: ModelConfig) -> list[str]:
-    """'field: source -> target' for every architecture field that differs (resolution and frames excepted)."""
+    """'field: source -> target' for every architecture field that differs (the free and provenance
+    fields above excepted)."""
     a, b = _flat(source), _flat(target)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in _FREE_FIELDS and a.get(k) != b.get(k)]
+            if k not in _FREE_FIELDS | _PROVENANCE_FIELDS and a.get(k) != b.get(k)]
 
 
 def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -148,53 +154,45 @@ def gather_objects(local: list) -> list:
     return [x for part in parts for x in part]
 
 
-# ------------------------------------------------------------------------ what a task gives
-@dataclass
-class TaskParts:
-    """Everything the fine-tuning engine needs from a task.
+# ------------------------------------------------------------------- shared pieces of a task
+# the fusion/head lr multiplier (SCL: x5) of the fine-tuning modules
+FINETUNE_FAST = ("head.", "temp", "student.fusion.", "student.itm_head.", "student.vision_proj.",
+                 "student.text_proj.")
 
-    evaluate(split) is a collective (every rank calls it) returning the same metrics dict on
-    every rank; split is "val" or "test". write_results(split, out_dir) writes the task's result
-    files (VQA: the server file) on rank 0 and returns their paths; None where a task has none."""
 
-    module: torch.nn.Module
-    train_loader: "TaskLoader"
-    evaluate: Callable[[str], dict]
-    best_metric: str
-    write_results: Callable[[str, str], list[str]] | None = None
-    extra_state: dict = field(default_factory=dict)   # saved with the run (e.g. the VQA answers)
-    # before_step(step) runs on every rank before optimizer step `step` (0-based; retrieval: the
-    # teacher EMA and the distillation alpha) and returns scalars logged as train/<name>
-    before_step: Callable[[int], dict[str, float]] | None = None
-    # module state names (prefixes) that only training needs (teacher, queue): kept out of exports
-    training_only: tuple[str, ...] = ()
-    has_val: bool | None = None  # a "val" split to evaluate; None = task.val is set (VQA: or a minival)
+def finetune_params(module: torch.nn.Module) -> TrainedParameters:
+    """A fine-tuning module's trained parameters (everything but a frozen teacher): no decay for
+    the student's biases/norms/embeddings and the temperature; fusion and heads at fusion_lr_mult."""
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    no_decay = {f"student.{n}" for n in module.student.no_weight_decay()} | {"temp"}
+    return TrainedParameters(named, no_decay, FINETUNE_FAST)
+
+
+def student_loader(module: torch.nn.Module) -> Callable[[dict, ModelConfig, str], None]:
+    """Task.load_weights of a task whose pre-trained weights go to `module.student` alone."""
+    def load(state: dict, source_cfg: ModelConfig, source_name: str) -> None:
+        load_backbone(module.student, state, source_cfg, source_name)
+    return load
 
 
 def collators(cfg, tokenizer, video: bool = False, keep_batch_size: bool = False):
     """(train, eval) TaskCollators from the data config: ALBEF train augmentation and eval resize
     (video: on clips of data.num_frames frames; keep_batch_size: see TaskCollator)."""
-    d = cfg.data
-    clip_frames = d.num_frames if video else 0
-    train = TaskCollator(train_transform(d.image_size, d.train_crop_scale, d.hflip, d.randaugment),
-                         d.mean, d.std, tokenizer, d.max_text_len, train=True,
-                         image_size=d.image_size, clip_frames=clip_frames,
-                         keep_batch_size=keep_batch_size)
-    evaluation = TaskCollator(eval_transform(d.image_size), d.mean, d.std, tokenizer,
-                              d.max_text_len, train=False, image_size=d.image_size,
-                              clip_frames=clip_frames)
-    return train, evaluation
+    return build_task_collators(cfg.data, tokenizer, video=video, keep_batch_size=keep_batch_size)
 
 
 def loader(items, to_fields, collator, cfg, *, train: bool, video: bool = False) -> "TaskLoader":
     """A TaskLoader over items whose paths are images, or videos (decoded as data.num_frames frames)."""
     rank, world = rank_world()
-    d = cfg.data
-    dataset = (VideoTaskDataset(items, to_fields, d.num_frames, train=train, seed=cfg.run.seed,
-                                max_pixels=d.max_image_pixels, max_video_frames=d.max_video_frames)
-               if video else TaskDataset(items, to_fields, d.max_image_pixels, d.image_size, seed=cfg.run.seed))
-    return TaskLoader(dataset, collator, batch_size=d.batch_size, rank=rank, world=world,
-                      train=train, seed=cfg.run.seed, num_workers=d.num_workers)
+    return build_task_loader(items, to_fields, collator, cfg.data, rank=rank, world=world,
+                             seed=cfg.run.seed, train=train, video=video,
+                             global_batch_size=cfg.run.global_batch_size
+                             or cfg.data.batch_size * cfg.run.grad_accum * world)
+
+
+def train_stream(items, to_fields, collator, cfg, *, video: bool = False) -> TaskTrainStream:
+    """The endless, resumable training stream of a task (data/task_data.py:TaskTrainStream)."""
+    return TaskTrainStream(loader(items, to_fields, collator, cfg, train=True, video=video))
 
 
 def split_file(cfg, split: str) -> str:

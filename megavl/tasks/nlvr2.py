@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from megavl.config import ModelConfig
 from megavl.models.vlp import VLPModel
 from megavl.tasks.base import eval_logits, gather_objects, mlp_head, pooled_pair
+from megavl.tasks.task import Task, TaskEnv
 
 
 class NLVR2Module(nn.Module):
@@ -60,19 +61,21 @@ def _fields(item):
     return [item.left, item.right], {"text": item.sentence, "label": item.label}
 
 
-def build_parts(cfg, tokenizer, device, dtype, **_):
+def build(cfg, env: TaskEnv) -> Task:
     from megavl.data.annotations import load_nlvr2
-    from megavl.tasks.base import TaskParts, collators, loader, split_file
+    from megavl.data.text import build_tokenizer
+    from megavl.tasks.base import collators, finetune_params, loader, split_file, student_loader, train_stream
 
     t = cfg.task
     train_items = [it for path in t.train for it in load_nlvr2(path, t.image_root)[0]]
     module = NLVR2Module(cfg.model, t.fusion_mode)
-    train_collate, eval_collate = collators(cfg, tokenizer)
+    train_collate, eval_collate = collators(cfg, build_tokenizer(cfg.data.tokenizer))
 
     def evaluate_split(split: str) -> dict:
         items, _ = load_nlvr2(split_file(cfg, split), t.image_root)
-        return accuracy(module, loader(items, _fields, eval_collate, cfg, train=False), device, dtype)
+        return accuracy(module, loader(items, _fields, eval_collate, cfg, train=False), env.device, env.dtype)
 
-    return TaskParts(module=module, train_loader=loader(train_items, _fields, train_collate, cfg,
-                                                        train=True),
-                     evaluate=evaluate_split, best_metric="accuracy")
+    return Task(name="nlvr2", module=module, params=finetune_params(module),
+                train_loader=train_stream(train_items, _fields, train_collate, cfg),
+                load_weights=student_loader(module), evaluate=evaluate_split, has_val=bool(t.val),
+                has_test=bool(t.test), best_metric="accuracy")

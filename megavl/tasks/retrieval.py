@@ -29,13 +29,16 @@ import torch.nn as nn
 from megavl.config import ModelConfig
 from megavl.models.vlp import VLPModel
 from megavl.objectives.distributed import gather_features
-from megavl.objectives.itc import (QUEUE_BUFFERS, clamp_temperature_, enqueue_momentum_features_,
-                                   itc_distill_loss, itc_loss, register_itc_queue, same_image_targets)
+from megavl.objectives.itc import (QUEUE_BUFFERS, TEMP_MAX, TEMP_MIN, clamp_temperature_,
+                                   enqueue_momentum_features_, itc_distill_loss, itc_loss, register_itc_queue,
+                                   same_image_targets)
 from megavl.objectives.itm import itm_loss, itm_pairs
 from megavl.objectives.teacher import ema_update_, make_teacher
+from megavl.objectives.temperature import clamp_trained_temperature_
 from megavl.tasks.base import rank_world
+from megavl.tasks.task import StepPlan, Task, TaskEnv
 
-__all__ = ["RetrievalModule", "distill_alpha", "same_image_targets", "build_parts", "evaluate"]
+__all__ = ["RetrievalModule", "distill_alpha", "same_image_targets", "build", "evaluate"]
 
 
 def distill_alpha(alpha: float, step: int, steps_per_epoch: int, warmup: bool) -> float:
@@ -56,10 +59,11 @@ def _unimodal(model: VLPModel, batch: dict):
 
 class RetrievalModule(nn.Module):
     def __init__(self, model_cfg: ModelConfig, temp_init: float = 0.07, itm_weight: float = 1.0,
-                 mode: str = "two", queue_size: int = 0):
+                 mode: str = "two", queue_size: int = 0, temp_bounds: tuple[float, float] = (TEMP_MIN, TEMP_MAX)):
         super().__init__()
         self.student = VLPModel(model_cfg)
         self.temp = nn.Parameter(torch.full((1,), float(temp_init)))  # (1,): see PretrainModule
+        self.temp_bounds = temp_bounds
         self.itm_weight, self.mode, self.queue_size = itm_weight, mode, queue_size
         self.alpha = 0.0  # this step's distillation weight, set by before_step
         if queue_size > 0:
@@ -78,6 +82,13 @@ class RetrievalModule(nn.Module):
         return self
 
     @torch.no_grad()
+    def clamp_temperature(self) -> None:
+        """Clamp the temperature's optimizer master and working copies to its bounds; call on every
+        rank right after each optimizer step (objectives/temperature.py: a clamp of the working copy
+        alone is undone by the next step under ZeRO and bf16)."""
+        clamp_trained_temperature_(self.temp, *self.temp_bounds)
+
+    @torch.no_grad()
     def before_step(self, momentum: float, alpha: float) -> None:
         """teacher <- EMA(teacher, student) on this rank's shards (ALBEF's _momentum_update before the
         step's momentum features; momentum 0 copies the student), and this step's alpha."""
@@ -88,7 +99,7 @@ class RetrievalModule(nn.Module):
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         idx = batch["image_index"]
         with torch.no_grad():
-            clamp_temperature_(self.temp)
+            clamp_temperature_(self.temp, *self.temp_bounds)
         img, txt, img_emb, txt_emb = _unimodal(self.student, batch)
         idx_all = gather_features(idx, with_grad=False)
         if self.queue_size > 0:
@@ -176,11 +187,12 @@ def text_batches(texts: list[str], tokenizer, max_len: int, batch_size: int):
                "index": torch.arange(start, stop)}
 
 
-def build_parts(cfg, tokenizer, device, dtype, **_):
+def build(cfg, env: TaskEnv) -> Task:
     from megavl.data.annotations import load_retrieval, load_video_retrieval
-    from megavl.tasks.base import TaskParts, collators, loader, split_file
+    from megavl.data.text import build_tokenizer
+    from megavl.tasks.base import collators, finetune_params, loader, split_file, student_loader, train_stream
 
-    t = cfg.task
+    t, itc = cfg.task, cfg.objectives.itc
     video = bool(t.video_root)
     read, root = (load_video_retrieval, t.video_root) if video else (load_retrieval, t.image_root)
     items = []
@@ -189,30 +201,34 @@ def build_parts(cfg, tokenizer, device, dtype, **_):
         part = read(path, root)
         items += [(part.images[i], text, offset + i) for text, i in zip(part.texts, part.txt2img)]
         offset += len(part.images)
-    module = RetrievalModule(cfg.model, cfg.objectives.itc.temp_init, t.itm_weight, t.fusion_mode,
-                             t.itc_queue_size)
+    module = RetrievalModule(cfg.model, itc.temp_init, t.itm_weight, t.fusion_mode, t.itc_queue_size,
+                             (itc.temp_min, itc.temp_max))
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
     # a bad training item is replaced, not dropped: the losses gather equal shapes over ranks
     train_collate, eval_collate = collators(cfg, tokenizer, video, keep_batch_size=True)
-    train_loader = loader(items, _train_fields, train_collate, cfg, train=True, video=video)
+    train_loader = train_stream(items, _train_fields, train_collate, cfg, video=video)
 
     def evaluate_split(split: str) -> dict:
         ann = read(split_file(cfg, split), root)
         images = _valid_rows(loader(ann.images, _image_fields, eval_collate, cfg, train=False,
                                     video=video))
         texts = text_batches(ann.texts, tokenizer, cfg.data.max_text_len, cfg.data.batch_size)
-        return evaluate(module, images, texts, ann.img2txt, ann.txt2img, device=device,
-                        dtype=dtype, k=min(t.retrieval_k, len(ann.images), len(ann.texts)),
+        return evaluate(module, images, texts, ann.img2txt, ann.txt2img, device=env.device,
+                        dtype=env.dtype, k=min(t.retrieval_k, len(ann.images), len(ann.texts)),
                         rerank=t.retrieval_rerank)
 
-    steps_per_epoch = max(1, len(train_loader) // cfg.run.grad_accum)
+    steps_per_epoch = max(1, train_loader.steps_per_epoch())
 
-    def before_step(step: int) -> dict[str, float]:
+    def before_step(step: int) -> StepPlan:
         # step 0: the teacher becomes a copy of the initialised student (ALBEF copy_params)
         momentum = 0.0 if step == 0 else t.itc_momentum
         alpha = distill_alpha(t.itc_distill_alpha, step, steps_per_epoch, t.itc_alpha_warmup)
         module.before_step(momentum, alpha)
-        return {"teacher_momentum": momentum, "itc_distill_alpha": alpha}
+        return StepPlan(log_scalars={"train/teacher_momentum": momentum, "train/itc_distill_alpha": alpha})
 
-    return TaskParts(module=module, train_loader=train_loader, evaluate=evaluate_split,
-                     best_metric="r_mean", before_step=before_step if t.itc_queue_size > 0 else None,
-                     training_only=QUEUE_BUFFERS + ("teacher.",) if t.itc_queue_size > 0 else ())
+    queue = t.itc_queue_size > 0
+    return Task(name="retrieval", module=module, params=finetune_params(module), train_loader=train_loader,
+                load_weights=student_loader(module), evaluate=evaluate_split, has_val=bool(t.val),
+                has_test=bool(t.test), best_metric="r_mean", before_step=before_step if queue else None,
+                after_optimizer_step=module.clamp_temperature,
+                training_only=QUEUE_BUFFERS + ("teacher.",) if queue else ())

@@ -28,6 +28,7 @@ from megavl.data.annotations import VQAItem, load_vqa
 from megavl.models.vlp import VLPModel
 from megavl.tasks.base import eval_logits, gather_objects, mlp_head, pooled_pair
 from megavl.tasks.metrics import normalize_prediction, vqa_accuracy
+from megavl.tasks.task import Task, TaskEnv
 
 SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)
 log = logging.getLogger(__name__)
@@ -148,11 +149,13 @@ def _eval_fields(item: VQAItem):
     return [item.image], {"text": item.question}
 
 
-def build_parts(cfg, tokenizer, device, dtype, answers: list[str] | None = None):
-    """VQA's TaskParts; `answers` given = the vocabulary of the checkpoint being resumed/evaluated."""
+def build(cfg, env: TaskEnv) -> Task:
+    """VQA's Task; env.saved_state["answers"]: the vocabulary of the checkpoint being resumed or evaluated."""
     from functools import partial
 
-    from megavl.tasks.base import TaskParts, collators, loader, rank_world, split_file
+    from megavl.data.text import build_tokenizer
+    from megavl.tasks.base import (collators, finetune_params, loader, rank_world, split_file, student_loader,
+                                   train_stream)
 
     t = cfg.task
     roots = {"vqa": t.image_root, **({"vg": t.vg_image_root} if t.vg_image_root else {})}
@@ -161,10 +164,11 @@ def build_parts(cfg, tokenizer, device, dtype, answers: list[str] | None = None)
     if t.minival_images:
         train_items, minival, counts = holdout_minival(train_items, t.minival_images, cfg.run.seed)
         log.info("VQA minival held out of the training pool: %s", counts)
+    answers = env.saved_state.get("answers")
     answers = list(answers) if answers else build_answer_vocab(train_items, t.min_answer_count)
     label_of = {a: i for i, a in enumerate(answers)}
     module = VQAModule(cfg.model, answers, t.fusion_mode)
-    train_collate, eval_collate = collators(cfg, tokenizer)
+    train_collate, eval_collate = collators(cfg, build_tokenizer(cfg.data.tokenizer))
     cache: dict[str, tuple[list[VQAItem], dict[int, str]]] = {}
 
     def evaluate_split(split: str) -> dict:
@@ -173,7 +177,7 @@ def build_parts(cfg, tokenizer, device, dtype, answers: list[str] | None = None)
         else:
             items, _ = load_vqa([split_file(cfg, split)], roots, need_answers=False)
         preds = predict(module, loader(items, _eval_fields, eval_collate, cfg, train=False),
-                        items, device, dtype)
+                        items, env.device, env.dtype)
         cache[split] = (items, preds)
         metrics = {"questions": float(len(items))}
         if any(it.answers for it in items):
@@ -188,8 +192,8 @@ def build_parts(cfg, tokenizer, device, dtype, answers: list[str] | None = None)
             write_result_file(path, preds, items)
         return [path]
 
-    return TaskParts(module=module,
-                     train_loader=loader(train_items, partial(_train_fields, label_of),
-                                         train_collate, cfg, train=True),
-                     evaluate=evaluate_split, best_metric="overall", write_results=write_results,
-                     extra_state={"answers": answers}, has_val=bool(t.val) or minival is not None)
+    return Task(name="vqa", module=module, params=finetune_params(module),
+                train_loader=train_stream(train_items, partial(_train_fields, label_of), train_collate, cfg),
+                load_weights=student_loader(module), evaluate=evaluate_split,
+                has_val=bool(t.val) or minival is not None, has_test=bool(t.test), best_metric="overall",
+                write_results=write_results, extra_state={"answers": answers})

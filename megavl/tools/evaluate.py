@@ -48,11 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    import dataclasses
+
     import torch
     from safetensors.torch import load_file
 
     from megavl.config import load_config
-    from megavl.engine.finetune import FineTuner
+    from megavl.engine.trainer import Trainer
+    from megavl.models.pretrained import without_init_files
 
     weights = Path(args.weights)
     out = Path(args.out)
@@ -60,23 +63,26 @@ def main(argv: list[str] | None = None) -> int:
                       + [f"run.output_dir={out}", "task.init_from="])
     if cfg.task.name == "pretrain":
         parser.error("the recipe's task.name is pretrain: pick a fine-tuning recipe")
+    # the weights come from --weights: the model's init files are not read
+    cfg = dataclasses.replace(cfg, model=without_init_files(cfg.model))
     checkpoint_dir = _is_checkpoint(weights)
-    tuner = FineTuner(cfg, args.ds_config, resume=str(weights) if checkpoint_dir else "none",
-                      init=False, task_state=_task_state(weights))
+    tuner = Trainer(cfg, args.ds_config, resume=str(weights) if checkpoint_dir else "none",
+                    task_state=_task_state(weights))
+    task = tuner.task
     if not checkpoint_dir:
         state = {f"student.{k}": v for k, v in load_file(str(weights / "model.safetensors")).items()}
         state.update(load_file(str(weights / "task_head.safetensors")))
         with torch.no_grad():
             missing, unexpected = tuner.module.load_state_dict(state, strict=False)
         # an export leaves out what only training uses (retrieval's teacher and queue)
-        missing = [k for k in missing if not k.startswith(tuner.parts.training_only)]
+        missing = [k for k in missing if not k.startswith(task.training_only)]
         if missing or unexpected:
             raise ValueError(f"{weights}: weights do not fit the recipe's model: missing "
                              f"{missing[:5]}, unexpected {unexpected[:5]}")
-    metrics = tuner.parts.evaluate(args.split)
+    metrics = task.evaluate(args.split)
     result = {"task": cfg.task.name, "split": args.split, "weights": str(weights), **metrics}
-    if tuner.parts.write_results:
-        result["result_files"] = tuner.parts.write_results(args.split, str(out))
+    if task.write_results:
+        result["result_files"] = task.write_results(args.split, str(out))
     if tuner.dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2))

@@ -22,7 +22,7 @@ from typing import Iterator
 
 from PIL import Image
 
-from megavl.data.decode import IMAGE_EXTS
+from megavl.data.decode_image import IMAGE_EXTS
 from megavl.data.shards import check_shards_exist, expand_urls, iter_raw_samples, read_field
 from megavl.data.writer import ShardWriter
 

@@ -23,7 +23,7 @@ import os
 import random
 import sys
 
-from megavl.data.plan import derive_seed
+from megavl.data.seeds import derive_seed
 from megavl.tools.synth_shapes import (COLOURS, POSITION_NAMES, SHAPES, Shape, caption, draw,
                                        relation, sample_shapes)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from megavl.data.plan import derive_seed
+from megavl.data.seeds import derive_seed
 from megavl.data.writer import ShardWriter
 
 COLOURS = {"red": (215, 35, 35), "green": (35, 160, 50), "blue": (40, 70, 215),

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from megavl.data.plan import derive_seed
+from megavl.data.seeds import derive_seed
 from megavl.data.writer import ShardWriter
 from megavl.tools.synth_shapes import BACKGROUND, COLOURS, SHAPES, SUPERSAMPLE, draw_shape
 

@@ -19,9 +19,9 @@ import torch.distributed as dist
 
 from megavl.config import load_config
 from megavl.engine import checkpoint
-from megavl.engine.curriculum import mode_at
+from megavl.tasks.curriculum import mode_at
 from megavl.engine.launch import init_distributed
-from megavl.engine.trainer import (build_engine, clear_zero3_grad_partitions, step_generator,
+from megavl.engine.step import (build_engine, clear_zero3_grad_partitions, step_generator,
                                    zero_fill_unused_grads)
 from megavl.objectives.teacher import teacher_momentum
 

@@ -1,4 +1,4 @@
-"""bf16 pre-training under ZeRO-3 on 2 CPU ranks (the GPU default precision; issue 15 item 6), through
+"""bf16 pre-training under ZeRO-3 on 2 CPU ranks (the GPU default precision), through
 the real Trainer with grad_accum 2: parameters are bf16 while the objective buffers stay fp32, the EMA
 teacher keeps fp32 master copies of its bf16 shards (saved and restored), the ITC temperature stays
 clamped, and a run resumed from the step-2 checkpoint repeats the uninterrupted run's steps 3-4."""

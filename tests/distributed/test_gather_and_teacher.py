@@ -32,8 +32,8 @@ def test_gathered_losses_and_grads_match_single_process(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 1])
 def test_zero3_ema_on_partitions_matches_unsharded_reference(tmp_path, world):
-    # world 1: DeepSpeed "gathers" a persistent parameter by viewing its shard (one memory), which
-    # once made ema_update_ apply the EMA twice to it (the ZeRO-3 2 -> 1 resume drift of issue 11).
+    # world 1: DeepSpeed "gathers" a persistent parameter by viewing its shard (one memory), so an
+    # update of both the full copy and the shard would apply the EMA twice (a 2 -> 1 resume drifts).
     for rank, r in enumerate(_run_ranks("zero3", tmp_path, world=world)):
         # Every teacher parameter is really sharded (7x13 and 13x5 weights split unevenly over 2 ranks).
         assert r["num_sharded_teacher_params"] == (6 if world == 2 else 0)

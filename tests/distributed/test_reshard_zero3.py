@@ -1,17 +1,17 @@
-"""ZeRO-3 resume on another world size (issue 11), checked state by state: a 2-rank run writes its
+"""ZeRO-3 resume on another world size, checked state by state: a 2-rank run writes its
 step-2 checkpoint, a 1-rank run resumes it through megavl's resharding (reshard.py). Right after the
 resume every trained parameter's fp32 master, exp_avg and exp_avg_sq (DeepSpeed's own consolidated
 view), the Adam step, the gathered student and teacher weights and the buffers must equal the 2-rank
-run's (1e-6 relative). After steps 3 and 4 the teacher's EMA increments must too (to 5%: the defect
-found doubled them) and the losses (1e-5 relative, fp32: the two worlds differ by reduction order).
-That defect: on 1 rank the EMA ran twice on persistent ZeRO-3 parameters, whose full copy is their
-shard there (objectives/teacher.py). The launcher-level chains (2 -> 1 -> 2, 2 -> 4) are in
-tests/e2e/test_resume_world.py; its 1 -> 2 leg catches the other defect (DeepSpeed's ZeRO-3 setter
-ignoring the partitions' padding, reshard.py).
+run's (1e-6 relative). After steps 3 and 4 the teacher's EMA increments must too (to 5%: an EMA
+applied twice doubles them) and the losses (1e-5 relative, fp32: the two worlds differ by reduction
+order). On 1 rank a persistent ZeRO-3 parameter's full copy is its shard, so updating both would
+apply the EMA twice (objectives/teacher.py). The launcher-level chains (2 -> 1 -> 2, 2 -> 4) are in
+tests/e2e/test_resume_world.py; its 1 -> 2 leg checks the partitions' padding (DeepSpeed's ZeRO-3
+setter ignores it, reshard.py).
 Run with ds_configs/zero3.json and zero3_offload.json (CPU offload of optimizer and params): the
-latter caught stale gradients in the offloaded fp32 gradient buffers (an unused parameter re-applied
-its last gradient in the uninterrupted run only; trainer.clear_zero3_grad_partitions): step 4's
-teacher EMA step and losses differed.
+latter checks that the offloaded fp32 gradient buffers hold no stale gradient (an unused parameter
+would re-apply its last gradient in the uninterrupted run only, step.clear_zero3_grad_partitions;
+step 4's teacher EMA step and losses would differ).
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_zero3_two_ranks_resumed_on_one_restores_every_state(tmp_path, ds_config
     _assert_close(want["module"], now["module"], "restored module", rel=1e-6)
     _assert_close(want["buffers"], now["buffers"], "restored buffer", rel=1e-6)
     for step in (3, 4):
-        # The teacher's EMA increment of each step (the defect doubled it; fp32 rounding of the weights is
+        # The teacher's EMA increment of each step (an EMA applied twice doubles it; fp32 rounding of the weights is
         # ~1% of it), then the losses.
         worst = scale = 0.0
         for name in (n for n in want["module"] if n.startswith("teacher.")):

@@ -1,5 +1,5 @@
 """ITM's selected-row exchange (RowPlan) equals the dense gather_features + index, forward and
-gradients, on 2 real gloo ranks; and it moves only the picked remote rows (issue 12 item 1)."""
+gradients, on 2 real gloo ranks; and it moves only the picked remote rows."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,7 @@
 """ZeRO-1, ZeRO-2 and ZeRO-3 on 2 CPU ranks against ZeRO-0 on one process, fed the same global batches:
 the same per-step losses (1e-5) over 6 steps with grad_accum 2, every objective on, the ITC queue and
 momentum distillation on, text-guided masking on and the curriculum crossing both modes; the ITC
-temperature stays inside [temp_min, temp_max] in every stage (issue 15 item 1); and the queue ring buffer
+temperature stays inside [temp_min, temp_max] in every stage; and the queue ring buffer
 wraps, is identical on every rank and is restored from a checkpoint.
 
 This holds because each loss is a function of the global batch: contrastive losses gather features (and

@@ -22,7 +22,7 @@ from megavl.engine import checkpoint  # noqa: E402
 from megavl.engine.ds_compat import DeepSpeedCompatError, check_engine  # noqa: E402
 from megavl.engine.export import export  # noqa: E402
 from megavl.engine.launch import init_distributed  # noqa: E402
-from megavl.engine.trainer import build_engine  # noqa: E402
+from megavl.engine.step import build_engine  # noqa: E402
 
 BATCH = 4
 

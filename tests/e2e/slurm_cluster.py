@@ -5,8 +5,8 @@
         cluster.wait_state(job_id, {"COMPLETED"}, timeout=60)
 
 Everything (config, state, spool, logs, pid files) lives in one private directory and the daemons
-listen on free ports, so several clusters (other engineers, parallel CI) can run side by side. The
-recipe is ../shared/notes/local-slurm.md: auth/none, no cgroups, one host named twice through
+listen on free ports, so several clusters (parallel test runs, CI) can run side by side. The setup:
+auth/none (no munge daemon), no cgroups (linuxproc tracks the jobs), one host named twice through
 MULTIPLE_SLURMD. Clients find this cluster through SLURM_CONF, which `env()` adds.
 
 `stop()` cancels every job, waits for the queue to drain, stops both daemons by the pids in their

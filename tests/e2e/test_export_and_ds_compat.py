@@ -1,5 +1,5 @@
-"""megavl-export of bf16 runs gives the fp32 master weights (issue 15 item 9), and the start-up check of
-DeepSpeed's private hooks passes on a real engine and names what is missing otherwise (item 8).
+"""megavl-export of bf16 runs gives the fp32 master weights, and the start-up check of
+DeepSpeed's private hooks passes on a real engine and names what is missing otherwise.
 
 Real DeepSpeed engines on CPU (a world of one, gloo) in a subprocess: tests/e2e/ds_engine_worker.py.
 """
@@ -35,7 +35,7 @@ def worker_out(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("stage", ["zero0", "zero1"])
 def test_bf16_export_is_the_fp32_master(worker_out, stage):
     result = json.loads((worker_out / "result.json").read_text())[stage]
-    if stage == "zero1":  # the file name the old export did not match
+    if stage == "zero1":  # ZeRO-1/2 bf16 name their files bf16_zero_pp_rank_*: the export must find them
         assert any(f.startswith("bf16_zero_pp_rank_0") for f in result["files"]), result
     exported = load_file(str(worker_out / stage / "export" / "model.safetensors"))
     master = torch.load(worker_out / stage / "master.pt")

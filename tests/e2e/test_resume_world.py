@@ -139,7 +139,7 @@ def test_sigkill_during_save_then_resume_and_mistaken_fresh_runs(reference, shar
     assert marker["step"] == STEPS
     _assert_losses_match(ref, out, range(int(complete[-1][5:13]) + 1 if complete else 1, STEPS + 1))
 
-    # A changed schedule on resume applies in full (issue 15 item 9): the base lr AND max_steps of the
+    # A changed schedule on resume applies in full: the base lr AND max_steps of the
     # recipe at the resumed step, not DeepSpeed's restored base rates next to a new teacher momentum.
     from megavl.config import load_config
     from megavl.engine.optim import lr_factor

@@ -1,4 +1,4 @@
-"""Mixed image + video pre-training with the real launcher (issue 14 item 3): real H.264 mp4 shards
+"""Mixed image + video pre-training with the real launcher: real H.264 mp4 shards
 (`megavl-synth-videos`) and PNG shards (`megavl-synth-shapes`) as two sources of one run, 2 ranks
 under ZeRO-3 (gloo on CPU), grad_accum 2. Every micro-step of an optimizer step, on every rank,
 reads one modality, as the seeded schedule says; a run SIGKILLed after its step-2 checkpoint and
