@@ -45,32 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def use_worker_start_method(method: str) -> None:
     """data.worker_start_method for every DataLoader of the run: the process's start method, set
-    once before any loader exists ("" keeps the platform's default).
-
-    spawn and forkserver have helper processes of their own: multiprocessing's resource tracker, and
-    the fork server that forks every forkserver worker. Slurm signals every process of a job step,
-    and a helper killed by the stop signal takes the run down with it, so they start here with the
-    stop signals blocked, which they keep for life (a signal mask survives fork and exec). A signal
-    that reaches this process meanwhile waits, and is handled once unblocked."""
-    import multiprocessing
-    import signal
-
-    from megavl.engine.stop import STOP_SIGNALS
-
+    once before any loader exists ("" keeps the platform's default). Whatever the method, a stop
+    signal reaches workers that ignore it (data/loader.py: start_workers)."""
     if method:
-        multiprocessing.set_start_method(method, force=True)
-    method = multiprocessing.get_start_method()
-    if method == "fork":
-        return
-    from multiprocessing import forkserver, resource_tracker
+        import multiprocessing
 
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        resource_tracker.ensure_running()
-        if method == "forkserver":
-            forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        multiprocessing.set_start_method(method, force=True)
 
 
 def main(argv: list[str] | None = None) -> int:
