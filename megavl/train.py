@@ -45,12 +45,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def use_worker_start_method(method: str) -> None:
     """data.worker_start_method for every DataLoader of the run: the process's start method, set
-    once before any loader exists ("" keeps the platform's default). Whatever the method, a stop
-    signal reaches workers that ignore it (data/loader.py: start_workers)."""
-    if method:
-        import multiprocessing
+    once before any loader exists ("" keeps the platform's default), and its helper processes
+    started before anything else can start them without the stop signals blocked
+    (data/loader.py: start_worker_helpers)."""
+    import multiprocessing
 
+    from megavl.data.loader import start_worker_helpers
+
+    if method:
         multiprocessing.set_start_method(method, force=True)
+    start_worker_helpers()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,15 +64,28 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 def start_workers(loader: DataLoader) -> Iterator:
     """`iter(loader)`, with its workers, and the helper processes of spawn and forkserver
-    (multiprocessing's resource tracker; the fork server, parent of every forkserver worker), started
-    with the stop signals blocked: a spawned worker imports for seconds before _ignore_stop_signals
-    runs, a helper never runs it, and the signal's default action would kill them. A blocked mask
-    survives fork and exec. A signal that reaches this process meanwhile is handled afterwards."""
+    (start_worker_helpers), started with the stop signals blocked: a spawned worker imports for
+    seconds before _ignore_stop_signals runs, a helper never runs it, and the signal's default action
+    would kill them. A blocked mask survives fork and exec. A signal that reaches this process
+    meanwhile is handled afterwards."""
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         if loader.num_workers > 0:
             _start_helpers(loader.multiprocessing_context)
         return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def start_worker_helpers() -> None:
+    """Start the helpers of the process's start method now, with the stop signals blocked: under
+    spawn and forkserver, multiprocessing's resource tracker, and the fork server that forks every
+    forkserver worker (nothing under fork; nothing that already runs). Call it before anything else
+    can start them: the first multiprocessing lock of the process (tqdm makes one) starts the
+    tracker, with the signals' default action."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        _start_helpers(None)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 

@@ -2,8 +2,9 @@
 to every process of a job step: a 2-rank retrieval fine-tune (deepspeed launcher, ZeRO-2, 2 workers
 per rank) gets SIGUSR1 on its whole process group mid-epoch, must save a checkpoint and exit 0, and
 `--resume auto` then runs it to the end. Per DataLoader start method (data.worker_start_method):
-a forked worker inherits its rank's handler, a spawned one starts with the default action (death),
-so only a worker that ignores the signal itself keeps the step alive under spawn.
+a forked worker inherits its rank's handler; a spawned one, and spawn's resource tracker, start with
+the default action (death), so under spawn only workers and helpers started with the signals
+blocked (data/loader.py: start_workers, start_worker_helpers) keep the run alive and quiet.
 
 The launcher ignores SIGUSR1 here (as `srun` forwards it rather than dying of it); the ranks and
 their workers receive it.
