@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import multiprocessing
 from typing import Any
 
 from megavl.config_parts import OBJECTIVE_NAMES, Config, ModelConfig
@@ -36,6 +37,9 @@ def validate(cfg: Config) -> Config:
     _check(d.max_text_len <= m.text.max_position, "data.max_text_len",
            f"<= model.text.max_position={m.text.max_position}", d.max_text_len)
     _check(d.batch_size > 0, "data.batch_size", "> 0", d.batch_size)
+    methods = multiprocessing.get_all_start_methods()
+    _check(d.worker_start_method in ("", *methods), "data.worker_start_method",
+           f"'' (the platform's default) or one of {'|'.join(methods)}", d.worker_start_method)
     _check(d.num_frames >= 1, "data.num_frames", ">= 1", d.num_frames)
     _check(d.max_video_frames >= d.num_frames, "data.max_video_frames", f">= data.num_frames={d.num_frames}",
            d.max_video_frames)

@@ -97,6 +97,7 @@ class DataConfig:
     samples_per_epoch: int = 0    # 0 = from the shards' stats.json
     batch_size: int = 32          # micro-batch per rank
     num_workers: int = 2
+    worker_start_method: str = ""  # how DataLoader workers start: fork | spawn | forkserver; "" = the platform's
     shuffle_buffer: int = 1000    # samples shuffled together (whole shards, megavl/data/order.py); 0 = none
     image_size: int = 224
     train_crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # ALBEF

@@ -5,12 +5,24 @@
 
 Also runs as `deepspeed --num_gpus N ...`, `torchrun ...`, under `srun`, or as plain
 `python megavl/train.py ...` (one process). Without GPUs the same command trains on CPU (gloo).
+
+Exit codes, the same on every rank, so the launcher (deepspeed, torchrun, srun) reports them:
+  0  finished, or stopped by SIGTERM/SIGUSR1 after saving a checkpoint (`--resume auto` continues)
+  1  a defect: the traceback says where
+  2  bad configuration or data (megavl.config.ConfigError, megavl.errors.DataError): one line
+     naming the key, or the file (and line) and what is wrong with it
+  3  cannot start from the checkpoints (megavl.engine.checkpoint.CheckpointError): why, and what to
+     do instead (--resume auto, --resume CKPT_DIR, --fresh, another run.output_dir)
+Every one of these exits leaves the process group on every rank (engine/launch.py: leave_job).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import traceback
+
+EXIT_OK, EXIT_DEFECT, EXIT_BAD_INPUT, EXIT_CHECKPOINT = 0, 1, 2, 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +43,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def use_worker_start_method(method: str) -> None:
+    """data.worker_start_method for every DataLoader of the run: the process's start method, set
+    once before any loader exists ("" keeps the platform's default), and its helper processes
+    started before anything else can start them without the stop signals blocked
+    (data/loader.py: start_worker_helpers)."""
+    import multiprocessing
+
+    from megavl.data.loader import start_worker_helpers
+
+    if method:
+        multiprocessing.set_start_method(method, force=True)
+    start_worker_helpers()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megavl.engine.stop import StopFlag
@@ -39,23 +65,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from megavl.config import ConfigError, load_config
     from megavl.engine.checkpoint import CheckpointError
+    from megavl.engine.launch import init_distributed, leave_job
+    from megavl.errors import DataError
 
+    # The process group before anything can refuse: every refusal is then one exit of the whole
+    # job, with one message and one code, however early it comes.
+    init_distributed()
+    code, message = EXIT_OK, None
     try:
         cfg = load_config(args.config, [item for group in args.overrides for item in group])
+        use_worker_start_method(cfg.data.worker_start_method)
         from megavl.engine.trainer import Trainer  # every task.name (megavl/tasks/)
 
         trainer = Trainer(cfg, args.ds_config, args.resume, stop=stop, fresh=args.fresh)
+        trainer.train()
     except ConfigError as err:
-        print(f"megavl: bad configuration: {err}", file=sys.stderr)
-        return 2
+        code, message = EXIT_BAD_INPUT, f"megavl: bad configuration: {err}"
+    except DataError as err:
+        code, message = EXIT_BAD_INPUT, f"megavl: bad data: {err}"
     except CheckpointError as err:
-        print(f"megavl: cannot start: {err}", file=sys.stderr)
-        return 3
-    trainer.train()
-    from megavl.engine.launch import close_distributed
-
-    close_distributed()
-    return 0
+        code, message = EXIT_CHECKPOINT, f"megavl: cannot start: {err}"
+    except Exception:  # noqa: BLE001 - a defect: its traceback, then the same clean exit
+        traceback.print_exc()
+        code = EXIT_DEFECT
+    return leave_job(code, message)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-# Shared body of slurm/pretrain_*.sh: sourced by the batch script on the first node of the job.
+# Shared body of slurm/pretrain_*.sh and slurm/finetune.sh: sourced by the batch script on the
+# first node of the job.
 # The thin scripts hold the #SBATCH lines and the recipe; this file launches the ranks, forwards
 # the preemption signal, and requeues the job. The manual's Slurm page (docs/slurm.md) has the table.
 #

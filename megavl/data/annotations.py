@@ -11,8 +11,9 @@ Formats (ALBEF `dataset/{caption,vqa,nlvr}_dataset.py`, BLIP `data/coco_karpathy
 Image paths are relative to an image root (VQA: one root per "dataset" value, VG images differ).
 
 Bad entries are counted skips, never a crash: skips.ANNOTATION_SKIP_REASONS (meanings in skips.py).
-A file that does not exist or is not a JSON list is an error (a wrong path, not bad data); so is an
-image-text file read as video-text or the reverse (every entry would be a skip otherwise).
+A file that does not exist, is not valid JSON (its line and column named) or is not a JSON list is a
+DataError (a wrong path or a broken file, not a bad entry: train.py exits 2 with its one line); so is
+an image-text file read as video-text or the reverse (every entry would be a skip otherwise).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 from megavl.data.skips import (BAD_ENTRY, EMPTY_CAPTION, MISSING_IMAGE_FILE, MISSING_VIDEO_FILE,
                                NO_ANSWERS, UNKNOWN_LABEL, UNKNOWN_VQA_SOURCE)
+from megavl.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +50,16 @@ def pre_question(question: str, max_words: int = 50) -> str:
 
 def read_json_list(path: str) -> list:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"annotation file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+        raise DataError(f"annotation file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} line {err.lineno} column {err.colno}: not valid JSON: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}): {err.reason}") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+        raise DataError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
     return data
 
 
@@ -62,7 +69,7 @@ def read_entries(path: str) -> tuple[list, Counter]:
     if not path.endswith(".jsonl"):
         return read_json_list(path), Counter()
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"annotation file {path!r} does not exist")
+        raise DataError(f"annotation file {path!r} does not exist")
     entries, skips = [], Counter()
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -117,7 +124,7 @@ def _load_captioned(path: str, root: str, media: str, max_words: int) -> Retriev
     for entry in entries:
         if isinstance(entry, dict) and media not in entry and _OTHER_MEDIA[media] in entry:
             other = _OTHER_MEDIA[media]
-            raise ValueError(f"{path}: entries name {other!r} files, not {media!r}: an {other}-text "
+            raise DataError(f"{path}: entries name {other!r} files, not {media!r}: an {other}-text "
                              f"file read as {media}-text (set {_ROOT_KEY[other]} for it, not "
                              f"{_ROOT_KEY[media]})")
         if not isinstance(entry, dict) or not isinstance(entry.get(media), str):

@@ -43,7 +43,7 @@ def _train_sources(cfg: DataConfig, skips: Counter) -> list[Source]:
     if any(w < 0 for w in cfg.train_weights) or (cfg.train_weights and sum(cfg.train_weights) <= 0):
         raise ValueError(f"data.train_weights must be >= 0 with a positive sum: {cfg.train_weights}")
     url_lists = [expand_urls(p) for p in cfg.train_shards]
-    check_shards_exist([u for urls in url_lists for u in urls])
+    check_shards_exist([u for urls in url_lists for u in urls], "data.train_shards")
     weights = cfg.train_weights or [0.0] * len(url_lists)
     # sizes always: the global order maps positions to (shard, index), resampled mode included
     return [Source(urls, shard_sizes(urls, skips), w) for urls, w in zip(url_lists, weights)]
@@ -152,7 +152,7 @@ def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: 
         raise ValueError("data.val_shards is empty")
     url_lists = [expand_urls(pattern) for pattern in cfg.val_shards]
     urls = [u for pattern_urls in url_lists for u in pattern_urls]
-    check_shards_exist(urls)
+    check_shards_exist(urls, "data.val_shards")
     sizing_counts: Counter = Counter()
     sizes = shard_sizes(urls, sizing_counts)
     segments = [Segment(u, 0, n) for u, n in zip(urls, sizes) if n > 0]

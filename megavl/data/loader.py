@@ -28,9 +28,11 @@ rank 0 with world_size=1 (what the trainer does by default is its choice).
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 from collections import Counter
+from multiprocessing import forkserver, resource_tracker
 from typing import Iterator
 
 import torch
@@ -48,11 +50,55 @@ _STATE_CHECKED = ("seed", "samples_per_epoch", "global_batch_size", "shuffle_buf
                   "order_digest")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # the trainer's (engine/stop.py)
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Slurm signals every process of a job step; the trainer (not its data workers) decides to
-    checkpoint and stop, and a worker killed by SIGTERM mid-fetch would fail the step before the save."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    checkpoint and stop, and a worker killed by SIGTERM mid-fetch would fail the step before the save.
+    The worker started with the signals blocked (start_workers): one that came meanwhile is dropped."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def start_workers(loader: DataLoader) -> Iterator:
+    """`iter(loader)`, with its workers, and the helper processes of spawn and forkserver
+    (start_worker_helpers), started with the stop signals blocked: a spawned worker imports for
+    seconds before _ignore_stop_signals runs, a helper never runs it, and the signal's default action
+    would kill them. A blocked mask survives fork and exec. A signal that reaches this process
+    meanwhile is handled afterwards."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        if loader.num_workers > 0:
+            _start_helpers(loader.multiprocessing_context)
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def start_worker_helpers() -> None:
+    """Start the helpers of the process's start method now, with the stop signals blocked: under
+    spawn and forkserver, multiprocessing's resource tracker, and the fork server that forks every
+    forkserver worker (nothing under fork; nothing that already runs). Call it before anything else
+    can start them: the first multiprocessing lock of the process (tqdm makes one) starts the
+    tracker, with the signals' default action."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        _start_helpers(None)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _start_helpers(context) -> None:
+    method = context.get_start_method() if context is not None else multiprocessing.get_start_method()
+    if method == "fork":
+        return
+    resource_tracker.ensure_running()
+    # The stdlib unblocks SIGTERM once its tracker has started: block it again before the rest starts.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    if method == "forkserver":
+        forkserver.ensure_running()
 
 
 def _make_loader(dataset, num_workers: int) -> DataLoader:
@@ -109,7 +155,7 @@ class TrainLoader:
         expected = self.epoch * self.batches_per_epoch + self.batches_in_epoch
         if self._iterator is None:
             stream = TrainStream(self.plan, self.collator, expected)
-            self._iterator = iter(_make_loader(stream, self.num_workers))
+            self._iterator = start_workers(_make_loader(stream, self.num_workers))
         batch = next(self._iterator)
         meta = batch.pop("_meta")
         if meta["batch"] != expected:
@@ -198,7 +244,8 @@ class EvalLoader:
     def __iter__(self) -> Iterator[PretrainBatch]:
         per_worker: dict[int, dict] = {}
         try:
-            for batch in _make_loader(EvalStream(self.plan, self.collator), self.num_workers):
+            workers = start_workers(_make_loader(EvalStream(self.plan, self.collator), self.num_workers))
+            for batch in workers:
                 meta = batch.pop("_meta")
                 per_worker[meta["worker"]] = meta["counts"]
                 yield batch

@@ -23,6 +23,7 @@ from typing import IO, Iterator
 import braceexpand
 
 from megavl.data.skips import TRUNCATED_TAR, UNREADABLE_SHARD
+from megavl.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +59,14 @@ def is_pipe(url: str) -> bool:
     return url.startswith(PIPE_PREFIX)
 
 
-def check_shards_exist(urls: list[str]) -> None:
-    """Fail at start, listing every missing local shard (pipe: URLs cannot be checked up front)."""
+def check_shards_exist(urls: list[str], key: str = "shards") -> None:
+    """Fail at start, in one line naming the setting `key` and the missing local shards (pipe: URLs
+    cannot be checked up front)."""
     missing = [u for u in urls if not is_pipe(u) and not os.path.isfile(u)]
     if missing:
-        shown = "\n  ".join(missing[:50])
-        more = f"\n  ... and {len(missing) - 50} more" if len(missing) > 50 else ""
-        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards are missing:\n  {shown}{more}")
+        shown = ", ".join(missing[:10])
+        more = f", ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise DataError(f"{key}: {len(missing)} of {len(urls)} shards are missing: {shown}{more}")
 
 
 def split_member_name(name: str) -> tuple[str, str]:

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from megavl.data.batch import TaskBatch
 from megavl.data.decode_image import SkipSample, open_image  # one image-opening path for shards and files
-from megavl.data.loader import _ignore_stop_signals
+from megavl.data.loader import _ignore_stop_signals, start_workers
 from megavl.data.decode_video import DEFAULT_MAX_VIDEO_FRAMES, decode_frames
 from megavl.data.seeds import derive_seed
 from megavl.data.skips import (IMAGE_FILE_SKIP_REASONS, MISSING_IMAGE_FILE,  # noqa: F401 (re-exported)
@@ -262,7 +262,7 @@ class TaskLoader:
         loader = DataLoader(_Indexed(self.dataset, flat), batch_size=self.batch_size, shuffle=False,
                             collate_fn=self.collator, num_workers=self.num_workers,
                             worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None)
-        for batch in loader:
+        for batch in start_workers(loader):
             self.counts.update(batch.pop("skipped"))
             yield batch
 

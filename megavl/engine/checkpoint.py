@@ -328,6 +328,9 @@ def choose_checkpoint(ckpt_dir: Path, resume: str) -> dict | str | None:
             return (f"--resume auto: none of the {len(existing)} checkpoint(s) in {ckpt_dir} can be "
                     f"used:\n  " + "\n  ".join(skipped) + f"\nNothing was deleted. To proceed: {how}")
         return {"tag_dir": str(ckpt_dir / tag)}
+    if not Path(resume).is_dir():
+        return (f"--resume {resume}: no such checkpoint directory (give auto, none or a tag directory "
+                f"such as {ckpt_dir}/{tag_for(100)})")
     try:
         check(Path(resume))
     except CheckpointError as err:

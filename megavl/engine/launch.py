@@ -1,4 +1,5 @@
-"""Who am I in the job: rank and world size from torch, DeepSpeed or Slurm, then process-group init.
+"""Who am I in the job: rank and world size from torch, DeepSpeed or Slurm, then process-group init;
+and, on the way out, the teardown and the exit code the whole job agrees on.
 
 Launchers set different variables: `deepspeed`/`torchrun` set RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT; `srun` sets SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID. A plain
@@ -6,12 +7,22 @@ MASTER_ADDR and MASTER_PORT; `srun` sets SLURM_PROCID, SLURM_NTASKS and SLURM_LO
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+
+log = logging.getLogger("megavl")
+# How long a rank on its way out waits for the others (leave_job). Ranks that stop for the same
+# reason arrive within seconds of each other: every collective before the exit lines them up.
+EXIT_WAIT_S = 60.0
+_EXIT_KEY = "megavl/exit/rank"
 
 
 @dataclass(frozen=True)
@@ -109,3 +120,72 @@ def close_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def leave_job(code: int, message: str | None = None, wait_s: float = EXIT_WAIT_S) -> int:
+    """Every rank's last act in train.py: agree on the job's exit code, print the reason once, and
+    tear down the process group. Returns the code this rank must exit with.
+
+    `code`/`message` are this rank's outcome: (0, None) finished or stopped after its checkpoint, or
+    a refusal (its documented code and one-line message). Left to interpreter exit instead, gloo's
+    threads can be torn down while a peer still talks to them; the rank then aborts ("terminate
+    called without an active exception") and the launcher reports 250 instead of the code.
+
+    The ranks meet in the process group's key-value store, not in a collective: a rank that failed
+    alone (a file one node cannot read) must not wait forever in a barrier that a peer, blocked in
+    another collective, never reaches. When every rank posts its outcome within `wait_s` seconds,
+    the job's code is the lowest failing rank's (every rank exits with it, so what the launcher
+    reports does not depend on which rank it sees end first) and its message is printed by that rank
+    alone (another rank's different message as well). Otherwise this rank withdraws its outcome,
+    prints its own message and exits with its own code; its peers then fail in their collective.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        _say(message)
+        return code
+    rank, world = dist.get_rank(), dist.get_world_size()
+    outcomes = _meet(rank, world, code, message, wait_s) if world > 1 else [(code, message)]
+    if outcomes is None:
+        log.warning("rank %d: not every rank reached the exit within %.0f s; leaving without them", rank, wait_s)
+        _say(message)
+        dist.destroy_process_group()
+        return code
+    failed = [r for r, (c, _) in enumerate(outcomes) if c != 0]
+    earlier = {m for c, m in outcomes[:rank] if c != 0}
+    if code != 0 and message not in earlier:
+        _say(message)
+    dist.destroy_process_group()
+    return outcomes[failed[0]][0] if failed else 0
+
+
+def _meet(rank: int, world: int, code: int, message: str | None, wait_s: float) -> list | None:
+    """Every rank's (code, message) once all have posted theirs, or None after wait_s seconds.
+
+    Rank 0 hosts the store: it leaves only after every rank has read the outcomes."""
+    from torch.distributed import distributed_c10d
+
+    store = distributed_c10d._get_default_store()
+    mine = f"{_EXIT_KEY}{rank}"
+    try:
+        store.set(mine, json.dumps([code, message]))
+        store.wait([f"{_EXIT_KEY}{r}" for r in range(world)], timedelta(seconds=wait_s))
+        outcomes = [tuple(json.loads(store.get(f"{_EXIT_KEY}{r}"))) for r in range(world)]
+        store.set(f"{_EXIT_KEY}{rank}/read", "1")
+    except Exception:  # noqa: BLE001 - a timeout, or the store's host already gone
+        try:
+            store.delete_key(mine)  # a late peer must not count on this rank any more
+        except Exception:  # noqa: BLE001 - nothing to withdraw from a store that is gone
+            pass
+        return None
+    if rank == 0:
+        try:
+            store.wait([f"{_EXIT_KEY}{r}/read" for r in range(world)], timedelta(seconds=wait_s))
+        except Exception:  # noqa: BLE001 - a peer died after posting: its outcome is already known
+            log.warning("not every rank confirmed the exit within %.0f s", wait_s)
+    return outcomes
+
+
+def _say(message: str | None) -> None:
+    if message:
+        print(message, file=sys.stderr, flush=True)

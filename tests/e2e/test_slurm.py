@@ -7,7 +7,9 @@ ranks); the other sends the time-limit signal (USR1 to the batch shell, as `--si
 does), and checks that the job checkpointed, requeued itself, resumed from that checkpoint, and
 finished. A third requeues a 2-node job onto ONE node (`scontrol update NumNodes=1` while it is
 held between runs): the script recomputes micro-batch and grad_accum for the global batch, and the
-run continues from its 2-rank checkpoint on 1 rank (resharded) to the end.
+run continues from its 2-rank checkpoint on 1 rank (resharded) to the end. A fourth submits the real
+slurm/finetune.sh (retrieval, 2 DataLoader workers per rank, so Slurm's USR1 reaches the workers as
+well): it checkpoints, requeues itself and finishes from that checkpoint.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from slurm_cluster import LocalSlurm, SlurmError, missing_binaries
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "pretrain_14m.sh"
+FINETUNE_SCRIPT = REPO / "slurm" / "finetune.sh"
 
 pytestmark = [
     pytest.mark.slurm,
@@ -53,6 +56,14 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def downstream(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("downstream")
+    subprocess.run([sys.executable, "-m", "megavl.tools.synth_downstream", "--out", str(out), "--seed", "0",
+                    "--num-train", "48", "--num-eval", "12", "--image-size", "64"], check=True, capture_output=True)
+    return out
+
+
 def submit(cluster: LocalSlurm, shards: Path, run_dir: Path, sets: str, **extra_env: str) -> int:
     """sbatch the real script: CPU overrides as sbatch flags, the rest as documented MEGAVL_* variables."""
     train, val = sorted(shards.glob("train*.tar")), sorted(shards.glob("val*.tar"))
@@ -71,6 +82,19 @@ def submit(cluster: LocalSlurm, shards: Path, run_dir: Path, sets: str, **extra_
     flags = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30",
              f"--output={run_dir}/job-%j.out"]
     return cluster.sbatch([*flags, str(SCRIPT)], env=env, cwd=run_dir)
+
+
+def submit_finetune(cluster: LocalSlurm, data: Path, run_dir: Path, sets: str) -> int:
+    """sbatch the real slurm/finetune.sh for retrieval on 2 nodes x 1 rank, CPU, ZeRO-2."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEGAVL_", "SLURM_", "SBATCH_"))}
+    env.update(MEGAVL_ROOT=str(REPO), MEGAVL_PYTHON=sys.executable, MEGAVL_GPU_TYPE="cpu", MEGAVL_TASK="retrieval",
+               MEGAVL_RECIPE="configs/finetune_retrieval_tiny.yaml", MEGAVL_DS_CONFIG="ds_configs/zero2.json",
+               MEGAVL_OUTPUT_DIR=str(run_dir / "out"), MEGAVL_MASTER_ADDR="127.0.0.1",
+               MEGAVL_EXTRA_SETS=(f"task.image_root={data} task.train=[{data}/retrieval_train.json] task.val= "
+                                  f"task.test= run.eval_every=-1 {sets}"))
+    flags = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30",
+             f"--output={run_dir}/job-%j.out"]
+    return cluster.sbatch([*flags, str(FINETUNE_SCRIPT)], env=env, cwd=run_dir)
 
 
 def job_log(run_dir: Path, job_id: int) -> str:
@@ -184,4 +208,36 @@ def test_requeued_job_continues_on_another_node_count(cluster, shards, tmp_path)
     assert info["ExitCode"] == "0:0", log
     assert "restart 1" in log and "1 ranks" in log, log
     assert "resharding" in log, log
+    assert latest_step(out) == steps, log
+
+
+def test_preempted_finetuning_job_with_workers_checkpoints_requeues_and_finishes(cluster, downstream, tmp_path):
+    steps = 12
+    # 144 captions, 8 per step: one epoch of 18 steps, so the signal finds the workers running
+    job = submit_finetune(cluster, downstream, tmp_path,
+                          f"data.batch_size=4 data.num_workers=2 run.max_steps={steps} "
+                          f"run.checkpoint_every={steps} run.stop_check_every=1 run.log_every=1")
+    out = tmp_path / "out"
+    deadline = time.monotonic() + 300
+    while not any(s >= 2 for s in scalar_steps(event_files(out))):
+        state = cluster.job_info(job).get("JobState")
+        if time.monotonic() > deadline or state not in ("PENDING", "RUNNING"):
+            pytest.fail(f"job {job} is {state}, no training steps seen\n{job_log(tmp_path, job)}")
+        time.sleep(1)
+    cluster.scancel("--signal=USR1", "--batch", str(job))
+    try:
+        cluster.wait_state(job, {"PENDING"}, timeout=90, context=job_log(tmp_path, job))
+    except SlurmError as err:
+        pytest.fail(f"the fine-tuning job did not requeue itself after USR1: {err}")
+    saved = latest_step(out)
+    assert 0 < saved < steps, f"preemption checkpoint at step {saved}\n{job_log(tmp_path, job)}"
+    first_run_files = set(event_files(out))
+
+    info = cluster.wait_state(job, {"COMPLETED"}, timeout=300, context=job_log(tmp_path, job))
+    log = job_log(tmp_path, job)
+    assert info["ExitCode"] == "0:0", log
+    assert info.get("Restarts") == "1" and "restart 1" in log, log
+    assert "stop signal: checkpoint saved at step" in log and "Traceback" not in log, log
+    second = scalar_steps([p for p in event_files(out) if p not in first_run_files])
+    assert second and min(second) >= saved and max(second) == steps, f"steps {sorted(set(second))}, saved {saved}\n{log}"
     assert latest_step(out) == steps, log

@@ -14,6 +14,7 @@ from PIL import Image
 from megavl.config import DataConfig
 from megavl.data import build_eval_loader, build_train_loader
 from megavl.data.writer import ShardWriter
+from megavl.errors import DataError
 
 IMAGE_SIZE = 16
 MAX_LEN = 12
@@ -143,10 +144,11 @@ def test_identical_images_share_image_id(tmp_path):
 def test_missing_shards_fail_at_start_listing_them(tmp_path):
     pattern = write_source(str(tmp_path), "a", [4])
     cfg = make_cfg(train_shards=[pattern, str(tmp_path / "gone-{000000..000001}.tar")])
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(DataError) as err:
         build_train_loader(cfg, rank=0, world_size=1, mlm_prob=0.15, scl_mask_prob=0.4)
     assert "gone-000000.tar" in str(err.value) and "gone-000001.tar" in str(err.value)
     assert "2 of 3 shards are missing" in str(err.value)
+    assert str(err.value).startswith("data.train_shards: ") and "\n" not in str(err.value)
 
 
 def test_epoch_too_small_for_world_is_an_error(tmp_path):

@@ -13,6 +13,7 @@ from megavl.data.task_data import (TaskCollator, TaskDataset, TaskLoader, eval_b
                                    train_batches)
 from megavl.data.text import build_tokenizer
 from megavl.data.transforms import eval_transform
+from megavl.errors import DataError
 from megavl.tasks.metrics import vqa_score
 
 MEAN, STD = [0.5] * 3, [0.5] * 3
@@ -72,7 +73,7 @@ def test_retrieval_both_forms_and_skips(synth, tmp_path):
     assert damaged.skips == {"missing_image_file": 1, "empty_caption": 1, "bad_entry": 1}
     assert len(damaged.images) == 3 and len(damaged.texts) == 1 + 3 + 3
     assert pre_caption("A Red-circle, LEFT/of  it!") == "a red circle left of it"
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError):
         load_retrieval(str(tmp_path / "missing.json"), synth)
 
 

@@ -17,6 +17,7 @@ from megavl.data.annotations import load_retrieval, load_video_retrieval, pre_ca
 from megavl.data.task_data import TaskCollator, VideoTaskDataset, open_video_file
 from megavl.data.transforms import eval_transform, train_transform
 from megavl.data.decode_video import sample_frame_ids
+from megavl.errors import DataError
 from megavl.tools.synth_videos import encode_mp4
 
 NUM_FRAMES = 12
@@ -84,7 +85,7 @@ def test_mismatched_files_are_errors_that_name_the_key(videos, tmp_path):
     clips.write_text(json.dumps(ROWS[0]) + "\n")
     with pytest.raises(ValueError, match=r"'video'.*task\.video_root"):
         load_retrieval(str(clips), str(videos))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError):
         load_video_retrieval(str(tmp_path / "absent.jsonl"), str(videos))
 
 
