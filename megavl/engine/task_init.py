@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from megavl.config import Config, ModelConfig, config_from_saved
+from megavl.config import Config, ConfigError, ModelConfig, config_from_saved
 
 from .export import _resolve, consolidated_state_dict
 
@@ -20,7 +20,7 @@ from .export import _resolve, consolidated_state_dict
 def read_init(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     root = Path(path)
     if not root.is_dir():  # checked here, not at config load: saved configs keep the path after it moves
-        raise FileNotFoundError(f"task.init_from={path}: not a directory (a megavl-export or checkpoint directory)")
+        raise ConfigError(f"task.init_from={path}: not a directory (a megavl-export or checkpoint directory)")
     if (root / "model.safetensors").is_file():
         state = load_file(str(root / "model.safetensors"))
     else:
@@ -28,7 +28,7 @@ def read_init(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig]:
         state = consolidated_state_dict(ckpt_dir, tag)
     saved = saved_model_config(root)
     if saved is None:
-        raise FileNotFoundError(f"task.init_from={path}: no config.yaml with the weights' architecture")
+        raise ConfigError(f"task.init_from={path}: no config.yaml with the weights' architecture")
     return state, saved
 
 

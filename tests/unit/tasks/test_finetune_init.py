@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from megavl.config import load_config
+from megavl.config import ConfigError, load_config
 from megavl.models.vlp import VLPModel
 from megavl.tasks.base import architecture_mismatch, load_backbone
 
@@ -122,5 +122,5 @@ def test_a_missing_task_init_from_is_a_clear_error_when_read_but_not_when_a_save
     missing = str(tmp_path / "moved_away")
     cfg = load_config(REPO / "configs/tiny.yaml", [f"task.init_from={missing}"])
     assert cfg.task.init_from == missing
-    with pytest.raises(FileNotFoundError, match="task.init_from=.*moved_away: not a directory"):
+    with pytest.raises(ConfigError, match="task.init_from=.*moved_away: not a directory"):
         read_init(missing)
