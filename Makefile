@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-bench bench clean
 
 install: $(STAMP)
 
@@ -27,10 +27,13 @@ demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 megavl/train.py \
 	    --ds_config ds_configs/zero3.json --config configs/tiny.yaml $(DEMO_ARGS)
 
-# The whole suite except GPU-only tests (those skip with a reason on CPU anyway), then the checks of
-# the benchmark programs (bench/tests; tests/ imports nothing from bench/). tests/README.md: what runs where.
+# The whole suite except GPU-only tests (those skip with a reason on CPU anyway). tests/README.md: what runs where.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests bench/tests -m "not gpu" -ra --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not gpu" -ra --durations=15 $(PYTEST_ARGS)
+
+# The checks of the benchmark programs themselves (bench/tests; tests/ imports nothing from bench/).
+test-bench: $(STAMP)
+	$(BIN)/python -m pytest bench/tests -m "not gpu" -ra $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests/unit -m "not slow and not gpu" -q
