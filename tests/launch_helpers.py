@@ -112,3 +112,11 @@ def wait_ranks(procs: list[subprocess.Popen], timeout: float, what: str = "") ->
 def run_ranks(world: int, argv: list, timeout: float, what: str = "") -> None:
     """start_ranks then wait_ranks: the workers write their results for the test to read."""
     wait_ranks(start_ranks(world, argv), timeout, what)
+
+
+def synth_downstream(out: Path, num_train: int, num_eval: int) -> Path:
+    """Write megavl-synth-downstream's retrieval/VQA/NLVR2 files (64 px, seed 0) to `out`."""
+    subprocess.run([str(BIN / "megavl-synth-downstream"), "--out", str(out), "--seed", "0",
+                    "--num-train", str(num_train), "--num-eval", str(num_eval), "--image-size", "64"],
+                   check=True, capture_output=True)
+    return out

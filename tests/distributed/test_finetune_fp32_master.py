@@ -3,12 +3,11 @@ DeepSpeed engines: the ITC temperature's bounds bind in the optimizer's fp32 mas
 bf16 working copy alone is undone by the next step), and best/ holds the fp32 master weights,
 gathered parameter by parameter, not the bf16 working copy."""
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from launch_helpers import BIN, run_ranks
+from launch_helpers import run_ranks, synth_downstream
 
 WORKER = Path(__file__).with_name("finetune_master_worker.py")
 STAGES = (1, 2, 3)
@@ -20,8 +19,7 @@ pytestmark = pytest.mark.slow
 def runs(tmp_path_factory) -> dict[int, list[dict]]:
     out = tmp_path_factory.mktemp("finetune_master")
     synth = out / "synth"
-    subprocess.run([str(BIN / "megavl-synth-downstream"), "--out", str(synth), "--seed", "0", "--num-train", "16",
-                    "--num-eval", "4", "--image-size", "64"], check=True, capture_output=True)
+    synth_downstream(synth, 16, 4)
     run_ranks(2, [WORKER, synth, out, *STAGES], timeout=900)
     return {s: [json.loads((out / f"stage{s}_rank{r}.json").read_text()) for r in range(2)] for s in STAGES}
 

@@ -11,13 +11,12 @@ rank 0 alone chooses the tag.
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from launch_helpers import BIN, run_ranks
+from launch_helpers import run_ranks, synth_downstream
 
 WORKER = Path(__file__).with_name("finetune_resume_worker.py")
 MICRO = {1: 8, 2: 4}  # 8 captions per micro-step at both world sizes
@@ -58,8 +57,7 @@ def _assert_same(want: Path, got: Path, steps) -> None:
 
 def test_retrieval_finetuning_resumes_on_one_rank_then_two(tmp_path):
     synth = tmp_path / "synth"
-    subprocess.run([str(BIN / "megavl-synth-downstream"), "--out", str(synth), "--seed", "0", "--num-train", "24",
-                    "--num-eval", "4", "--image-size", "64"], check=True, capture_output=True)
+    synth_downstream(synth, 24, 4)
     ref = tmp_path / "ref"
     _run(2, synth, ref)
     chain = _continue_from(ref, "step_00000002", tmp_path / "chain")

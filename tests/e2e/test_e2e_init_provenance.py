@@ -14,7 +14,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from init_files import bert_dir, timm_vit_file
-from launch_helpers import BIN, run_child
+from launch_helpers import BIN, run_child, synth_downstream
 from megavl.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -72,8 +72,7 @@ def test_resume_after_the_init_files_are_gone_loads_the_checkpoint(pretrained, t
 
 def test_retrieval_finetuning_from_the_export_after_the_init_files_are_gone(pretrained, tmp_path):
     synth = tmp_path / "downstream"
-    subprocess.run([str(BIN / "megavl-synth-downstream"), "--out", str(synth), "--seed", "0", "--num-train", "16",
-                    "--num-eval", "4", "--image-size", "64"], check=True, capture_output=True)
+    synth_downstream(synth, 16, 4)
     out = tmp_path / "retrieval"
     # the fine-tuning recipe still names the files its model first came from, as a copied recipe would
     _train("configs/finetune_retrieval_tiny.yaml", out, *pretrained["init"], f"task.init_from={pretrained['export']}",

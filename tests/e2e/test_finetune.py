@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from launch_helpers import BIN, REPO, deepspeed_cmd, run_child, train_env
+from launch_helpers import BIN, REPO, deepspeed_cmd, run_child, synth_downstream, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shapes_downstream")
-    subprocess.run([str(BIN / "megavl-synth-downstream"), "--out", str(out), "--seed", "0",
-                    "--num-train", "48", "--num-eval", "12", "--image-size", "64"],
-                   check=True, capture_output=True)
+    synth_downstream(out, 48, 12)
     return out
 
 

@@ -64,6 +64,23 @@ def downstream(tmp_path_factory) -> Path:
     return out
 
 
+def preempt_once_training(cluster: LocalSlurm, job: int, out: Path, run_dir: Path) -> None:
+    """Once training is under way (a few steps logged), well before the end, do what
+    --signal=B:USR1@600 does ahead of the time limit (USR1 to the batch shell only), and wait
+    for the job to requeue itself."""
+    deadline = time.monotonic() + 300
+    while not any(s >= 2 for s in scalar_steps(event_files(out))):
+        state = cluster.job_info(job).get("JobState")
+        if time.monotonic() > deadline or state not in ("PENDING", "RUNNING"):
+            pytest.fail(f"job {job} is {state}, no training steps seen\n{job_log(run_dir, job)}")
+        time.sleep(1)
+    cluster.scancel("--signal=USR1", "--batch", str(job))
+    try:
+        cluster.wait_state(job, {"PENDING"}, timeout=90, context=job_log(run_dir, job))
+    except SlurmError as err:
+        pytest.fail(f"the job did not requeue itself after USR1: {err}")
+
+
 def submit(cluster: LocalSlurm, shards: Path, run_dir: Path, sets: str, **extra_env: str) -> int:
     """sbatch the real script: CPU overrides as sbatch flags, the rest as documented MEGAVL_* variables."""
     train, val = sorted(shards.glob("train*.tar")), sorted(shards.glob("val*.tar"))
@@ -153,20 +170,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, shards, tmp_pat
     job = submit(cluster, shards, tmp_path, f"run.max_steps={steps} run.checkpoint_every={steps} run.log_every=1")
     out = tmp_path / "out"
 
-    # Preempt once training is under way (a few steps logged), well before the end.
-    deadline = time.monotonic() + 300
-    while not any(s >= 2 for s in scalar_steps(event_files(out))):
-        state = cluster.job_info(job).get("JobState")
-        if time.monotonic() > deadline or state not in ("PENDING", "RUNNING"):
-            pytest.fail(f"job {job} is {state}, no training steps seen\n{job_log(tmp_path, job)}")
-        time.sleep(1)
-    # What --signal=B:USR1@600 does ahead of the time limit: USR1 to the batch shell only.
-    cluster.scancel("--signal=USR1", "--batch", str(job))
-
-    try:
-        info = cluster.wait_state(job, {"PENDING"}, timeout=90, context=job_log(tmp_path, job))
-    except SlurmError as err:
-        pytest.fail(f"the job did not requeue itself after USR1: {err}")
+    preempt_once_training(cluster, job, out, tmp_path)
     saved = latest_step(out)
     assert 0 < saved < steps, f"preemption checkpoint at step {saved}\n{job_log(tmp_path, job)}"
     first_run_files = set(event_files(out))
@@ -218,17 +222,7 @@ def test_preempted_finetuning_job_with_workers_checkpoints_requeues_and_finishes
                           f"data.batch_size=4 data.num_workers=2 run.max_steps={steps} "
                           f"run.checkpoint_every={steps} run.stop_check_every=1 run.log_every=1")
     out = tmp_path / "out"
-    deadline = time.monotonic() + 300
-    while not any(s >= 2 for s in scalar_steps(event_files(out))):
-        state = cluster.job_info(job).get("JobState")
-        if time.monotonic() > deadline or state not in ("PENDING", "RUNNING"):
-            pytest.fail(f"job {job} is {state}, no training steps seen\n{job_log(tmp_path, job)}")
-        time.sleep(1)
-    cluster.scancel("--signal=USR1", "--batch", str(job))
-    try:
-        cluster.wait_state(job, {"PENDING"}, timeout=90, context=job_log(tmp_path, job))
-    except SlurmError as err:
-        pytest.fail(f"the fine-tuning job did not requeue itself after USR1: {err}")
+    preempt_once_training(cluster, job, out, tmp_path)
     saved = latest_step(out)
     assert 0 < saved < steps, f"preemption checkpoint at step {saved}\n{job_log(tmp_path, job)}"
     first_run_files = set(event_files(out))

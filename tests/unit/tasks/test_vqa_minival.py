@@ -4,7 +4,6 @@ Read from annotation files on disk (load_vqa), VG entries included."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from launch_helpers import BIN, run_child
+from launch_helpers import run_child, synth_downstream
 
 from megavl.data.annotations import load_vqa
 from megavl.tasks.vqa import holdout_minival
@@ -76,9 +75,7 @@ def test_minival_config_is_validated():
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
-    subprocess.run([str(BIN / "megavl-synth-downstream"), "--out", str(out), "--seed", "0",
-                    "--num-train", "12", "--num-eval", "2", "--image-size", "64"],
-                   check=True, capture_output=True)
+    synth_downstream(out, 12, 2)
     return out
 
 
