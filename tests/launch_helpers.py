@@ -1,5 +1,5 @@
 """Plumbing for the tests that start child processes, in one place: the environment and launcher
-command of a child `megavl/train.py` run, a free port, a child run to its end, a run SIGKILLed once
+commands (deepspeed or torchrun) of a child `megavl/train.py` run, a free port, a child run to its end, a run SIGKILLed once
 it has written a checkpoint, and the processes of a gloo world on this machine (one per rank).
 
 Test files import it as `launch_helpers`: pytest's default import mode puts tests/ on sys.path when
@@ -40,6 +40,17 @@ def deepspeed_cmd(world: int, ds_config: str, config: str, *args: str) -> list[s
     """`deepspeed megavl/train.py` on `world` CPU ranks of this machine, on a free port."""
     return [str(BIN / "deepspeed"), "--master_port", str(free_port()), "--num_gpus", str(world),
             "megavl/train.py", "--ds_config", ds_config, "--config", config, *args]
+
+
+def torchrun_cmd(world: int, ds_config: str, config: str, *args: str) -> list[str]:
+    """`torchrun megavl/train.py` on `world` CPU ranks of this machine, on a free port: PyTorch's own
+    launcher, one process that imports torch once (the deepspeed launcher is two that import torch
+    and DeepSpeed, ~5 s more per launch here). For the tests whose subject is not the launcher; the
+    deepspeed launcher itself is exercised by test_clean_exit.py, test_finetune_signals.py and the
+    manual's commands (tests/docs)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+            "--master_port", str(free_port()), "megavl/train.py", "--ds_config", ds_config, "--config", config,
+            *args]
 
 
 def run_child(cmd: list[str], timeout: float = 600, expect: int = 0) -> subprocess.CompletedProcess:

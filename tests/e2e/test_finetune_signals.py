@@ -1,10 +1,12 @@
 """A stop signal to every process of a fine-tuning run, DataLoader workers included, as Slurm sends it
 to every process of a job step: a 2-rank retrieval fine-tune (deepspeed launcher, ZeRO-2, 2 workers
 per rank) gets SIGUSR1 on its whole process group mid-epoch, must save a checkpoint and exit 0, and
-`--resume auto` then runs it to the end. Per DataLoader start method (data.worker_start_method):
-a forked worker inherits its rank's handler; a spawned one, and spawn's resource tracker, start with
-the default action (death), so under spawn only workers and helpers started with the signals
-blocked (data/loader.py: start_workers, start_worker_helpers) keep the run alive and quiet.
+`--resume auto` then runs it to the end, with spawned DataLoader workers (data.worker_start_method):
+a spawned worker, and spawn's resource tracker, start with the default action (death), so only
+workers and helpers started with the signals blocked (data/loader.py: start_workers,
+start_worker_helpers) keep the run alive and quiet. Forked workers inherit their rank's handler;
+they get the same signal in test_slurm.py's fine-tuning job (Linux's default start method), and
+tests/unit/data/test_data_worker_signals.py signals workers as they start under spawn and forkserver.
 
 The launcher ignores SIGUSR1 here (as `srun` forwards it rather than dying of it); the ranks and
 their workers receive it.
@@ -49,10 +51,9 @@ def _ranks_with_workers(launcher: subprocess.Popen) -> list[psutil.Process]:
     return [r for r in ranks if len(r.children()) >= 2]
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
-def test_sigusr1_to_every_process_checkpoints_exits_0_and_resumes(synth, tmp_path, start_method):
+def test_sigusr1_to_every_process_checkpoints_exits_0_and_resumes(synth, tmp_path):
     out = tmp_path / "run"
-    cmd = _cmd(synth, out, start_method)
+    cmd = _cmd(synth, out, "spawn")
     log = tmp_path / "stopped.log"
     with open(log, "w") as sink:
         launcher = subprocess.Popen(["bash", "-c", 'trap "" USR1; exec "$@"', "launcher", *cmd], cwd=REPO,

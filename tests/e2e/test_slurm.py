@@ -2,14 +2,13 @@
 
 The job runs the tiny recipe on CPU: 2 nodes x 1 rank, gloo, ZeRO-3, the shards this module
 generates. Only sbatch flags and the script's documented MEGAVL_* variables differ from a GPU
-cluster submission. One test checks that it trains (event files, a ZeRO checkpoint written by both
-ranks); the other sends the time-limit signal (USR1 to the batch shell, as `--signal=B:USR1@600`
-does), and checks that the job checkpointed, requeued itself, resumed from that checkpoint, and
-finished. A third requeues a 2-node job onto ONE node (`scontrol update NumNodes=1` while it is
-held between runs): the script recomputes micro-batch and grad_accum for the global batch, and the
-run continues from its 2-rank checkpoint on 1 rank (resharded) to the end. A fourth submits the real
+cluster submission. One pre-training job lives through what a long job meets: it trains on two
+nodes, gets the time-limit signal (USR1 to the batch shell, as `--signal=B:USR1@600` does),
+checkpoints and requeues itself, and is given ONE node while held between runs (`scontrol update
+NumNodes=1`): the script recomputes micro-batch and grad_accum for the global batch, and the run
+continues from its 2-rank checkpoint on 1 rank (resharded) to the end. A second job submits the real
 slurm/finetune.sh (retrieval, 2 DataLoader workers per rank, so Slurm's USR1 reaches the workers as
-well): it checkpoints, requeues itself and finishes from that checkpoint.
+well): it checkpoints, requeues itself on the same nodes and finishes from that checkpoint.
 """
 from __future__ import annotations
 
@@ -146,72 +145,38 @@ def latest_step(out: Path) -> int:
     return int(match.group(1))
 
 
-def test_pretrain_script_trains_on_two_nodes(cluster, shards, tmp_path):
-    steps = 6
-    job = submit(cluster, shards, tmp_path, f"run.max_steps={steps} run.checkpoint_every={steps} run.log_every=1")
-    info = cluster.wait_state(job, {"COMPLETED"}, timeout=300, context=job_log(tmp_path, job))
-    log = job_log(tmp_path, job)
-    assert info["ExitCode"] == "0:0", log
-    assert "2 ranks" in log and "n[1-2]" in log, log
-
-    out = tmp_path / "out"
-    logged = scalar_steps(event_files(out))
-    assert logged and max(logged) == steps, f"scalar steps {sorted(set(logged))}\n{log}"
-    assert latest_step(out) == steps, log
-    # ZeRO writes one optimizer-state shard per data-parallel rank: both nodes took part.
-    tag_dir = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
-    shards_written = sorted(p.name for p in tag_dir.glob("*optim_states.pt"))
-    assert len(shards_written) == 2, f"{shards_written}\n{log}"
-
-
-def test_preempted_job_checkpoints_requeues_and_resumes(cluster, shards, tmp_path):
-    steps = 16
-    # checkpoint_every=steps: a checkpoint before the end can only be the preemption save.
-    job = submit(cluster, shards, tmp_path, f"run.max_steps={steps} run.checkpoint_every={steps} run.log_every=1")
-    out = tmp_path / "out"
-
-    preempt_once_training(cluster, job, out, tmp_path)
-    saved = latest_step(out)
-    assert 0 < saved < steps, f"preemption checkpoint at step {saved}\n{job_log(tmp_path, job)}"
-    first_run_files = set(event_files(out))
-
-    # The requeued job starts again by itself once its old credential expires (cred_expire, 10 s here).
-    info = cluster.wait_state(job, {"COMPLETED"}, timeout=300, context=job_log(tmp_path, job))
-    log = job_log(tmp_path, job)
-    assert info["ExitCode"] == "0:0", log
-    assert info.get("Restarts") == "1", info
-    assert "restart 1" in log, log
-
-    second = scalar_steps([p for p in event_files(out) if p not in first_run_files])
-    assert second, f"the second run logged nothing\n{log}"
-    # Resumed, not restarted: the second run logs nothing before the saved step, and ends at the last.
-    assert min(second) >= saved and max(second) == steps, f"steps {sorted(set(second))}, saved {saved}\n{log}"
-    assert latest_step(out) == steps, log
-
-
-def test_requeued_job_continues_on_another_node_count(cluster, shards, tmp_path):
+def test_pretrain_job_trains_on_two_nodes_then_is_preempted_and_requeued_onto_one(cluster, shards, tmp_path):
+    """One job through its whole life: it trains on 2 nodes, the time-limit signal makes it
+    checkpoint (both ranks write their ZeRO shards) and requeue itself; held between runs, it is
+    given ONE node, and the next run recomputes micro-batch and grad_accum for the global batch,
+    reshards the 2-rank checkpoint and continues from it (no step before the saved one is logged
+    again) to the end."""
     steps = 12
+    # checkpoint_every=steps: a checkpoint before the end can only be the preemption save.
     job = submit(cluster, shards, tmp_path, f"run.max_steps={steps} run.checkpoint_every={steps} run.log_every=1",
                  MEGAVL_MICRO_BATCH="8", MEGAVL_GLOBAL_BATCH="16")  # 2 ranks x 8, then 1 rank x 8 x 2
     out = tmp_path / "out"
-    deadline = time.monotonic() + 300
-    while not any(s >= 2 for s in scalar_steps(event_files(out))):
-        state = cluster.job_info(job).get("JobState")
-        if time.monotonic() > deadline or state not in ("PENDING", "RUNNING"):
-            pytest.fail(f"job {job} is {state}, no training steps seen\n{job_log(tmp_path, job)}")
-        time.sleep(1)
-    cluster.scancel("--signal=USR1", "--batch", str(job))
-    cluster.wait_state(job, {"PENDING"}, timeout=90, context=job_log(tmp_path, job))
+    preempt_once_training(cluster, job, out, tmp_path)
     cluster.scontrol("hold", str(job))  # between runs: give the next run one node instead of two
     cluster.scontrol("update", f"JobId={job}", "NumNodes=1", "NumTasks=1")
     cluster.scontrol("release", str(job))
     saved = latest_step(out)
-    assert 0 < saved < steps, job_log(tmp_path, job)
+    assert 0 < saved < steps, f"preemption checkpoint at step {saved}\n{job_log(tmp_path, job)}"
+    # ZeRO writes one optimizer-state shard per data-parallel rank: both nodes took part.
+    shards_written = sorted(p.name for p in (out / "checkpoints" / f"step_{saved:08d}").glob("*optim_states.pt"))
+    assert len(shards_written) == 2, f"{shards_written}\n{job_log(tmp_path, job)}"
+    first_run_files = set(event_files(out))
+
     info = cluster.wait_state(job, {"COMPLETED"}, timeout=400, context=job_log(tmp_path, job))
     log = job_log(tmp_path, job)
     assert info["ExitCode"] == "0:0", log
-    assert "restart 1" in log and "1 ranks" in log, log
-    assert "resharding" in log, log
+    assert info.get("Restarts") == "1", info
+    assert "2 ranks" in log and "n[1-2]" in log, log
+    assert "restart 1" in log and "1 ranks" in log and "resharding" in log, log
+    second = scalar_steps([p for p in event_files(out) if p not in first_run_files])
+    assert second, f"the second run logged nothing\n{log}"
+    # Resumed, not restarted: the second run logs nothing before the saved step, and ends at the last.
+    assert min(second) >= saved and max(second) == steps, f"steps {sorted(set(second))}, saved {saved}\n{log}"
     assert latest_step(out) == steps, log
 
 

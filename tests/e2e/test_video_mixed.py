@@ -1,9 +1,10 @@
-"""Mixed image + video pre-training with the real launcher: real H.264 mp4 shards
+"""Mixed image + video pre-training through torchrun: real H.264 mp4 shards
 (`megavl-synth-videos`) and PNG shards (`megavl-synth-shapes`) as two sources of one run, 2 ranks
 under ZeRO-3 (gloo on CPU), grad_accum 2. Every micro-step of an optimizer step, on every rank,
 reads one modality, as the seeded schedule says; a run SIGKILLed after its step-2 checkpoint and
-continued with `--resume auto` trains on exactly the samples (keys per rank and micro-step) and
-gives exactly the losses of the uninterrupted run.
+continued with `--resume auto` trains on exactly the samples (keys per rank and micro-step), with
+a DataLoader worker per rank whose position resumes too, and gives exactly the losses and the final
+(exported) weights of the uninterrupted run.
 
 Every objective on (ITC, ITM, MLM, MIM-pixel, SemMIM, SCL): the image and the video steps each run
 the whole recipe (tube masks on clips), and the masks are resume-exact too. The uninterrupted run and the run to be killed
@@ -17,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from launch_helpers import REPO, run_child, sigkill_after_checkpoint, train_env
+import torch
+from safetensors.torch import load_file
+
+from launch_helpers import BIN, REPO, run_child, sigkill_after_checkpoint, train_env
 from test_train import _scalars, _two_ranks
 
 pytestmark = pytest.mark.slow
@@ -46,7 +50,7 @@ def _cmd(shards: tuple[Path, Path], out: Path) -> list[str]:
     return _two_ranks("ds_configs/zero3.json", [
         "--set", f"run.output_dir={out}", f"data.train_shards={sources}", "data.val_shards=[]",
         "data.video_share=0.5", "data.modality_block=4", "data.seed=3",
-        "data.batch_size=2", "run.grad_accum=2", "run.global_batch_size=8", "data.num_workers=0",
+        "data.batch_size=2", "run.grad_accum=2", "run.global_batch_size=8", "data.num_workers=1",
         "data.image_size=32", "model.vision.img_size=32", "model.vision.num_frames=2", "data.num_frames=2",
         f"run.max_steps={STEPS}", "run.checkpoint_every=2", "run.keep_checkpoints=5", "run.eval_every=-1",
         "run.log_every=1", "run.log_sample_keys=true"])
@@ -93,3 +97,13 @@ def test_mixed_zero3_run_killed_and_resumed_equals_uninterrupted(shards, tmp_pat
         for step in range(3, STEPS + 1):  # after the step-2 checkpoint (or the step-4 one)
             assert resumed_scalars[tag][step] == pytest.approx(full_scalars[tag][step], rel=1e-5, abs=1e-6), (
                 tag, step)
+    want_weights, got_weights = _export_weights(full, tmp_path / "export_full"), _export_weights(
+        resumed, tmp_path / "export_resumed")
+    assert want_weights.keys() == got_weights.keys()
+    for name in want_weights:
+        torch.testing.assert_close(got_weights[name], want_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _export_weights(out: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    run_child([str(BIN / "megavl-export"), str(out / "checkpoints"), str(tmp)])
+    return load_file(str(tmp / "model.safetensors"))

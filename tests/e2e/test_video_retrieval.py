@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from launch_helpers import BIN, deepspeed_cmd, run_child
+from launch_helpers import BIN, run_child, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 KEYS = {"tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "txt_r_mean", "img_r_mean", "r_mean"}
@@ -39,7 +39,7 @@ def _split_args(clips: Path) -> list[str]:
 
 def test_video_retrieval_two_ranks_then_megavl_evaluate(clips, tmp_path):
     run = tmp_path / "run"
-    run_child(deepspeed_cmd(2, "ds_configs/zero2.json", "configs/finetune_retrieval_tiny.yaml",
+    run_child(torchrun_cmd(2, "ds_configs/zero2.json", "configs/finetune_retrieval_tiny.yaml",
                             "--set", f"run.output_dir={run}", *_split_args(clips), *VIDEO, "data.batch_size=4",
                             "run.log_every=1", "run.max_steps=4", "run.checkpoint_every=4", "run.eval_every=2"))
     metrics = json.loads((run / "metrics.json").read_text())
