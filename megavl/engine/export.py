@@ -3,6 +3,8 @@
 CKPT is a checkpoint tag directory (<output_dir>/checkpoints/step_XXXXXXXX) or the checkpoints
 directory itself (then `latest` picks the tag). OUT receives `model.safetensors` (the student's
 weights, fp32) and `config.yaml` (the run's config); `megavl.load_pretrained(OUT)` loads them.
+DeepSpeed's files are pickles, which this unpickles: run it on checkpoints you trust; the export
+itself loads without unpickling.
 """
 from __future__ import annotations
 
