@@ -108,9 +108,18 @@ def read_once(what: str, tag_dir: Path, consolidate: Callable[[], dict[str, torc
     outcome = broadcast_from_rank0(outcome)  # also: rank 0's file is complete
     if outcome is not None:
         raise (UntrustedCheckpoint if outcome[0] == "untrusted" else ConfigError)(outcome[1])
-    if rank != 0:
-        state = load_file(str(scratch / "model.safetensors"))
     if world > 1:
+        shared = scratch / "model.safetensors"
+        blind = [None] * world
+        torch.distributed.all_gather_object(blind, rank if rank != 0 and not shared.is_file() else None)
+        blind = [r for r in blind if r is not None]
+        if blind:  # a node-local output_dir: a clear error rather than a rank stuck in the barrier below
+            if rank == 0:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise ConfigError(f"{what}{tag_dir}: rank(s) {blind} cannot see {shared}, which rank 0 wrote: "
+                              f"run.output_dir must be on a filesystem that every rank reads")
+        if rank != 0:
+            state = load_file(str(shared))
         _barrier()  # every rank has read it
         if rank == 0:
             shutil.rmtree(scratch, ignore_errors=True)

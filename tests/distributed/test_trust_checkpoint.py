@@ -1,7 +1,7 @@
 """A foreign checkpoint on 2 gloo ranks (engine/trust.py): as task.init_from or --resume without
 --trust-checkpoint it is refused on every rank before any rank unpickles it; with the flag rank 0
 alone unpickles and merges it, and every rank gets the same weights (through a safetensors file
-that is removed afterwards). trust_worker.py says what each step does."""
+that is removed afterwards); megavl-evaluate refuses it with exit code 2. trust_worker.py says what each step does."""
 from __future__ import annotations
 
 import json
@@ -27,3 +27,4 @@ def test_foreign_checkpoint_refused_on_every_rank_then_merged_by_rank0_alone(tmp
         assert rank["scratch_left"] is False
         assert all(rank["equal"].values()), rank["equal"]
         assert rank["keys"] == ["student.a", "student.b", "student.probe", "student.tied"]
+        assert rank["evaluate_code"] == 2 and rank["unpickled_by_evaluate"] == []

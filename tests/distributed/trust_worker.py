@@ -3,7 +3,8 @@ checkpoint whose pickle, when loaded, records the loading rank in a file; then e
 
 1. asks for it as task.init_from without --trust-checkpoint: refused, nothing unpickled;
 2. resumes it (Trainer, --resume <tag>) without --trust-checkpoint: refused, nothing unpickled;
-3. reads it with --trust-checkpoint: rank 0 alone unpickles it, every rank gets its weights.
+3. reads it with --trust-checkpoint: rank 0 alone unpickles it, every rank gets its weights;
+4. evaluates it with megavl-evaluate without --trust-checkpoint: exit code 2, nothing unpickled.
 
 Writes rank{R}.json: what each step saw."""
 from __future__ import annotations
@@ -86,9 +87,18 @@ def main(out: str) -> None:
     seen["scratch_left"] = scratch.exists()
     seen["equal"] = {k: torch.equal(state[k], v) for k, v in weights().items()}
     seen["keys"] = sorted(state)
-    (out / f"rank{dist.rank}.json").write_text(json.dumps(seen))
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    if dist.rank == 0:
+        for probe in probes.iterdir():
+            probe.unlink()
+    torch.distributed.barrier()
+
+    from megavl.tools.evaluate import main as evaluate  # last: it leaves the process group
+
+    seen["evaluate_code"] = evaluate(["--config", "configs/finetune_vqa_tiny.yaml", "--weights", str(tag),
+                                      "--out", str(out / "eval"), "--set", "data.num_workers=0"])
+    seen["unpickled_by_evaluate"] = sorted(p.name for p in probes.iterdir())
+    (out / f"rank{dist.rank}.json").write_text(json.dumps(seen))
 
 
 if __name__ == "__main__":
