@@ -56,7 +56,7 @@ def refusal(what: str, tag_dir: Path, own_checkpoints: Path | None) -> str | Non
     """Why `tag_dir` may not be unpickled without --trust-checkpoint; None when it is this run's.
     `what` says where the path came from (`task.init_from=`, or "" for --resume)."""
     tag_dir = Path(tag_dir)
-    if is_own(tag_dir.parent, own_checkpoints):
+    if is_own(tag_dir.resolve().parent, own_checkpoints):  # a symlink to elsewhere is not own
         return None
     return (f"{what}{tag_dir}: a checkpoint this run did not write; its {_pickles(tag_dir)}, "
             f"and unpickling can run any code: pass {FLAG} if you trust where it came from, or start "
