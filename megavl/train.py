@@ -1,7 +1,8 @@
 """Pre-train or fine-tune a vision-language model (task.name): parse, build, train, close.
 
     deepspeed --hostfile hosts megavl/train.py --ds_config ds_configs/zero3.json \
-        --config configs/pretrain_14m.yaml [--set key=value ...] [--resume auto|none|CKPT_DIR] [--fresh]
+        --config configs/pretrain_14m.yaml [--set key=value ...] [--resume auto|none|CKPT_DIR] [--fresh] \
+        [--trust-checkpoint]
 
 Also runs as `deepspeed --num_gpus N ...`, `torchrun ...`, under `srun`, or as plain
 `python megavl/train.py ...` (one process). Without GPUs the same command trains on CPU (gloo).
@@ -10,7 +11,8 @@ Exit codes, the same on every rank, so the launcher (deepspeed, torchrun, srun) 
   0  finished, or stopped by SIGTERM/SIGUSR1 after saving a checkpoint (`--resume auto` continues)
   1  a defect: the traceback says where
   2  bad configuration or data (megavl.config.ConfigError, megavl.errors.DataError): one line
-     naming the key, or the file (and line) and what is wrong with it
+     naming the key, or the file (and line) and what is wrong with it; also a checkpoint that this
+     run did not write, asked for without --trust-checkpoint
   3  cannot start from the checkpoints (megavl.engine.checkpoint.CheckpointError): why, and what to
      do instead (--resume auto, --resume CKPT_DIR, --fresh, another run.output_dir)
 Every one of these exits leaves the process group on every rank (engine/launch.py: leave_job).
@@ -38,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true",
                         help="start a new run at step 0 even though run.output_dir holds checkpoints; "
                              "they are kept (never pruned or overwritten by the new run)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="a checkpoint directory outside run.output_dir/checkpoints (--resume DIR, "
+                             "task.init_from) may be loaded: DeepSpeed's files are pickles, which can run "
+                             "code. Not needed for this run's own checkpoints or for exports")
     # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -77,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         use_worker_start_method(cfg.data.worker_start_method)
         from megavl.engine.trainer import Trainer  # every task.name (megavl/tasks/)
 
-        trainer = Trainer(cfg, args.ds_config, args.resume, stop=stop, fresh=args.fresh)
+        trainer = Trainer(cfg, args.ds_config, args.resume, stop=stop, fresh=args.fresh,
+                          trust_checkpoint=args.trust_checkpoint)
         trainer.train()
     except ConfigError as err:
         code, message = EXIT_BAD_INPUT, f"megavl: bad configuration: {err}"

@@ -19,6 +19,7 @@
 #   MEGAVL_VAL_SHARDS     data.val_shards                     default: the recipe's
 #   MEGAVL_OUTPUT_DIR     run.output_dir (checkpoints/, tb/)  default: the recipe's
 #   MEGAVL_EXTRA_SETS     more `--set` overrides, "k=v k=v"   default: none
+#   MEGAVL_TRUST_CHECKPOINT  1: pass --trust-checkpoint (a task.init_from checkpoint dir)  default: none
 #   MEGAVL_MASTER_ADDR    rendezvous host                     default: first host of the job
 #   MEGAVL_MASTER_PORT    rendezvous port                     default: 20000 + job id % 20000
 #   MEGAVL_MAX_REQUEUES   stop requeueing after this many     default: 50
@@ -108,6 +109,7 @@ export PYTHONUNBUFFERED=1
 
 CMD=("$PY" megavl/train.py --ds_config "$DS_CONFIG" --config "$MEGAVL_RECIPE" --resume auto)
 for s in "${SETS[@]}"; do CMD+=(--set "$s"); done
+[[ "${MEGAVL_TRUST_CHECKPOINT:-}" == 1 ]] && CMD+=(--trust-checkpoint)
 
 RESTARTS=${SLURM_RESTART_COUNT:-0}
 log "job $SLURM_JOB_ID restart $RESTARTS on $SLURM_JOB_NODELIST: $WORLD ranks, gpu type $GPU_TYPE," \

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Fine-tune on a downstream task on Slurm: MEGAVL_TASK picks configs/finetune_${MEGAVL_TASK}.yaml
-# (retrieval | vqa | nlvr2); MEGAVL_INIT is the pre-trained megavl-export (or checkpoint) dir.
+# (retrieval | vqa | nlvr2); MEGAVL_INIT is the pre-trained megavl-export dir (or a checkpoint dir,
+# with MEGAVL_TRUST_CHECKPOINT=1: its DeepSpeed files are pickles).
 # 1 node x 8 GPUs, requeued with a checkpoint before each time limit, exactly as pre-training.
 #
 #   MEGAVL_TASK=vqa MEGAVL_INIT=runs/4m/export sbatch slurm/finetune.sh

@@ -3,6 +3,8 @@
 CKPT is a checkpoint tag directory (<output_dir>/checkpoints/step_XXXXXXXX) or the checkpoints
 directory itself (then `latest` picks the tag). OUT receives `model.safetensors` (the student's
 weights, fp32) and `config.yaml` (the run's config); `megavl.load_pretrained(OUT)` loads them.
+DeepSpeed's files are pickles, which this unpickles: run it on checkpoints you trust; the export
+itself loads without unpickling.
 """
 from __future__ import annotations
 
@@ -30,8 +32,11 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     """Full fp32 weights of the whole PretrainModule: the optimizer's fp32 master, never bf16 module copies.
 
     ZeRO 1-3 write `[bf16_]zero_pp_rank_*_optim_states.pt` (the bf16_ prefix under bf16): merged by
-    DeepSpeed's zero_to_fp32. ZeRO-0 keeps everything in `mp_rank_*_model_states.pt`; under bf16 its
-    `module` entry holds bf16 weights and the fp32 master sits in the optimizer's `fp32_groups`.
+    DeepSpeed's zero_to_fp32, which maps the files and drops the Adam moments unread. ZeRO-0 keeps
+    everything in `mp_rank_*_model_states.pt`; under bf16 its `module` entry holds bf16 weights and
+    the fp32 master sits in the optimizer's `fp32_groups`.
+
+    Both unpickle DeepSpeed's files: call it only on a trusted checkpoint (engine/trust.py).
     """
     tag_dir = ckpt_dir / tag
     if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
@@ -41,7 +46,8 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not states:
         raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model states found")
-    state = torch.load(states[0], map_location="cpu", weights_only=False)
+    # mapped, not read: only the weights (or fp32 masters) are touched, never the Adam moments beside them
+    state = torch.load(states[0], map_location="cpu", weights_only=False, mmap=True)
     return _with_fp32_master(state["module"], state.get("optimizer"), states[0])
 
 

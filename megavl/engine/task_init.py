@@ -2,7 +2,11 @@
 (model.safetensors + config.yaml) or a checkpoint directory (a tag dir, or a checkpoints dir with
 `latest`, of a pre-training or fine-tuning run; ZeRO shards are merged). Returns the weights and
 the architecture they were trained with; tasks/base.load_backbone checks and loads them. The source
-run's own init files (model.vision.init, model.text.hf_path) are provenance: never read or required."""
+run's own init files (model.vision.init, model.text.hf_path) are provenance: never read or required.
+
+An export is read without unpickling, by every rank. A checkpoint directory holds DeepSpeed's
+pickles: unless it is this run's own, it needs --trust-checkpoint (engine/trust.py), and rank 0
+alone merges it and shares the result."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,20 +19,29 @@ from safetensors.torch import load_file
 from megavl.config import Config, ConfigError, ModelConfig, config_from_saved
 
 from .export import _resolve, consolidated_state_dict
+from .trust import read_once
 
 
-def read_init(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+def read_init(path: str, trust: bool = False, own_checkpoints: Path | None = None,
+              scratch: Path | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """(weights, their model config) from `task.init_from`; a collective when distributed (every
+    rank calls it). trust: --trust-checkpoint; own_checkpoints: this run's checkpoints directory
+    (trusted); scratch: where rank 0 leaves a checkpoint's merged weights for the other ranks."""
+    key = f"task.init_from={path}"
     root = Path(path)
     if not root.is_dir():  # checked here, not at config load: saved configs keep the path after it moves
-        raise ConfigError(f"task.init_from={path}: not a directory (a megavl-export or checkpoint directory)")
-    if (root / "model.safetensors").is_file():
-        state = load_file(str(root / "model.safetensors"))
-    else:
-        ckpt_dir, tag = _resolve(root)
-        state = consolidated_state_dict(ckpt_dir, tag)
-    saved = saved_model_config(root)
+        raise ConfigError(f"{key}: not a directory (a megavl-export or checkpoint directory)")
+    try:
+        saved = saved_model_config(root)  # YAML: read before any weights
+    except FileNotFoundError as err:
+        raise ConfigError(f"{key}: {err}") from None
     if saved is None:
-        raise ConfigError(f"task.init_from={path}: no config.yaml with the weights' architecture")
+        raise ConfigError(f"{key}: no config.yaml with the weights' architecture")
+    if (root / "model.safetensors").is_file():
+        return load_file(str(root / "model.safetensors")), saved
+    ckpt_dir, tag = _resolve(root)
+    state = read_once("task.init_from=", ckpt_dir / tag, lambda: consolidated_state_dict(ckpt_dir, tag), trust,
+                      own_checkpoints, scratch)
     return state, saved
 
 

@@ -31,7 +31,7 @@ from megavl.models.pretrained import without_init_files
 from megavl.tasks import task_builder
 from megavl.tasks.task import StepPlan, Task, TaskEnv
 
-from . import checkpoint, reshard
+from . import checkpoint, reshard, trust
 from .best import export_best
 from .ds_config import resolve_precision
 from .launch import DistInfo, init_distributed
@@ -47,12 +47,15 @@ log = logging.getLogger("megavl")
 
 class Trainer:
     def __init__(self, cfg: Config, ds_config_path: str, resume: str = "auto", stop: StopFlag | None = None,
-                 fresh: bool = False, task_state: dict | None = None, weights_only: bool = False) -> None:
+                 fresh: bool = False, task_state: dict | None = None, weights_only: bool = False,
+                 trust_checkpoint: bool = False) -> None:
         """task_state: the Task.extra_state of weights loaded from elsewhere (megavl-evaluate);
         by default a resumed checkpoint's, or none. weights_only: a checkpoint given as `resume`
         gives its weights only (evaluation), not its data position or schedule, so another batch
-        size or world size than its training run's is fine."""
+        size or world size than its training run's is fine. trust_checkpoint: --trust-checkpoint,
+        a checkpoint outside this run's checkpoints directory may be unpickled (engine/trust.py)."""
         self.cfg = cfg
+        self.trust_checkpoint = trust_checkpoint
         self.weights_only = weights_only
         self.dist: DistInfo = init_distributed()
         self.device = self.dist.device
@@ -74,7 +77,8 @@ class Trainer:
         self.task: Task = task_builder(cfg.task.name)(build_cfg, TaskEnv(self.device, self.dtype, self.dist.rank,
                                                                   self.dist.world_size, saved_state))
         if choice is None and cfg.task.init_from:  # a new run only: a resumed one has its checkpoint
-            state, source_cfg = read_init(cfg.task.init_from)
+            state, source_cfg = read_init(cfg.task.init_from, self.trust_checkpoint, self.ckpt_dir,
+                                          self.output_dir / ".init_from")
             self.task.load_weights(state, source_cfg, f"task.init_from={cfg.task.init_from}")
             log.info("%s starts from %s", self.task.name, cfg.task.init_from)
         self.engine, self.scheduler, self.zero_stage = deepspeed_engine(
@@ -94,8 +98,9 @@ class Trainer:
     # ------------------------------------------------------------------------------ resume
     def _choose_checkpoint(self, resume: str, fresh: bool) -> dict | None:
         """The checkpoint to resume from ({"tag_dir", "meta"}), or None for a new run. Rank 0 alone
-        lists the directory, picks the tag and reads its meta.json; every rank gets its choice (or
-        its error)."""
+        lists the directory, picks the tag and reads its meta.json (JSON only: a checkpoint this run
+        did not write is refused here without --trust-checkpoint, before any pickle is opened); every
+        rank gets its choice (or its error)."""
         if fresh and resume not in ("auto", "none"):
             raise checkpoint.CheckpointError(f"--fresh starts a new run; it cannot be combined with --resume {resume}")
         choice = None
@@ -106,7 +111,12 @@ class Trainer:
                     choice["meta"] = checkpoint.read_meta(Path(choice["tag_dir"]))
                 except (OSError, ValueError) as err:
                     choice = f"{choice['tag_dir']}: unreadable meta.json ({err})"
+            if isinstance(choice, dict) and not self.trust_checkpoint:
+                untrusted = trust.refusal("", Path(choice["tag_dir"]), self.ckpt_dir)
+                choice = {"untrusted": untrusted} if untrusted else choice
         choice = checkpoint.broadcast_from_rank0(choice)
+        if isinstance(choice, dict) and "untrusted" in choice:
+            raise trust.UntrustedCheckpoint(choice["untrusted"])
         if isinstance(choice, str):  # rank 0's error, raised on every rank alike
             raise checkpoint.CheckpointError(choice)
         return choice

@@ -5,9 +5,11 @@
     deepspeed --num_gpus 8 megavl/tools/evaluate.py ...      (sharded over ranks)
 
 --weights: a directory written by fine-tuning (`<output_dir>/best`: model.safetensors +
-task_head.safetensors + task_state.json) or a fine-tuning checkpoint tag directory. Prints the
+task_head.safetensors + task_state.json) or a fine-tuning checkpoint tag directory, which needs
+--trust-checkpoint (DeepSpeed's files are pickles; `best/` is safetensors and JSON). Prints the
 metrics, writes DIR/metrics.json and, for VQA, DIR/vqa_result_<split>.json for the server.
-(A bare megavl-export has no task head: fine-tune it first.)
+(A bare megavl-export has no task head: fine-tune it first.) Exit code 2, one line: a bad
+configuration, or a checkpoint without --trust-checkpoint.
 """
 from __future__ import annotations
 
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory for metrics.json (+ result file)")
     parser.add_argument("--ds_config", default="ds_configs/zero0.json")
     parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[])
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="--weights may be a checkpoint tag directory: its DeepSpeed files are pickles, "
+                             "which can run code")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -53,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from safetensors.torch import load_file
 
-    from megavl.config import load_config
+    from megavl.config import ConfigError, load_config
+    from megavl.engine.launch import leave_job
     from megavl.engine.trainer import Trainer
     from megavl.models.pretrained import without_init_files
 
@@ -66,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     # the weights come from --weights: the model's init files are not read
     cfg = dataclasses.replace(cfg, model=without_init_files(cfg.model))
     checkpoint_dir = _is_checkpoint(weights)
-    tuner = Trainer(cfg, args.ds_config, resume=str(weights) if checkpoint_dir else "none",
-                    task_state=_task_state(weights), weights_only=True)
+    try:
+        tuner = Trainer(cfg, args.ds_config, resume=str(weights) if checkpoint_dir else "none",
+                        task_state=_task_state(weights), weights_only=True, trust_checkpoint=args.trust_checkpoint)
+    except ConfigError as err:
+        return leave_job(2, f"megavl-evaluate: {err}")
     task = tuner.task
     if not checkpoint_dir:
         state = {f"student.{k}": v for k, v in load_file(str(weights / "model.safetensors")).items()}

@@ -1,9 +1,10 @@
 """Fine-tuning end to end on 2 CPU ranks (real DeepSpeed engines over gloo, real annotation files and
-PNGs written by megavl-synth-downstream): VQA under ZeRO-2 initialised from an export, checkpointed,
-resumed from its step-2 checkpoint reproducing the uninterrupted losses, evaluated, result file
-complete; NLVR2 under ZeRO-3 with megavl-evaluate on the best weights; retrieval with ALBEF's queue
-+ distillation under ZeRO-2 (best weights re-evaluated by megavl-evaluate) and under ZeRO-3 stopped
-by SIGTERM and resumed with `--resume auto` reproducing the uninterrupted losses."""
+PNGs written by megavl-synth-downstream): VQA under ZeRO-2 initialised from another run's ZeRO-3
+checkpoint (--trust-checkpoint: merged by rank 0 alone), checkpointed, resumed from its step-2
+checkpoint reproducing the uninterrupted losses, evaluated, result file complete; NLVR2 under ZeRO-3
+with megavl-evaluate on the best weights; retrieval with ALBEF's queue + distillation under ZeRO-2
+(best weights and a checkpoint re-evaluated by megavl-evaluate) and under ZeRO-3 stopped by SIGTERM
+and resumed with `--resume auto` reproducing the uninterrupted losses."""
 from __future__ import annotations
 
 import json
@@ -38,8 +39,8 @@ def _train_cmd(task: str, ds: str, synth: Path, out: Path, *extra: str) -> list[
                          "run.eval_every=2", *extra)
 
 
-def _train(task: str, ds: str, synth: Path, out: Path, *extra: str) -> None:
-    run_child(_train_cmd(task, ds, synth, out, *extra))
+def _train(task: str, ds: str, synth: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_child(_train_cmd(task, ds, synth, out, *extra))
 
 
 def _losses(out: Path, tag: str = "loss/total") -> dict[int, float]:
@@ -70,10 +71,12 @@ def test_nlvr2_zero3_and_megavl_evaluate(synth, nlvr2_run, tmp_path):
 
 
 def test_vqa_zero2_init_checkpoint_resume_result_file(synth, nlvr2_run, tmp_path):
-    # start from an export-format directory (the NLVR2 run's best: model.safetensors + config.yaml)
-    export = nlvr2_run / "best"
+    # start from another run's ZeRO-3 checkpoints (the NLVR2 run's `latest`), which needs the flag
+    init = [f"task.init_from={nlvr2_run / 'checkpoints'}", "--trust-checkpoint"]
     run = tmp_path / "vqa"
-    _train("vqa", "zero2", synth, run, f"task.init_from={export}")
+    proc = _train("vqa", "zero2", synth, run, *init)
+    assert "consolidated once on rank 0 and shared" in proc.stderr
+    assert not (run / ".init_from").exists()
     full = _losses(run)
     assert sorted(full) == [1, 2, 3, 4]
     metrics = json.loads((run / "metrics.json").read_text())
@@ -85,7 +88,7 @@ def test_vqa_zero2_init_checkpoint_resume_result_file(synth, nlvr2_run, tmp_path
     # resume: drop the final checkpoint, continue from step 2, same losses at steps 3 and 4
     shutil.rmtree(run / "checkpoints" / "step_00000004")
     shutil.rmtree(run / "tb")
-    _train("vqa", "zero2", synth, run, f"task.init_from={export}")
+    _train("vqa", "zero2", synth, run, *init)
     resumed = _losses(run)
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
@@ -116,7 +119,7 @@ def test_retrieval_two_ranks_queue_best_weights_and_megavl_evaluate(synth, tmp_p
                "--weights", str(last), "--split", "val", "--out", str(tmp_path / "eval_ckpt"), "--set",
                f"task.image_root={synth}", f"task.train=[{synth}/retrieval_train.json]",
                f"task.val={synth}/retrieval_val.json", "task.itc_queue_size=32", "task.itc_distill_alpha=0.4",
-               "data.batch_size=3"])
+               "data.batch_size=3", "--trust-checkpoint"])
     evaluated = json.loads((tmp_path / "eval_ckpt" / "metrics.json").read_text())
     assert evaluated["r_mean"] == pytest.approx(metrics["val"]["r_mean"])
 
