@@ -105,7 +105,7 @@ def source_changes(saved: list[dict], now: list[dict]) -> list[str]:
         if old["weight"] != new["weight"]:
             lines.append(f"{where}: weight {old['weight']} -> {new['weight']}")
         if old["quota"] != new["quota"]:
-            lines.append(f"{where}: samples per epoch {old['quota']} -> {new['quota']}")
+            lines.append(f"{where}: its share of the epoch {old['quota']} -> {new['quota']} samples")
     return lines
 
 

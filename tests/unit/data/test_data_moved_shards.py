@@ -119,7 +119,7 @@ def test_a_copy_elsewhere_resumes_exactly(shards, saved, reference, tmp_path, ca
 
 def test_another_shard_set_is_refused_naming_what_changed(shards, saved, tmp_path):
     fewer = shards.replace("000003", "000002")
-    with pytest.raises(DataResumeError, match=r"source 0: 1 shard\(s\) removed: g-000003\.tar; "
+    with pytest.raises(DataResumeError, match=r"source 0: 1 shard\(s\) removed: g-000003\.tar; .*"
                                               r"samples_per_epoch: saved 40, now 24 \(--data-resume approx"):
         loader_for(fewer, saved)
     resized = write_shards(str(tmp_path / "resized"), (9, 10, 7, 12))
