@@ -167,7 +167,7 @@ def test_a_state_saved_with_absolute_paths_still_resumes(shards, saved, referenc
 
 def _task_stream(num_items: int) -> TaskTrainStream:
     dataset = TaskDataset(list(range(num_items)), lambda item: ([], {}))
-    return TaskTrainStream(TaskLoader(dataset, lambda items: {"n": len(items)}, batch_size=4, rank=0,
+    return TaskTrainStream(TaskLoader(dataset, lambda items: {"n": len(items), "skipped": []}, batch_size=4, rank=0,
                                       world=1, train=True, seed=3, global_batch_size=8))
 
 
