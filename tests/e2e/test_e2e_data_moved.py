@@ -1,7 +1,8 @@
 """The shards move between a save and a resume, through megavl/train.py on one CPU process: the
-checkpoint's data state holds no absolute shard path, the run resumed on the copy at another place
-logs the losses the uninterrupted run logs, another shard set stops it (exit 3, one line naming the
-missing shard), and `--data-resume approx` continues that set with a warning."""
+checkpoint's data state holds no absolute shard path, the run resumes on the copy at another place
+without a word about changed data (that the batches are the uninterrupted run's is
+tests/unit/data/test_data_moved_shards.py's), another shard set stops it (exit 3, one line naming
+the missing shard), and `--data-resume approx` continues that set with a warning."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launch_helpers import run_child
 
@@ -28,20 +28,11 @@ def _train(out: Path, pattern: str, steps: int, *flags: str, expect: int = 0) ->
     return run_child(cmd, timeout=300, expect=expect)
 
 
-def _losses(out: Path) -> dict[int, float]:
-    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("loss/total")}
-
-
-def test_moved_shards_resume_exactly_and_a_changed_set_needs_approx(tmp_path):
+def test_moved_shards_resume_and_a_changed_set_needs_approx(tmp_path):
     shards = tmp_path / "shards"
     subprocess.run([sys.executable, "-m", "megavl.tools.synth_shapes", "--out", str(shards), "--num-train", "128",
                     "--num-val", "8", "--seed", "0", "--image-size", "64", "--samples-per-shard", "32"],
                    check=True, capture_output=True)
-    whole = tmp_path / "whole"
-    _train(whole, f"{shards}/{ALL}", 3)
-
     run = tmp_path / "run"
     _train(run, f"{shards}/{ALL}", 2)
     data = json.loads((run / "checkpoints" / "step_00000002" / "megavl" / "meta.json").read_text())["data"]
@@ -49,7 +40,6 @@ def test_moved_shards_resume_exactly_and_a_changed_set_needs_approx(tmp_path):
     moved = shutil.move(str(shards), str(tmp_path / "scratch"))  # the old place is gone
     proc = _train(run, f"{moved}/{ALL}", 3)
     assert "resumed from" in proc.stderr and "--data-resume approx" not in proc.stderr
-    assert abs(_losses(run)[3] - _losses(whole)[3]) < 1e-5
 
     fewer = f"{moved}/train-{{000000..000002}}.tar"
     proc = _train(run, fewer, 4, expect=3)

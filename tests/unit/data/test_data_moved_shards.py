@@ -167,8 +167,9 @@ def test_a_state_saved_with_absolute_paths_still_resumes(shards, saved, referenc
 
 def _task_stream(num_items: int) -> TaskTrainStream:
     dataset = TaskDataset(list(range(num_items)), lambda item: ([], {}))
-    return TaskTrainStream(TaskLoader(dataset, lambda items: {"n": len(items), "skipped": []}, batch_size=4, rank=0,
-                                      world=1, train=True, seed=3, global_batch_size=8))
+    collate = lambda items: {"n": len(items), "skipped": []}  # noqa: E731
+    return TaskTrainStream(TaskLoader(dataset, collate, batch_size=4, rank=0, world=1, train=True, seed=3,
+                                      global_batch_size=8))
 
 
 def test_fine_tuning_approx_continues_another_item_count():
