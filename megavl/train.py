@@ -2,6 +2,7 @@
 
     deepspeed --hostfile hosts megavl/train.py --ds_config ds_configs/zero3.json \
         --config configs/pretrain_14m.yaml [--set key=value ...] [--resume auto|none|CKPT_DIR] [--fresh]
+        [--data-resume exact|approx]
 
 Also runs as `deepspeed --num_gpus N ...`, `torchrun ...`, under `srun`, or as plain
 `python megavl/train.py ...` (one process). Without GPUs the same command trains on CPU (gloo).
@@ -35,6 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="auto: the newest complete checkpoint in run.output_dir, on any number of ranks "
                              "(a fresh run when the directory has none; an error when it has only unusable "
                              "ones); none: a fresh run in an empty directory; or a checkpoint tag dir")
+    parser.add_argument("--data-resume", choices=("exact", "approx"), default="exact",
+                        help="exact: a resume reads exactly the samples the uninterrupted run would "
+                             "(the shards may have moved; other shards, sizes or weights stop it, exit "
+                             "3); approx: continue changed data at the same global sample count, with "
+                             "a warning naming what changed")
     parser.add_argument("--fresh", action="store_true",
                         help="start a new run at step 0 even though run.output_dir holds checkpoints; "
                              "they are kept (never pruned or overwritten by the new run)")
@@ -77,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         use_worker_start_method(cfg.data.worker_start_method)
         from megavl.engine.trainer import Trainer  # every task.name (megavl/tasks/)
 
-        trainer = Trainer(cfg, args.ds_config, args.resume, stop=stop, fresh=args.fresh)
+        trainer = Trainer(cfg, args.ds_config, args.resume, stop=stop, fresh=args.fresh,
+                          data_resume=args.data_resume)
         trainer.train()
     except ConfigError as err:
         code, message = EXIT_BAD_INPUT, f"megavl: bad configuration: {err}"

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from megavl.config import Config, to_dict
+from megavl.errors import DataResumeError
 from megavl.models.pretrained import without_init_files
 from megavl.tasks import task_builder
 from megavl.tasks.task import StepPlan, Task, TaskEnv
@@ -47,12 +48,15 @@ log = logging.getLogger("megavl")
 
 class Trainer:
     def __init__(self, cfg: Config, ds_config_path: str, resume: str = "auto", stop: StopFlag | None = None,
-                 fresh: bool = False, task_state: dict | None = None, weights_only: bool = False) -> None:
+                 fresh: bool = False, task_state: dict | None = None, weights_only: bool = False,
+                 data_resume: str = "exact") -> None:
         """task_state: the Task.extra_state of weights loaded from elsewhere (megavl-evaluate);
         by default a resumed checkpoint's, or none. weights_only: a checkpoint given as `resume`
         gives its weights only (evaluation), not its data position or schedule, so another batch
-        size or world size than its training run's is fine."""
+        size or world size than its training run's is fine. data_resume: exact | approx, how the
+        train loader continues its saved position (approx: in changed data, by global sample count)."""
         self.cfg = cfg
+        self.data_resume = data_resume
         self.weights_only = weights_only
         self.dist: DistInfo = init_distributed()
         self.device = self.dist.device
@@ -151,7 +155,10 @@ class Trainer:
             log.info("loaded the weights of %s (step %d)", tag_dir, self.step)
             return
         self._apply_schedule(meta.get("schedule", {}))
-        self.loader.load_state_dict(meta["data"] if "data" in meta else meta)  # older fine-tuning: epoch, batch
+        try:  # older fine-tuning: epoch, batch at the top level
+            self.loader.load_state_dict(meta["data"] if "data" in meta else meta, self.data_resume)
+        except DataResumeError as err:
+            raise checkpoint.CheckpointError(f"{tag_dir.name}: {err}") from None
         log.info("resumed from %s at step %d (run %s)", tag_dir, self.step, self.run_id)
 
     def _schedule_settings(self) -> dict:
