@@ -27,7 +27,6 @@ import torch
 import yaml
 
 from megavl.config import Config, to_dict
-from megavl.errors import DataResumeError
 from megavl.models.pretrained import without_init_files
 from megavl.tasks import task_builder
 from megavl.tasks.task import StepPlan, Task, TaskEnv
@@ -155,10 +154,7 @@ class Trainer:
             log.info("loaded the weights of %s (step %d)", tag_dir, self.step)
             return
         self._apply_schedule(meta.get("schedule", {}))
-        try:  # older fine-tuning: epoch, batch at the top level
-            self.loader.load_state_dict(meta["data"] if "data" in meta else meta, self.data_resume)
-        except DataResumeError as err:
-            raise checkpoint.CheckpointError(f"{tag_dir.name}: {err}") from None
+        checkpoint.load_data_state(self.loader, meta, self.data_resume, tag_dir.name)
         log.info("resumed from %s at step %d (run %s)", tag_dir, self.step, self.run_id)
 
     def _schedule_settings(self) -> dict:
