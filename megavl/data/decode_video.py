@@ -143,6 +143,8 @@ def decode_frames(data: bytes, num_samples: int, rng: random.Random | None, max_
             width, height = stream.codec_context.width, stream.codec_context.height
             if width <= 0 or height <= 0 or width * height > max_pixels:
                 raise SkipSample(TOO_MANY_PIXELS)
+            if stream.frames > max_video_frames:  # before reading every packet of a long file
+                raise SkipSample(TOO_MANY_FRAMES)
             index = frame_index(container, stream) if seek else None
             total = _count_frames(container, stream, index)
             if total == 0:
