@@ -2,12 +2,13 @@
 
     deepspeed --hostfile hosts megavl/train.py --ds_config ds_configs/zero3.json \
         --config configs/pretrain_14m.yaml [--set key=value ...] [--resume auto|none|CKPT_DIR] [--fresh] \
-        [--trust-checkpoint]
+        [--trust-checkpoint] [--data-resume exact|approx]
 
 Also runs as `deepspeed --num_gpus N ...`, `torchrun ...`, under `srun`, or as plain
 `python megavl/train.py ...` (one process). Without GPUs the same command trains on CPU (gloo).
 
-Exit codes, the same on every rank, so the launcher (deepspeed, torchrun, srun) reports them:
+Exit codes, the same on every rank, so the deepspeed launcher and srun report them (torchrun
+reports any rank's non-zero code as 1; the rank's own code and line are in its log):
   0  finished, or stopped by SIGTERM/SIGUSR1 after saving a checkpoint (`--resume auto` continues)
   1  a defect: the traceback says where
   2  bad configuration or data (megavl.config.ConfigError, megavl.errors.DataError): one line
@@ -37,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="auto: the newest complete checkpoint in run.output_dir, on any number of ranks "
                              "(a fresh run when the directory has none; an error when it has only unusable "
                              "ones); none: a fresh run in an empty directory; or a checkpoint tag dir")
+    parser.add_argument("--data-resume", choices=("exact", "approx"), default="exact",
+                        help="exact: a resume reads exactly the samples the uninterrupted run would "
+                             "(the shards may have moved; other shards, sizes or weights stop it, exit "
+                             "3); approx: continue changed data at the same global sample count, with "
+                             "a warning naming what changed")
     parser.add_argument("--fresh", action="store_true",
                         help="start a new run at step 0 even though run.output_dir holds checkpoints; "
                              "they are kept (never pruned or overwritten by the new run)")
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         from megavl.engine.trainer import Trainer  # every task.name (megavl/tasks/)
 
         trainer = Trainer(cfg, args.ds_config, args.resume, stop=stop, fresh=args.fresh,
-                          trust_checkpoint=args.trust_checkpoint)
+                          trust_checkpoint=args.trust_checkpoint, data_resume=args.data_resume)
         trainer.train()
     except ConfigError as err:
         code, message = EXIT_BAD_INPUT, f"megavl: bad configuration: {err}"

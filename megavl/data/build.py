@@ -12,7 +12,6 @@ RandomResizedCrop of data.train_crop_scale still finds image_size pixels per sid
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
 from typing import Callable
@@ -47,12 +46,6 @@ def _train_sources(cfg: DataConfig, skips: Counter) -> list[Source]:
     weights = cfg.train_weights or [0.0] * len(url_lists)
     # sizes always: the global order maps positions to (shard, index), resampled mode included
     return [Source(urls, shard_sizes(urls, skips), w) for urls, w in zip(url_lists, weights)]
-
-
-def _order_digest(sources: list[Source], quotas: list[int]) -> str:
-    """Digest of the shard lists, their sizes, weights and quotas (anything that moves samples)."""
-    parts = [(s.urls, s.sizes, s.weight) for s in sources] + [quotas]
-    return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
 
 
 def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: float,
@@ -137,8 +130,7 @@ def _stream_loader(cfg: DataConfig, sources: list[Source], source_indices: list[
                      draft_size=train_draft_size(cfg.image_size, cfg.train_crop_scale),
                      num_frames=cfg.num_frames, max_video_frames=cfg.max_video_frames,
                      modality=modality, source_indices=source_indices)
-    loader = TrainLoader(plan, collator, cfg.num_workers, global_batch_size,
-                         _order_digest(sources, quotas), sizing_counts)
+    loader = TrainLoader(plan, collator, cfg.num_workers, global_batch_size, sizing_counts)
     logger.info("train data (%s): %d samples/epoch (of %d), rank %d/%d gets %d batches of %d per "
                 "epoch", modality, epoch_length, virtual_size, rank, world_size,
                 loader.batches_per_epoch, cfg.batch_size)

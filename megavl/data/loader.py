@@ -9,8 +9,13 @@ batch (`global_batch_size`), so its length and every rank's batch count are the 
 
 State (`state_dict`), identical on every rank except the skip counts:
   epoch, position   global samples consumed in the epoch (a multiple of the micro global batch)
-  seed, samples_per_epoch, global_batch_size, shuffle_buffer, resampled, order_digest
+  seed, global_batch_size, shuffle_buffer, resampled
                     what fixes the order: must match on resume, else a clear error
+  samples_per_epoch, sources, order_digest
+                    the data (fingerprint.py: shards by name relative to their source's directory,
+                    sample counts, weights, quotas): must match on an exact resume (the default;
+                    the shards may have moved); `data_resume="approx"` continues a changed data set
+                    at the same global sample count and logs what changed
   world_size, batch_size, num_workers
                     informative only: a resume may change them (the same global batch kept)
   counts            skip counts of the saving rank (logging only; restored on rank 0 only, so
@@ -28,6 +33,7 @@ rank 0 with world_size=1 (what the trainer does by default is its choice).
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -40,14 +46,17 @@ from torch.utils.data import DataLoader
 
 from megavl.data.batch import PretrainBatch
 from megavl.data.collate import Collator
+from megavl.data.fingerprint import check_data_resume, data_changes, describe_sources, order_digest
 from megavl.data.skips import REPEATED, SKIP_REASONS
 from megavl.data.stream import EvalPlan, EvalStream, TrainPlan, TrainStream
+from megavl.errors import DataResumeError
 
 # Forked workers + the Rust tokenizer's thread pool can deadlock; our workers tokenise serially.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_STATE_CHECKED = ("seed", "samples_per_epoch", "global_batch_size", "shuffle_buffer", "resampled",
-                  "order_digest")
+logger = logging.getLogger(__name__)
+
+_STATE_CHECKED = ("seed", "global_batch_size", "shuffle_buffer", "resampled")  # + the data: fingerprint.py
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # the trainer's (engine/stop.py)
@@ -119,9 +128,10 @@ class TrainLoader:
     """Endless iterator over this rank's training batches; see the module docstring."""
 
     def __init__(self, plan: TrainPlan, collator: Collator, num_workers: int, global_batch_size: int,
-                 order_digest: str, sizing_counts: Counter | None = None):
+                 sizing_counts: Counter | None = None):
         self.plan, self.collator, self.num_workers = plan, collator, num_workers
-        self.global_batch_size, self.order_digest = global_batch_size, order_digest
+        self.global_batch_size = global_batch_size
+        self.data_sources = describe_sources(plan.sources, plan.quotas)  # what the order reads
         self.epoch = 0
         self.batches_in_epoch = 0
         self.batches_per_epoch = plan.batches_per_epoch  # the same on every rank
@@ -171,7 +181,7 @@ class TrainLoader:
         return {"seed": self.plan.seed, "samples_per_epoch": self.plan.epoch_length,
                 "global_batch_size": self.global_batch_size,
                 "shuffle_buffer": self.plan.shuffle_buffer, "resampled": self.plan.resampled,
-                "order_digest": self.order_digest}
+                "sources": self.data_sources, "order_digest": order_digest(self.data_sources)}
 
     def state_dict(self) -> dict:
         """Global position after the last batch handed out, what fixes the order, skip counts."""
@@ -180,32 +190,49 @@ class TrainLoader:
                 "world_size": self.plan.world_size, "batch_size": self.plan.batch_size,
                 "num_workers": self.num_workers, "counts": dict(counts)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, data_resume: str = "exact") -> None:
         """Continue at a saved global position. What fixes the order must be unchanged; the world
-        size, micro-batch and workers may differ."""
+        size, micro-batch and workers may differ, and the shards may lie elsewhere.
+        `data_resume="approx"`: a changed data set (shards added, removed or resized, weights,
+        epoch length) continues at the same global sample count, with a warning naming the changes."""
+        check_data_resume(data_resume)
         if "streams" in state:
-            raise ValueError("the data state was saved by a mixed image+video run (one position per "
-                             "modality), but the train sources are now of one modality: the sample "
-                             "order cannot be continued exactly")
+            raise DataResumeError("the data state was saved by a mixed image+video run (one position "
+                                  "per modality), but the train sources are now of one modality: the "
+                                  "sample order cannot be continued")
         if "position" not in state:
-            raise ValueError("the data state has no global 'position' (saved by a loader whose order "
-                             "depended on the world size): it cannot be continued exactly; "
-                             "start a fresh run or resume without the data state")
+            raise DataResumeError("the data state has no global 'position' (saved by a loader whose "
+                                  "order depended on the world size): it cannot be continued exactly; "
+                                  "start a fresh run or resume without the data state")
         settings = self._settings()
         wrong = [f"{k}: saved {state.get(k)!r}, now {settings[k]!r}"
                  for k in _STATE_CHECKED if state.get(k) != settings[k]]
-        if wrong:
-            raise ValueError("cannot resume the data stream exactly, what fixes the sample order "
-                             "changed (seed, shards or their sizes, weights, epoch size, global "
-                             "batch, shuffle buffer):\n  " + "\n  ".join(wrong))
-        position, micro = int(state["position"]), self.plan.micro_global_batch
+        changes = data_changes(state, self.plan.sources, self.plan.quotas, self.plan.epoch_length)
+        if wrong or (changes and data_resume == "exact"):
+            hint = ("" if wrong else " (--data-resume approx continues the changed data at the same "
+                    "global sample count)")
+            raise DataResumeError(f"cannot resume the {self.plan.modality} data stream exactly, what "
+                                  f"fixes the sample order changed: " + "; ".join(wrong + changes) + hint)
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if changes:
+            consumed = epoch * int(state["samples_per_epoch"]) + position
+            epoch, position = divmod(consumed, self.plan.epoch_length)
+        if changes and self.plan.rank == 0:  # once per run, not once per rank
+            logger.warning("--data-resume approx: the %s data changed since the checkpoint, so the "
+                           "order from here is not the one the run had:\n  %s\ncontinuing at global "
+                           "sample %d (saved: epoch %d position %d; now: epoch %d position %d of %d); "
+                           "samples of the saved epoch not yet read are not guaranteed to be read, "
+                           "and some already read may come again", self.plan.modality,
+                           "\n  ".join(changes), consumed, int(state["epoch"]), int(state["position"]),
+                           epoch, position, self.plan.epoch_length)
+        micro = self.plan.micro_global_batch
         if not 0 <= position < self.plan.epoch_length or position % micro:
-            raise ValueError(f"data position {position} is not a multiple of the micro-step global "
-                             f"batch {micro} (batch_size x world) inside the epoch's "
-                             f"{self.plan.epoch_length}: keep run.global_batch_size and resume at "
-                             f"an optimizer step")
+            raise DataResumeError(f"data position {position} is not a multiple of the micro-step "
+                                  f"global batch {micro} (batch_size x world) inside the epoch's "
+                                  f"{self.plan.epoch_length}: keep run.global_batch_size and resume "
+                                  f"at an optimizer step")
         self.close()
-        self.epoch, self.batches_in_epoch = int(state["epoch"]), position // micro
+        self.epoch, self.batches_in_epoch = epoch, position // micro
         # counts are logged as the sum over ranks: carry them on one rank only, so a resume does not
         # multiply them by the world (the saver may store the all-rank sum in state["counts"])
         self._base_counts = Counter(state.get("counts", {}) if self.plan.rank == 0 else {})

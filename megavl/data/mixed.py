@@ -15,9 +15,15 @@ On load every stream's consumed samples are checked against the schedule's count
 """
 from __future__ import annotations
 
+import logging
+
 from megavl.data.batch import PretrainBatch
+from megavl.data.fingerprint import check_data_resume
 from megavl.data.loader import TrainLoader
 from megavl.data.modality import ModalitySchedule
+from megavl.errors import DataResumeError
+
+logger = logging.getLogger(__name__)
 
 
 class MixedTrainLoader:
@@ -70,27 +76,35 @@ class MixedTrainLoader:
         return {"step": self.step, "modality_schedule": self.schedule.settings(),
                 "streams": {kind: stream.state_dict() for kind, stream in self.streams.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue both streams at their saved positions (any world size / micro-batch / workers)."""
+    def load_state_dict(self, state: dict, data_resume: str = "exact") -> None:
+        """Continue both streams at their saved positions (any world size / micro-batch / workers).
+        `data_resume="approx"`: changed data continues each stream at its global sample count
+        (loader.py); a video share that moved with the data (data.video_share auto) is taken as it
+        is now, so the streams' counts no longer follow the schedule's past steps."""
+        check_data_resume(data_resume)
         if "streams" not in state:
-            raise ValueError("the data state was saved by a single-modality run (one position), but "
-                             "the train sources now mix images and videos: the sample order cannot be "
-                             "continued exactly; start a fresh run (--fresh) for the mixed recipe")
+            raise DataResumeError("the data state was saved by a single-modality run (one position), "
+                                  "but the train sources now mix images and videos: the sample order "
+                                  "cannot be continued; start a fresh run (--fresh) for the mixed recipe")
         if sorted(state["streams"]) != sorted(self.streams):
-            raise ValueError(f"the data state holds streams {sorted(state['streams'])}, the train "
-                             f"sources give {sorted(self.streams)}")
+            raise DataResumeError(f"the data state holds streams {sorted(state['streams'])}, the train "
+                                  f"sources give {sorted(self.streams)}")
         saved, now = state["modality_schedule"], self.schedule.settings()
-        if saved != now:
-            raise ValueError(f"cannot resume the data stream exactly, the modality schedule changed: "
-                             f"saved {saved}, now {now}")
+        share_moved = data_resume == "approx" and {**saved, "video_share": now["video_share"]} == now
+        if saved != now and not share_moved:
+            raise DataResumeError(f"cannot resume the data stream exactly, the modality schedule "
+                                  f"changed: saved {saved}, now {now}")
         step = int(state["step"])
         for kind, stream in self.streams.items():
-            stream.load_state_dict(state["streams"][kind])
+            stream.load_state_dict(state["streams"][kind], data_resume)
         expected = {k: n * self.global_batch_size for k, n in self.schedule.steps_before(step).items()}
         got = self.samples_consumed()
-        if any(got[k] != expected[k] for k in got):
-            raise ValueError(f"data state inconsistent at step {step}: streams consumed {got} samples, "
-                             f"the modality schedule says {expected}")
+        if saved != now:
+            logger.warning("--data-resume approx: data.video_share %s -> %s; the streams continue at "
+                           "%s samples", saved["video_share"], now["video_share"], got)
+        elif any(got[k] != expected[k] for k in got):
+            raise DataResumeError(f"data state inconsistent at step {step}: streams consumed {got} "
+                                  f"samples, the modality schedule says {expected}")
         self.micro_batches = step * self.grad_accum
 
     def skip_counts(self) -> dict[str, int]:

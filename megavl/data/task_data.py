@@ -24,6 +24,7 @@ and each item is scored once.
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import Counter
@@ -37,10 +38,14 @@ from megavl.data.batch import TaskBatch
 from megavl.data.decode_image import SkipSample, open_image  # one image-opening path for shards and files
 from megavl.data.loader import _ignore_stop_signals, start_workers
 from megavl.data.decode_video import DEFAULT_MAX_VIDEO_FRAMES, decode_frames
+from megavl.data.fingerprint import check_data_resume
 from megavl.data.seeds import derive_seed
 from megavl.data.skips import (IMAGE_FILE_SKIP_REASONS, MISSING_IMAGE_FILE,  # noqa: F401 (re-exported)
                                MISSING_VIDEO_FILE, TASK_SKIP_REASONS, VIDEO_FILE_SKIP_REASONS)
 from megavl.data.transforms import Transform, normalize_batch
+from megavl.errors import DataResumeError
+
+logger = logging.getLogger(__name__)
 
 MAX_PIXELS_DEFAULT = 89_478_485  # PIL's own decompression-bomb limit
 
@@ -303,22 +308,33 @@ class TaskTrainStream:
         return {"epoch": self.epoch, "position": self.batches_in_epoch * self.micro_global_batch,
                 **self._settings()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, data_resume: str = "exact") -> None:
         """Continue at a saved global position; a state of the per-rank form ({"epoch", "batch",
-        "world_size"}) is read as position = batch x world_size x batch_size (same micro-batch)."""
+        "world_size"}) is read as position = batch x world_size x batch_size (same micro-batch).
+        `data_resume="approx"`: another number of items continues at the same global item count."""
+        check_data_resume(data_resume)
         if "position" not in state:
             state = {"epoch": state["epoch"],
                      "position": state["batch"] * state["world_size"] * self.loader.batch_size}
         settings = self._settings()
-        wrong = [f"{k}: saved {state[k]!r}, now {v!r}" for k, v in settings.items() if k in state and state[k] != v]
-        if wrong:
-            raise ValueError("cannot continue the training order exactly, what fixes it changed: "
-                             + "; ".join(wrong))
-        position = int(state["position"])
+        changed = [k for k, v in settings.items() if k in state and state[k] != v]
+        wrong = [f"{k}: saved {state[k]!r}, now {settings[k]!r}" for k in changed]
+        items_only = data_resume == "approx" and changed == ["num_items"]
+        if wrong and not items_only:
+            raise DataResumeError("cannot continue the training order exactly, what fixes it changed: "
+                                  + "; ".join(wrong))
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if items_only:
+            gb = self.loader.global_batch_size
+            consumed = epoch * (state["num_items"] // gb * gb) + position
+            epoch, position = divmod(consumed, self.steps_per_epoch() * gb)
+            logger.warning("--data-resume approx: %s; continuing at global item %d (epoch %d, "
+                           "position %d); the order from here is not the saved run's", wrong[0],
+                           consumed, epoch, position)
         if position % self.micro_global_batch:
-            raise ValueError(f"data position {position} is not a multiple of the micro-step global batch "
-                             f"{self.micro_global_batch} (batch_size x world): keep run.global_batch_size")
-        self.epoch, self.batches_in_epoch = int(state["epoch"]), position // self.micro_global_batch
+            raise DataResumeError(f"data position {position} is not a multiple of the micro-step global "
+                                  f"batch {self.micro_global_batch} (batch_size x world): keep run.global_batch_size")
+        self.epoch, self.batches_in_epoch = epoch, position // self.micro_global_batch
 
     def skip_counts(self) -> dict[str, int]:
         """Items skipped so far on this rank, by reason: every reason a file can give, 0 if none

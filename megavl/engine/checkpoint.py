@@ -39,6 +39,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from megavl.errors import DataResumeError
+
 log = logging.getLogger(__name__)
 TAG_PATTERN = re.compile(r"^step_(\d{8})(?:_([0-9a-f]+))?$")
 MARKER, WRITING, MEGAVL = "COMPLETE.json", ".writing", "megavl"
@@ -407,6 +409,17 @@ def load_module_state(module: torch.nn.Module, tag_dir: Path, rank: int, old_wor
                                            else master.view(shape)).to(device).clone()
         if f"{name}/full" in master_keys and _partitioned(p) and p.data.numel() == numel:
             module.teacher_master[f"{name}/full"] = shared[f"master/{name}/full"].view(shape).to(device).clone()
+
+
+def load_data_state(loader, meta: dict, data_resume: str, tag: str) -> None:
+    """Continue the train loader at the data position of a checkpoint's meta.json (`data`; older
+    fine-tuning checkpoints hold epoch and batch at the top level). data_resume: exact | approx
+    (the loader's load_state_dict). A position this run's data cannot continue is a CheckpointError
+    naming the tag (exit code 3, one line), not a traceback."""
+    try:
+        loader.load_state_dict(meta["data"] if "data" in meta else meta, data_resume)
+    except DataResumeError as err:
+        raise CheckpointError(f"{tag}: {err}") from None
 
 
 def load_rng(tag_dir: Path, rank: int) -> bool:

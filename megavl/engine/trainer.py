@@ -48,14 +48,17 @@ log = logging.getLogger("megavl")
 class Trainer:
     def __init__(self, cfg: Config, ds_config_path: str, resume: str = "auto", stop: StopFlag | None = None,
                  fresh: bool = False, task_state: dict | None = None, weights_only: bool = False,
-                 trust_checkpoint: bool = False) -> None:
+                 trust_checkpoint: bool = False, data_resume: str = "exact") -> None:
         """task_state: the Task.extra_state of weights loaded from elsewhere (megavl-evaluate);
         by default a resumed checkpoint's, or none. weights_only: a checkpoint given as `resume`
         gives its weights only (evaluation), not its data position or schedule, so another batch
         size or world size than its training run's is fine. trust_checkpoint: --trust-checkpoint,
-        a checkpoint outside this run's checkpoints directory may be unpickled (engine/trust.py)."""
+        a checkpoint outside this run's checkpoints directory may be unpickled (engine/trust.py).
+        data_resume: exact | approx, how the train loader continues its saved position (approx: in
+        changed data, by global sample count)."""
         self.cfg = cfg
         self.trust_checkpoint = trust_checkpoint
+        self.data_resume = data_resume
         self.weights_only = weights_only
         self.dist: DistInfo = init_distributed()
         self.device = self.dist.device
@@ -161,7 +164,7 @@ class Trainer:
             log.info("loaded the weights of %s (step %d)", tag_dir, self.step)
             return
         self._apply_schedule(meta.get("schedule", {}))
-        self.loader.load_state_dict(meta["data"] if "data" in meta else meta)  # older fine-tuning: epoch, batch
+        checkpoint.load_data_state(self.loader, meta, self.data_resume, tag_dir.name)
         log.info("resumed from %s at step %d (run %s)", tag_dir, self.step, self.run_id)
 
     def _schedule_settings(self) -> dict:

@@ -27,7 +27,8 @@ The contract of each field:
   train_loader    an endless iterator of this rank's host batches (dicts of CPU tensors), with
                   state_dict() / load_state_dict(state): the position in a sample order that is a
                   function of (seed, epoch, global position) only, so a resume on another world size
-                  with the same global batch reads the same samples; skip_counts() -> {reason: n}.
+                  with the same global batch reads the same samples; data_resume="approx"
+                  continues changed data at the same global sample count; skip_counts() -> {reason: n}.
   evaluate        evaluate(split) -> {metric: float} for split "val" | "test"; a collective returning
                   the same dict on every rank. None: the task has no evaluation.
   has_val, has_test  whether the "val" / "test" splits exist for this run.
@@ -69,7 +70,7 @@ class TrainBatches(Protocol):
 
     def state_dict(self) -> dict: ...
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_state_dict(self, state: dict, data_resume: str = "exact") -> None: ...
 
     def skip_counts(self) -> dict[str, int]: ...
 

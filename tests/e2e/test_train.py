@@ -1,8 +1,11 @@
 """Real training runs of megavl/train.py on CPU: TensorBoard tags read back with TensorBoard's own
-reader, export + load_pretrained, and every ds_config trains and checkpoints. A 2-rank ZeRO-3 run
-killed with SIGKILL and resumed is test_video_mixed.py (the same path, with both modalities)."""
+reader, export + load_pretrained, a resume on shards copied elsewhere with one shard fewer
+(`--data-resume approx`), and every ds_config trains and checkpoints. A 2-rank ZeRO-3 run killed
+with SIGKILL and resumed is test_video_mixed.py (the same path, with both modalities)."""
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +75,22 @@ def test_one_process_run_logs_every_tag_and_exports(shards, tmp_path):
                        map_location="cpu", weights_only=False)["module"]
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, saved[f"student.{name}"], rtol=0, atol=0, msg=name)
+
+    # The data moved, and lost a shard: the checkpoint names shards relative to their directory, and
+    # --data-resume approx goes from train.py to the loader, which continues and names what changed.
+    # (The batches of an exact resume on moved shards, and the exit-3 refusal without the flag:
+    # tests/unit/data/test_data_moved_shards.py, tests/unit/engine/test_engine_pieces.py.)
+    data = json.loads((out / "checkpoints" / "step_00000004" / "megavl" / "meta.json").read_text())["data"]
+    assert str(shards) not in json.dumps(data)
+    moved = Path(shutil.copytree(shards, tmp_path / "scratch"))
+    cmd = [sys.executable, "megavl/train.py", "--ds_config", "ds_configs/zero0.json", "--config", "configs/tiny.yaml",
+           "--data-resume", "approx", "--set", f"run.output_dir={out}",
+           f"data.train_shards={moved}/train-{{000000..000002}}.tar", "data.val_shards=[]", "data.batch_size=8",
+           "data.num_workers=0", "run.max_steps=5", "run.eval_every=-1", "run.image_log_every=1000"]
+    proc = run_child(cmd)
+    assert "resumed from" in proc.stderr, proc.stderr[-3000:]
+    warning = [line for line in proc.stderr.splitlines() if "WARNING" in line and "--data-resume approx" in line]
+    assert warning and "removed: train-000003.tar" in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("ds_config", ["zero1", "zero2", "zero3_offload"])

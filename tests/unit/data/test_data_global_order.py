@@ -138,7 +138,7 @@ def test_what_fixes_the_order_must_match_on_resume(shards):
         build(make_cfg(shards, batch_size=4), gb=16)
     with pytest.raises(ValueError, match="shuffle_buffer"):
         build(make_cfg(shards, batch_size=4, shuffle_buffer=20))
-    with pytest.raises(ValueError, match="order_digest"):
+    with pytest.raises(ValueError, match=r"removed: g-000003\.tar"):
         build(make_cfg(shards.replace("000003", "000002"), batch_size=4))
     resumed = build(make_cfg(shards, batch_size=1, num_workers=2), world=4)  # accepted
     assert resumed.batches_in_epoch == 2  # position 8 / (1 x 4)

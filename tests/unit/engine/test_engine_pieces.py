@@ -189,6 +189,36 @@ def test_rng_state_round_trips_through_json(tmp_path):
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
 
 
+def test_a_data_position_this_data_cannot_continue_is_a_checkpoint_error():
+    """What the trainer does with a checkpoint's data state: another item count stops the run naming
+    the tag (train.py: exit 3, one line); `--data-resume approx` reaches the loader and continues at
+    the same global item count; an older fine-tuning meta (epoch, batch at the top level) is read.
+    The loaders' own checks: tests/unit/data/test_data_moved_shards.py."""
+    from megavl.data.task_data import TaskDataset, TaskLoader, TaskTrainStream
+    from megavl.train import parse_args
+
+    def stream(num_items: int) -> TaskTrainStream:
+        dataset = TaskDataset(list(range(num_items)), lambda item: ([], {}))
+        return TaskTrainStream(TaskLoader(dataset, lambda items: {"n": len(items), "skipped": []}, batch_size=4,
+                                          rank=0, world=1, train=True, seed=3, global_batch_size=8))
+
+    saved = stream(23)  # epochs of 16 items
+    it = iter(saved)
+    for _ in range(5):
+        next(it)
+    meta = {"step": 5, "data": saved.state_dict()}  # 20 items: epoch 1, position 4
+    with pytest.raises(checkpoint.CheckpointError, match=r"^step_00000005: .*num_items: saved 23, now 31"):
+        checkpoint.load_data_state(stream(31), meta, "exact", "step_00000005")
+    args = parse_args(["--data-resume", "approx"])
+    assert (args.data_resume, parse_args([]).data_resume) == ("approx", "exact")
+    grown = stream(31)  # epochs of 24 items
+    checkpoint.load_data_state(grown, meta, args.data_resume, "step_00000005")
+    assert (grown.epoch, grown.batches_in_epoch) == (0, 5)
+    older = stream(23)
+    checkpoint.load_data_state(older, {"epoch": 1, "batch": 1, "world_size": 1}, "exact", "step_00000005")
+    assert (older.epoch, older.batches_in_epoch) == (1, 1)
+
+
 # retrieval metrics: tests/unit/tasks/test_retrieval_eval.py
 
 
