@@ -14,7 +14,8 @@ Chains: 2 -> 1 at step 2 (steps 3, 4 against the reference), then 1 -> 2 from th
 2 -> 4 at step 2. Comparisons are always against the run on the world that wrote the checkpoint:
 two different worlds differ by reduction order (~1e-6), which later steps amplify.
 ZeRO-2 also: SIGKILL in the middle of a save then `--resume auto`; `--resume none` in a directory
-with checkpoints refused; `--fresh` there keeps every old checkpoint.
+with checkpoints refused; `--fresh` there keeps every old checkpoint; `--resume <older tag>`, SIGKILL
+before its first save, then `--resume auto` continues the older tag's line.
 """
 from __future__ import annotations
 
@@ -153,3 +154,36 @@ def test_sigkill_during_save_then_resume_and_mistaken_fresh_runs(reference, shar
         1e-3 * lr_factor(5, o.warmup_steps, 5, o.schedule, o.min_lr_ratio), rel=1e-6)
     assert logged["train/teacher_momentum"][5] == pytest.approx(
         teacher_momentum(4, 5, t.momentum, t.momentum_end), rel=1e-6)
+
+    # A rollback survives a crash before its first save: --resume <step 2>, SIGKILL once the run has
+    # started on its new line (resume_branch.json names it), then --resume auto continues step 2's
+    # line; the abandoned steps 3-5 are kept and named in the log.
+    ckpts = out / "checkpoints"
+    abandoned = sorted(p.name for p in ckpts.glob("step_*") if p.name > "step_00000002")
+    old_run = json.loads((ckpts / "step_00000005" / "COMPLETE.json").read_text())["run_id"]
+    cmd = _cmd(2, stage, shards, out, "run.max_steps=1000", "run.checkpoint_every=1000")
+    cmd[cmd.index("--set"):cmd.index("--set")] = ["--resume", "step_00000002"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    branch = {}
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and branch.get("run_id", old_run) == old_run:
+            try:
+                branch = json.loads((ckpts / "resume_branch.json").read_text())
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert branch.get("resumed_from", "").endswith("step_00000002"), branch
+    assert branch["lineage"][-1]["step"] == 2 and branch["run_id"] != old_run
+    proc = _run(2, stage, shards, out)
+    log = proc.stdout + proc.stderr
+    assert f"resumed from {ckpts / 'step_00000002'} at step 2" in log, log[-3000:]
+    assert "does not continue" in log and "step_00000005" in log
+    now = {p.name for p in ckpts.glob("step_*")}
+    assert set(abandoned) <= now and f"step_00000004_{branch['run_id']}" in now, sorted(now)
+    meta = json.loads((ckpts / f"step_00000004_{branch['run_id']}" / "megavl" / "meta.json").read_text())
+    assert meta["lineage"] == branch["lineage"]
