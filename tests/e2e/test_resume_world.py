@@ -140,27 +140,11 @@ def test_sigkill_during_save_then_resume_and_mistaken_fresh_runs(reference, shar
     assert marker["step"] == STEPS
     _assert_losses_match(ref, out, range(int(complete[-1][5:13]) + 1 if complete else 1, STEPS + 1))
 
-    # A changed schedule on resume applies in full: the base lr AND max_steps of the
-    # recipe at the resumed step, not DeepSpeed's restored base rates next to a new teacher momentum.
-    from megavl.config import load_config
-    from megavl.engine.optim import lr_factor
-    from megavl.objectives.teacher import teacher_momentum
-
-    _run(2, stage, shards, out, "run.max_steps=5", "optim.lr=1e-3")
-    logged, _ = _scalars(out)
-    cfg = load_config(REPO / "configs/tiny.yaml", ["run.max_steps=5 optim.lr=1e-3"])
-    o, t = cfg.optim, cfg.objectives.teacher
-    assert logged["train/lr"][5] == pytest.approx(
-        1e-3 * lr_factor(5, o.warmup_steps, 5, o.schedule, o.min_lr_ratio), rel=1e-6)
-    assert logged["train/teacher_momentum"][5] == pytest.approx(
-        teacher_momentum(4, 5, t.momentum, t.momentum_end), rel=1e-6)
-
     # A rollback survives a crash before its first save: --resume <step 2>, SIGKILL once the run has
     # started on its new line (resume_branch.json names it), then --resume auto continues step 2's
-    # line; the abandoned steps 3-5 are kept and named in the log.
+    # line; the abandoned steps 3-4 are kept and named in the log.
     ckpts = out / "checkpoints"
     abandoned = sorted(p.name for p in ckpts.glob("step_*") if p.name > "step_00000002")
-    old_run = json.loads((ckpts / "step_00000005" / "COMPLETE.json").read_text())["run_id"]
     cmd = _cmd(2, stage, shards, out, "run.max_steps=1000", "run.checkpoint_every=1000")
     cmd[cmd.index("--set"):cmd.index("--set")] = ["--resume", "step_00000002"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -168,7 +152,7 @@ def test_sigkill_during_save_then_resume_and_mistaken_fresh_runs(reference, shar
     branch = {}
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None and branch.get("run_id", old_run) == old_run:
+        while time.monotonic() < deadline and proc.poll() is None and branch.get("run_id") in (None, marker["run_id"]):
             try:
                 branch = json.loads((ckpts / "resume_branch.json").read_text())
             except (OSError, ValueError):
@@ -178,12 +162,27 @@ def test_sigkill_during_save_then_resume_and_mistaken_fresh_runs(reference, shar
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert branch.get("resumed_from", "").endswith("step_00000002"), branch
-    assert branch["lineage"][-1]["step"] == 2 and branch["run_id"] != old_run
-    proc = _run(2, stage, shards, out)
+    assert branch["lineage"][-1]["step"] == 2 and branch["run_id"] != marker["run_id"]
+
+    # The requeue (--resume auto) also changes the schedule: it applies in full, the base lr AND
+    # max_steps of the recipe at the resumed step, not DeepSpeed's restored base rates next to a new
+    # teacher momentum.
+    from megavl.config import load_config
+    from megavl.engine.optim import lr_factor
+    from megavl.objectives.teacher import teacher_momentum
+
+    proc = _run(2, stage, shards, out, "run.max_steps=5", "optim.lr=1e-3")
     log = proc.stdout + proc.stderr
     assert f"resumed from {ckpts / 'step_00000002'} at step 2" in log, log[-3000:]
-    assert "does not continue" in log and "step_00000005" in log
+    assert "does not continue" in log and abandoned[-1] in log
     now = {p.name for p in ckpts.glob("step_*")}
     assert set(abandoned) <= now and f"step_00000004_{branch['run_id']}" in now, sorted(now)
     meta = json.loads((ckpts / f"step_00000004_{branch['run_id']}" / "megavl" / "meta.json").read_text())
     assert meta["lineage"] == branch["lineage"]
+    logged, _ = _scalars(out)
+    cfg = load_config(REPO / "configs/tiny.yaml", ["run.max_steps=5 optim.lr=1e-3"])
+    o, t = cfg.optim, cfg.objectives.teacher
+    assert logged["train/lr"][5] == pytest.approx(
+        1e-3 * lr_factor(5, o.warmup_steps, 5, o.schedule, o.min_lr_ratio), rel=1e-6)
+    assert logged["train/teacher_momentum"][5] == pytest.approx(
+        teacher_momentum(4, 5, t.momentum, t.momentum_end), rel=1e-6)
