@@ -66,13 +66,22 @@ def _worker(rank: int, world: int, port: int, out: str, shape: dict, before: boo
         engine.backward(total)
         engine.step()
     save_info = checkpoint.SaveInfo(run_id="bench", world_size=world, zero_stage=stage, keep=1, config_yaml="")
+    deepspeed_save, deepspeed_seconds = engine.save_checkpoint, []
+
+    def timed_deepspeed_save(*args, **kwargs):  # DeepSpeed's share of the complete save
+        start = time.perf_counter()
+        out = deepspeed_save(*args, **kwargs)
+        deepspeed_seconds.append(time.perf_counter() - start)
+        return out
+
+    engine.save_checkpoint = timed_deepspeed_save
     seconds = []
     for rep in range(REPS):
         torch.distributed.barrier()
         start = time.perf_counter()
         checkpoint.save(engine, engine.module, Path(out), 2 + rep, rank, {"data": {}}, save_info)
         seconds.append(time.perf_counter() - start)
-    results.put((rank, statistics.median(seconds)))
+    results.put((rank, statistics.median(seconds), statistics.median(deepspeed_seconds)))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -85,13 +94,15 @@ def measure(world: int, shape: dict, before: bool = False) -> dict[str, float]:
         results = ctx.SimpleQueue()
         mp.start_processes(_worker, args=(world, _free_port(), out, shape, before, results), nprocs=world,
                            join=True, start_method="spawn")
-        seconds = max(results.get()[1] for _ in range(world))
+        per_rank = [results.get() for _ in range(world)]
+        seconds, deepspeed_seconds = max(r[1] for r in per_rank), max(r[2] for r in per_rank)
         tag = Path(out) / (Path(out) / "latest").read_text().strip()
         files = [p for p in tag.rglob("*") if p.is_file()]
         optim = sum(p.stat().st_size for p in files if p.name.endswith("optim_states.pt"))
         models = sum(p.stat().st_size for p in files if p.name.endswith("model_states.pt"))
         total = sum(p.stat().st_size for p in files)
-        return {"optim": optim, "model_states": models, "rest": total - optim, "total": total, "seconds": seconds}
+        return {"optim": optim, "model_states": models, "rest": total - optim, "total": total, "seconds": seconds,
+                "deepspeed_seconds": deepspeed_seconds}
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -122,14 +133,15 @@ def report(worlds: list[int], shape: dict) -> str:
     runs = {(w, before): measure(w, shape, before) for w in worlds for before in (True, False)}
     state = runs[(min(worlds), False)]["total"]
     head = ("| ranks | side | model states MiB | all but optimizer partitions MiB | x 1 rank | optimizer "
-            "partitions MiB | complete save s | s per GB of state |")
-    lines = [head, "|" + "---|" * 8]
+            "partitions MiB | complete save s | of which DeepSpeed's files s | s per GB of state |")
+    lines = [head, "|" + "---|" * 9]
     for w in worlds:
         for before in (True, False):
             r = runs[(w, before)]
             ratio = r["rest"] / runs[(min(worlds), before)]["rest"]
             lines.append(f"| {w} | {'before' if before else 'after'} | {r['model_states'] / mib:.1f} | "
                          f"{r['rest'] / mib:.1f} | {ratio:.3f}x | {r['optim'] / mib:.1f} | {r['seconds']:.2f} | "
+                         f"{r['deepspeed_seconds']:.2f} | "
                          f"{r['seconds'] / (state / gb):.2f} |")
     return "\n".join(lines) + f"\n\nState (the {min(worlds)}-rank checkpoint, after): {state / mib:.1f} MiB.\n"
 
