@@ -1,7 +1,7 @@
 """Pre-train or fine-tune a vision-language model (task.name): parse, build, train, close.
 
     deepspeed --hostfile hosts megavl/train.py --ds_config ds_configs/zero3.json \
-        --config configs/pretrain_14m.yaml [--set key=value ...] [--resume auto|none|CKPT_DIR] [--fresh] \
+        --config configs/pretrain_14m.yaml [--set key=value ...] [--resume auto|none|CKPT_DIR|TAG] [--fresh] \
         [--trust-checkpoint] [--data-resume exact|approx]
 
 Also runs as `deepspeed --num_gpus N ...`, `torchrun ...`, under `srun`, or as plain
@@ -35,9 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                         help="dotted overrides, e.g. --set model.fusion.depth=4 run.max_steps=10 (repeatable)")
     parser.add_argument("--resume", default="auto",
-                        help="auto: the newest complete checkpoint in run.output_dir, on any number of ranks "
-                             "(a fresh run when the directory has none; an error when it has only unusable "
-                             "ones); none: a fresh run in an empty directory; or a checkpoint tag dir")
+                        help="auto: the newest complete checkpoint of the line the last run started on "
+                             "(docs/checkpoints.md), on any number of ranks (a fresh run when there is none; an "
+                             "error when there are only unusable ones); none: a fresh run in an empty directory; "
+                             "or a checkpoint tag dir or tag name (an older one starts a branch; newer ones are kept)")
     parser.add_argument("--data-resume", choices=("exact", "approx"), default="exact",
                         help="exact: a resume reads exactly the samples the uninterrupted run would "
                              "(the shards may have moved; other shards, sizes or weights stop it, exit "

@@ -311,8 +311,9 @@ def choose_tag(ckpt_dir: Path) -> tuple[str | None, list[str]]:
 
 
 def choose_checkpoint(ckpt_dir: Path, resume: str) -> dict | str | None:
-    """Rank 0, for `--resume auto|none|<tag dir>`: {"tag_dir"} to load, None to start fresh, or an
-    error message that every rank raises alike (broadcast it with broadcast_from_rank0)."""
+    """Rank 0, for `--resume auto|none|<tag dir or tag name>`: {"tag_dir"} to load, None to start
+    fresh, or an error message that every rank raises alike (broadcast it with broadcast_from_rank0).
+    `auto` here is the newest complete checkpoint; engine/lineage.py narrows it to the run's line."""
     ckpt_dir = Path(ckpt_dir)
     existing = tag_dirs(ckpt_dir)
     how = (f"continue with --resume auto, pick one with --resume {ckpt_dir}/<tag>, start a new run "
@@ -330,9 +331,13 @@ def choose_checkpoint(ckpt_dir: Path, resume: str) -> dict | str | None:
             return (f"--resume auto: none of the {len(existing)} checkpoint(s) in {ckpt_dir} can be "
                     f"used:\n  " + "\n  ".join(skipped) + f"\nNothing was deleted. To proceed: {how}")
         return {"tag_dir": str(ckpt_dir / tag)}
+    if not Path(resume).is_dir() and TAG_PATTERN.match(resume) and (ckpt_dir / resume).is_dir():
+        resume = str(ckpt_dir / resume)  # a bare tag name: this run's checkpoints directory
     if not Path(resume).is_dir():
-        return (f"--resume {resume}: no such checkpoint directory (give auto, none or a tag directory "
-                f"such as {ckpt_dir}/{tag_for(100)})")
+        holds = (f"{ckpt_dir} holds " + ", ".join(p.name for p in existing[-5:]) if existing
+                 else f"{ckpt_dir} holds no checkpoint")
+        return (f"--resume {resume}: no such checkpoint directory ({holds}; give auto, none, a tag "
+                f"directory such as {ckpt_dir}/{tag_for(100)} or a tag name)")
     try:
         check(Path(resume))
     except CheckpointError as err:

@@ -31,7 +31,7 @@ from megavl.models.pretrained import without_init_files
 from megavl.tasks import task_builder
 from megavl.tasks.task import StepPlan, Task, TaskEnv
 
-from . import checkpoint, reshard, trust
+from . import checkpoint, lineage, reshard, trust
 from .best import export_best
 from .ds_config import resolve_precision
 from .launch import DistInfo, init_distributed
@@ -92,6 +92,8 @@ class Trainer:
         self.best: dict = {}
         self._grad_norm_fallback: float | None = None
         self._resume(choice, fresh)
+        if self.dist.is_main and not weights_only:  # before the first step: a crash must not undo the choice
+            lineage.write_line(self.ckpt_dir, self.line, choice["tag_dir"] if choice else None)
         self.stop = stop or StopFlag()
         self.monitor = Monitor(self.output_dir, self.dist.is_main, cfg.run.max_steps, self.step, self.task.name)
         if self.dist.is_main:
@@ -100,20 +102,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ resume
     def _choose_checkpoint(self, resume: str, fresh: bool) -> dict | None:
-        """The checkpoint to resume from ({"tag_dir", "meta"}), or None for a new run. Rank 0 alone
-        lists the directory, picks the tag and reads its meta.json (JSON only: a checkpoint this run
-        did not write is refused here without --trust-checkpoint, before any pickle is opened); every
-        rank gets its choice (or its error)."""
+        """The checkpoint to resume from ({"tag_dir", "meta", "line", "off_line"}, engine/lineage.py),
+        or None for a new run. Rank 0 alone lists the directory, picks the tag and reads its
+        meta.json (JSON only: a checkpoint this run did not write is refused here without
+        --trust-checkpoint, before any pickle is opened); every rank gets its choice (or its error)."""
         if fresh and resume not in ("auto", "none"):
             raise checkpoint.CheckpointError(f"--fresh starts a new run; it cannot be combined with --resume {resume}")
         choice = None
         if self.dist.is_main and not fresh:
-            choice = checkpoint.choose_checkpoint(self.ckpt_dir, resume)
-            if isinstance(choice, dict):
-                try:
-                    choice["meta"] = checkpoint.read_meta(Path(choice["tag_dir"]))
-                except (OSError, ValueError) as err:
-                    choice = f"{choice['tag_dir']}: unreadable meta.json ({err})"
+            choice = lineage.choose(self.ckpt_dir, resume)
             if isinstance(choice, dict) and not self.trust_checkpoint:
                 untrusted = trust.refusal("", Path(choice["tag_dir"]), self.ckpt_dir)
                 choice = {"untrusted": untrusted} if untrusted else choice
@@ -126,7 +123,8 @@ class Trainer:
 
     def _resume(self, choice: dict | None, fresh: bool) -> None:
         """Continue from the chosen checkpoint (any world size, any ZeRO stage), or start a new run."""
-        self.run_id = checkpoint.broadcast_from_rank0(checkpoint.new_run_id() if self.dist.is_main else None)
+        self.line = checkpoint.broadcast_from_rank0(lineage.new_line() if self.dist.is_main else None)
+        self.run_id = self.line["run_id"]
         # The recipe's (lr, weight decay) per group, read from the fresh optimizer before any load
         # (the groups cannot be rebuilt after ZeRO-3 has partitioned the parameters).
         self._recipe_groups = [(g["initial_lr"], g["weight_decay"]) for g in self.scheduler.optimizer.param_groups]
@@ -156,7 +154,10 @@ class Trainer:
         if not checkpoint.load_rng(tag_dir, self.dist.rank):
             torch.manual_seed(self.cfg.run.seed + 1_000_003 * self.dist.rank + meta["step"])
         self.step = meta["step"]
-        self.run_id = meta["run_id"]  # a resumed run keeps its id: it may prune its own older tags
+        # The line this run saves on: the checkpoint's run id (it may prune its own older tags), or a
+        # new one that branches off where --resume pointed (never touching the run's newer tags).
+        self.line = choice["line"]
+        self.run_id = self.line["run_id"]
         self.best = meta.get("best", {})
         self.engine.global_steps = self.step
         self.engine.global_samples = self.step * self.engine.train_batch_size()
@@ -165,7 +166,10 @@ class Trainer:
             return
         self._apply_schedule(meta.get("schedule", {}))
         checkpoint.load_data_state(self.loader, meta, self.data_resume, tag_dir.name)
-        log.info("resumed from %s at step %d (run %s)", tag_dir, self.step, self.run_id)
+        log.info("resumed from %s at step %d (%s)", tag_dir, self.step, lineage.describe(self.line))
+        if choice["off_line"]:
+            log.warning("newer checkpoints that this run does not continue (kept, never pruned by it): %s",
+                        ", ".join(choice["off_line"]))
 
     def _schedule_settings(self) -> dict:
         o = self.cfg.optim
@@ -193,7 +197,7 @@ class Trainer:
 
     def save(self) -> None:
         meta = {"data": self.loader.state_dict(), "schedule": self._schedule_settings(), "best": self.best,
-                "task_state": self.task.extra_state}
+                "task_state": self.task.extra_state, "lineage": self.line["lineage"]}
         info = checkpoint.SaveInfo(run_id=self.run_id, world_size=self.dist.world_size, zero_stage=self.zero_stage,
                                    keep=self.cfg.run.keep_checkpoints,
                                    config_yaml=yaml.safe_dump(to_dict(self.cfg), sort_keys=False))

@@ -172,14 +172,19 @@ QUEUE_BUFFERS = ("image_queue", "text_queue", "queue_image_ids", "queue_ptr")
 
 
 def register_itc_queue(module: torch.nn.Module, queue_size: int, embed_dim: int) -> None:
-    """Give `module` ALBEF's ITC queue as buffers (so checkpoints save and restore it):
-    image_queue, text_queue (Q, E) random unit rows (ALBEF's start), queue_image_ids (Q,) the image id
-    of each slot (EMPTY_QUEUE_ID until filled), queue_ptr () the next slot to write."""
+    """Give `module` ALBEF's ITC queue as buffers: image_queue, text_queue (Q, E) random unit rows
+    (ALBEF's start), queue_image_ids (Q,) the image id of each slot (EMPTY_QUEUE_ID until filled),
+    queue_ptr () the next slot to write.
+
+    Non-persistent: the queue is identical on every rank, and the training checkpoint saves every
+    buffer once itself; in the module's state dict it would also go into each ZeRO-3 rank's model
+    file (2 x 65,536 x 256 fp32 = 128 MiB per rank), and no export needs it."""
     normalize = torch.nn.functional.normalize
-    module.register_buffer("image_queue", normalize(torch.randn(queue_size, embed_dim), dim=-1))
-    module.register_buffer("text_queue", normalize(torch.randn(queue_size, embed_dim), dim=-1))
-    module.register_buffer("queue_image_ids", torch.full((queue_size,), EMPTY_QUEUE_ID, dtype=torch.long))
-    module.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+    module.register_buffer("image_queue", normalize(torch.randn(queue_size, embed_dim), dim=-1), persistent=False)
+    module.register_buffer("text_queue", normalize(torch.randn(queue_size, embed_dim), dim=-1), persistent=False)
+    module.register_buffer("queue_image_ids", torch.full((queue_size,), EMPTY_QUEUE_ID, dtype=torch.long),
+                           persistent=False)
+    module.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long), persistent=False)
 
 
 @torch.no_grad()

@@ -104,8 +104,10 @@ class PretrainModule(nn.Module):
         # Shape (1,), not 0-dim: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors refuse.
         self.temp = nn.Parameter(torch.full((1,), float(obj_cfg.itc.temp_init)))
         kp, e, q = model_cfg.num_prototypes, model_cfg.embed_dim, obj_cfg.itc.queue_size
-        self.register_buffer("center_global", torch.zeros(kp))
-        self.register_buffer("center_patch", torch.zeros(kp))
+        # SemMIM centres: identical on every rank and saved once by the training checkpoint, so kept
+        # out of the state dict (each ZeRO-3 rank's model file), as the ITC queue is
+        self.register_buffer("center_global", torch.zeros(kp), persistent=False)
+        self.register_buffer("center_patch", torch.zeros(kp), persistent=False)
         register_itc_queue(self, q, e)
         self.temperature_used = self.temp.detach().float().clone()  # what the last ITC loss divided by
 

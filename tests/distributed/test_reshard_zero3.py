@@ -1,5 +1,5 @@
 """ZeRO-3 resume on another world size, checked state by state: a 2-rank run writes its
-step-2 checkpoint, a 1-rank run resumes it through megavl's resharding (reshard.py). Right after the
+step-2 checkpoint (the buffers megavl saves itself in no rank's DeepSpeed model file), a 1-rank run resumes it through megavl's resharding (reshard.py). Right after the
 resume every trained parameter's fp32 master, exp_avg and exp_avg_sq (DeepSpeed's own consolidated
 view), the Adam step, the gathered student and teacher weights and the buffers must equal the 2-rank
 run's (1e-6 relative). After steps 3 and 4 the teacher's EMA increments must too (to 5%: an EMA
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from launch_helpers import REPO, run_ranks
 
@@ -46,6 +47,20 @@ def _assert_close(want: dict, got: dict, what: str, rel: float) -> None:
         assert diff <= rel * scale, f"{what} {name}: off by {diff:.3e} (scale {scale:.3e})"
 
 
+def _assert_buffers_written_once(tag_dir: Path, world: int) -> None:
+    """The queues, their ids and pointer and the SemMIM centres are in megavl's state file, written
+    once, and in none of DeepSpeed's per-rank model files (a full copy per rank under ZeRO-3)."""
+    once = {"image_queue", "text_queue", "queue_image_ids", "queue_ptr", "center_global", "center_patch"}
+    with safe_open(str(tag_dir / "megavl" / "state.safetensors"), framework="pt") as f:
+        assert once <= {k.removeprefix("buffer/") for k in f.keys()}
+    model_files = sorted(tag_dir.glob("zero_pp_rank_*_model_states.pt"))
+    assert len(model_files) == world, model_files
+    for path in model_files:
+        states = torch.load(path, map_location="cpu", weights_only=False)  # DeepSpeed's pickle, written here
+        in_file = set(states["module"]) | set(states.get("buffer_names") or ())
+        assert not {k for k in in_file if k.rsplit(".", 1)[-1] in once}, f"{path.name}: {sorted(in_file)}"
+
+
 @pytest.mark.parametrize("ds_config", ["ds_configs/zero3.json", "ds_configs/zero3_offload.json"])
 def test_zero3_two_ranks_resumed_on_one_restores_every_state(tmp_path, ds_config):
     shards = tmp_path / "shards"
@@ -54,6 +69,7 @@ def test_zero3_two_ranks_resumed_on_one_restores_every_state(tmp_path, ds_config
                    check=True, capture_output=True, cwd=REPO)
     ref = _launch("save", 2, shards, tmp_path / "run2", tmp_path, ds_config)
     tag = "step_00000002"
+    _assert_buffers_written_once(tmp_path / "run2" / "checkpoints" / tag, world=2)
     (tmp_path / "run1" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "run2" / "checkpoints" / tag, tmp_path / "run1" / "checkpoints" / tag)
     got = _launch("load", 1, shards, tmp_path / "run1", tmp_path, ds_config)

@@ -15,7 +15,8 @@ changed twice) and 2 -> 4 at step 2. ZeRO-2 shrinks only: engine/reshard.py conv
 stage through the same code, which the ZeRO-3 chain takes in both directions. Comparisons are always against the run on the world that wrote the checkpoint:
 two different worlds differ by reduction order (~1e-6), which later steps amplify.
 ZeRO-2 also: SIGKILL in the middle of a save then `--resume auto`; `--resume none` in a directory
-with checkpoints refused; `--fresh` there keeps every old checkpoint.
+with checkpoints refused; `--fresh` there keeps every old checkpoint; `--resume <older tag>`, SIGKILL
+before its first save, then `--resume auto` continues the older tag's line.
 """
 from __future__ import annotations
 
@@ -143,13 +144,45 @@ def test_sigkill_during_save_then_resume_and_mistaken_fresh_runs(reference, shar
     assert marker["step"] == STEPS
     _assert_losses_match(ref, out, range(int(complete[-1][5:13]) + 1 if complete else 1, STEPS + 1))
 
-    # A changed schedule on resume applies in full: the base lr AND max_steps of the
-    # recipe at the resumed step, not DeepSpeed's restored base rates next to a new teacher momentum.
+    # A rollback survives a crash before its first save: --resume <step 2>, SIGKILL once the run has
+    # started on its new line (resume_branch.json names it), then --resume auto continues step 2's
+    # line; the abandoned steps 3-4 are kept and named in the log.
+    ckpts = out / "checkpoints"
+    abandoned = sorted(p.name for p in ckpts.glob("step_*") if p.name > "step_00000002")
+    cmd = _cmd(2, stage, shards, out, "run.max_steps=1000", "run.checkpoint_every=1000")
+    cmd[cmd.index("--set"):cmd.index("--set")] = ["--resume", "step_00000002"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    branch = {}
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and branch.get("run_id") in (None, marker["run_id"]):
+            try:
+                branch = json.loads((ckpts / "resume_branch.json").read_text())
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert branch.get("resumed_from", "").endswith("step_00000002"), branch
+    assert branch["lineage"][-1]["step"] == 2 and branch["run_id"] != marker["run_id"]
+
+    # The requeue (--resume auto) also changes the schedule: it applies in full, the base lr AND
+    # max_steps of the recipe at the resumed step, not DeepSpeed's restored base rates next to a new
+    # teacher momentum.
     from megavl.config import load_config
     from megavl.engine.optim import lr_factor
     from megavl.objectives.teacher import teacher_momentum
 
-    _run(2, stage, shards, out, "run.max_steps=5", "optim.lr=1e-3")
+    proc = _run(2, stage, shards, out, "run.max_steps=5", "optim.lr=1e-3")
+    log = proc.stdout + proc.stderr
+    assert f"resumed from {ckpts / 'step_00000002'} at step 2" in log, log[-3000:]
+    assert "does not continue" in log and abandoned[-1] in log
+    now = {p.name for p in ckpts.glob("step_*")}
+    assert set(abandoned) <= now and f"step_00000004_{branch['run_id']}" in now, sorted(now)
+    meta = json.loads((ckpts / f"step_00000004_{branch['run_id']}" / "megavl" / "meta.json").read_text())
+    assert meta["lineage"] == branch["lineage"]
     logged, _ = _scalars(out)
     cfg = load_config(REPO / "configs/tiny.yaml", ["run.max_steps=5 optim.lr=1e-3"])
     o, t = cfg.optim, cfg.objectives.teacher
