@@ -15,6 +15,7 @@ Pre-training, from shards on disk to the batches the trainer steps on:
   loader.py        TrainLoader / EvalLoader: batches out of DataLoader workers, resumable state
   mixed.py         MixedTrainLoader: one stream per modality, one modality per optimizer step
   build.py         the factories: data config -> loaders (pre-training and tasks)
+  fingerprint.py   the sample order's inputs -> what a checkpoint's data state must match (shards by name)
 
 Fine-tuning, from annotation files to task batches:
   annotations.py   annotation JSON/JSONL + media root -> task items (retrieval, VQA, NLVR2)
