@@ -234,14 +234,30 @@ def reading_rows(quick: bool, reps: int = 3) -> list[dict]:
             for rep in range(reps):
                 for name, urls in (("walk", walked), ("index", indexed)):
                     results[name].append(time_worker_reads(urls, per_shard, workers, seed=rep))
-            row = {"workers": workers, "samples_read": shards * max(1, per_shard // workers),
+            row = {"workers": workers, "samples_per_shard": per_shard,
+                   "samples_read": shards * max(1, per_shard // workers),
                    "tar_bytes_per_sample": round(data_bytes)}
             for name, runs in results.items():
                 row[f"{name}_us"] = round(statistics.median(r["s"] for r in runs) * 1e6, 1)
                 for key in ("opens", "reads", "bytes"):
                     row[f"{name}_{key}"] = round(statistics.median(r[key] for r in runs), 3)
             rows.append(row)
+        rows[0]["count_walk_s"], rows[0]["count_index_s"] = _count_times(walked, indexed, reps)
     return rows
+
+
+def _count_times(walked: list[str], indexed: list[str], reps: int) -> tuple[float, float]:
+    """Median seconds to count one real-size shard's samples: header walk vs index header."""
+    from megavl.data.shards import count_samples
+
+    times: dict[str, list[float]] = {"walk": [], "index": []}
+    for _ in range(reps):
+        for name, urls in (("walk", walked), ("index", indexed)):
+            start = time.perf_counter()
+            for url in urls:
+                count_samples(url)
+            times[name].append((time.perf_counter() - start) / len(urls))
+    return round(statistics.median(times["walk"]), 4), round(statistics.median(times["index"]), 6)
 
 
 def sizing_rows(quick: bool, shards: int = 200, reps: int = 3) -> list[dict]:
@@ -282,12 +298,15 @@ def reading_report(quick: bool) -> str:
     lines = ["| worker's share | samples read | time/sample walk -> index | opens/sample walk -> index "
              "| read calls/sample walk -> index | bytes read/sample walk -> index |",
              "|---|---|---|---|---|---|"]
-    for r in reading_rows(quick):
+    rows = reading_rows(quick)
+    for r in rows:
         lines.append(f"| 1/{r['workers']} of each shard | {r['samples_read']} | {r['walk_us']} us -> "
                      f"{r['index_us']} us | {r['walk_opens']} -> {r['index_opens']} | {r['walk_reads']} -> "
                      f"{r['index_reads']} | {r['walk_bytes']:.0f} -> {r['index_bytes']:.0f} "
                      f"(tar: {r['tar_bytes_per_sample']}) |")
-    lines += ["", "| sizing at start | shards | time | per shard |", "|---|---|---|---|"]
+    lines += ["", f"Counting one shard of {rows[0]['samples_per_shard']} samples: header walk "
+              f"{rows[0]['count_walk_s']} s, index header {rows[0]['count_index_s']} s.",
+              "", "| sizing at start | shards | time | per shard |", "|---|---|---|---|"]
     for r in sizing_rows(quick):
         lines.append(f"| {r['sizing']} | {r['shards']} x {r['samples_per_shard']} | {r['seconds']} s | "
                      f"{r['ms_per_shard']} ms |")
