@@ -217,7 +217,7 @@ def time_worker_reads(urls: list[str], per_shard: int, workers: int, seed: int) 
     calls1, bytes1 = _proc_io()
     reader.close()
     n = len(wanted)
-    return {"s": elapsed / n, "opens": reader.io["opens"] / n,  # tars and index files
+    return {"s": elapsed / n, "opens": reader.io.opens / n,  # tars and index files
             "reads": (calls1 - calls0) / n, "bytes": (bytes1 - bytes0) / n}
 
 

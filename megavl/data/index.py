@@ -27,7 +27,6 @@ import bisect
 import itertools
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass
 
 INDEX_SUFFIX = ".idx"
@@ -35,6 +34,19 @@ INDEX_FORMAT = "megavl-shard-index"
 INDEX_VERSION = 1
 TAR_BLOCK = 512
 _HEADER_READ = 4096  # first read of the header line; a long caption list takes more
+
+
+@dataclass
+class ReadCost:
+    """What reading shards has cost so far: file opens, read calls and bytes read."""
+
+    opens: int = 0
+    reads: int = 0
+    bytes: int = 0
+
+    def read(self, size: int) -> None:
+        self.reads += 1
+        self.bytes += size
 
 
 class IndexMismatch(Exception):
@@ -80,13 +92,12 @@ def write_index(url: str, groups: list[MemberGroup], tar_bytes: int) -> None:
     os.replace(tmp, path)
 
 
-def _read_header(fd: int, io: Counter) -> tuple[dict, int]:
+def _read_header(fd: int, io: ReadCost) -> tuple[dict, int]:
     """(header, its length with the newline), read from the start of an index file."""
     size = _HEADER_READ
     while True:
         data = os.pread(fd, size, 0)
-        io["reads"] += 1
-        io["bytes"] += len(data)
+        io.read(len(data))
         end = data.find(b"\n")
         if end >= 0 or len(data) < size:
             break
@@ -106,7 +117,7 @@ class ShardIndex:
     """An open index, its header checked against the tar's size and the file's own length; its
     records read one at a time. Raises IndexMismatch; `close()` releases its file."""
 
-    def __init__(self, path: str, tar_bytes: int, io: Counter):
+    def __init__(self, path: str, tar_bytes: int, io: ReadCost):
         self.fd = os.open(path, os.O_RDONLY)
         self.io = io
         try:
@@ -148,8 +159,7 @@ class ShardIndex:
     def group(self, g: int) -> tuple[str, list[tuple[str, int, int]]]:
         """(KEY, [(ext, data offset, size), ...]) of group g, checked to lie inside the tar."""
         record = os.pread(self.fd, self.width, self.first + g * self.width)
-        self.io["reads"] += 1
-        self.io["bytes"] += len(record)
+        self.io.read(len(record))
         try:
             key, members = json.loads(record)
             members = [(str(ext), int(offset), int(size)) for ext, offset, size in members]
@@ -177,7 +187,7 @@ def index_samples(url: str, tar_bytes: int) -> int | None:
     except OSError:
         return None
     try:
-        header, _ = _read_header(fd, Counter())
+        header, _ = _read_header(fd, ReadCost())
     except (IndexMismatch, OSError):
         return None
     finally:
