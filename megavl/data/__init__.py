@@ -2,6 +2,8 @@
 
 Pre-training, from shards on disk to the batches the trainer steps on:
   shards.py        data.train_shards patterns -> shard URLs, sizes; a shard -> raw samples in file order
+  index.py         a shard's member index (SHARD.tar.idx): sample -> its members' offsets and sizes
+  stats.py         stats.json: samples and bytes per shard, read at start instead of counting
   sources.py       sources + weights -> the epoch's virtual sequence of shard segments
   order.py         virtual sequence -> the epoch's global order: position -> (shard, index), world-free
   modality.py      optimizer step -> the modality (image | video) it reads; a source -> its modality
@@ -29,7 +31,7 @@ Written down once, used throughout:
 """
 from megavl.data.batch import PretrainBatch, TaskBatch
 from megavl.data.build import (build_eval_loader, build_task_collators, build_task_loader,
-                               build_train_loader)
+                               build_train_loader, size_val_shards)
 from megavl.data.loader import EvalLoader, TrainLoader
 from megavl.data.mixed import MixedTrainLoader
 from megavl.data.skips import SKIP_REASONS, TASK_SKIP_REASONS
@@ -37,4 +39,4 @@ from megavl.data.text import build_tokenizer
 
 __all__ = ["SKIP_REASONS", "TASK_SKIP_REASONS", "EvalLoader", "MixedTrainLoader", "PretrainBatch",
            "TaskBatch", "TrainLoader", "build_eval_loader", "build_task_collators", "build_task_loader",
-           "build_train_loader", "build_tokenizer"]
+           "build_train_loader", "build_tokenizer", "size_val_shards"]

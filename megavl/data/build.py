@@ -2,6 +2,7 @@
 
   build_train_loader   pre-training: data.train_shards -> this rank's endless TrainLoader
                        (one modality) or MixedTrainLoader (image and video sources)
+  size_val_shards      pre-training: data.val_shards -> their sizes, once per run
   build_eval_loader    pre-training: data.val_shards -> this rank's EvalLoader
   build_task_collators fine-tuning: the (train, eval) TaskCollators of the data config
   build_task_loader    fine-tuning: annotation items -> this rank's TaskLoader
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 from transformers import PreTrainedTokenizerFast
@@ -33,7 +35,7 @@ from megavl.data.transforms import eval_transform, train_draft_size, train_trans
 logger = logging.getLogger(__name__)
 
 
-def _train_sources(cfg: DataConfig, skips: Counter) -> list[Source]:
+def _train_sources(cfg: DataConfig, skips: Counter, world_size: int) -> list[Source]:
     if not cfg.train_shards:
         raise ValueError("data.train_shards is empty")
     if cfg.train_weights and len(cfg.train_weights) != len(cfg.train_shards):
@@ -45,7 +47,13 @@ def _train_sources(cfg: DataConfig, skips: Counter) -> list[Source]:
     check_shards_exist([u for urls in url_lists for u in urls], "data.train_shards")
     weights = cfg.train_weights or [0.0] * len(url_lists)
     # sizes always: the global order maps positions to (shard, index), resampled mode included
-    return [Source(urls, shard_sizes(urls, skips), w) for urls, w in zip(url_lists, weights)]
+    # one sizing pass for all sources: rank 0 reads the stats (or counts) and shares the sizes
+    flat = shard_sizes([u for urls in url_lists for u in urls], skips, world_size=world_size)
+    sources, first = [], 0
+    for urls, w in zip(url_lists, weights):
+        sources.append(Source(urls, flat[first:first + len(urls)], w))
+        first += len(urls)
+    return sources
 
 
 def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: float,
@@ -69,7 +77,7 @@ def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob:
         raise ValueError(f"global batch {global_batch_size} is not a multiple of data.batch_size "
                          f"({cfg.batch_size}) x world_size ({world_size})")
     sizing_counts: Counter = Counter()
-    sources = _train_sources(cfg, sizing_counts)
+    sources = _train_sources(cfg, sizing_counts, world_size)
     quotas = [] if cfg.resampled else source_quotas(sources, cfg.samples_per_epoch)
     virtual_size = (sum(quotas) if not cfg.resampled
                     else cfg.samples_per_epoch or sum(s.size for s in sources))
@@ -137,21 +145,28 @@ def _stream_loader(cfg: DataConfig, sources: list[Source], source_indices: list[
     return loader
 
 
-def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: float = 0.15,
-                      scl_mask_prob: float = 0.4) -> EvalLoader:
-    """Deterministic loader over `cfg.val_shards` (eval transform, file order, fixed masks)."""
+@dataclass
+class ValShards:
+    """The val set as sized once per run (`size_val_shards`): its whole-shard segments in file
+    order, and the skips found while sizing it (a truncated shard)."""
+
+    segments: list[Segment]
+    sizing_counts: Counter
+
+
+def size_val_shards(cfg: DataConfig, *, world_size: int) -> ValShards:
+    """Size `cfg.val_shards` (stats files, else rank 0 counts and shares: call on every rank of the
+    run's process group) and check they hold one modality. A run does this once, not per
+    evaluation."""
     if not cfg.val_shards:
         raise ValueError("data.val_shards is empty")
     url_lists = [expand_urls(pattern) for pattern in cfg.val_shards]
     urls = [u for pattern_urls in url_lists for u in pattern_urls]
     check_shards_exist(urls, "data.val_shards")
     sizing_counts: Counter = Counter()
-    sizes = shard_sizes(urls, sizing_counts)
-    segments = [Segment(u, 0, n) for u, n in zip(urls, sizes) if n > 0]
-    # one look per val_shards pattern (a source is one dataset of one kind), not per shard: this
-    # runs at every evaluation, on every rank
+    sizes = shard_sizes(urls, sizing_counts, world_size=world_size)
     kinds, first = set(), 0
-    for pattern_urls in url_lists:
+    for pattern_urls in url_lists:  # one look per pattern (a source is one dataset of one kind)
         pattern_sizes = sizes[first:first + len(pattern_urls)]
         first += len(pattern_urls)
         if any(n > 0 for n in pattern_sizes):
@@ -159,6 +174,15 @@ def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: 
     if len(kinds) > 1:  # an eval batch is one modality, and the val shards are read in file order
         raise ValueError(f"data.val_shards mix images and videos ({urls}): evaluate one modality per "
                          f"run (e.g. the image val shards during mixed pre-training)")
+    return ValShards([Segment(u, 0, n) for u, n in zip(urls, sizes) if n > 0], sizing_counts)
+
+
+def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: float = 0.15,
+                      scl_mask_prob: float = 0.4, val: ValShards | None = None) -> EvalLoader:
+    """Deterministic loader over `cfg.val_shards` (eval transform, file order, fixed masks); `val`:
+    the val set as sized before (`size_val_shards`), else sized now."""
+    val = val if val is not None else size_val_shards(cfg, world_size=world_size)
+    segments = val.segments
     total = sum(s.stop for s in segments)
     begin, end = eval_rank_range(total, rank, world_size)
     plan = EvalPlan(segments=segments, begin=begin, end=end, batch_size=cfg.batch_size,
@@ -168,7 +192,7 @@ def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, mlm_prob: 
                     max_video_frames=cfg.max_video_frames)
     collator = Collator(build_tokenizer(cfg.tokenizer), eval_transform(cfg.image_size), cfg.mean,
                         cfg.std, cfg.max_text_len, mlm_prob, scl_mask_prob)
-    return EvalLoader(plan, collator, cfg.num_workers, sizing_counts)
+    return EvalLoader(plan, collator, cfg.num_workers, val.sizing_counts)
 
 
 def build_task_collators(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, *, video: bool = False,

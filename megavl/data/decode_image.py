@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from megavl.data.shards import RawSample, read_field
+from megavl.data.shards import CAPTIONS_KEY, RawSample, read_field
 from megavl.data.skips import (BAD_JSON, CAPTION_NOT_UTF8, CORRUPT_IMAGE, EMPTY_CAPTION, EMPTY_IMAGE,
                                MISSING_CAPTION, MISSING_IMAGE, TOO_MANY_PIXELS, TRUNCATED_TAR)
 
@@ -61,6 +61,13 @@ def image_id_of(meta: dict, image_bytes: bytes) -> int:
 
 
 def _caption(raw: RawSample, meta: dict, caption_key: str) -> str:
+    if "__caption__" in raw:  # caption j of a multi-caption group (shards.py)
+        captions = meta.get(CAPTIONS_KEY)
+        j = raw["__caption__"]
+        value = captions[j] if isinstance(captions, list) and j < len(captions) else None
+        if not isinstance(value, str):
+            raise SkipSample(MISSING_CAPTION)
+        return value
     value = meta.get(caption_key)
     if isinstance(value, str):
         return value

@@ -49,7 +49,7 @@ from megavl.data.collate import Collator
 from megavl.data.fingerprint import check_data_resume, data_changes, describe_sources, order_digest
 from megavl.data.skips import REPEATED, SKIP_REASONS
 from megavl.data.stream import EvalPlan, EvalStream, TrainPlan, TrainStream
-from megavl.errors import DataResumeError
+from megavl.errors import DataError, DataResumeError
 
 # Forked workers + the Rust tokenizer's thread pool can deadlock; our workers tokenise serially.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -117,6 +117,20 @@ def _make_loader(dataset, num_workers: int) -> DataLoader:
                       prefetch_factor=2 if num_workers > 0 else None)
 
 
+def _next_batch(iterator: Iterator[dict]) -> dict:
+    """next(iterator), where a DataError raised in a worker (a shard that disagrees with its stats)
+    keeps its own one-line message: DataLoader re-raises it with the worker's traceback as text,
+    and train.py prints the message as the run's one line."""
+    try:
+        return next(iterator)
+    except DataError as err:
+        prefix = f"{DataError.__module__}.{DataError.__name__}: "
+        lines = [line for line in str(err).splitlines() if line.startswith(prefix)]
+        if not lines:
+            raise
+        raise DataError(lines[-1][len(prefix):]) from None
+
+
 def _sum_counts(base: Counter, per_worker: dict[int, dict]) -> Counter:
     total = Counter(base)
     for counts in per_worker.values():
@@ -166,7 +180,7 @@ class TrainLoader:
         if self._iterator is None:
             stream = TrainStream(self.plan, self.collator, expected)
             self._iterator = start_workers(_make_loader(stream, self.num_workers))
-        batch = next(self._iterator)
+        batch = _next_batch(self._iterator)
         meta = batch.pop("_meta")
         if meta["batch"] != expected:
             raise RuntimeError(f"rank batch {meta['batch']} arrived, expected {expected}: "
@@ -272,7 +286,11 @@ class EvalLoader:
         per_worker: dict[int, dict] = {}
         try:
             workers = start_workers(_make_loader(EvalStream(self.plan, self.collator), self.num_workers))
-            for batch in workers:
+            while True:
+                try:
+                    batch = _next_batch(workers)
+                except StopIteration:
+                    break
                 meta = batch.pop("_meta")
                 per_worker[meta["worker"]] = meta["counts"]
                 yield batch

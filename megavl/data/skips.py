@@ -21,6 +21,8 @@ CAPTION_NOT_UTF8 = "caption_not_utf8"
 BAD_JSON = "bad_json"
 TRUNCATED_TAR = "truncated_tar"
 UNREADABLE_SHARD = "unreadable_shard"
+MISSING_INDEX = "missing_index"
+BAD_INDEX = "bad_index"
 MISSING_VIDEO = "missing_video"
 EMPTY_VIDEO = "empty_video"
 CORRUPT_VIDEO = "corrupt_video"
@@ -49,6 +51,11 @@ REASONS: dict[str, str] = {
     TRUNCATED_TAR: "a shard that ends mid-archive or was cut after its headers were read (counted "
                    "once per shard read)",
     UNREADABLE_SHARD: "a shard that cannot be opened as a tar",
+    MISSING_INDEX: "a shard without a member index (SHARD.tar.idx): its samples are read by walking "
+                   "its tar headers (counted once per shard and reader; nothing is lost)",
+    BAD_INDEX: "a member index that disagrees with its tar (size, a member outside the file or not "
+               "where its header is): ignored, the shard is read by its tar headers (counted once "
+               "per shard and reader; nothing is lost)",
     MISSING_VIDEO: "a sample without an mp4/webm/mkv/mov/avi member",
     EMPTY_VIDEO: "a zero-byte video",
     CORRUPT_VIDEO: "FFmpeg cannot open the container or decode its video stream",
@@ -80,8 +87,8 @@ VIDEO_SKIP_REASONS = (MISSING_VIDEO, EMPTY_VIDEO, CORRUPT_VIDEO, NO_FRAMES, TOO_
 # Every reason a pre-training loader counts (TrainLoader/EvalLoader.skip_counts: the trainer's tags).
 SKIP_REASONS = (MISSING_IMAGE, EMPTY_IMAGE, CORRUPT_IMAGE, TOO_MANY_PIXELS, MISSING_CAPTION,
                 EMPTY_CAPTION, CAPTION_NOT_UTF8, BAD_JSON, TRUNCATED_TAR, UNREADABLE_SHARD,
-                MISSING_VIDEO, EMPTY_VIDEO, CORRUPT_VIDEO, NO_FRAMES, TOO_FEW_FRAMES,
-                TOO_MANY_FRAMES, WRONG_MODALITY)
+                MISSING_INDEX, BAD_INDEX, MISSING_VIDEO, EMPTY_VIDEO, CORRUPT_VIDEO, NO_FRAMES,
+                TOO_FEW_FRAMES, TOO_MANY_FRAMES, WRONG_MODALITY)
 # What task_data.open_image_file / open_video_file can return instead of an image / a clip (a file
 # has no caption, json or tar members to fail).
 IMAGE_FILE_SKIP_REASONS = (MISSING_IMAGE_FILE, EMPTY_IMAGE, CORRUPT_IMAGE, TOO_MANY_PIXELS)

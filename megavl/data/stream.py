@@ -36,7 +36,7 @@ from megavl.data.decode_video import (DEFAULT_MAX_VIDEO_FRAMES, VIDEO_EXTS, Deco
 from megavl.data.order import EpochOrder
 from megavl.data.reader import ShardReader
 from megavl.data.seeds import derive_seed
-from megavl.data.shards import RawSample, iter_raw_samples
+from megavl.data.shards import RawSample
 from megavl.data.skips import REPEATED, WRONG_MODALITY
 from megavl.data.sources import (Segment, Source, epoch_segments, resampled_epoch_segments,
                                  slice_segments)
@@ -46,9 +46,14 @@ logger = logging.getLogger(__name__)
 MAX_LOOKAHEAD_BATCHES = 16  # an all-bad share borrows good samples from up to this many next ones
 
 
-def read_segments(segments, skips: Counter, read_data: bool = False) -> Iterator[RawSample]:
+def read_segments(segments: list[Segment], reader: ShardReader) -> Iterator[RawSample]:
+    """The raw samples of segments in order (a sample a cut shard lacks is left out, counted by
+    the reader)."""
     for seg in segments:
-        yield from iter_raw_samples(seg.url, seg.start, seg.stop, skips, read_data=read_data)
+        for index in range(seg.start, seg.stop):
+            raw = reader.read(seg.url, index)
+            if raw is not None:
+                yield raw
 
 
 def _worker_identity() -> tuple[int, int | None]:
@@ -133,6 +138,10 @@ class TrainPlan:
             segments = epoch_segments(self.sources, self.quotas, self.seed, epoch)
         return EpochOrder(segments, self.shuffle_buffer, self.seed, epoch, self.epoch_length)
 
+    def shard_sizes(self) -> dict[str, int]:
+        """Shard url -> the samples the order assumes it holds (checked when the shard is read)."""
+        return {url: n for s in self.sources for url, n in zip(s.urls, s.sizes, strict=True)}
+
     def max_open_shards(self) -> int:
         """Handles a worker keeps: two windows' worth of shards of median size (order.py), within
         [16, 256] (file descriptors)."""
@@ -159,7 +168,8 @@ class TrainStream(IterableDataset):
         counts: Counter = Counter()
         self._orders: dict[int, EpochOrder] = {}
         self._source_of_url = self.plan.source_of_url()
-        self._reader = ShardReader(counts, max_open=self.plan.max_open_shards())
+        self._reader = ShardReader(counts, max_open=self.plan.max_open_shards(),
+                                   sizes=self.plan.shard_sizes())
         try:
             t = self.start_batch + worker
             while True:
@@ -265,8 +275,17 @@ class EvalStream(IterableDataset):
         lo = plan.begin + total * worker // workers
         hi = plan.begin + total * (worker + 1) // workers
         counts: Counter = Counter()
+        # the val segments are whole shards: their stops are the sizes the reader checks
+        reader = ShardReader(counts, max_open=2, sizes={s.url: s.stop for s in plan.segments})
+        try:
+            yield from self._batches(read_segments(slice_segments(plan.segments, lo, hi), reader),
+                                     worker, counts)
+        finally:
+            reader.close()
+
+    def _batches(self, raws: Iterator[RawSample], worker: int, counts: Counter) -> Iterator[dict]:
+        plan = self.plan
         samples: list[Decoded] = []
-        raws = read_segments(slice_segments(plan.segments, lo, hi), counts, read_data=True)
         seeds: list[int] = []
         for raw in itertools.chain(raws, [None]):
             if raw is not None:

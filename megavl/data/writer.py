@@ -1,47 +1,37 @@
-"""Writing shards: deterministic tars (fixed mtime/owner, members in given order) + stats.json.
+"""Writing shards: deterministic tars (fixed mtime/owner, members in given order), each with its
+member index (`SHARD.tar.idx`, index.py), and the folder's stats.json (stats.py).
 
-`stats.json` in the output directory maps shard file names to sample counts:
-  {"shards": {"train-000000.tar": 1000, ...}, "total": N}
-Writers with different prefixes may share a directory (synthetic train/val); each merges its own
-shards into the file. The loader reads sizes from it instead of counting tar members.
+Writers with different prefixes may share a folder (synthetic train/val); each merges its own
+shards into stats.json. The loader reads sizes from it instead of counting tar members, and reads
+samples through the index instead of walking tar headers.
 """
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 from types import TracebackType
 
-STATS_FILE = "stats.json"
+from megavl.data.index import MemberGroup, write_index
+from megavl.data.shards import group_captions
+from megavl.data.stats import STATS_FILE, update_stats
+
+__all__ = ["STATS_FILE", "ShardWriter", "add_member", "update_stats"]
 
 
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Append one regular file with reproducible metadata."""
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
+    """Append one regular file with reproducible metadata; returns its data's offset."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
-
-
-def update_stats(out_dir: str, shard_counts: dict[str, int]) -> dict:
-    """Merge shard counts into out_dir/stats.json (written atomically) and return its content."""
-    path = os.path.join(out_dir, STATS_FILE)
-    shards: dict[str, int] = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            shards = json.load(f).get("shards", {})
-    shards.update(shard_counts)
-    stats = {"shards": dict(sorted(shards.items())), "total": sum(shards.values())}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(stats, f, indent=1)
-    os.replace(tmp, path)
-    return stats
+    return tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 class ShardWriter:
-    """Writes `out_dir/{prefix}{NNNNNN}.tar`, `samples_per_shard` samples each, then stats.json."""
+    """Writes `out_dir/{prefix}{NNNNNN}.tar` (+ `.tar.idx`), `samples_per_shard` samples each (a
+    multi-caption group counts one per caption and is never split: a shard may end a few over),
+    then stats.json."""
 
     def __init__(self, out_dir: str, samples_per_shard: int = 10_000, prefix: str = ""):
         if samples_per_shard <= 0:
@@ -49,12 +39,15 @@ class ShardWriter:
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.samples_per_shard, self.prefix = out_dir, samples_per_shard, prefix
         self.counts: dict[str, int] = {}
+        self.bytes: dict[str, int] = {}
+        self._groups: list[MemberGroup] = []
         self._tar: tarfile.TarFile | None = None
         self._name = ""
         self._keys: set[str] = set()
 
     def write(self, key: str, fields: dict[str, bytes]) -> None:
-        """One sample: `fields` maps extension ("jpg", "txt", "json") to bytes."""
+        """One member group: `fields` maps extension ("jpg", "txt", "json") to bytes. A group
+        without txt whose json holds a "captions" list is one sample per caption (shards.py)."""
         if "." in key or "/" in key or not key:
             raise ValueError(f"sample key {key!r} must be non-empty without '.' or '/'")
         if key in self._keys:
@@ -62,9 +55,11 @@ class ShardWriter:
         self._keys.add(key)
         if self._tar is None or self.counts[self._name] >= self.samples_per_shard:
             self.start_shard()
-        for ext, data in fields.items():
-            add_member(self._tar, f"{key}.{ext}", data)
-        self.counts[self._name] += 1
+        members = [(ext, add_member(self._tar, f"{key}.{ext}", data), len(data))
+                   for ext, data in fields.items()]
+        group = MemberGroup(key, members, group_captions(fields, lambda: fields["json"]))
+        self._groups.append(group)
+        self.counts[self._name] += group.samples
 
     def start_shard(self) -> None:
         """Close the current shard (if any) and open the next one."""
@@ -77,11 +72,15 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
+            path = os.path.join(self.out_dir, self._name)
+            self.bytes[self._name] = os.path.getsize(path)
+            write_index(path, self._groups, self.bytes[self._name])
+            self._groups = []
 
     def close(self) -> dict:
         """Finish the last shard and write stats.json; returns the stats."""
         self._close_tar()
-        return update_stats(self.out_dir, self.counts)
+        return update_stats(self.out_dir, self.counts, self.bytes)
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -105,14 +105,17 @@ def eval_fusion_mode(requested: str, cross_attention: bool, curriculum) -> str:
 def pretrain_evaluation(cfg, module, env) -> tuple[Callable[[str], dict | None], Callable[[str, dict, str], tuple[dict, str]]]:
     """(evaluate, report) of the pre-training Task: retrieval on data.val_shards, each rank embedding
     its share; the report keeps the eval/* tags and, at the end, the before -> after R@1 line."""
-    from megavl.data import build_eval_loader
+    from megavl.data import build_eval_loader, size_val_shards
 
     run = cfg.run
     mode = eval_fusion_mode(run.eval_mode, cfg.model.fusion.cross_attention, cfg.curriculum)
     first: dict = {}
+    val: list = []  # the val set, sized at the first evaluation and kept for the run
 
     def evaluate(split: str) -> dict:
-        loader = build_eval_loader(cfg.data, rank=env.rank, world_size=env.world_size)
+        if not val:
+            val.append(size_val_shards(cfg.data, world_size=env.world_size))
+        loader = build_eval_loader(cfg.data, rank=env.rank, world_size=env.world_size, val=val[0])
         return evaluate_retrieval(module.student, loader, env.device, env.dtype, itm_rerank_k=run.eval_itm_rerank_k,
                                   mode=mode, rerank=run.eval_rerank, pair_batch=run.eval_pair_batch)
 

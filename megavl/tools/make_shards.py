@@ -1,12 +1,17 @@
-"""megavl-make-shards: write webdataset shards (img2dataset layout) + stats.json from
+"""megavl-make-shards: write webdataset shards (img2dataset layout) + member indexes + stats.json from
   --coco-json FILE --image-root DIR   COCO captions ({"images", "annotations"}) or an ALBEF-style
                                       list [{"image": path, "caption": str | [str], "image_id"}]
   --tsv FILE                          lines "image_path<TAB>caption" (relative to the TSV's folder;
                                       a header line "image<TAB>caption" is allowed)
   --from-wds URLS                     re-shard existing shards (brace pattern; "::" joins several)
-into --out DIR as DIR/NNNNNN.tar (KEY.jpg|png|webp + KEY.txt + KEY.json) and DIR/stats.json.
+into --out DIR as DIR/NNNNNN.tar (+ NNNNNN.tar.idx, the member index) and DIR/stats.json. An image
+with one caption is KEY.jpg|png|webp + KEY.txt + KEY.json; an image with several (COCO: 5) is
+stored once, as KEY.jpg + KEY.json holding "captions": [...], and serves one sample per caption.
 --resize-long N re-encodes images whose long side exceeds N (JPEG, quality 95). Missing or
 unreadable inputs are skipped, counted and reported, never fatal.
+
+  --index-only URLS                   write the member index and stats.json of existing shards
+                                      (img2dataset's, say) next to them, without rewriting them
 """
 from __future__ import annotations
 
@@ -23,14 +28,16 @@ from typing import Iterator
 from PIL import Image
 
 from megavl.data.decode_image import IMAGE_EXTS
-from megavl.data.shards import check_shards_exist, expand_urls, iter_raw_samples, read_field
-from megavl.data.writer import ShardWriter
+from megavl.data.index import write_index
+from megavl.data.shards import (CAPTIONS_KEY, check_shards_exist, expand_urls, iter_raw_samples,
+                                read_field, scan_groups)
+from megavl.data.writer import ShardWriter, update_stats
 
 logger = logging.getLogger(__name__)
 TSV_HEADERS = {"image", "image_path", "filepath", "path", "file"}
 
-# (key, image bytes, image extension, caption, extra json fields)
-Item = tuple[str, bytes, str, str, dict]
+# (key, image bytes, image extension, its captions, extra json fields): one stored image
+Item = tuple[str, bytes, str, list[str], dict]
 
 
 def _read_image(path: str, skips: Counter) -> tuple[bytes, str] | None:
@@ -48,7 +55,8 @@ def _read_image(path: str, skips: Counter) -> tuple[bytes, str] | None:
 
 
 def coco_items(json_path: str, image_root: str, skips: Counter) -> Iterator[Item]:
-    """One sample per (image, caption) pair; the key includes the caption's index."""
+    """One item per image with all its captions, in the order images first appear; the key is
+    the image's number in that order."""
     with open(json_path) as f:
         data = json.load(f)
     if isinstance(data, dict) and "annotations" in data:
@@ -61,14 +69,17 @@ def coco_items(json_path: str, image_root: str, skips: Counter) -> Iterator[Item
             pairs.extend((entry["image"], c, entry.get("image_id", entry["image"])) for c in captions)
     else:
         raise ValueError(f"{json_path}: neither COCO captions nor a list of ALBEF-style entries")
-    for index, (file_name, text, image_id) in enumerate(pairs):
+    images: dict[tuple, list[str]] = {}
+    for file_name, text, image_id in pairs:
         if file_name is None:
             skips["annotation_without_image"] += 1
             continue
+        images.setdefault((file_name, image_id), []).append(text)
+    for index, ((file_name, image_id), captions) in enumerate(images.items()):
         image = _read_image(os.path.join(image_root, file_name), skips)
         if image is not None:
-            yield f"{index:09d}", image[0], image[1], text, {"image_id": image_id,
-                                                             "image_path": file_name}
+            yield f"{index:09d}", image[0], image[1], captions, {"image_id": image_id,
+                                                                "image_path": file_name}
 
 
 def tsv_items(tsv_path: str, skips: Counter) -> Iterator[Item]:
@@ -84,7 +95,7 @@ def tsv_items(tsv_path: str, skips: Counter) -> Iterator[Item]:
             path = row[0] if os.path.isabs(row[0]) else os.path.join(root, row[0])
             image = _read_image(path, skips)
             if image is not None:
-                yield f"{line_no:09d}", image[0], image[1], row[1], {"image_path": row[0]}
+                yield f"{line_no:09d}", image[0], image[1], [row[1]], {"image_path": row[0]}
 
 
 def wds_items(pattern: str, skips: Counter) -> Iterator[Item]:
@@ -92,6 +103,8 @@ def wds_items(pattern: str, skips: Counter) -> Iterator[Item]:
     check_shards_exist(urls)
     for url in urls:
         for raw in iter_raw_samples(url, skips=skips):
+            if raw.get("__caption__", 0) > 0:
+                continue  # caption j > 0 of a multi-caption group: written with caption 0
             ext = next((e for e in IMAGE_EXTS if e in raw), None)
             try:
                 meta = json.loads(read_field(raw, "json")) if "json" in raw else {}
@@ -100,15 +113,20 @@ def wds_items(pattern: str, skips: Counter) -> Iterator[Item]:
             if not isinstance(meta, dict):
                 skips["bad_json"] += 1
                 continue
-            text = meta.get("caption")
-            if text is None and "txt" in raw:
-                text = read_field(raw, "txt").decode("utf-8", errors="replace")
-            if ext is None or text is None:
+            if "__caption__" in raw:
+                captions = [c for c in meta.pop(CAPTIONS_KEY) if isinstance(c, str)]
+            else:
+                text = meta.get("caption")
+                if text is None and "txt" in raw:
+                    text = read_field(raw, "txt").decode("utf-8", errors="replace")
+                captions = [text] if text is not None else []
+            if ext is None or not captions:
                 skips["missing_image_or_caption"] += 1
                 continue
             meta.pop("caption", None)
-            meta["source_key"] = raw["__key__"]
-            yield raw["__key__"].replace("/", "_"), read_field(raw, ext), ext, text, meta
+            key = raw.get("__group__", raw["__key__"])
+            meta["source_key"] = key
+            yield key.replace("/", "_"), read_field(raw, ext), ext, captions, meta
 
 
 def resize_long_side(data: bytes, ext: str, long_side: int) -> tuple[bytes, str]:
@@ -129,7 +147,7 @@ def write_items(items: Iterator[Item], out: str, samples_per_shard: int, resize_
     keys: set[str] = set()
     writer = ShardWriter(out, samples_per_shard)
     try:
-        for key, data, ext, text, extra in items:
+        for key, data, ext, captions, extra in items:
             if resize_long > 0:
                 try:
                     data, ext = resize_long_side(data, ext, resize_long)
@@ -140,12 +158,39 @@ def write_items(items: Iterator[Item], out: str, samples_per_shard: int, resize_
             if key in keys:  # re-sharded keys from several sources may collide
                 key = f"{key}_{len(keys)}"
             keys.add(key)
-            meta = {**extra, "key": key, "caption": text}
-            writer.write(key, {ext: data, "txt": text.encode("utf-8"),
-                               "json": json.dumps(meta).encode()})
+            if len(captions) == 1:  # the img2dataset layout
+                meta = {**extra, "key": key, "caption": captions[0]}
+                writer.write(key, {ext: data, "txt": captions[0].encode("utf-8"),
+                                   "json": json.dumps(meta).encode()})
+            else:  # the image once, one sample per caption (shards.group_captions)
+                meta = {**extra, "key": key, CAPTIONS_KEY: captions}
+                writer.write(key, {ext: data, "json": json.dumps(meta).encode()})
     finally:
         stats = writer.close()
     return stats
+
+
+def index_existing(pattern: str, skips: Counter) -> dict[str, int]:
+    """Write the member index of every shard of `pattern` next to it and merge the shards' sizes
+    into their folders' stats.json; a cut or unreadable shard gets neither (counted in `skips`).
+    Returns url -> samples of the shards indexed."""
+    urls = expand_urls(pattern)
+    check_shards_exist(urls)
+    done: dict[str, int] = {}
+    by_dir: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
+    for url in urls:
+        groups = scan_groups(url, skips)
+        if groups is None:
+            logger.warning("not indexing %s: it is cut or unreadable", url)
+            continue
+        tar_bytes = os.path.getsize(url)
+        write_index(url, groups, tar_bytes)
+        done[url] = sum(g.samples for g in groups)
+        counts, sizes = by_dir.setdefault(os.path.dirname(url), ({}, {}))
+        counts[os.path.basename(url)], sizes[os.path.basename(url)] = done[url], tar_bytes
+    for dirname, (counts, sizes) in by_dir.items():
+        update_stats(dirname, counts, sizes)
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,13 +199,24 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--coco-json", help="COCO captions JSON or ALBEF-style list")
     source.add_argument("--tsv", help="TSV of image path <TAB> caption")
     source.add_argument("--from-wds", help="existing shards to re-shard (brace pattern)")
+    source.add_argument("--index-only", metavar="URLS",
+                        help="existing shards to index in place (brace pattern): writes each "
+                             "SHARD.tar.idx and the folder's stats.json, rewrites no tar")
     parser.add_argument("--image-root", default="", help="folder the --coco-json paths are under")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", help="output folder (not with --index-only)")
     parser.add_argument("--samples-per-shard", type=int, default=10_000)
     parser.add_argument("--resize-long", type=int, default=0, help="max long side; 0 = keep bytes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     skips: Counter = Counter()
+    if args.index_only:
+        done = index_existing(args.index_only, skips)
+        print(f"indexed {sum(done.values())} samples in {len(done)} shards")
+        if skips:
+            print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(skips.items())))
+        return 0
+    if not args.out:
+        parser.error("--out is required")
     if args.coco_json:
         items = coco_items(args.coco_json, args.image_root, skips)
     elif args.tsv:

@@ -83,6 +83,7 @@ def test_groups_are_ordered_registered_and_without_repeats():
         assert set(reasons) <= set(skips.REASONS), group
     assert skips.REPEATED not in skips.REASONS  # a filled slot, not a skip
     assert set(skips.IMAGE_SAMPLE_SKIP_REASONS) | set(skips.VIDEO_SKIP_REASONS) | {
-        skips.UNREADABLE_SHARD, skips.WRONG_MODALITY} == set(skips.SKIP_REASONS)
+        skips.UNREADABLE_SHARD, skips.MISSING_INDEX, skips.BAD_INDEX,
+        skips.WRONG_MODALITY} == set(skips.SKIP_REASONS)
     assert set(skips.TASK_SKIP_REASONS) == (set(skips.IMAGE_FILE_SKIP_REASONS)
                                             | set(skips.VIDEO_FILE_SKIP_REASONS))

@@ -23,12 +23,14 @@ def test_synth_shapes_is_deterministic_with_stats(tmp_path):
     synth_shapes.main(["--out", str(tmp_path / "a")] + args)
     synth_shapes.main(["--out", str(tmp_path / "b")] + args)
     names = sorted(os.listdir(tmp_path / "a"))
-    assert names == ["stats.json", "train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    assert names == ["stats.json", "train-000000.tar", "train-000000.tar.idx", "train-000001.tar",
+                     "train-000001.tar.idx", "val-000000.tar", "val-000000.tar.idx"]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     stats = json.loads((tmp_path / "a" / "stats.json").read_text())
-    assert stats == {"shards": {"train-000000.tar": 16, "train-000001.tar": 14,
-                                "val-000000.tar": 10}, "total": 40}
+    tars = ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    assert stats["shards"] == dict(zip(tars, [16, 14, 10])) and stats["total"] == 40
+    assert stats["bytes"] == {t: os.path.getsize(tmp_path / "a" / t) for t in tars}
     synth_shapes.main(["--out", str(tmp_path / "c")] + args[:5] + ["6"] + args[6:])
     assert (tmp_path / "c" / "val-000000.tar").read_bytes() != (tmp_path / "a" / "val-000000.tar").read_bytes()
 
@@ -76,7 +78,7 @@ def test_make_shards_from_tsv_skips_missing_images(tmp_path):
     make_shards.main(["--tsv", str(tmp_path / "list.tsv"), "--out", str(out),
                       "--samples-per-shard", "3"])
     stats = json.loads((out / "stats.json").read_text())
-    assert stats == {"shards": {"000000.tar": 3, "000001.tar": 1}, "total": 4}
+    assert stats["shards"] == {"000000.tar": 3, "000001.tar": 1} and stats["total"] == 4
     samples = {**read_shard(str(out / "000000.tar")), **read_shard(str(out / "000001.tar"))}
     assert sorted(s["txt"].decode() for s in samples.values()) == [f"picture {i}" for i in range(4)]
     assert all(set(s) == {"png", "txt", "json"} for s in samples.values())
@@ -94,9 +96,21 @@ def test_make_shards_from_coco_json_with_resize(tmp_path):
     make_shards.main(["--coco-json", str(tmp_path / "captions.json"), "--image-root", str(tmp_path),
                       "--out", str(out), "--resize-long", "16"])
     samples = read_shard(str(out / "000000.tar"))
-    metas = sorted((json.loads(s["json"]) for s in samples.values()), key=lambda m: m["caption"])
-    assert [(m["caption"], m["image_id"]) for m in metas] == [("one a", 1), ("one b", 1), ("two", 2)]
+    # image 1 stored once with both captions (two samples), image 2 in the one-caption layout
+    assert sorted(samples) == ["000000000#0", "000000000#1", "000000001"]
+    assert json.loads(samples["000000000#1"]["json"])["captions"] == ["one a", "one b"]
+    assert "txt" not in samples["000000000#0"] and samples["000000001"]["txt"] == b"two"
+    assert json.loads(samples["000000001"]["json"])["image_id"] == 2
     assert all(Image.open(io.BytesIO(s["jpg"])).size == (16, 8) for s in samples.values())
+    with tarfile.open(out / "000000.tar") as tf:
+        assert sum(m.name.endswith(".jpg") for m in tf.getmembers()) == 2
+    assert json.loads((out / "stats.json").read_text())["total"] == 3
+
+    # re-sharding keeps the group: still two images, three samples
+    make_shards.main(["--from-wds", str(out / "000000.tar"), "--out", str(tmp_path / "again")])
+    again = read_shard(str(tmp_path / "again" / "000000.tar"))
+    assert sorted(again) == sorted(samples)
+    assert json.loads(again["000000000#0"]["json"])["captions"] == ["one a", "one b"]
 
 
 def test_make_shards_reshards_existing_webdataset(tmp_path):
@@ -112,3 +126,19 @@ def test_make_shards_reshards_existing_webdataset(tmp_path):
     assert after == before
     with tarfile.open(out / "000000.tar") as tf:
         assert all(m.mtime == 0 for m in tf.getmembers())
+
+
+def test_make_shards_indexes_existing_shards_in_place(tmp_path):
+    synth_shapes.main(["--out", str(tmp_path), "--num-train", "12", "--num-val", "0", "--seed", "1",
+                       "--image-size", "16", "--samples-per-shard", "5"])
+    tars = sorted(p for p in tmp_path.glob("*.tar"))
+    written = {p: (tmp_path / (p.name + ".idx")).read_bytes() for p in tars}
+    before = {p: p.read_bytes() for p in tars}
+    for p in tars:
+        os.remove(str(p) + ".idx")
+    os.remove(tmp_path / "stats.json")
+    make_shards.main(["--index-only", str(tmp_path / "train-{000000..000002}.tar")])
+    assert {p: (tmp_path / (p.name + ".idx")).read_bytes() for p in tars} == written
+    assert {p: p.read_bytes() for p in tars} == before
+    assert json.loads((tmp_path / "stats.json").read_text())["shards"] == {
+        "train-000000.tar": 5, "train-000001.tar": 5, "train-000002.tar": 2}
