@@ -9,8 +9,9 @@ batch (`global_batch_size`), so its length and every rank's batch count are the 
 
 State (`state_dict`), identical on every rank except the skip counts:
   epoch, position   global samples consumed in the epoch (a multiple of the micro global batch)
-  seed, samples_per_epoch, global_batch_size, shuffle_buffer, resampled, order_digest
-                    what fixes the order: must match on resume, else a clear error
+  seed, samples_per_epoch, global_batch_size, shuffle_buffer, resampled, order_digest, order
+                    what fixes the order (`order`: the version of order.py's algorithm): must
+                    match on resume, else a clear error
   world_size, batch_size, num_workers
                     informative only: a resume may change them (the same global batch kept)
   counts            skip counts of the saving rank (logging only; restored on rank 0 only, so
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from megavl.data.batch import PretrainBatch
 from megavl.data.collate import Collator
+from megavl.data.order import ORDER_VERSION
 from megavl.data.skips import REPEATED, SKIP_REASONS
 from megavl.data.stream import EvalPlan, EvalStream, TrainPlan, TrainStream
 
@@ -47,7 +49,7 @@ from megavl.data.stream import EvalPlan, EvalStream, TrainPlan, TrainStream
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _STATE_CHECKED = ("seed", "samples_per_epoch", "global_batch_size", "shuffle_buffer", "resampled",
-                  "order_digest")
+                  "order_digest", "order")
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # the trainer's (engine/stop.py)
@@ -171,7 +173,7 @@ class TrainLoader:
         return {"seed": self.plan.seed, "samples_per_epoch": self.plan.epoch_length,
                 "global_batch_size": self.global_batch_size,
                 "shuffle_buffer": self.plan.shuffle_buffer, "resampled": self.plan.resampled,
-                "order_digest": self.order_digest}
+                "order_digest": self.order_digest, "order": ORDER_VERSION}
 
     def state_dict(self) -> dict:
         """Global position after the last batch handed out, what fixes the order, skip counts."""
@@ -197,7 +199,7 @@ class TrainLoader:
         if wrong:
             raise ValueError("cannot resume the data stream exactly, what fixes the sample order "
                              "changed (seed, shards or their sizes, weights, epoch size, global "
-                             "batch, shuffle buffer):\n  " + "\n  ".join(wrong))
+                             "batch, shuffle buffer, the order's algorithm):\n  " + "\n  ".join(wrong))
         position, micro = int(state["position"]), self.plan.micro_global_batch
         if not 0 <= position < self.plan.epoch_length or position % micro:
             raise ValueError(f"data position {position} is not a multiple of the micro-step global "
