@@ -118,11 +118,14 @@ class WorkerReads:
 
 
 def simulate_worker(plan: TrainPlan, order: EpochOrder, num_workers: int, worker: int = 0,
-                    max_batches: int = 0) -> WorkerReads:
+                    max_batches: int = 0, *, release: bool = True,
+                    open_limit: int = 0) -> WorkerReads:
     """The read path of worker `worker` of `num_workers` on the plan's rank over one epoch (or its
     first `max_batches` rank batches): stream.py's window release plus the reader's LRU of
-    `plan.max_open_shards()` handles, as TrainStream does them, without opening a file."""
-    limit = plan.max_open_shards()
+    `plan.max_open_shards()` handles, as TrainStream does them, without opening a file.
+    `release=False`, `open_limit`: a reader that only evicts by LRU, with that many handles (for
+    comparing with other orders that have only `locate`)."""
+    limit = open_limit or plan.max_open_shards()
     open_: OrderedDict[str, None] = OrderedDict()
     opens = samples = peak = 0
     seen: set[str] = set()
@@ -130,8 +133,8 @@ def simulate_worker(plan: TrainPlan, order: EpochOrder, num_workers: int, worker
     batches = plan.batches_per_epoch if max_batches <= 0 else min(max_batches, plan.batches_per_epoch)
     for t in range(worker, batches, max(1, num_workers)):
         _, positions = plan.share(t)
-        first = order.window_of(positions[0])
-        if window != first:
+        first = order.window_of(positions[0]) if release else None
+        if release and window != first:
             window = first
             keep = {seg.url for w in range(first, order.window_of(positions[-1]) + 1)
                     for seg in order.window_segments(w)}

@@ -60,10 +60,10 @@ def _sample_bytes(urls: list[str], samples: int) -> tuple[float, int, bool]:
     return sum(os.path.getsize(u) for u in urls) / samples, members, True
 
 
-def report(cfg, sizes_from: str = "stats", batches: int = 200, world: int = 0,
-           epoch: int = 0) -> str:
-    """The report's text for a loaded Config."""
-    from megavl.data.mixing import batch_mixing, mixture, simulate_worker, window_sizes
+def recipe_plan(cfg, sizes_from: str = "stats", world: int = 0):
+    """(TrainPlan of rank 0, optimizer-step global batch, shards whose size was assumed) for a
+    loaded Config: the plan build.py makes, from the patterns and `sizes_from`, all sources as one
+    stream."""
     from megavl.data.shards import expand_urls
     from megavl.data.sources import Source, source_quotas
     from megavl.data.stream import TrainPlan
@@ -75,21 +75,35 @@ def report(cfg, sizes_from: str = "stats", batches: int = 200, world: int = 0,
         per_rank = d.batch_size * max(1, run.grad_accum)
         world = max(1, run.global_batch_size // per_rank) if run.global_batch_size else 1
     global_batch = run.global_batch_size or d.batch_size * world * max(1, run.grad_accum)
-    url_lists = [expand_urls(p) for p in d.train_shards]
-    weights = d.train_weights or [0.0] * len(url_lists)
+    weights = d.train_weights or [0.0] * len(d.train_shards)
     sources, assumed = [], 0
-    for urls, w in zip(url_lists, weights):
+    for pattern, w in zip(d.train_shards, weights):
+        urls = expand_urls(pattern)
         sizes, n = _sizes(urls, sizes_from)
         sources.append(Source(urls, sizes, w))
         assumed += n
     quotas = [] if d.resampled else source_quotas(sources, d.samples_per_epoch)
     virtual = sum(quotas) if quotas else (d.samples_per_epoch or sum(s.size for s in sources))
     length = virtual // global_batch * global_batch
+    if length == 0:
+        raise ValueError(f"an epoch of {virtual} samples holds no global batch of {global_batch}")
     plan = TrainPlan(sources=sources, quotas=quotas, resampled=d.resampled, virtual_size=virtual,
                      epoch_length=length, shuffle_buffer=d.shuffle_buffer, seed=d.seed,
                      batch_size=d.batch_size, rank=0, world_size=world, caption_key=d.caption_key,
                      max_pixels=d.max_image_pixels, draft_size=0,
                      source_indices=list(range(len(sources))))
+    return plan, global_batch, assumed
+
+
+def report(cfg, sizes_from: str = "stats", batches: int = 200, world: int = 0,
+           epoch: int = 0) -> str:
+    """The report's text for a loaded Config."""
+    from megavl.data.mixing import batch_mixing, mixture, simulate_worker, window_sizes
+
+    d, run = cfg.data, cfg.run
+    plan, global_batch, assumed = recipe_plan(cfg, sizes_from, world)
+    sources, quotas, world = plan.sources, plan.quotas, plan.world_size
+    virtual, length = plan.virtual_size, plan.epoch_length
     order = plan.epoch_order(epoch)
     shares = mixture(plan)
     mixing = batch_mixing(order, plan.source_of_url(), shares, global_batch, batches)
