@@ -216,10 +216,10 @@ def _recipe_plan(recipe: str, shuffle_buffer: int | None, shard_samples: int = 1
 
 def _order_figures(plan, global_batch: int, before: bool, batches: int) -> dict:
     """Mixing of `batches` global batches and one worker's simulated reading, for either order."""
-    from megavl.data.mixing import batch_mixing, mixture, simulate_worker
+    from megavl.data.mixing import batch_mixing, mixture, simulate_worker, source_of_url
 
     order = order_before(plan, 0) if before else plan.epoch_order(0)
-    mixing = batch_mixing(order, plan.source_of_url(), mixture(plan), global_batch, batches)
+    mixing = batch_mixing(order, source_of_url(plan), mixture(plan), global_batch, batches)
     reads = simulate_worker(plan, order, RECIPE_WORKERS, release=not before,
                             open_limit=max_open_before(plan) if before else 0)
     return {"shards_per_batch": round(mixing.shards_mean, 2), "sources_per_batch":
@@ -293,7 +293,7 @@ def read_one_worker(plan, order, before: bool) -> dict:
 
 def reading_measured(quick: bool) -> tuple[list[dict], int]:
     """Before vs after on real shards (the 4M recipe scaled down), one worker of 8 ranks."""
-    from megavl.data.mixing import batch_mixing, mixture
+    from megavl.data.mixing import batch_mixing, mixture, source_of_url
     from megavl.data.shards import expand_urls, shard_sizes
     from megavl.data.sources import Source, source_quotas
     from megavl.data.stream import TrainPlan
@@ -313,7 +313,7 @@ def reading_measured(quick: bool) -> tuple[list[dict], int]:
                              world_size=RECIPE_WORLD, caption_key="txt", max_pixels=10**8,
                              draft_size=0, source_indices=[0, 1, 2, 3])
             order = order_before(plan, 0) if before else plan.epoch_order(0)
-            mixing = batch_mixing(order, plan.source_of_url(), mixture(plan), 512,
+            mixing = batch_mixing(order, source_of_url(plan), mixture(plan), 512,
                                   plan.epoch_length // 512)
             rows.append({"order": "before" if before else "after", "shuffle_buffer": buffer,
                          "shards_per_batch": round(mixing.shards_mean, 2),

@@ -54,6 +54,15 @@ def mixture(plan: TrainPlan) -> list[float]:
     return [p / total for p in parts]
 
 
+def source_of_url(plan: TrainPlan) -> dict[str, int]:
+    """Shard url -> index of its source in plan.sources (the first, if listed twice)."""
+    out: dict[str, int] = {}
+    for i, source in enumerate(plan.sources):
+        for url in source.urls:
+            out.setdefault(url, i)
+    return out
+
+
 def batch_mixing(order: EpochOrder, source_of_url: dict[str, int], shares: list[float],
                  global_batch: int, batches: int, first: int = 0,
                  positions_per_batch: int = 0) -> BatchMixing:
@@ -166,7 +175,7 @@ def warn_if_unmixed(plan: TrainPlan, global_batch: int) -> BatchMixing | None:
     if total == 0:
         return None
     stride = max(1, total // _CHECK_BATCHES)
-    urls = plan.source_of_url()
+    urls = source_of_url(plan)
     looked = [batch_mixing(order, urls, mixture(plan), global_batch, 1, first=b,
                            positions_per_batch=_CHECK_POSITIONS)
               for b in range(0, total, stride)][:_CHECK_BATCHES]

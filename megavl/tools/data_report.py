@@ -98,7 +98,8 @@ def recipe_plan(cfg, sizes_from: str = "stats", world: int = 0):
 def report(cfg, sizes_from: str = "stats", batches: int = 200, world: int = 0,
            epoch: int = 0) -> str:
     """The report's text for a loaded Config."""
-    from megavl.data.mixing import batch_mixing, mixture, simulate_worker, window_sizes
+    from megavl.data.mixing import (batch_mixing, mixture, simulate_worker, source_of_url,
+                                    window_sizes)
 
     d, run = cfg.data, cfg.run
     plan, global_batch, assumed = recipe_plan(cfg, sizes_from, world)
@@ -106,7 +107,7 @@ def report(cfg, sizes_from: str = "stats", batches: int = 200, world: int = 0,
     virtual, length = plan.virtual_size, plan.epoch_length
     order = plan.epoch_order(epoch)
     shares = mixture(plan)
-    mixing = batch_mixing(order, plan.source_of_url(), shares, global_batch, batches)
+    mixing = batch_mixing(order, source_of_url(plan), shares, global_batch, batches)
     windows = window_sizes(order)
     reads = simulate_worker(plan, order, max(1, d.num_workers))
     all_urls = [u for s in sources for u in s.urls]

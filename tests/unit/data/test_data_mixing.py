@@ -18,7 +18,8 @@ from PIL import Image
 from megavl.config import DataConfig, load_config
 from megavl.data import build_train_loader
 from megavl.data import reader as reader_module
-from megavl.data.mixing import batch_mixing, mixture, simulate_worker, warn_if_unmixed, window_sizes
+from megavl.data.mixing import (batch_mixing, mixture, simulate_worker, source_of_url,
+                                warn_if_unmixed, window_sizes)
 from megavl.data.order import EpochOrder, KeyedPermutation
 from megavl.data.sources import (Segment, Source, epoch_segments, resampled_epoch_segments,
                                  source_quotas)
@@ -85,7 +86,7 @@ def test_shipped_recipes_mix_at_real_shard_sizes(recipe):
     sizes = "assume=1024" if recipe == "tiny" else "assume=10000"
     plan, global_batch, _ = data_report.recipe_plan(cfg, sizes)
     order = plan.epoch_order(0)
-    mixing = batch_mixing(order, plan.source_of_url(), mixture(plan), global_batch, 200)
+    mixing = batch_mixing(order, source_of_url(plan), mixture(plan), global_batch, 200)
     shards = len({s.url for s in order.segments})
     assert mixing.batches == min(200, plan.epoch_length // global_batch)
     assert mixing.shards_mean >= min(16, shards)
