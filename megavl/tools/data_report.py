@@ -28,6 +28,8 @@ ASSUMED_MEMBERS = 3              # jpg, txt, json
 # reads per tar member when a worker walks a shard's headers (reader.py: a 512-byte header read
 # through the file's buffer), measured on megavl's reader
 HEADER_WALK_BYTES_PER_MEMBER = 2048
+# memory of an open shard's member offsets in reader.py's index (Python tuples and dicts), measured
+READER_BYTES_PER_MEMBER = 240
 
 
 def _sizes(urls: list[str], how: str) -> tuple[list[int], int]:
@@ -138,7 +140,8 @@ def report(cfg, sizes_from: str = "stats", batches: int = 200, world: int = 0,
         f"one DataLoader worker (rank 0, worker 0 of {world} ranks x {d.num_workers} workers = "
         f"{workers}), epoch {epoch}:",
         f"  samples read                {reads.samples:,} from {reads.shards} shards",
-        f"  open handles                max {reads.max_open} (limit {reads.open_limit})",
+        f"  open handles                max {reads.max_open} (limit {reads.open_limit}), their "
+        f"member offsets ~{reads.max_open * shard_samples * members * READER_BYTES_PER_MEMBER / 1e6:,.0f} MB",
         f"  file opens per sample       {reads.opens_per_sample:.4f} "
         f"({reads.samples_per_open:.0f} samples per open)",
         f"  bytes read per sample       {(payload + walk) / 1e3:,.1f} kB = sample "
