@@ -53,6 +53,7 @@ setup(
 
             "megavl-synth-downstream=megavl.tools.synth_downstream:main",
             "megavl-evaluate=megavl.tools.evaluate:main",
+            "megavl-data-report=megavl.tools.data_report:main",
             "megavl-train=megavl.train:main",
             "megavl-export=megavl.engine.export:main",
         ],

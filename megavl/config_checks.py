@@ -40,6 +40,8 @@ def validate(cfg: Config) -> Config:
     methods = multiprocessing.get_all_start_methods()
     _check(d.worker_start_method in ("", *methods), "data.worker_start_method",
            f"'' (the platform's default) or one of {'|'.join(methods)}", d.worker_start_method)
+    _check(d.shuffle_buffer >= -1, "data.shuffle_buffer",
+           ">= 0 samples per shuffle window, or -1 (the whole epoch)", d.shuffle_buffer)
     _check(d.num_frames >= 1, "data.num_frames", ">= 1", d.num_frames)
     _check(d.max_video_frames >= d.num_frames, "data.max_video_frames", f">= data.num_frames={d.num_frames}",
            d.max_video_frames)

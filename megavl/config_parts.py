@@ -98,7 +98,10 @@ class DataConfig:
     batch_size: int = 32          # micro-batch per rank
     num_workers: int = 2
     worker_start_method: str = ""  # how DataLoader workers start: fork | spawn | forkserver; "" = the platform's
-    shuffle_buffer: int = 1000    # samples shuffled together (whole shards, megavl/data/order.py); 0 = none
+    # samples per shuffle window: whole shards taken across sources in proportion, permuted together
+    # (megavl/data/order.py); 320_000 = 32 shards of 10k: ~32 shards per global batch. -1 = the whole
+    # epoch (a full permutation); 0 = file order
+    shuffle_buffer: int = 320_000
     image_size: int = 224
     train_crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # ALBEF
     hflip: bool = True

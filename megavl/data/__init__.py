@@ -6,6 +6,7 @@ Pre-training, from shards on disk to the batches the trainer steps on:
   stats.py         stats.json: samples and bytes per shard, read at start instead of counting
   sources.py       sources + weights -> the epoch's virtual sequence of shard segments
   order.py         virtual sequence -> the epoch's global order: position -> (shard, index), world-free
+  mixing.py        a global order, planned: shards and sources per global batch, a worker's reads
   modality.py      optimizer step -> the modality (image | video) it reads; a source -> its modality
   reader.py        (shard, index) -> raw sample, one open handle per shard
   decode_image.py  raw sample -> Decoded: RGB image (JPEG-drafted), caption, image id | skip reason

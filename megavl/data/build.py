@@ -24,6 +24,7 @@ from megavl.config import DataConfig
 from megavl.data.collate import Collator
 from megavl.data.loader import EvalLoader, TrainLoader
 from megavl.data.mixed import MixedTrainLoader
+from megavl.data.mixing import warn_if_unmixed
 from megavl.data.modality import MODALITIES, ModalitySchedule, default_video_share, source_modality
 from megavl.data.shards import check_shards_exist, expand_urls, shard_sizes
 from megavl.data.sources import Segment, Source, eval_rank_range, source_quotas
@@ -138,6 +139,8 @@ def _stream_loader(cfg: DataConfig, sources: list[Source], source_indices: list[
                      draft_size=train_draft_size(cfg.image_size, cfg.train_crop_scale),
                      num_frames=cfg.num_frames, max_video_frames=cfg.max_video_frames,
                      modality=modality, source_indices=source_indices)
+    if rank == 0:
+        warn_if_unmixed(plan, global_batch_size)
     loader = TrainLoader(plan, collator, cfg.num_workers, global_batch_size, sizing_counts)
     logger.info("train data (%s): %d samples/epoch (of %d), rank %d/%d gets %d batches of %d per "
                 "epoch", modality, epoch_length, virtual_size, rank, world_size,

@@ -11,11 +11,12 @@ State (`state_dict`), identical on every rank except the skip counts:
   epoch, position   global samples consumed in the epoch (a multiple of the micro global batch)
   seed, global_batch_size, shuffle_buffer, resampled
                     what fixes the order: must match on resume, else a clear error
-  samples_per_epoch, sources, order_digest
+  samples_per_epoch, sources, order_digest, order
                     the data (fingerprint.py: shards by name relative to their source's directory,
-                    sample counts, weights, quotas): must match on an exact resume (the default;
-                    the shards may have moved); `data_resume="approx"` continues a changed data set
-                    at the same global sample count and logs what changed
+                    sample counts, weights, quotas) and the version of order.py's algorithm: must
+                    match on an exact resume (the default; the shards may have moved);
+                    `data_resume="approx"` continues a changed data set or order at the same global
+                    sample count and logs what changed
   world_size, batch_size, num_workers
                     informative only: a resume may change them (the same global batch kept)
   counts            skip counts of the saving rank (logging only; restored on rank 0 only, so
@@ -47,6 +48,7 @@ from torch.utils.data import DataLoader
 from megavl.data.batch import PretrainBatch
 from megavl.data.collate import Collator
 from megavl.data.fingerprint import check_data_resume, data_changes, describe_sources, order_digest
+from megavl.data.order import ORDER_VERSION
 from megavl.data.skips import REPEATED, SKIP_REASONS
 from megavl.data.stream import EvalPlan, EvalStream, TrainPlan, TrainStream
 from megavl.errors import DataError, DataResumeError
@@ -195,7 +197,8 @@ class TrainLoader:
         return {"seed": self.plan.seed, "samples_per_epoch": self.plan.epoch_length,
                 "global_batch_size": self.global_batch_size,
                 "shuffle_buffer": self.plan.shuffle_buffer, "resampled": self.plan.resampled,
-                "sources": self.data_sources, "order_digest": order_digest(self.data_sources)}
+                "sources": self.data_sources, "order_digest": order_digest(self.data_sources),
+                "order": ORDER_VERSION}
 
     def state_dict(self) -> dict:
         """Global position after the last batch handed out, what fixes the order, skip counts."""
@@ -222,6 +225,8 @@ class TrainLoader:
         wrong = [f"{k}: saved {state.get(k)!r}, now {settings[k]!r}"
                  for k in _STATE_CHECKED if state.get(k) != settings[k]]
         changes = data_changes(state, self.plan.sources, self.plan.quotas, self.plan.epoch_length)
+        if state.get("order") != ORDER_VERSION:  # the same data in another order (order.py's algorithm)
+            changes.append(f"order: saved {state.get('order')!r}, now {ORDER_VERSION!r} (order.py's algorithm)")
         if wrong or (changes and data_resume == "exact"):
             hint = ("" if wrong else " (--data-resume approx continues the changed data at the same "
                     "global sample count)")

@@ -284,6 +284,15 @@ class ShardReader:
         self._open[url] = shard
         return shard
 
+    def retain(self, urls: set[str]) -> None:
+        """Close every open shard not in `urls` (shards the global order has left)."""
+        for url in [u for u in self._open if u not in urls]:
+            self._open.pop(url).close()
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
     def close(self) -> None:
         while self._open:
             self._open.popitem()[1].close()

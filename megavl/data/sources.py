@@ -2,11 +2,15 @@
 
 Epoch mode: each source contributes a quota of samples per epoch (its size, or its mixture weight
 times the epoch size; a quota above the size repeats whole shards, below it takes a subset that
-changes every epoch). The quota's shard pieces ("segments") of all sources are shuffled into one
-virtual sequence.
+changes every epoch). Each source's shard pieces ("segments", its shards in a new order every
+epoch) are INTERLEAVED into one virtual sequence in proportion to the sources' samples, from a random
+phase per source and epoch: any K consecutive segments hold each source's share of K to within one
+segment, so order.py's windows of K shards are a fair draw of the mixture.
 
-Resampled mode: the virtual sequence is whole shards drawn with replacement (source by weight, or by
-size without weights; shard uniformly) from one epoch-seeded generator until the epoch is full.
+Resampled mode: the virtual sequence is whole shards drawn with replacement from one epoch-seeded
+generator until the epoch is full: the next shard comes from the source furthest behind its share of
+the samples so far (by weight, or by size without weights; stride scheduling from a random phase),
+drawn uniformly among that source's shards.
 
 order.py turns the virtual sequence into the epoch's global sample order; which rank reads which
 position is stream.py's business. Nothing here depends on the rank, world size or workers.
@@ -77,12 +81,27 @@ def _source_segments(source: Source, quota: int, rng: random.Random) -> list[Seg
     return segments
 
 
+def interleave(groups: list[list[Segment]], rng: random.Random) -> list[Segment]:
+    """One sequence of the groups' segments, each group spread evenly over it by samples: a segment
+    sits at the fraction of its group's samples where it falls, shifted by a random phase per group
+    (ties: the group listed first). Every group keeps its own order."""
+    keyed: list[tuple[float, int, int, Segment]] = []
+    for g, segments in enumerate(groups):
+        total = sum(seg.stop - seg.start for seg in segments)
+        phase, done = rng.random(), 0
+        for i, seg in enumerate(segments):
+            length = seg.stop - seg.start
+            keyed.append(((done + phase * length) / total, g, i, seg))
+            done += length
+    keyed.sort(key=lambda item: item[:3])
+    return [item[3] for item in keyed]
+
+
 def epoch_segments(sources: list[Source], quotas: list[int], seed: int, epoch: int) -> list[Segment]:
     """The epoch's virtual sample sequence as an ordered list of shard segments."""
     rng = random.Random(derive_seed(seed, "epoch", epoch))
-    segments = [seg for src, q in zip(sources, quotas) for seg in _source_segments(src, q, rng)]
-    rng.shuffle(segments)
-    return segments
+    groups = [_source_segments(src, q, rng) for src, q in zip(sources, quotas)]
+    return interleave([g for g in groups if g], rng)
 
 
 def slice_segments(segments: list[Segment], begin: int, end: int) -> list[Segment]:
@@ -111,15 +130,22 @@ def resampled_epoch_segments(sources: list[Source], epoch_size: int, seed: int,
     weights = [w if s.size > 0 else 0.0 for w, s in zip(weights, sources)]  # never draw empty ones
     if not any(w > 0 for w in weights):
         raise ValueError("resampled mode: no source with a positive weight has samples")
+    drawn = [i for i, w in enumerate(weights) if w > 0]
+    # stride scheduling: source s is due when (its samples so far + a phase of one mean shard) per
+    # unit of weight is the smallest, so every stretch of the sequence holds the mixture
+    lead = {s: rng.random() * sources[s].size / len(sources[s].urls) for s in drawn}
+    taken = dict.fromkeys(drawn, 0)
     segments: list[Segment] = []
     remaining = epoch_size
     while remaining > 0:
-        source = rng.choices(sources, weights=weights)[0]
+        s = min(drawn, key=lambda j: ((taken[j] + lead[j]) / weights[j], j))
+        source = sources[s]
         i = rng.randrange(len(source.urls))
         take = min(source.sizes[i], remaining)
         if take > 0:
             segments.append(Segment(source.urls[i], 0, take))
             remaining -= take
+            taken[s] += take
     return segments
 
 

@@ -4,7 +4,8 @@
   rank share            rank batch t of this rank = epoch e = t // batches_per_epoch, micro-step
                         j = t % batches_per_epoch, positions [j*G + r*B, j*G + (r+1)*B), G = B * world
                         (contiguous shares: rank r's rows are rows r*B.. of the global batch)
-  reader.py             raw samples, one open handle per shard, member bytes by seek
+  reader.py             raw samples, one open handle per shard, member bytes by seek; the shards
+                        of windows the order has left are closed when a batch enters a new window
   decode_any            Decoded image or DecodedVideo clip + caption + image id, or a skip reason
                         (counted; decode_image.py, decode_video.py)
   fill                  a bad slot repeats a good sample of the same rank share (i-th bad slot takes
@@ -33,17 +34,17 @@ from megavl.data.collate import Collator
 from megavl.data.decode_image import Decoded, decode_sample, namespaced_id
 from megavl.data.decode_video import (DEFAULT_MAX_VIDEO_FRAMES, VIDEO_EXTS, DecodedVideo,
                                       decode_video_sample)
-from megavl.data.order import EpochOrder
+from megavl.data.order import EpochOrder, build_epoch_order
 from megavl.data.reader import ShardReader
 from megavl.data.seeds import derive_seed
 from megavl.data.shards import RawSample
 from megavl.data.skips import REPEATED, WRONG_MODALITY
-from megavl.data.sources import (Segment, Source, epoch_segments, resampled_epoch_segments,
-                                 slice_segments)
+from megavl.data.sources import Segment, Source, slice_segments
 
 logger = logging.getLogger(__name__)
 
 MAX_LOOKAHEAD_BATCHES = 16  # an all-bad share borrows good samples from up to this many next ones
+MAX_OPEN_SHARDS = 256  # file descriptors a worker may hold (a window of more shards reopens them)
 
 
 def read_segments(segments: list[Segment], reader: ShardReader) -> Iterator[RawSample]:
@@ -96,7 +97,7 @@ class TrainPlan:
     resampled: bool
     virtual_size: int            # samples in the epoch's virtual sequence
     epoch_length: int            # positions used per epoch: a multiple of the global batch
-    shuffle_buffer: int          # order.py's window size
+    shuffle_buffer: int          # order.py's window size in samples (-1: the whole epoch)
     seed: int
     batch_size: int              # micro-batch B per rank
     rank: int
@@ -132,22 +133,23 @@ class TrainPlan:
         return self.epoch_length // self.micro_global_batch
 
     def epoch_order(self, epoch: int) -> EpochOrder:
-        if self.resampled:
-            segments = resampled_epoch_segments(self.sources, self.virtual_size, self.seed, epoch)
-        else:
-            segments = epoch_segments(self.sources, self.quotas, self.seed, epoch)
-        return EpochOrder(segments, self.shuffle_buffer, self.seed, epoch, self.epoch_length)
+        return build_epoch_order(self.sources, self.quotas, resampled=self.resampled,
+                                 virtual_size=self.virtual_size, shuffle_buffer=self.shuffle_buffer,
+                                 seed=self.seed, epoch=epoch, length=self.epoch_length)
 
     def shard_sizes(self) -> dict[str, int]:
         """Shard url -> the samples the order assumes it holds (checked when the shard is read)."""
         return {url: n for s in self.sources for url, n in zip(s.urls, s.sizes, strict=True)}
 
     def max_open_shards(self) -> int:
-        """Handles a worker keeps: two windows' worth of shards of median size (order.py), within
-        [16, 256] (file descriptors)."""
+        """Handles a worker may keep: two windows' worth of shards of median size (a batch spans at
+        most two windows, order.py), within [16, 256] (file descriptors)."""
         sizes = sorted(n for s in self.sources for n in s.sizes if n > 0) or [1]
-        per_window = -(-max(1, self.shuffle_buffer) // sizes[len(sizes) // 2]) + 1
-        return min(256, max(16, 2 * per_window + 2))
+        if self.shuffle_buffer < 0:
+            per_window = len(sizes)
+        else:
+            per_window = -(-max(1, self.shuffle_buffer) // sizes[len(sizes) // 2]) + 1
+        return min(MAX_OPEN_SHARDS, max(16, 2 * per_window + 2))
 
     def share(self, t: int) -> tuple[int, list[int]]:
         """(epoch, global positions) of this rank's batch number t (counted across epochs)."""
@@ -167,6 +169,7 @@ class TrainStream(IterableDataset):
         step = num_workers or 1
         counts: Counter = Counter()
         self._orders: dict[int, EpochOrder] = {}
+        self._window: tuple[int, int] | None = None  # (epoch, window) of the last batch's start
         self._source_of_url = self.plan.source_of_url()
         self._reader = ShardReader(counts, max_open=self.plan.max_open_shards(),
                                    sizes=self.plan.shard_sizes())
@@ -194,7 +197,21 @@ class TrainStream(IterableDataset):
             decoded.append(None if raw is None else self._decode(raw, frame_seed(self.plan.seed, epoch, p)))
         return epoch, positions, decoded
 
+    def _leave_windows(self, t: int) -> None:
+        """A worker's positions only grow within an epoch: when its batch t starts in a new window,
+        close every shard outside the windows this batch reads (the order has left them)."""
+        epoch, positions = self.plan.share(t)
+        order = self._order(epoch)
+        first = order.window_of(positions[0])
+        if self._window == (epoch, first):
+            return
+        self._window = (epoch, first)
+        keep = {seg.url for w in range(first, order.window_of(positions[-1]) + 1)
+                for seg in order.window_segments(w)}
+        self._reader.retain(keep)
+
     def _batch(self, t: int, worker: int, counts: Counter) -> dict:
+        self._leave_windows(t)
         epoch, positions, decoded = self._decode_share(t)
         for d in decoded:
             if isinstance(d, str):
