@@ -1,6 +1,7 @@
 """Plumbing for the tests that start child processes, in one place: the environment and launcher
-commands (deepspeed or torchrun) of a child `megavl/train.py` run, a free port, a child run to its end, a run SIGKILLed once
-it has written a checkpoint, and the processes of a gloo world on this machine (one per rank).
+commands (deepspeed or torchrun) of a child `megavl/train.py` run, a free port, a child run to its
+end, a launch SIGKILLed with all its ranks (once it has written a checkpoint), and the processes of
+a gloo world on this machine (one per rank).
 
 Test files import it as `launch_helpers`: pytest's default import mode puts tests/ on sys.path when
 it loads tests/conftest.py, as it puts each test file's folder there (test_video_mixed.py imports
@@ -74,6 +75,31 @@ def wait_for_checkpoint(proc: subprocess.Popen, ckpt_dir: Path, tag: str, timeou
     pytest.fail(f"no checkpoint {tag} within {timeout} s")
 
 
+def kill_launch(proc: subprocess.Popen) -> None:
+    """SIGKILL a launch started in a session of its own, its ranks and their workers, all at once (no
+    chance to save), and reap the launcher. torchrun starts every rank in a session of its own, so
+    killing the launcher's process group alone would leave its ranks training as orphans; the
+    deepspeed launcher's ranks are in its group. Both are covered: every descendant by pid, then the
+    group."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    psutil.wait_procs(descendants, timeout=30)
+
+
 def sigkill_after_checkpoint(cmd: list[str], ckpt_dir: Path, tag: str, final_tag: str,
                              timeout: float = 600) -> None:
     """Start the launch `cmd` in a session of its own and SIGKILL the launcher and every rank, with
@@ -84,8 +110,7 @@ def sigkill_after_checkpoint(cmd: list[str], ckpt_dir: Path, tag: str, final_tag
     try:
         wait_for_checkpoint(proc, ckpt_dir, tag, timeout)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_launch(proc)
     assert not (ckpt_dir / final_tag).exists(), "the run finished before the kill"
 
 

@@ -8,7 +8,6 @@ and resumed with `--resume auto` reproducing the uninterrupted losses."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from launch_helpers import BIN, REPO, run_child, synth_downstream, torchrun_cmd, train_env
+from launch_helpers import BIN, REPO, kill_launch, run_child, synth_downstream, torchrun_cmd, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -174,7 +173,7 @@ def test_retrieval_queue_zero3_sigterm_saves_and_resume_auto_equals_uninterrupte
         assert first.wait(timeout=600) == 0, log.read_text()[-4000:]
     finally:
         if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+            kill_launch(first)
     text = log.read_text()
     assert "stop signal: checkpoint saved at step" in text, text[-4000:]
     stopped_at = int(text.split("stop signal: checkpoint saved at step")[1].split(";")[0])

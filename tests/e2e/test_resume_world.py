@@ -21,9 +21,7 @@ before its first save, then `--resume auto` continues the older tag's line.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_helpers import REPO, deepspeed_cmd, run_child, torchrun_cmd, train_env
+from launch_helpers import REPO, deepspeed_cmd, kill_launch, run_child, torchrun_cmd, train_env
 from test_train import _scalars
 
 pytestmark = pytest.mark.slow
@@ -132,8 +130,7 @@ def test_sigkill_during_save_then_resume_and_mistaken_fresh_runs(reference, shar
                 break
             time.sleep(0.01)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_launch(proc)
     assert writing, "no save was caught in progress"
     half = writing[0].parent
     complete = sorted(p.parent.name for p in (out / "checkpoints").glob("step_*/COMPLETE.json"))
@@ -163,8 +160,7 @@ def test_sigkill_during_save_then_resume_and_mistaken_fresh_runs(reference, shar
                 pass
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_launch(proc)
     assert branch.get("resumed_from", "").endswith("step_00000002"), branch
     assert branch["lineage"][-1]["step"] == 2 and branch["run_id"] != marker["run_id"]
 
