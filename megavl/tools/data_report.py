@@ -34,7 +34,8 @@ READER_BYTES_PER_MEMBER = 240
 
 def _sizes(urls: list[str], how: str) -> tuple[list[int], int]:
     """Samples per shard and how many of them were assumed."""
-    from megavl.data.shards import _stats_for, count_samples
+    from megavl.data.shards import count_samples
+    from megavl.data.stats import stats_size
 
     if how.startswith("assume="):
         n = int(how.split("=", 1)[1])
@@ -42,7 +43,7 @@ def _sizes(urls: list[str], how: str) -> tuple[list[int], int]:
     cache: dict[str, dict] = {}
     sizes, assumed = [], 0
     for url in urls:
-        size = _stats_for(url, cache) if os.path.isfile(url) else None
+        size = stats_size(url, cache) if os.path.isfile(url) else None
         if size is None and how == "count" and os.path.isfile(url):
             size = count_samples(url, Counter())
         if size is None:

@@ -210,8 +210,8 @@ def test_a_worker_holds_only_the_shards_of_its_windows(patterns, monkeypatch):
     live, peak, opened = set(), [0], []
     real_init, real_close = reader_module._LocalShard.__init__, reader_module._LocalShard.close
 
-    def init(self, url, skips):
-        real_init(self, url, skips)
+    def init(self, url, skips, *args):
+        real_init(self, url, skips, *args)
         live.add(id(self)), opened.append(url)
         peak[0] = max(peak[0], len(live))
 

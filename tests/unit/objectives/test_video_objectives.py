@@ -170,10 +170,15 @@ def test_a_one_frame_clip_is_the_image_path_bit_for_bit():
     """(B, 1, 3, S, S) and (B, 3, S, S): the same losses and the same gradients, exactly."""
     module = make_module(list(OBJECTIVE_NAMES))
     image_batch, state = make_batch(frames=0), {k: v.clone() for k, v in module.state_dict().items()}
+    # the queues and centres are non-persistent (megavl saves them itself): outside the state dict
+    buffers = {k: v.clone() for k, v in module.named_buffers()}
     clip_batch = dict(image_batch, images=image_batch["images"].unsqueeze(1))
     results = []
     for batch in (image_batch, clip_batch):
         module.load_state_dict(state)
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                buffer.copy_(buffers[name])
         module.zero_grad(set_to_none=True)
         total, losses = module(batch, "two", torch.Generator().manual_seed(1))
         total.backward()
