@@ -74,15 +74,17 @@ class _Node(torch.nn.Module):
 
 def build_holder(shapes: dict) -> torch.nn.Module:
     """A module with exactly these parameter and buffer names (call under zero.Init)."""
-    own_params, own_buffers, paths = defaultdict(list), defaultdict(list), {""}
+    # Every rank must build the same modules in the same order (zero.Init broadcasts each parameter
+    # as it is made): module paths in order of first appearance, never a set's order.
+    own_params, own_buffers, paths = defaultdict(list), defaultdict(list), {"": None}
     for kind, items in (("p", shapes["params"]), ("b", shapes["buffers"])):
         for name, shape, extra in items:
             parent, _, leaf = name.rpartition(".")
             (own_params if kind == "p" else own_buffers)[parent].append((leaf, shape, extra))
             parts = parent.split(".") if parent else []
-            paths.update(".".join(parts[:i]) for i in range(len(parts) + 1))
-    nodes = {p: _Node(own_params[p], own_buffers[p]) for p in sorted(paths, key=lambda p: -p.count("."))}
-    for path in sorted(paths - {""}, key=len):
+            paths.update((".".join(parts[:i]), None) for i in range(len(parts) + 1))
+    nodes = {p: _Node(own_params[p], own_buffers[p]) for p in sorted(paths, key=lambda p: (-p.count("."), p))}
+    for path in list(paths)[1:]:
         parent, _, leaf = path.rpartition(".")
         nodes[parent].add_module(leaf, nodes[path])
     nodes[""].teacher_master = {}

@@ -121,6 +121,7 @@ class SavedOptimizer:
         raise NotImplementedError
 
     # -- shared
+    @torch.no_grad()
     def read(self, name: str, key: str, start: int, stop: int) -> torch.Tensor:
         if not self.has(name):
             raise CheckpointError(f"{self.tag_dir.name}: parameter {name} is not in the saved optimizer state")
