@@ -21,7 +21,8 @@ What a file claims is checked before it is used (ranks 0..W-1 all present, the p
 every range lies inside its tensor, a parameter's fragments cover it exactly): a checkpoint that does
 not add up raises CheckpointError naming the file, it is never read past.
 DeepSpeed's files are DeepSpeed's pickles (loss scaler, enums, fragment addresses), read as
-DeepSpeed's own loader reads them.
+DeepSpeed's own loader reads them; the tensor bytes themselves are read by exact range
+(`ranged_io.py`: the mapping only says where they lie).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from typing import Iterator
 import torch
 
 from .checkpoint import CheckpointError
+from .ranged_io import RangedFile, file_mappings, mapped_offset
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 _OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -97,6 +99,10 @@ class SavedOptimizer:
         self.tag_dir = Path(tag_dir)
         self.stats = ReadStats()
         self._open: dict[int, dict] = {}
+        self._paths: dict[int, Path] = {}
+        self._ranged: dict[int, RangedFile] = {}
+        self._offsets: dict[tuple, int | None] = {}
+        self._mappings: dict[int, list] = {}
 
     # -- what a layout provides
     def numel(self, name: str) -> int:
@@ -138,14 +144,33 @@ class SavedOptimizer:
             if offset < 0 or offset + (hi - lo) > flat.numel():
                 raise CheckpointError(f"{self.tag_dir.name}: rank {rank}'s {key} of group {group} has "
                                       f"{flat.numel()} elements, {name} needs [{offset}, {offset + hi - lo})")
-            out[lo - start:hi - start].copy_(flat.narrow(0, offset, hi - lo))
+            self._copy(rank, (group, key), flat, offset, out[lo - start:hi - start])
             self.stats.bytes += (hi - lo) * flat.element_size()
             filled = hi
         if filled != stop:
             raise CheckpointError(f"{self.tag_dir.name}: elements [{filled}, {stop}) of {name} are in no saved partition")
         return out
 
+    def _copy(self, rank: int, which: tuple, flat: torch.Tensor, offset: int, out: torch.Tensor) -> None:
+        """out <- flat[offset:offset + len(out)], read from rank's file by exact range."""
+        if (rank, which) not in self._offsets:
+            if rank not in self._mappings:
+                self._mappings[rank] = file_mappings(self._paths[rank])
+            self._offsets[rank, which] = mapped_offset(flat, self._mappings[rank])
+        base = self._offsets[rank, which]
+        if base is None:  # where the mapping cannot be located: through the mapping
+            out.copy_(flat.narrow(0, offset, out.numel()))
+            return
+        if rank not in self._ranged:
+            self._ranged[rank] = RangedFile(self._paths[rank])
+        part = torch.empty(out.numel(), dtype=flat.dtype)
+        self._ranged[rank].read_into(base + offset * flat.element_size(), part)
+        out.copy_(part)
+
     def close(self) -> None:
+        for file in self._ranged.values():
+            file.close()
+        self._ranged.clear()
         self._open.clear()
 
     def __enter__(self) -> "SavedOptimizer":
@@ -208,7 +233,7 @@ class Zero3Partitions(SavedOptimizer):
                 if group >= len(flats) or flats[group].numel() < size:
                     raise CheckpointError(f"{self.tag_dir.name}: {path.name} holds fewer elements in group "
                                           f"{group} than the parameter shapes need ({size})")
-            self._open[rank] = state
+            self._open[rank], self._paths[rank] = state, path
         return self._open[rank]
 
     def _tensor(self, state, group, key):
@@ -238,7 +263,7 @@ class Zero12Partitions(SavedOptimizer):
             if state.get("partition_count", world) not in (world, [world] * len(state["param_slice_mappings"])):
                 raise CheckpointError(f"{self.tag_dir.name}: {path.name} was partitioned "
                                       f"{state.get('partition_count')} ways, but {world} ranks' files are there")
-            self._open[rank] = state
+            self._open[rank], self._paths[rank] = state, path
             for group, mappings in enumerate(state["param_slice_mappings"]):
                 for name, address in mappings.items():
                     pieces = self.fragments.setdefault(name, [])
@@ -279,6 +304,7 @@ class Zero0Fp32(SavedOptimizer):
         if not path.is_file():
             raise CheckpointError(f"{self.tag_dir.name}: no DeepSpeed model states ({ZERO0_MODEL_STATES})")
         self._open[0] = state = _load_mapped(path, self.stats)
+        self._paths[0] = path
         self.module, optim = state["module"], state["optimizer"]
         self.index: dict[str, dict] = {}
         for group in optim["param_groups"]:
@@ -309,7 +335,9 @@ class Zero0Fp32(SavedOptimizer):
         if full is None:  # AdamW creates its moments at the first step
             return torch.zeros(stop - start, dtype=torch.float32)
         self.stats.bytes += (stop - start) * full.element_size()
-        return full.reshape(-1)[start:stop].to(torch.float32, copy=True)
+        out = torch.empty(stop - start, dtype=full.dtype)
+        self._copy(0, (name, key), full.reshape(-1), start, out)
+        return out.float()
 
     @property
     def step(self) -> int:

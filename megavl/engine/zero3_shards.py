@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 
 from .checkpoint import CheckpointError, _partitioned, _teacher_params
 from .ds_partitions import ReadStats
+from .ranged_io import SafetensorsRanges
 
 
 def zero3_range(p: torch.nn.Parameter, rank: int) -> tuple[int, int, int]:
@@ -64,8 +64,7 @@ class ShardFiles:
             path = self.files[rank]
             self.stats.opens += 1
             self.stats.files.append(path.name)
-            handle = safe_open(str(path), framework="pt")
-            self._open[rank] = handle.__enter__()
+            self._open[rank] = SafetensorsRanges(path)
         return self._open[rank]
 
     def keys(self) -> set[str]:
@@ -74,24 +73,24 @@ class ShardFiles:
     def read(self, key: str, start: int, stop: int, numel: int) -> torch.Tensor:
         if start >= stop:  # a last rank's partition of a small tensor: padding only
             return torch.zeros(0)
-        size = self._file(self.home).get_slice(key).get_shape()[0]
+        size = self._file(self.home).numel(key)
         if size * len(self.files) < numel:
             raise CheckpointError(f"{self.files[0].parent.parent.name}: {key} has {len(self.files)} shards of "
                                   f"{size}, fewer than its {numel} elements")
         pieces = []
         for rank in range(start // size, math.ceil(stop / size)):
             lo, hi = max(start, rank * size), min(stop, (rank + 1) * size)
-            part = self._file(rank).get_slice(key)
-            if part.get_shape() != [size]:
-                raise CheckpointError(f"{self.files[rank].parent.parent.name}: {self.files[rank].name} holds {key} "
-                                      f"as {part.get_shape()}, the other shards as [{size}]")
-            pieces.append(part[lo - rank * size:hi - rank * size])
+            part = self._file(rank)
+            if part.numel(key) != size:
+                raise CheckpointError(f"{self.files[rank].parent.parent.name}: {self.files[rank].name} holds "
+                                      f"{part.numel(key)} elements of {key}, the other shards {size}")
+            pieces.append(part.read_range(key, lo - rank * size, hi - rank * size))
             self.stats.bytes += pieces[-1].numel() * pieces[-1].element_size()
         return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
 
     def close(self) -> None:
         for handle in self._open.values():
-            handle.__exit__(None, None, None)
+            handle.close()
         self._open.clear()
 
     def __enter__(self) -> "ShardFiles":
