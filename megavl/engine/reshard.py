@@ -1,7 +1,7 @@
 """Load DeepSpeed's model/optimizer state saved on W ranks (or another ZeRO stage) into this engine.
 
 How: every rank reads, straight from the saved ranks' files, only its own new partition of each
-trained parameter's fp32 master and Adam moments (`ds_partitions.py`: memory-mapped, each saved file
+trained parameter's fp32 master and Adam moments (`ds_partitions.py`: exact byte ranges, each saved file
 opened at most once, only the ranges needed paged in), and writes it into the fresh engine:
   ZeRO-3      this rank's padded partition of the fp32 master and moments, through the partition
               DeepSpeed exposes (`_set_zero3_partition`: its own setter ignores the padding), and the
