@@ -350,15 +350,6 @@ def read_meta(tag_dir: Path) -> dict:
     return _read_json(Path(tag_dir) / MEGAVL / "meta.json")
 
 
-def _reassemble(files: list[Path], key: str, numel: int) -> torch.Tensor:
-    """A ZeRO-3 tensor's full flat value from every old rank's shard (padding at the end dropped)."""
-    pieces = []
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            pieces.append(f.get_tensor(key))
-    return torch.cat(pieces)[:numel]
-
-
 def _my_shard(full_flat: torch.Tensor, shard: torch.Tensor, rank: int) -> torch.Tensor:
     size = shard.numel()
     padded = torch.zeros(size * (rank + 1), dtype=full_flat.dtype)
@@ -368,8 +359,12 @@ def _my_shard(full_flat: torch.Tensor, shard: torch.Tensor, rank: int) -> torch.
 
 
 @torch.no_grad()
-def load_module_state(module: torch.nn.Module, tag_dir: Path, rank: int, old_world: int) -> None:
-    """Restore buffers, the teacher and its fp32 master, on any world size and ZeRO stage."""
+def load_module_state(module: torch.nn.Module, tag_dir: Path, rank: int, old_world: int):
+    """Restore buffers, the teacher and its fp32 master, on any world size and ZeRO stage (a
+    collective under ZeRO-3). Returns what reading the teacher's shard files cost this rank
+    (zero3_shards.load_teacher: each file opened at most once, only this rank's ranges read)."""
+    from .zero3_shards import load_teacher
+
     tag_dir = Path(tag_dir)
     shared = load_file(str(tag_dir / MEGAVL / "state.safetensors"))
     shard_files = sorted(tag_dir.glob(f"{MEGAVL}/teacher_rank*.safetensors"),
@@ -380,40 +375,7 @@ def load_module_state(module: torch.nn.Module, tag_dir: Path, rank: int, old_wor
     for key, value in shared.items():
         if key.startswith("buffer/"):
             buffers[key[len("buffer/"):]].copy_(value)
-
-    def full_value(kind: str, name: str, numel: int) -> torch.Tensor:
-        key = f"{kind}/{name}"
-        if key in shared:
-            return shared[key].flatten()
-        if not shard_files:
-            raise CheckpointError(f"{tag_dir.name}: {key} is not in the checkpoint")
-        return _reassemble(shard_files, key, numel)
-
-    params = _teacher_params(module)
-    if not params:
-        return
-    master_keys = {k.removeprefix("master/") for k in shared if k.startswith("master/")}
-    if shard_files:
-        with safe_open(str(shard_files[0]), framework="pt") as f:
-            master_keys |= {k.removeprefix("master/") for k in f.keys() if k.startswith("master/")}
-    module.teacher_master.clear()
-    for name, p in params.items():
-        numel = p.ds_numel if _partitioned(p) else p.numel()
-        shape = p.ds_shape if _partitioned(p) else p.shape
-        full = full_value("teacher", name, numel)
-        if _partitioned(p):
-            p.ds_tensor.data.copy_(_my_shard(full, p.ds_tensor, rank).to(p.ds_tensor.dtype))
-            if p.data.numel() == numel:  # persistent: the full copy is used without a gather
-                p.data.copy_(full.view(shape).to(p.dtype))
-        else:
-            p.data.copy_(full.view(shape).to(p.dtype))
-        device = p.ds_tensor.device if _partitioned(p) else p.device
-        if name in master_keys:
-            master = full_value("master", name, numel)
-            module.teacher_master[name] = (_my_shard(master, p.ds_tensor, rank) if _partitioned(p)
-                                           else master.view(shape)).to(device).clone()
-        if f"{name}/full" in master_keys and _partitioned(p) and p.data.numel() == numel:
-            module.teacher_master[f"{name}/full"] = shared[f"master/{name}/full"].view(shape).to(device).clone()
+    return load_teacher(module, tag_dir, rank, shared, shard_files)
 
 
 def load_data_state(loader, meta: dict, data_resume: str, tag: str) -> None:

@@ -10,6 +10,8 @@ these were tested with; a new DeepSpeed means re-running the tests and updating 
     engine.enable_backward_allreduce              step.deepspeed_engine: skip the world-of-one all-reduce
     ZeRO-3 optimizer.grad_partitions_flat_buffer  step.clear_zero3_grad_partitions (stale gradients)
     ZeRO-3 param.ds_tensor/ds_id/ds_shape/ds_numel objectives/teacher.py EMA on shards, engine/checkpoint.py
+    ZeRO-3 param.partition/all_gather             zero3_shards.regather_persistent (full copies after a resume)
+    ZeRO-1/2 param._hp_mapping                    reshard._inject_zero12 (each rank's fragment on a resume)
     ZeRO-3 optimizer._get_fp32_opt_state_partition, reshard._set_zero3_partition (padded partitions on
       _swappable_optimizer_subgroup, _optimizer_states_and_gradient_swap_out   resume to another world)
     deepspeed.comm.torch.build_shm_op             launch._skip_shm_op_build (no CPU op JIT under gloo)
@@ -22,7 +24,7 @@ import torch
 
 TESTED_RANGE = ">=0.19.8,<0.20"  # setup.py's pin; the tests ran on 0.19.8
 
-ZERO3_PARAM_ATTRS = ("ds_tensor", "ds_id", "ds_shape", "ds_numel")
+ZERO3_PARAM_ATTRS = ("ds_tensor", "ds_id", "ds_shape", "ds_numel", "partition", "all_gather")
 
 
 class DeepSpeedCompatError(RuntimeError):
@@ -63,6 +65,11 @@ def missing_engine_hooks(engine, zero_stage: int) -> list[str]:
         if absent:
             missing.append(f"ZeRO-3 parameter attributes {absent} (the EMA teacher and the checkpoint read "
                            "each rank's shard through them)")
+    if zero_stage in (1, 2):
+        param = next((p for p in engine.module.parameters() if p.requires_grad), None)
+        if param is not None and not hasattr(param, "_hp_mapping"):
+            missing.append("ZeRO-1/2 parameter attribute _hp_mapping (reshard writes each rank's fragment of a "
+                           "resumed checkpoint through it)")
     return missing
 
 

@@ -1,38 +1,42 @@
 """Load DeepSpeed's model/optimizer state saved on W ranks (or another ZeRO stage) into this engine.
 
-How: rank 0 consolidates the saved partitions per parameter with DeepSpeed's own converter
-(`deepspeed.checkpoint.ds_to_universal`: full fp32 master, exp_avg, exp_avg_sq and the Adam step of
-every parameter, by name) into `<checkpoints>/.reshard/<tag>`; then every rank writes its piece of
-each full tensor into the fresh engine through DeepSpeed's public tensor-fragment API
-(`safe_set_full_fp32_param`, `safe_set_full_optimizer_state`), which knows the new partitioning
-of ZeRO-1/2, bf16 and CPU offload alike (under ZeRO-3 through the partition it exposes, as its setter
-ignores the padding: `_set_zero3_partition`); the model weights are then refreshed from the new fp32
-master. The folder is removed once every rank has loaded it (we wrote it).
+How: every rank reads, straight from the saved ranks' files, only its own new partition of each
+trained parameter's fp32 master and Adam moments (`ds_partitions.py`: exact byte ranges, each saved file
+opened at most once, only the ranges needed paged in), and writes it into the fresh engine:
+  ZeRO-3      this rank's padded partition of the fp32 master and moments, through the partition
+              DeepSpeed exposes (`_set_zero3_partition`: its own setter ignores the padding), and the
+              module's shard; small persistent parameters then gather their full copy from the shards;
+  ZeRO-1/2    the fragment of each parameter this rank's partition holds (`param._hp_mapping`, the
+              mapping DeepSpeed's `safe_set_full_*` write through), then the model weights from the
+              new fp32 partitions (`update_lp_params`);
+  ZeRO-0      full tensors (every rank holds the whole optimizer).
+Nothing is converted, written or deleted, so there is no conversion for a collective to wait on,
+and an interrupted resume leaves nothing half-done behind: it reads the same files again. Each rank
+reads about 12 B x P / W' bytes, in about the time a same-world load takes.
 
-Why not DeepSpeed's `load_universal`: it must be chosen before `deepspeed.initialize`, its ZeRO-3
-loader copies param_groups[0]'s lr and weight decay to every group (megavl's groups differ) and
-loads no module state (teacher, queues and centres are ours anyway); this path is the same for
-every stage, and leaves hyper-parameters to the trainer (from the recipe, see
-`Trainer._apply_schedule`). A ZeRO-0 fp32 checkpoint (one world-independent file) needs no
-conversion when resumed under ZeRO-0; into ZeRO >= 1 it is read by name from that file.
+Why not DeepSpeed's `ds_to_universal` + `load_universal`: the conversion is one process's work
+(rank 0, ~10^5 small files for a 64-rank ZeRO-3 checkpoint) while the other ranks wait in a
+collective, and its output is full per-parameter tensors that every rank then reads whole; its
+ZeRO-3 loader also copies param_groups[0]'s lr and weight decay to every group (megavl's differ).
+This path is the same for every stage and leaves hyper-parameters to the trainer (from the recipe,
+see `Trainer._apply_schedule`). A ZeRO-0 fp32 checkpoint (one world-independent file) needs no
+resharding when resumed under ZeRO-0; into ZeRO >= 1 it is read by name from that file.
 """
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
-import sys
+import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
-from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-from .checkpoint import CheckpointError, _barrier, _my_shard
+from .checkpoint import CheckpointError, _barrier
+from .ds_partitions import KEYS, ReadStats, SavedOptimizer, open_saved
+from .zero3_shards import padded, regather_persistent, zero3_range
 
 log = logging.getLogger(__name__)
 MOMENTS = ("exp_avg", "exp_avg_sq")
-RESHARD_DIR = ".reshard"
 
 
 def is_partitioned(tag_dir: Path) -> bool:
@@ -46,70 +50,6 @@ def needs_reshard(tag_dir: Path, old_world: int, old_stage: int, world: int, sta
     return stage != 0  # ZeRO-0 fp32: one file, world-independent; another stage reads it by name
 
 
-def convert(tag_dir: Path, workers: int = 2) -> Path:
-    """Rank 0: DeepSpeed's universal conversion of `tag_dir` into <checkpoints>/.reshard/<tag>."""
-    tag_dir = Path(tag_dir)
-    out = tag_dir.parent / RESHARD_DIR / tag_dir.name
-    tmp = out.with_name(out.name + ".tmp")
-    for stale in (out, tmp):  # our own leftovers from an interrupted resume
-        shutil.rmtree(stale, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers",
-           str(workers), "--inject_missing_state"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CheckpointError(f"{tag_dir.name}: DeepSpeed's universal conversion failed:\n{proc.stderr[-3000:]}")
-    tmp.rename(out)
-    return out
-
-
-def universal_values(folder: Path) -> tuple[Callable[[str], dict], int]:
-    """(name -> {"fp32", "exp_avg", "exp_avg_sq"} full tensors, Adam step) from a converted folder."""
-    zero = Path(folder) / "zero"
-
-    def values(name: str) -> dict:
-        out = {}
-        for key in ("fp32", *MOMENTS):
-            path = zero / name / f"{key}.pt"
-            if not path.is_file():
-                raise CheckpointError(f"{folder}: no {key} for parameter {name}")
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            # ZeRO-1/2 folders hold {"param": tensor, "cat_dim": ...}, ZeRO-3 folders the bare tensor
-            out[key] = (saved["param"] if isinstance(saved, dict) else saved).float()
-        return out
-
-    step_files = sorted(zero.glob("*/step.pt"))
-    if step_files:  # ZeRO-1/2 and bf16: one per parameter
-        step = torch.load(step_files[0], map_location="cpu", weights_only=True)
-    else:  # ZeRO-3 keeps it in the common optimizer state (DeepSpeed's pickle, not a megavl file)
-        common = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
-        states = common.get("optimizer_state_dict", {}).get("state", {})
-        if not states:
-            raise CheckpointError(f"{folder}: no Adam step in the converted checkpoint")
-        step = next(iter(states.values()))["step"]
-    return values, int(step.item() if torch.is_tensor(step) else step)
-
-
-def zero0_values(tag_dir: Path) -> tuple[Callable[[str], dict], int]:
-    """The same from a ZeRO-0 fp32 checkpoint: DeepSpeed's model-states file (module + torch AdamW)."""
-    states = sorted(Path(tag_dir).glob("mp_rank_*_model_states.pt"))
-    if not states:
-        raise CheckpointError(f"{tag_dir}: no DeepSpeed model states")
-    # DeepSpeed's own pickle (optimizer and scheduler objects' state): not a megavl file.
-    sd = torch.load(states[0], map_location="cpu", weights_only=False)
-    module, optim = sd["module"], sd["optimizer"]
-    by_name, step = {}, 0
-    for group in optim["param_groups"]:
-        for index, name in zip(group["params"], group["names"]):
-            state = optim["state"].get(index, {})
-            by_name[name] = {"fp32": module[name].float(),
-                             **{k: state[k].float() if k in state else torch.zeros_like(module[name].float())
-                                for k in MOMENTS}}
-            if "step" in state:
-                step = int(state["step"])
-    return (lambda name: by_name[name]), step
-
-
 def _flat_partitions(opt) -> list[torch.Tensor] | None:
     """The fp32 flat partitions the base optimizer steps (None: a plain torch optimizer, ZeRO-0 fp32)."""
     for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
@@ -118,34 +58,75 @@ def _flat_partitions(opt) -> list[torch.Tensor] | None:
     return None
 
 
-def _set_zero3_partition(opt, p, full: torch.Tensor, key: str | None, rank: int) -> None:
-    """This rank's ZeRO-3 partition of `p`'s fp32 master (key None) or Adam moment `key`, padding included.
+def _set_zero3_partition(opt, p, part_values: torch.Tensor, key: str | None) -> None:
+    """Fill this rank's ZeRO-3 partition of `p`'s fp32 master (key None) or Adam moment `key`, padding
+    included, from `part_values` (already padded to the partition's size).
 
     DeepSpeed's own `safe_set_full_*` (stage3.set_full_hp_param) slices the full value without the
     padding of the last ranks' partitions: it fails for a parameter whose numel is not a multiple of
-    the world size (the ITC temperature, numel 1, on 2 ranks). So the partition DeepSpeed exposes is
-    filled here from the zero-padded full tensor, as DeepSpeed pads it (`_my_shard`)."""
+    the world size (the ITC temperature, numel 1, on 2 ranks)."""
     part, group = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
-    part.data.copy_(_my_shard(full.flatten(), part, rank).to(part.device, part.dtype))
+    part.data.copy_(part_values.to(part.device, part.dtype))
     if opt._swappable_optimizer_subgroup(group):  # NVMe: write the sub-group back, as DeepSpeed does
         opt._optimizer_states_and_gradient_swap_out(group)
 
 
+def _check_numel(saved: SavedOptimizer, name: str, numel: int) -> None:
+    if saved.has(name) and saved.numel(name) != numel:
+        raise CheckpointError(f"{saved.tag_dir.name}: {name} has {saved.numel(name)} elements saved, "
+                              f"{numel} in this model")
+
+
+def _inject_plain(base, saved: SavedOptimizer, step_t: torch.Tensor) -> None:
+    """ZeRO-0: the torch optimizer steps full parameters; every rank holds all of them."""
+    for group in base.param_groups:
+        for p, name in zip(group["params"], group["names"]):
+            n = p.numel()
+            _check_numel(saved, name, n)
+            v = {k: saved.read(name, k, 0, n).view_as(p) for k in KEYS}
+            p.data.copy_(v["fp32"])
+            base.state[p] = {"step": step_t.clone(), **{k: v[k].to(p).clone() for k in MOMENTS}}
+
+
+def _inject_zero3(opt, named, saved: SavedOptimizer, rank: int) -> None:
+    written = []
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        _check_numel(saved, name, p.ds_numel)
+        start, stop, size = zero3_range(p, rank)
+        values = {k: padded(saved.read(name, k, start, stop), size) for k in KEYS}
+        for key in (None, *MOMENTS):
+            _set_zero3_partition(opt, p, values[key or "fp32"], key)
+        p.ds_tensor.data.copy_(values["fp32"].to(p.ds_tensor.dtype))  # the module's own shard
+        written.append(p)
+    regather_persistent(written)
+
+
+def _inject_zero12(opt, named, saved: SavedOptimizer) -> None:
+    for name, p in named:
+        mapping = getattr(p, "_hp_mapping", None)
+        if not p.requires_grad or mapping is None:  # None: no element of p is in this rank's partition
+            continue
+        start = mapping.lp_fragment_address.start
+        stop = start + mapping.lp_fragment_address.numel
+        _check_numel(saved, name, p.numel())
+        for key in (None, *MOMENTS):
+            fragment = mapping.get_hp_fragment(key)
+            fragment.data.copy_(saved.read(name, key or "fp32", start, stop).to(fragment.device, fragment.dtype))
+    opt.update_lp_params()  # a collective: model weights from the fp32 partitions
+
+
 @torch.no_grad()
-def inject(engine, named: Iterable[tuple[str, torch.nn.Parameter]], values: Callable[[str], dict], step: int,
-           rank: int) -> None:
-    """Write full per-parameter fp32 master, Adam moments and step into this engine's partitions;
-    `named`: the trained parameters by their checkpoint names (Task.params.named)."""
+def inject(engine, named: Iterable[tuple[str, torch.nn.Parameter]], saved: SavedOptimizer, rank: int) -> None:
+    """Write this rank's part of each parameter's fp32 master, Adam moments and step into this engine's
+    partitions; `named`: the trained parameters by their checkpoint names (Task.params.named)."""
     opt = engine.optimizer
     base = getattr(opt, "optimizer", opt)
     flats = _flat_partitions(opt)
-    step_t = torch.tensor(float(step))
+    step_t = torch.tensor(float(saved.step))
     if flats is None:
-        for group in base.param_groups:
-            for p, name in zip(group["params"], group["names"]):
-                v = values(name)
-                p.data.copy_(v["fp32"].view_as(p))
-                base.state[p] = {"step": step_t.clone(), **{k: v[k].view_as(p).to(p).clone() for k in MOMENTS}}
+        _inject_plain(base, saved, step_t)
         return
     for flat in flats:  # ZeRO-1/2 create Adam's state lazily at the first step: create it now
         state = base.state[flat]
@@ -154,50 +135,25 @@ def inject(engine, named: Iterable[tuple[str, torch.nn.Parameter]], values: Call
         state["step"] = step_t.clone()
     if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
         opt._lazy_init_hp_params_optimizer_state()  # link each parameter's fragment of the new state
-    zero3 = hasattr(opt, "fp32_partitioned_groups_flat")
-    for name, p in named:
-        if not p.requires_grad:
-            continue
-        v = values(name)
-        if zero3:
-            for key in (None, *MOMENTS):
-                _set_zero3_partition(opt, p, v[key or "fp32"], key, rank)
-        else:
-            safe_set_full_fp32_param(p, v["fp32"].to(flats[0].device))
-            for key in MOMENTS:
-                safe_set_full_optimizer_state(p, v[key].to(flats[0].device), key)
-        if zero3:  # the module's own shard (and a persistent full copy) follow the new master
-            p.ds_tensor.data.copy_(_my_shard(v["fp32"].flatten(), p.ds_tensor, rank).to(p.ds_tensor.dtype))
-            if p.data.numel() == p.ds_numel:
-                p.data.copy_(v["fp32"].view(p.ds_shape).to(p.dtype))
-    if not zero3:
-        opt.update_lp_params()  # a collective: model weights from the fp32 partitions
-
-
-def load(engine, named: Iterable[tuple[str, torch.nn.Parameter]], tag_dir: Path, rank: int, zero_stage: int) -> int:
-    """Reshard `tag_dir` into this engine (a collective); `named`: the trained parameters by name.
-    Returns the restored Adam step."""
-    tag_dir = Path(tag_dir)
-    folder = None
-    if is_partitioned(tag_dir):
-        folder = Path(tag_dir.parent / RESHARD_DIR / tag_dir.name)
-        error = None
-        if rank == 0:
-            try:
-                convert(tag_dir)
-            except CheckpointError as err:
-                error = str(err)
-        from .checkpoint import broadcast_from_rank0
-
-        error = broadcast_from_rank0(error)
-        if error:
-            raise CheckpointError(error)
-        values, step = universal_values(folder)
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
+        _inject_zero3(opt, named, saved, rank)
     else:
-        values, step = zero0_values(tag_dir)
-    inject(engine, named, values, step, rank)
+        _inject_zero12(opt, named, saved)
+
+
+def load(engine, named: Iterable[tuple[str, torch.nn.Parameter]], tag_dir: Path, rank: int,
+         zero_stage: int) -> tuple[int, ReadStats]:
+    """Reshard `tag_dir` into this engine (a collective); `named`: the trained parameters by name.
+    Returns the restored Adam step and what this rank read."""
+    started = time.monotonic()
+    leftover = Path(tag_dir).parent / ".reshard"
+    if rank == 0 and leftover.is_dir():
+        log.warning("%s: converted copies written by an older megavl; nothing reads them, delete the folder", leftover)
+    with open_saved(Path(tag_dir)) as saved:
+        inject(engine, named, saved, rank)
+        step, stats = saved.step, saved.stats
     _barrier()
-    if rank == 0 and folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
-    log.info("resharded %s (ZeRO-%d) onto this world", tag_dir.name, zero_stage)
-    return step
+    if rank == 0:
+        log.info("resharded %s onto this world (ZeRO-%d): rank %d opened %d files, read %.1f MB in %.1f s",
+                 Path(tag_dir).name, zero_stage, rank, stats.opens, stats.bytes / 1e6, time.monotonic() - started)
+    return step, stats
