@@ -7,44 +7,26 @@ process by building the loader with rank/world arguments."""
 from __future__ import annotations
 
 import builtins
-import io
-import os
 
 import pytest
 import torch
-from PIL import Image
 
 from megavl.config import DataConfig
 from megavl.data import build_train_loader
 from megavl.data.order import EpochOrder
 from megavl.data.sources import Segment
-from megavl.data.writer import ShardWriter
+
+from shard_files import write_textured_shards
 
 GLOBAL_BATCH = 8      # optimizer-step global batch: kept when the world changes
 SIZES = (9, 14, 7, 12)  # 42 samples -> epochs of 40 positions
 TENSORS = ("images", "input_ids", "mlm_input_ids", "mlm_labels", "scl_input_ids", "image_ids")
 
 
-def png_bytes(i: int) -> bytes:
-    buf = io.BytesIO()
-    pixels = bytes((i * 7 + j * j * 13) % 256 for j in range(10 * 10 * 3))  # textured: crops differ
-    Image.frombytes("RGB", (10, 10), pixels).save(buf, "PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("global"))
-    writer = ShardWriter(out, prefix="g-")
-    index = 0
-    for size in SIZES:
-        writer.start_shard()
-        for _ in range(size):
-            writer.write(f"s{index:04d}", {"png": png_bytes(index),
-                                           "txt": f"sample number {index} of the set".encode()})
-            index += 1
-    writer.close()
-    return os.path.join(out, f"g-{{000000..{len(SIZES) - 1:06d}}}.tar")
+    return write_textured_shards(tmp_path_factory.mktemp("global"), SIZES, "g-",
+                                 caption=lambda i: f"sample number {i} of the set")
 
 
 def make_cfg(pattern: str, **overrides) -> DataConfig:
@@ -186,12 +168,8 @@ def test_bad_samples_fill_within_the_share_good_ones_unchanged(tmp_path):
     """Corrupt samples are skipped and counted at any world; a good sample sits at the same global
     position with the same pixels at world 1 and 4; a bad slot repeats a good sample of its own
     rank share, deterministically."""
-    writer = ShardWriter(str(tmp_path), prefix="b-")
-    for index in range(20):
-        image = b"not an image" if index % 5 == 2 else png_bytes(index)
-        writer.write(f"s{index:04d}", {"png": image, "txt": f"sample {index}".encode()})
-    writer.close()
-    pattern = str(tmp_path / "b-000000.tar")
+    pattern = write_textured_shards(tmp_path, (20,), "b-", caption=lambda i: f"sample {i}",
+                                    corrupt=lambda i: i % 5 == 2)
     one, _ = global_batches(pattern, world=1, workers=0, steps=4)
     again, _ = global_batches(pattern, world=1, workers=0, steps=4)
     assert_same(again, one)

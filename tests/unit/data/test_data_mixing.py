@@ -6,14 +6,11 @@ closes the shards of windows the order has left; a run moved 2 -> 4 -> 1 ranks r
 the uninterrupted run reads (ranks simulated in one process, as test_data_global_order.py does)."""
 from __future__ import annotations
 
-import io
 import logging
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from megavl.config import DataConfig, load_config
 from megavl.data import build_train_loader
@@ -24,8 +21,9 @@ from megavl.data.order import EpochOrder, KeyedPermutation
 from megavl.data.sources import (Segment, Source, epoch_segments, resampled_epoch_segments,
                                  source_quotas)
 from megavl.data.stream import TrainPlan
-from megavl.data.writer import ShardWriter
 from megavl.tools import data_report
+
+from shard_files import write_textured_shards
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -134,26 +132,13 @@ SOURCES = ((7, 5, 6), (9, 4), (8, 3, 6, 5))  # samples per shard, per source: 9 
 TENSORS = ("images", "input_ids", "mlm_input_ids", "mlm_labels", "scl_input_ids", "image_ids")
 
 
-def png_bytes(i: int) -> bytes:
-    buf = io.BytesIO()
-    pixels = bytes((i * 7 + j * j * 13) % 256 for j in range(8 * 8 * 3))  # textured: crops differ
-    Image.frombytes("RGB", (8, 8), pixels).save(buf, "PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def patterns(tmp_path_factory) -> list[str]:
-    out, index, found = tmp_path_factory.mktemp("mixing"), 0, []
+    out, first, found = tmp_path_factory.mktemp("mixing"), 0, []
     for s, sizes in enumerate(SOURCES):
-        writer = ShardWriter(str(out / f"src{s}"), prefix="m-")
-        for size in sizes:
-            writer.start_shard()
-            for _ in range(size):
-                writer.write(f"s{index:04d}", {"png": png_bytes(index),
-                                               "txt": f"sample {index} of source {s}".encode()})
-                index += 1
-        writer.close()
-        found.append(os.path.join(out, f"src{s}", f"m-{{000000..{len(sizes) - 1:06d}}}.tar"))
+        found.append(write_textured_shards(out / f"src{s}", sizes, "m-", first=first, side=8,
+                                           caption=lambda i, s=s: f"sample {i} of source {s}"))
+        first += sum(sizes)
     return found
 
 

@@ -6,7 +6,6 @@ digest still resumes while the shards have not moved."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -14,15 +13,15 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 
 from megavl.config import DataConfig
 from megavl.data import build_train_loader
 from megavl.data.fingerprint import shard_names
 from megavl.data.shards import expand_urls
 from megavl.data.task_data import TaskDataset, TaskLoader, TaskTrainStream
-from megavl.data.writer import ShardWriter
 from megavl.errors import DataResumeError
+
+from shard_files import write_textured_shards
 
 SIZES = (9, 14, 7, 12)  # 42 samples -> epochs of 40 positions (global batch 8)
 GLOBAL_BATCH = 8
@@ -31,23 +30,8 @@ AFTER = 4               # micro-batches compared after the resume
 TENSORS = ("images", "input_ids", "mlm_input_ids", "mlm_labels", "scl_input_ids", "image_ids")
 
 
-def png_bytes(i: int) -> bytes:
-    buf = io.BytesIO()
-    pixels = bytes((i * 7 + j * j * 13) % 256 for j in range(10 * 10 * 3))  # textured: crops differ
-    Image.frombytes("RGB", (10, 10), pixels).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def write_shards(out: str, sizes: tuple[int, ...]) -> str:
-    writer = ShardWriter(out, prefix="g-")
-    index = 0
-    for size in sizes:
-        writer.start_shard()
-        for _ in range(size):
-            writer.write(f"s{index:04d}", {"png": png_bytes(index), "txt": f"sample {index} of the set".encode()})
-            index += 1
-    writer.close()
-    return os.path.join(out, f"g-{{000000..{len(sizes) - 1:06d}}}.tar")
+    return write_textured_shards(out, sizes, "g-")
 
 
 def loader_for(pattern: str, state: dict | None = None, **overrides):

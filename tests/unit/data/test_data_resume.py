@@ -3,42 +3,22 @@ images, masks), with 2 workers, 2 ranks (built in one process as rank 0/1 of wor
 in the data, stops mid-epoch and at an epoch boundary."""
 from __future__ import annotations
 
-import io
-import os
-
 import pytest
 import torch
-from PIL import Image
 
 from megavl.config import DataConfig
 from megavl.data import build_train_loader
-from megavl.data.writer import ShardWriter
+
+from shard_files import write_textured_shards
 
 TOTAL_BATCHES = 16  # per rank: 2.3 epochs of 7 batches (30 samples cut to 28 = 7 x 2 ranks x 2)
-
-
-def png_bytes(i: int) -> bytes:
-    buf = io.BytesIO()
-    # textured, so that a different crop or flip gives different pixels
-    pixels = bytes((i * 7 + j * j * 13) % 256 for j in range(10 * 10 * 3))
-    Image.frombytes("RGB", (10, 10), pixels).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     """Three uneven shards (9 + 14 + 7 = 30 samples); every 7th sample has corrupt image bytes."""
-    out = str(tmp_path_factory.mktemp("resume"))
-    writer = ShardWriter(out, prefix="r-")
-    index = 0
-    for size in (9, 14, 7):
-        writer.start_shard()
-        for _ in range(size):
-            image = b"not an image" if index % 7 == 3 else png_bytes(index)
-            writer.write(f"s{index:04d}", {"png": image, "txt": f"sample {index}".encode()})
-            index += 1
-    writer.close()
-    return os.path.join(out, "r-{000000..000002}.tar")
+    return write_textured_shards(tmp_path_factory.mktemp("resume"), (9, 14, 7), "r-",
+                                 caption=lambda i: f"sample {i}", corrupt=lambda i: i % 7 == 3)
 
 
 def make_cfg(pattern: str, **overrides) -> DataConfig:

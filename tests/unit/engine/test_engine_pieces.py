@@ -132,6 +132,7 @@ def _fake_ckpt(root, step, run_id="run_a", complete=True, saved_at=None):
     (tag / "megavl" / "meta.json").write_text(json.dumps({"step": step, "run_id": run_id}))
     save_file({"buffer/queue_ptr": torch.tensor(step)}, str(tag / "megavl" / "state.safetensors"))
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
+    (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"y" * 20)
     if complete:
         files = {str(p.relative_to(tag)): p.stat().st_size for p in tag.rglob("*") if p.is_file()}
         (tag / checkpoint.MARKER).write_text(json.dumps({"run_id": run_id, "step": step, "files": files,
@@ -154,6 +155,11 @@ def test_newest_complete_tag_is_chosen_and_corrupt_ones_are_skipped(tmp_path):
     state.write_bytes(b"\xff" * state.stat().st_size)  # same size, garbage
     tag, skipped = checkpoint.choose_tag(tmp_path)
     assert tag == checkpoint.tag_for(2) and "corrupt" in skipped[-1]
+    # a rank's DeepSpeed file that lost its tail (a node died while the page cache was flushed)
+    partition = tmp_path / checkpoint.tag_for(2) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    partition.write_bytes(partition.read_bytes()[:7])
+    tag, skipped = checkpoint.choose_tag(tmp_path)
+    assert tag is None and any("zero_pp_rank_1_mp_rank_00_optim_states.pt has 7 bytes" in s for s in skipped)
     assert checkpoint.choose_tag(tmp_path / "empty") == (None, [])
 
 
