@@ -22,7 +22,7 @@ from megavl.data.sources import Source
 from megavl.data.writer import ShardWriter
 from megavl.tools.synth_videos import encode_mp4
 
-from test_data_global_order import png_bytes
+from shard_files import textured_png as png_bytes
 
 GLOBAL_BATCH = 8
 
