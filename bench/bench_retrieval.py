@@ -17,7 +17,12 @@ captions per image (24 tokens), ITM re-ranking of the top-k (k=16) both ways, tw
             the default 1e5): each fusion call gathers the fusion weights, so the loop's one call per
             query pays one gather of them per query; the queries are split over the ranks alike
 
+  memory    per-rank peak resident memory of one evaluation above its start, before (padded all-gather,
+            concatenation, reordering: retrieval_eval_before.py) vs after (row_blocks.py), at 2 and 4
+            ranks, in copies of the gathered tokens
+
 `python bench/bench_retrieval.py [--quick] [--images N]` prints the rows; run_all.py calls `rows`.
+`python bench/bench_retrieval.py --memory [--images N] [--report FILE]` writes the memory table.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from megavl.config import OBJECTIVE_NAMES, load_config
 from megavl.engine.launch import _free_port, init_distributed
 from megavl.tasks import retrieval_eval
 from megavl.tasks.retrieval_eval import retrieval_scores
+from megavl.tasks.row_blocks import RowBlocks
 
 from harness import RECIPES, REPO, Row, sync
 
@@ -122,8 +128,8 @@ def _ceiling_worker(rank: int, world: int, num_images: int, results) -> None:
         sim, img_tok, txt_tok, txt_mask = _gathered_tokens(model, num_images, torch.device("cpu"))
         rows = sim.t()[rank::world]
         start = time.perf_counter()
-        retrieval_eval._rerank(model, rows, False, img_tok, txt_tok, txt_mask, min(K, num_images), MODE, "itm",
-                               PAIR_BATCH)
+        retrieval_eval._rerank(model, rows, False, *_blocks(img_tok, txt_tok, txt_mask), min(K, num_images), MODE,
+                               "itm", PAIR_BATCH)
     results.put((rank, time.perf_counter() - start))
 
 
@@ -142,6 +148,11 @@ def _gathered_tokens(model, num_images: int, device: torch.device):
     _, img_tok, img_emb = retrieval_eval._embed_images(model, img, device, torch.float32)
     _, txt_tok, txt_mask, txt_emb = retrieval_eval._embed_texts(model, txt, device, torch.float32)
     return img_emb @ txt_emb.t(), img_tok, txt_tok, txt_mask
+
+
+def _blocks(img_tok, txt_tok, txt_mask) -> tuple[RowBlocks, RowBlocks]:
+    """The re-rank's inputs: every row already in this process."""
+    return RowBlocks.whole(img_tok), RowBlocks.whole(txt_tok, txt_mask)
 
 
 def _zero3_worker(rank: int, world: int, port: int, num_images: int, reps: int, results) -> None:
@@ -172,8 +183,8 @@ def _zero3_worker(rank: int, world: int, port: int, num_images: int, reps: int, 
                 dist.barrier()
                 start = time.perf_counter()
                 for rows, images_query in ((sim, True), (sim.t(), False)):
-                    retrieval_eval._rerank(model, rows, images_query, img_tok, txt_tok, txt_mask, k, MODE, "itm",
-                                           pair_batch)
+                    retrieval_eval._rerank(model, rows, images_query, *_blocks(img_tok, txt_tok, txt_mask), k,
+                                           MODE, "itm", pair_batch)
                 dist.barrier()
                 times[name].append(time.perf_counter() - start)
     if rank == 0:
@@ -201,8 +212,8 @@ def time_rerank(num_images: int, device: torch.device, reps: int) -> tuple[float
     k = min(K, num_images)  # as retrieval_scores clamps it
 
     def batched():
-        retrieval_eval._rerank(model, sim, True, img_tok, txt_tok, txt_mask, k, MODE, "itm", PAIR_BATCH)
-        retrieval_eval._rerank(model, sim.t(), False, img_tok, txt_tok, txt_mask, k, MODE, "itm", PAIR_BATCH)
+        retrieval_eval._rerank(model, sim, True, *_blocks(img_tok, txt_tok, txt_mask), k, MODE, "itm", PAIR_BATCH)
+        retrieval_eval._rerank(model, sim.t(), False, *_blocks(img_tok, txt_tok, txt_mask), k, MODE, "itm", PAIR_BATCH)
 
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     times: dict[str, list[float]] = {"loop": [], "batched": []}
@@ -247,12 +258,104 @@ def zero3_row(n: int, case: str) -> Row:
                     "the ranks on both sides; one fusion call per query gathers the fusion weights per query")
 
 
+# ------------------------------------------------------------------------- memory: --memory
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+
+
+MEMORY_PAIR_BATCH = 64  # small fused batches: the peak then measures the gathered tokens, not activations
+
+
+def _memory_worker(rank: int, world: int, port: int, num_images: int, before: bool, results) -> None:
+    """One rank's peak resident memory during retrieval_scores above its resident memory before the
+    call (the peak is reset first through /proc/self/clear_refs)."""
+    from retrieval_eval_before import retrieval_scores_before
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = tiny_student()
+    img, txt = synthetic_set(num_images)
+    img, txt = _share(img, rank, world), _share(txt, rank, world)
+    score = retrieval_scores_before if before else retrieval_scores
+    dist.barrier()
+    base = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    score(model, img, txt, device=torch.device("cpu"), dtype=torch.float32, k=1, mode=MODE, rerank="itm",
+          pair_batch=MEMORY_PAIR_BATCH)
+    results.put((rank, _status_mib("VmHWM") - base))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def gathered_mib(num_images: int) -> float:
+    """One copy of every gathered token of the synthetic set: image tokens, text tokens and masks."""
+    cfg = load_config(RECIPES["tiny"], [f"data.max_text_len={TEXT_LEN}"]).model
+    image_tokens = 1 + (cfg.vision.img_size // cfg.vision.patch_size) ** 2
+    texts = num_images * CAPTIONS_PER_IMAGE
+    return (num_images * image_tokens * cfg.vision.width * 4 + texts * TEXT_LEN * (cfg.text.width * 4 + 8)) / 2**20
+
+
+def memory_rows(num_images: int, worlds=(2, 4)) -> list[dict]:
+    """Per-rank peak memory of one retrieval evaluation, before vs after, at each world size."""
+    one_copy = gathered_mib(num_images)
+    out = []
+    for world in worlds:
+        row = {"world": world, "images": num_images, "texts": num_images * CAPTIONS_PER_IMAGE,
+               "one_copy_mib": round(one_copy, 1)}
+        for name, before in (("before", True), ("after", False)):
+            ctx = mp.get_context("spawn")
+            results = ctx.SimpleQueue()
+            mp.start_processes(_memory_worker, args=(world, _free_port(), num_images, before, results),
+                               nprocs=world, join=True, start_method="spawn")
+            peak = max(results.get()[1] for _ in range(world))
+            row[f"{name}_mib"], row[f"{name}_copies"] = round(peak, 1), round(peak / one_copy, 2)
+        out.append(row)
+    return out
+
+
+def memory_report(num_images: int) -> str:
+    from harness import machine_line
+
+    lines = ["# Retrieval evaluation: per-rank peak memory of the gathered tokens, before vs after", "",
+             f"- **Date:** {time.strftime('%Y-%m-%d')}.",
+             f"- **Hardware:** {machine_line(torch.device('cpu'))}; load average {os.getloadavg()[0]:.1f}.",
+             f"- **Command:** `python bench/bench_retrieval.py --memory --images {num_images} "
+             "--report benchmarks/eval_memory_cpu2core_202612.md`", "",
+             f"The tiny recipe's model (fp32) on {num_images} random 64 px images and {CAPTIONS_PER_IMAGE} captions "
+             f"each ({TEXT_LEN} tokens), `retrieval_scores` with ITM re-ranking (k=1, {MEMORY_PAIR_BATCH} pairs "
+             "per fusion call), on W gloo CPU ranks, "
+             "each with its 1/W share. Figure: the largest over the ranks of the peak resident memory "
+             "during the call (VmHWM, reset through /proc/self/clear_refs) minus the resident memory "
+             "before it; `copies` divides it by one copy of every gathered token (image tokens, text "
+             "tokens, masks). Before: padded all-gather into W buffers, concatenation, reordering by "
+             "index (retrieval_eval_before.py). After: each rank's block broadcast into a buffer of its "
+             "size and never concatenated (megavl/tasks/row_blocks.py).", "",
+             "| W | images | texts | one copy (MiB) | before: peak (MiB) | before: copies | after: peak (MiB) "
+             "| after: copies |", "|---|---|---|---|---|---|---|---|"]
+    for r in memory_rows(num_images):
+        lines.append(f"| {r['world']} | {r['images']} | {r['texts']} | {r['one_copy_mib']} | {r['before_mib']} | "
+                     f"{r['before_copies']} | {r['after_mib']} | {r['after_copies']} |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--memory", action="store_true", help="per-rank peak memory, before vs after")
+    parser.add_argument("--report", default="", help="with --memory: write the markdown here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for r in rows(dev, args.quick, args.images):
-        print(r.as_dict())
+    if args.memory:
+        text = memory_report(args.images or 2000)
+        print(text)
+        if args.report:
+            with open(args.report, "w") as f:
+                f.write(text)
+    else:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for r in rows(dev, args.quick, args.images):
+            print(r.as_dict())

@@ -3,7 +3,9 @@
 ALBEF/BLIP's protocol (`evaluation()` in their retrieval scripts), made to scale with the ranks:
 
 1. every rank embeds ITS share of the images and texts (unimodal tokens kept in the compute dtype,
-   ITC embeddings in fp32) and the shares are all-gathered, so every rank holds the whole set;
+   ITC embeddings in fp32) and the shares are gathered, so every rank holds the whole set; the
+   tokens once (row_blocks.py: each rank's block broadcast into a buffer of its size, never
+   concatenated), so a rank's peak is one copy of all tokens;
 2. ITC similarity over all pairs (N_img x N_txt), identical on every rank;
 3. re-ranking: the top-k texts of every image and the top-k images of every text are re-scored by
    the ITM head on fused pairs. The queries are split over the ranks in EQUAL counts (the last
@@ -25,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megavl.models.vlp import VLPModel
+from megavl.tasks.row_blocks import RowBlocks, _rank_world, gather_row_blocks
 
 RERANK_CHOICES = ("none", "itm", "itm+itc")
 MODE_CHOICES = ("single", "two")
@@ -32,12 +35,6 @@ NOT_RERANKED = -100.0  # ALBEF: score_matrix_i2t = torch.full(..., -100.0)
 
 
 # ------------------------------------------------------------------------------ collectives
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Every rank's (n_r, ...) tensor concatenated along dim 0 in rank order (n_r may differ; the
     trailing dims must agree)."""
@@ -116,10 +113,11 @@ def _embed_images(model: VLPModel, batches: Iterable[dict], device, dtype):
 
 
 def _embed_texts(model: VLPModel, batches: Iterable[dict], device, dtype):
-    """-> (index (n,), tokens (n, L, Wt) in dtype, masks (n, L), embeddings (n, E) fp32); each batch
-    is padded to this rank's longest L (the caller pads to the global one)."""
+    """-> (index (n,), tokens (n, L, Wt), masks (n, L), embeddings (n, E) fp32), L the longest text
+    over all ranks. The batches' tokens are copied into one buffer as they are released, so this
+    rank holds at most two copies of its own share."""
     index, tokens, masks, embeds = [], [], [], []
-    width = None
+    width = tok_dtype = None
     it = iter(batches)
     while True:
         batch = _next_nonempty(it)
@@ -132,7 +130,7 @@ def _embed_texts(model: VLPModel, batches: Iterable[dict], device, dtype):
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         tok = model.encode_text(ids, mask)
         emb = model.text_embedding(tok).float()
-        width = tok.shape[-1]
+        width, tok_dtype = tok.shape[-1], tok.dtype
         if batch is None:
             continue
         index.append(torch.as_tensor(batch["index"], dtype=torch.long).to(device))
@@ -141,36 +139,42 @@ def _embed_texts(model: VLPModel, batches: Iterable[dict], device, dtype):
         embeds.append(emb)
     if width is None:
         raise ValueError("retrieval_scores: no rank has any text")
-    length = max([t.shape[1] for t in tokens], default=1)
-    tokens = [torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in tokens]
-    masks = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks]
-    if not tokens:
-        return (torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, 1, width, device=device, dtype=dtype),
-                torch.zeros(0, 1, dtype=torch.long, device=device), torch.zeros(0, model.cfg.embed_dim, device=device))
-    return torch.cat(index), torch.cat(tokens), torch.cat(masks), torch.cat(embeds)
+    length = _max_over_ranks(max([t.shape[1] for t in tokens], default=1), device)
+    rows = sum(len(t) for t in tokens)
+    all_tokens = torch.zeros(rows, length, width, device=device, dtype=tok_dtype)
+    all_masks = torch.zeros(rows, length, dtype=torch.long, device=device)
+    start = 0
+    while tokens:
+        tok, mask = tokens.pop(0), masks.pop(0)
+        all_tokens[start:start + len(tok), :tok.shape[1]] = tok
+        all_masks[start:start + len(tok), :mask.shape[1]] = mask
+        start += len(tok)
+    if not index:
+        return (torch.zeros(0, dtype=torch.long, device=device), all_tokens, all_masks,
+                torch.zeros(0, model.cfg.embed_dim, device=device))
+    return torch.cat(index), all_tokens, all_masks, torch.cat(embeds)
 
 
 def _gather_by_index(index: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """All-gather this rank's rows and order them by ascending global index; an index that more than
-    one rank holds (an image seen on both sides of a share boundary) is kept once."""
-    index = all_gather_rows(index)
-    gathered = [all_gather_rows(t) for t in tensors]
-    unique, inverse = torch.unique(index, return_inverse=True)
-    first = torch.full((len(unique),), len(index), dtype=torch.long, device=index.device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(index), device=index.device), reduce="amin")
-    return (unique, *(g[first] for g in gathered))
+    """Every rank's rows of the (small) `tensors` as whole tensors, by ascending global index; an
+    index that more than one rank holds (an image seen on both sides of a share boundary) is kept once."""
+    unique, rows = gather_row_blocks(index, *tensors)
+    return (unique, *rows.take(torch.arange(len(rows), device=index.device)))
 
 
 # ------------------------------------------------------------------------------- re-ranking
-def _itm_scores(model: VLPModel, img_tok, txt_tok, txt_mask, i_idx, t_idx, mode: str) -> torch.Tensor:
-    """ITM match score (logit of 'match' minus logit of 'no match') of the pairs (i_idx[p], t_idx[p])."""
-    fused = model.fuse(img_tok[i_idx], txt_tok[t_idx], txt_mask[t_idx], mode)
+def _itm_scores(model: VLPModel, images: RowBlocks, texts: RowBlocks, i_idx, t_idx, mode: str) -> torch.Tensor:
+    """ITM match score (logit of 'match' minus logit of 'no match') of the pairs (i_idx[p], t_idx[p]);
+    `images` holds the image tokens, `texts` the text tokens and masks."""
+    (img_tok,) = images.take(i_idx)
+    txt_tok, txt_mask = texts.take(t_idx)
+    fused = model.fuse(img_tok, txt_tok, txt_mask, mode)
     logits = model.itm_head(fused.image_global, fused.text_global).float()
     return logits[:, 1] - logits[:, 0]
 
 
-def _rerank(model: VLPModel, sim_rows: torch.Tensor, queries_are_images: bool, img_tok, txt_tok, txt_mask,
-            k: int, mode: str, rerank: str, pair_batch: int) -> torch.Tensor:
+def _rerank(model: VLPModel, sim_rows: torch.Tensor, queries_are_images: bool, images: RowBlocks,
+            texts: RowBlocks, k: int, mode: str, rerank: str, pair_batch: int) -> torch.Tensor:
     """Scores (Q_total, C) of the queries (rows of sim_rows): each row's top-k re-scored, the rest -100."""
     rank, world = _rank_world()
     num_queries, num_candidates = sim_rows.shape
@@ -185,8 +189,7 @@ def _rerank(model: VLPModel, sim_rows: torch.Tensor, queries_are_images: bool, i
         cand = top_idx[start:start + queries_per_call]
         q_idx = q[:, None].expand_as(cand).reshape(-1)
         i_idx, t_idx = (q_idx, cand.reshape(-1)) if queries_are_images else (cand.reshape(-1), q_idx)
-        scores[start:start + len(q)] = _itm_scores(model, img_tok, txt_tok, txt_mask, i_idx, t_idx,
-                                                   mode).view(len(q), k)
+        scores[start:start + len(q)] = _itm_scores(model, images, texts, i_idx, t_idx, mode).view(len(q), k)
     if rerank == "itm+itc":  # BLIP: score + topk_sim
         scores += top_sim
     scores = all_gather_rows(scores)[:num_queries]
@@ -224,20 +227,20 @@ def retrieval_scores(model: VLPModel, image_batches: Iterable[dict], text_batche
     try:
         img_index, img_tok, img_emb = _embed_images(model, image_batches, device, dtype)
         txt_index, txt_tok, txt_mask, txt_emb = _embed_texts(model, text_batches, device, dtype)
-        length = _max_over_ranks(txt_tok.shape[1], device)
-        txt_tok = torch.nn.functional.pad(txt_tok, (0, 0, 0, length - txt_tok.shape[1]))
-        txt_mask = torch.nn.functional.pad(txt_mask, (0, length - txt_mask.shape[1]))
         if rerank == "none":  # the tokens are not needed: gather the small embeddings only
             _, img_emb = _gather_by_index(img_index, img_emb)
             _, txt_emb = _gather_by_index(txt_index, txt_emb)
             sim = img_emb @ txt_emb.t()
             return sim.cpu(), sim.t().contiguous().cpu()
-        _, img_emb, img_tok = _gather_by_index(img_index, img_emb, img_tok)
-        _, txt_emb, txt_tok, txt_mask = _gather_by_index(txt_index, txt_emb, txt_tok, txt_mask)
+        _, img_emb = _gather_by_index(img_index, img_emb)
+        _, txt_emb = _gather_by_index(txt_index, txt_emb)
+        _, images = gather_row_blocks(img_index, img_tok)
+        _, texts = gather_row_blocks(txt_index, txt_tok, txt_mask)
+        del img_tok, txt_tok, txt_mask  # the blocks hold this rank's rows; no second reference
         sim = img_emb @ txt_emb.t()
         k = min(k, sim.shape[0], sim.shape[1])
-        i2t = _rerank(model, sim, True, img_tok, txt_tok, txt_mask, k, mode, rerank, pair_batch)
-        t2i = _rerank(model, sim.t(), False, img_tok, txt_tok, txt_mask, k, mode, rerank, pair_batch)
+        i2t = _rerank(model, sim, True, images, texts, k, mode, rerank, pair_batch)
+        t2i = _rerank(model, sim.t(), False, images, texts, k, mode, rerank, pair_batch)
         return i2t.cpu(), t2i.cpu()
     finally:
         model.train(was_training)
