@@ -39,7 +39,7 @@ from megavl.config import OBJECTIVE_NAMES, load_config
 from megavl.engine.launch import _free_port, init_distributed
 from megavl.tasks import retrieval_eval
 from megavl.tasks.retrieval_eval import retrieval_scores
-from megavl.tasks.row_blocks import RowBlocks
+from megavl.tasks.row_blocks import RowBlocks, gather_row_blocks
 
 from harness import RECIPES, REPO, Row, sync
 
@@ -48,20 +48,21 @@ FULL_IMAGES, CPU_IMAGES, QUICK_IMAGES = 1000, 200, 12  # the issue's size; CPU d
 # 6 ms of CPU per fused pair here: 1,000 images are ~10 min per side); --quick
 
 
-def tiny_student():
+def tiny_student(image_size: int = 64):
     from megavl.tasks.pretrain import PretrainModule
 
-    cfg = load_config(RECIPES["tiny"], [f"data.max_text_len={TEXT_LEN}", "run.precision=fp32"])
+    cfg = load_config(RECIPES["tiny"], [f"data.max_text_len={TEXT_LEN}", "run.precision=fp32",
+                                        f"model.vision.img_size={image_size}", f"data.image_size={image_size}"])
     torch.manual_seed(0)
     module = PretrainModule(cfg.model, cfg.objectives, {m: list(OBJECTIVE_NAMES) for m in ("single", "two")})
     return module.student.eval()
 
 
-def synthetic_set(num_images: int, batch: int = 64):
+def synthetic_set(num_images: int, batch: int = 64, image_size: int = 64):
     """(image batches, text batches) with dense global indices over the whole set."""
     g = torch.Generator().manual_seed(0)
     num_texts = num_images * CAPTIONS_PER_IMAGE
-    images = torch.randn(num_images, 3, 64, 64, generator=g)
+    images = torch.randn(num_images, 3, image_size, image_size, generator=g)
     ids = torch.randint(1000, 5000, (num_texts, TEXT_LEN), generator=g)
     ids[:, 0] = 101
     mask = (torch.arange(TEXT_LEN)[None] < torch.randint(8, TEXT_LEN + 1, (num_texts,), generator=g)[:, None]).long()
@@ -264,28 +265,47 @@ def _status_mib(key: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
 
 
-MEMORY_PAIR_BATCH = 64  # small fused batches: the peak then measures the gathered tokens, not activations
+MEMORY_BATCH = 16  # small embedding and fused batches: the peak then measures the tokens, not activations
+MEMORY_IMAGE_SIZE = 128  # 257 tokens per image: the tokens outweigh the score matrices, as at COCO-5k
+
+
+@torch.no_grad()
+def _gather_tokens_after(model, img, txt, *, device, dtype):
+    """Embedding and the gathering of the tokens alone, as retrieval_scores does them."""
+    img_index, img_tok, _ = retrieval_eval._embed_images(model, img, device, dtype)
+    txt_index, txt_tok, txt_mask, _ = retrieval_eval._embed_texts(model, txt, device, dtype)
+    return gather_row_blocks(img_index, img_tok), gather_row_blocks(txt_index, txt_tok, txt_mask)
+
+
+def _peak_mib(fn, *args, **kwargs) -> float:
+    """Peak resident memory of fn(*args) above the resident memory before it (VmHWM reset through
+    /proc/self/clear_refs first); what fn returns is dropped before the next measurement."""
+    base = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn(*args, **kwargs)
+    return _status_mib("VmHWM") - base
 
 
 def _memory_worker(rank: int, world: int, port: int, num_images: int, before: bool, results) -> None:
-    """One rank's peak resident memory during retrieval_scores above its resident memory before the
-    call (the peak is reset first through /proc/self/clear_refs)."""
-    from retrieval_eval_before import retrieval_scores_before
+    """One rank's peak memory, (gathering the tokens, the whole retrieval_scores call)."""
+    from retrieval_eval_before import gather_tokens_before, retrieval_scores_before
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = tiny_student()
-    img, txt = synthetic_set(num_images)
+    model = tiny_student(MEMORY_IMAGE_SIZE)
+    img, txt = synthetic_set(num_images, batch=MEMORY_BATCH, image_size=MEMORY_IMAGE_SIZE)
     img, txt = _share(img, rank, world), _share(txt, rank, world)
+    gather = gather_tokens_before if before else _gather_tokens_after
     score = retrieval_scores_before if before else retrieval_scores
+    cpu = torch.device("cpu")
     dist.barrier()
-    base = _status_mib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident size
-    score(model, img, txt, device=torch.device("cpu"), dtype=torch.float32, k=1, mode=MODE, rerank="itm",
-          pair_batch=MEMORY_PAIR_BATCH)
-    results.put((rank, _status_mib("VmHWM") - base))
+    gathered = _peak_mib(gather, model, img, txt, device=cpu, dtype=torch.float32)
+    dist.barrier()
+    whole = _peak_mib(score, model, img, txt, device=cpu, dtype=torch.float32, k=1, mode=MODE, rerank="itm",
+                      pair_batch=MEMORY_BATCH)
+    results.put((rank, gathered, whole))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -293,13 +313,13 @@ def _memory_worker(rank: int, world: int, port: int, num_images: int, before: bo
 def gathered_mib(num_images: int) -> float:
     """One copy of every gathered token of the synthetic set: image tokens, text tokens and masks."""
     cfg = load_config(RECIPES["tiny"], [f"data.max_text_len={TEXT_LEN}"]).model
-    image_tokens = 1 + (cfg.vision.img_size // cfg.vision.patch_size) ** 2
+    image_tokens = 1 + (MEMORY_IMAGE_SIZE // cfg.vision.patch_size) ** 2
     texts = num_images * CAPTIONS_PER_IMAGE
     return (num_images * image_tokens * cfg.vision.width * 4 + texts * TEXT_LEN * (cfg.text.width * 4 + 8)) / 2**20
 
 
 def memory_rows(num_images: int, worlds=(2, 4)) -> list[dict]:
-    """Per-rank peak memory of one retrieval evaluation, before vs after, at each world size."""
+    """Per-rank peak memory of the gathering and of one whole retrieval evaluation, before vs after."""
     one_copy = gathered_mib(num_images)
     out = []
     for world in worlds:
@@ -310,8 +330,10 @@ def memory_rows(num_images: int, worlds=(2, 4)) -> list[dict]:
             results = ctx.SimpleQueue()
             mp.start_processes(_memory_worker, args=(world, _free_port(), num_images, before, results),
                                nprocs=world, join=True, start_method="spawn")
-            peak = max(results.get()[1] for _ in range(world))
-            row[f"{name}_mib"], row[f"{name}_copies"] = round(peak, 1), round(peak / one_copy, 2)
+            peaks = [results.get() for _ in range(world)]
+            for i, phase in ((1, "gather"), (2, "whole")):
+                peak = max(p[i] for p in peaks)
+                row[f"{name}_{phase}_mib"], row[f"{name}_{phase}_copies"] = round(peak), round(peak / one_copy, 2)
         out.append(row)
     return out
 
@@ -322,22 +344,27 @@ def memory_report(num_images: int) -> str:
     lines = ["# Retrieval evaluation: per-rank peak memory of the gathered tokens, before vs after", "",
              f"- **Date:** {time.strftime('%Y-%m-%d')}.",
              f"- **Hardware:** {machine_line(torch.device('cpu'))}; load average {os.getloadavg()[0]:.1f}.",
-             f"- **Command:** `python bench/bench_retrieval.py --memory --images {num_images} "
-             "--report benchmarks/eval_memory_cpu2core_202612.md`", "",
-             f"The tiny recipe's model (fp32) on {num_images} random 64 px images and {CAPTIONS_PER_IMAGE} captions "
-             f"each ({TEXT_LEN} tokens), `retrieval_scores` with ITM re-ranking (k=1, {MEMORY_PAIR_BATCH} pairs "
-             "per fusion call), on W gloo CPU ranks, "
-             "each with its 1/W share. Figure: the largest over the ranks of the peak resident memory "
-             "during the call (VmHWM, reset through /proc/self/clear_refs) minus the resident memory "
-             "before it; `copies` divides it by one copy of every gathered token (image tokens, text "
-             "tokens, masks). Before: padded all-gather into W buffers, concatenation, reordering by "
-             "index (retrieval_eval_before.py). After: each rank's block broadcast into a buffer of its "
-             "size and never concatenated (megavl/tasks/row_blocks.py).", "",
-             "| W | images | texts | one copy (MiB) | before: peak (MiB) | before: copies | after: peak (MiB) "
-             "| after: copies |", "|---|---|---|---|---|---|---|---|"]
+             f"- **Command:** `cd bench && python bench_retrieval.py --memory --images {num_images} "
+             "--report ../benchmarks/eval_memory_cpu2core_202612.md`", "",
+             f"The tiny recipe's towers (fp32) at {MEMORY_IMAGE_SIZE} px ({1 + (MEMORY_IMAGE_SIZE // 8) ** 2} tokens "
+             f"per image), {num_images} random images and {CAPTIONS_PER_IMAGE} captions each ({TEXT_LEN} tokens), "
+             f"embedded {MEMORY_BATCH} per batch, "
+             "on W gloo CPU ranks, each with its 1/W share. Each figure is the largest over the ranks of the peak "
+             "resident memory (VmHWM, reset through /proc/self/clear_refs) minus the resident memory before, "
+             "in MiB and in copies of every gathered token (image tokens, text tokens, masks):", "",
+             "- **gather**: embedding this rank's share and gathering every rank's tokens to it;",
+             f"- **whole call**: `retrieval_scores` with ITM re-ranking (k=1, {MEMORY_BATCH} pairs per fusion "
+             "call): the gathering, the ITC similarity and the two score matrices (N_img x N_txt each; on a GPU "
+             "the first moves to host memory before the second is made), the re-rank's activations.", "",
+             "Before: a padded all-gather into W buffers, a concatenation and a reordering by index "
+             "(`bench/retrieval_eval_before.py`). After: each rank's block broadcast into a buffer of its size, "
+             "never concatenated (`megavl/tasks/row_blocks.py`).", "",
+             "| W | images | texts | one copy (MiB) | gather, before | gather, after | whole call, before "
+             "| whole call, after |", "|---|---|---|---|---|---|---|---|"]
     for r in memory_rows(num_images):
-        lines.append(f"| {r['world']} | {r['images']} | {r['texts']} | {r['one_copy_mib']} | {r['before_mib']} | "
-                     f"{r['before_copies']} | {r['after_mib']} | {r['after_copies']} |")
+        cells = [f"{r[f'{side}_{phase}_mib']} MiB = {r[f'{side}_{phase}_copies']}x"
+                 for phase in ("gather", "whole") for side in ("before", "after")]
+        lines.append(f"| {r['world']} | {r['images']} | {r['texts']} | {r['one_copy_mib']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -350,7 +377,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.memory:
-        text = memory_report(args.images or 2000)
+        text = memory_report(args.images or 1000)
         print(text)
         if args.report:
             with open(args.report, "w") as f:

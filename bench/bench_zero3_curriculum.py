@@ -8,7 +8,8 @@ This measures what that costs: two real ZeRO-3 engines on 2 gloo ranks (tiny rec
 alternating [single 1, two 1], the other in phases [single P, two P]; per-step wall time on rank 0
 (after a barrier, so both ranks are counted), and the number of trace invalidations (counted by
 wrapping the coordinator's `_invalidate_trace`). Steady state of the phased schedule: the steps of
-each phase after its first two (one records the trace, the next uses it).
+each phase after its first two (one records the trace, the next uses it). A third arm alternates
+every step with a trace per fusion mode (megavl/engine/zero3_traces.py, what the trainer does).
 
     python bench/bench_zero3_curriculum.py [--steps 16] [--phase 8]
 """
@@ -26,6 +27,7 @@ import torch.multiprocessing as mp
 from megavl.config import load_config
 from megavl.engine.launch import _free_port, init_distributed
 from megavl.engine.step import build_engine, clear_zero3_grad_partitions, step_generator
+from megavl.engine.zero3_traces import TracePerKind
 
 from harness import DS_CONFIGS, RECIPES, Row, synthetic_batch
 
@@ -61,13 +63,16 @@ def _worker(rank: int, world: int, port: int, steps: int, phase: int, results) -
     torch.manual_seed(0)
     engine, _, stage = build_engine(cfg, str(DS_CONFIGS[3]), world, info.device)
     batch = synthetic_batch(cfg, PER_RANK_BATCH, cfg.data.max_text_len, info.device, seed=rank)
-    out = {name: {"modes": [], "times": [], "invalidations": 0} for name in ("alternating", "phases")}
-    # A B B A: a neighbour's load on the shared machine, or a slow first run, hits both alike.
-    for name in ("alternating", "phases", "phases", "alternating"):
-        modes = _schedule(steps, 1 if name == "alternating" else phase)
+    traces = TracePerKind(engine)
+    arms = ("alternating", "per_mode", "phases")
+    out = {name: {"modes": [], "times": [], "invalidations": 0} for name in arms}
+    # A B C C B A: a neighbour's load on the shared machine, or a slow first run, hits all alike.
+    for name in arms + arms[::-1]:
+        modes = _schedule(steps, phase if name == "phases" else 1)
         before = counter[0]
         times = []
         for step, mode in enumerate(modes):
+            traces.use(mode if name == "per_mode" else "shared")
             dist.barrier()
             start = time.perf_counter()
             total, _ = engine(batch, mode, step_generator(0, step, 0, info.device))
@@ -108,6 +113,7 @@ def measure(steps: int = 16, phase: int = 8) -> dict:
                        start_method="spawn")
     out = results.get()
     out["alternating"]["steady"] = steady(out["alternating"], 1)
+    out["per_mode"]["steady"] = steady(out["per_mode"], 1)
     out["phases"]["steady"] = steady(out["phases"], phase)
     return out
 
@@ -116,14 +122,18 @@ def rows(device: torch.device, quick: bool, steps: int | None = None, phase: int
     del device  # always 2 CPU ranks on gloo
     steps, phase = steps or (6 if quick else 16), phase or (3 if quick else 8)
     r = measure(steps, phase)
-    alt, ph = r["alternating"], r["phases"]
-    note = (f"ZeRO-3, 2 gloo ranks, tiny, batch {PER_RANK_BATCH}/rank, fp32; 2 runs of {steps} steps each (A B B A); trace invalidations: "
-            f"alternating {alt['invalidations']}, phases of {phase} {ph['invalidations']}")
-    out = [Row("ZeRO-3 curriculum", f"{mode}-stream step, steady state", "s/step", alt["steady"][mode],
-               ph["steady"][mode], f"phases of {phase}", "", note=note) for mode in ("single", "two")]
-    out.append(Row("ZeRO-3 curriculum", "mean step over the schedule", "s/step", _mean_after_warmup(alt["times"], steps),
-                   _mean_after_warmup(ph["times"], steps), f"phases of {phase}", "",
-                   note="all steps but the first 2 of each of the 2 runs per schedule"))
+    alt, per, ph = r["alternating"], r["per_mode"], r["phases"]
+    note = (f"ZeRO-3, 2 gloo ranks, tiny, batch {PER_RANK_BATCH}/rank, fp32; 2 runs of {steps} steps each "
+            f"(A B C C B A); trace invalidations: one shared trace {alt['invalidations']}, a trace per mode "
+            f"{per['invalidations']}, phases of {phase} {ph['invalidations']}")
+    out = []
+    for name, arm, goal in (("alternating, one shared trace", alt, ""), ("alternating, a trace per mode", per,
+                                                                          "<= 1.05x")):
+        out += [Row("ZeRO-3 curriculum", f"{name}: {mode}-stream step, steady state", "s/step", arm["steady"][mode],
+                    ph["steady"][mode], f"phases of {phase}", goal, note=note) for mode in ("single", "two")]
+        out.append(Row("ZeRO-3 curriculum", f"{name}: mean step over the schedule", "s/step",
+                       _mean_after_warmup(arm["times"], steps), _mean_after_warmup(ph["times"], steps),
+                       f"phases of {phase}", goal, note="all steps but the first 2 of each of the 2 runs per schedule"))
     return out
 
 

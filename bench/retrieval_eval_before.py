@@ -53,6 +53,17 @@ def _gather_by_index_before(index, *tensors):
 
 
 @torch.no_grad()
+def gather_tokens_before(model, image_batches, text_batches, *, device, dtype):
+    """Embedding and the gathering of the tokens alone, as retrieval_scores_before does them."""
+    img_index, img_tok, _ = _embed_images(model, image_batches, device, dtype)
+    txt_index, txt_tok, txt_mask, _ = _embed_texts_before(model, text_batches, device, dtype)
+    length = _max_over_ranks(txt_tok.shape[1], device)
+    txt_tok = torch.nn.functional.pad(txt_tok, (0, 0, 0, length - txt_tok.shape[1]))
+    txt_mask = torch.nn.functional.pad(txt_mask, (0, length - txt_mask.shape[1]))
+    return _gather_by_index_before(img_index, img_tok), _gather_by_index_before(txt_index, txt_tok, txt_mask)
+
+
+@torch.no_grad()
 def retrieval_scores_before(model, image_batches, text_batches, *, device, dtype, k: int, mode: str,
                             rerank: str = "itm", pair_batch: int = 512):
     """retrieval_scores with the earlier gathering (rerank "itm" or "itm+itc")."""

@@ -15,6 +15,8 @@ these were tested with; a new DeepSpeed means re-running the tests and updating 
     ZeRO-3 optimizer._get_fp32_opt_state_partition, reshard._set_zero3_partition (padded partitions on
       _swappable_optimizer_subgroup, _optimizer_states_and_gradient_swap_out   resume to another world)
     deepspeed.comm.torch.build_shm_op             launch._skip_shm_op_build (no CPU op JIT under gloo)
+    ZeRO-3 parameter_offload.param_coordinator    zero3_traces.TracePerKind (one prefetch trace per kind
+      and the coordinator's stored settings         of step)
 """
 from __future__ import annotations
 
@@ -65,6 +67,12 @@ def missing_engine_hooks(engine, zero_stage: int) -> list[str]:
         if absent:
             missing.append(f"ZeRO-3 parameter attributes {absent} (the EMA teacher and the checkpoint read "
                            "each rank's shard through them)")
+        from .zero3_traces import required_attributes
+
+        absent = required_attributes(engine)
+        if absent:
+            missing.append(f"ZeRO-3 coordinator attributes {absent} (zero3_traces.TracePerKind builds one "
+                           "prefetch coordinator per kind of step with the engine's settings)")
     if zero_stage in (1, 2):
         param = next((p for p in engine.module.parameters() if p.requires_grad), None)
         if param is not None and not hasattr(param, "_hp_mapping"):

@@ -41,6 +41,7 @@ from .step import (clear_zero3_grad_partitions, deepspeed_engine, mean_over_rank
                    sum_skips, to_device, zero_fill_unused_grads)
 from .stop import StopFlag
 from .task_init import config_for_weights, read_init
+from .zero3_traces import TracePerKind
 
 log = logging.getLogger("megavl")
 
@@ -87,6 +88,7 @@ class Trainer:
         self.engine, self.scheduler, self.zero_stage = deepspeed_engine(
             self.task.module, self.task.params, cfg, ds_config_path, self.dist.world_size, self.device)
         self.module = self.engine.module
+        self.traces = TracePerKind(self.engine)
         self.loader = self.task.train_loader
         self.step = 0
         self.best: dict = {}
@@ -206,6 +208,7 @@ class Trainer:
     # -------------------------------------------------------------------------------- eval
     def evaluate(self, split: str, when: str = "during") -> dict:
         """The task's metrics on `split`, logged (a collective); when: start | during | end."""
+        self.traces.use("eval")
         metrics = self.task.evaluate(split)
         if self.task.report is not None:
             scalars, line = self.task.report(split, metrics, when)
@@ -252,6 +255,7 @@ class Trainer:
         while self.step < run.max_steps:
             plan = task.before_step(self.step) if task.before_step else StepPlan()
             losses_sum: dict[str, torch.Tensor] = {}
+            self.traces.use(plan.trace_kind)
             timer.start_step()
             for micro in range(run.grad_accum):
                 host_batch = timer.next_batch(batches)

@@ -401,7 +401,7 @@ def build(cfg: Config, env: TaskEnv) -> Task:
         return StepPlan(forward_args={"mode": mode}, progress={"mode": MODE_IDS[mode]},
                         every_step_scalars={"curriculum/mode": MODE_IDS[mode],
                                             "data/modality": MODALITY_IDS[modality]},
-                        info={"mode": mode, "modality": modality})
+                        info={"mode": mode, "modality": modality}, trace_kind=f"{mode}/{modality}")
 
     def after_step(step: int) -> dict:
         momentum = teacher_momentum(step, run.max_steps, cfg.objectives.teacher.momentum,

@@ -239,8 +239,8 @@ def retrieval_scores(model: VLPModel, image_batches: Iterable[dict], text_batche
         del img_tok, txt_tok, txt_mask  # the blocks hold this rank's rows; no second reference
         sim = img_emb @ txt_emb.t()
         k = min(k, sim.shape[0], sim.shape[1])
-        i2t = _rerank(model, sim, True, images, texts, k, mode, rerank, pair_batch)
+        i2t = _rerank(model, sim, True, images, texts, k, mode, rerank, pair_batch).cpu()  # off the device now
         t2i = _rerank(model, sim.t(), False, images, texts, k, mode, rerank, pair_batch)
-        return i2t.cpu(), t2i.cpu()
+        return i2t, t2i.cpu()
     finally:
         model.train(was_training)

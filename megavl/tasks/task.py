@@ -93,6 +93,9 @@ class StepPlan:
     log_scalars: dict[str, float] = field(default_factory=dict)  # logged at log steps
     progress: dict[str, float] = field(default_factory=dict)     # beside the loss on the progress bar
     info: dict[str, Any] = field(default_factory=dict)            # for the task's own later hooks
+    # steps that run the modules in the same order share a kind: each kind keeps its own ZeRO-3
+    # prefetch trace (engine/zero3_traces.py)
+    trace_kind: str = "train"
 
 
 @dataclass

@@ -23,6 +23,7 @@ from megavl.tasks.curriculum import mode_at
 from megavl.engine.launch import init_distributed
 from megavl.engine.step import (build_engine, clear_zero3_grad_partitions, step_generator,
                                    zero_fill_unused_grads)
+from megavl.engine.zero3_traces import TracePerKind
 from megavl.objectives.teacher import teacher_momentum
 
 GLOBAL_BATCH, TEXT_LEN, STEPS, ACCUM = 8, 16, 6, 2
@@ -71,6 +72,21 @@ def _queue_state(module) -> dict:
     return {"ptr": int(module.queue_ptr), "ids": module.queue_image_ids.tolist(), "features_sha": digest}
 
 
+def _count_trace_invalidations() -> list[int]:
+    """A counter of ZeRO-3's prefetch trace invalidations (a step whose module order differs from
+    the trace its coordinator recorded)."""
+    from deepspeed.runtime.zero import partitioned_param_coordinator as ppc
+
+    counter, original = [0], ppc.PartitionedParameterCoordinator._invalidate_trace
+
+    def counted(self):
+        counter[0] += 1
+        return original(self)
+
+    ppc.PartitionedParameterCoordinator._invalidate_trace = counted
+    return counter
+
+
 def run_stage(stage: int, info, out_dir: Path) -> dict:
     world = info.world_size
     cfg = load_config("configs/tiny.yaml", [f"data.batch_size={GLOBAL_BATCH // world}", *OVERRIDES])
@@ -80,8 +96,10 @@ def run_stage(stage: int, info, out_dir: Path) -> dict:
     module = engine.module
     rows = slice(info.rank * GLOBAL_BATCH // world, (info.rank + 1) * GLOBAL_BATCH // world)
     out = {"losses": [], "temperature_used": [], "temperature_master": [], "queue": [], "modes": []}
+    traces, invalidations = TracePerKind(engine), _count_trace_invalidations()
     for step in range(STEPS):
         mode = mode_at(step, 0, cfg.curriculum)
+        traces.use(mode)  # as the Trainer does
         sums: dict[str, torch.Tensor] = {}
         for micro in range(ACCUM):  # the Trainer's loop
             batch = {k: v[rows] for k, v in global_batch(step, micro).items()}
@@ -106,6 +124,7 @@ def run_stage(stage: int, info, out_dir: Path) -> dict:
         out["temperature_master"].append(_fp32_master(module.temp, zero))
         out["queue"].append(_queue_state(module))
         out["modes"].append(mode)
+    out["trace_invalidations"] = invalidations[0]
 
     # Save, then load into a fresh engine: the queue (features, ids, pointer) comes back as it was.
     ckpt = out_dir / f"ckpt_stage{stage}"

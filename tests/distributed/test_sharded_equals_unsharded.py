@@ -53,6 +53,16 @@ def test_sharded_losses_equal_unsharded(runs, stage):
         assert y == pytest.approx(x, abs=1e-7), (stage, step)
 
 
+def test_zero3_alternating_curriculum_keeps_a_prefetch_trace_per_mode(runs):
+    """Single- and two-stream steps alternate, each replays its own trace: no step throws a trace away
+    (one shared coordinator invalidates it at every switch of mode)."""
+    if 3 not in SHARDED:
+        pytest.skip("ZeRO-3 is not among the sharded stages run")
+    for r in runs[3]:
+        switches = sum(a != b for a, b in zip(r["modes"], r["modes"][1:]))
+        assert switches >= 3 and r["trace_invalidations"] == 0
+
+
 @pytest.mark.parametrize("stage", (0, *SHARDED))
 def test_temperature_clamp_binds_in_every_stage(runs, stage):
     """Master and working copy stay in range; without clamping the master, ZeRO-1/2/3 leave the range
