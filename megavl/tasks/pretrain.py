@@ -374,7 +374,8 @@ def pretrain_params(module: PretrainModule) -> TrainedParameters:
     return TrainedParameters(
         named=[(n, p) for n, p in module.student_parameters() if p.requires_grad],
         no_decay={f"student.{n}" for n in student.no_weight_decay()} | {"temp"},
-        fast=tuple(f"student.{p}" for p in student.fusion_and_head_prefixes()) + ("temp",))
+        fast=tuple(f"student.{p}" for p in student.fusion_and_head_prefixes()) + ("temp",),
+        layers={f"student.{n}": where for n, where in student.lr_layers().items()})
 
 
 def load_weights(module: PretrainModule, state: dict, source_cfg: ModelConfig, source_name: str) -> None:
