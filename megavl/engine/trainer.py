@@ -35,8 +35,8 @@ from . import checkpoint, lineage, reshard, trust
 from .best import export_best
 from .ds_config import resolve_precision
 from .launch import DistInfo, init_distributed
-from .metrics import Monitor, StepTimer, mfu, peak_flops, peak_memory_gb
 from .layer_decay import regrouped_since
+from .metrics import Monitor, StepTimer, mfu, peak_flops, peak_memory_gb
 from .optim import predates_temporal_group
 from .step import (clear_zero3_grad_partitions, deepspeed_engine, mean_over_ranks, share_cpu_threads, step_generator,
                    sum_skips, to_device, zero_fill_unused_grads)
