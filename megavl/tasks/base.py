@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 # Fields allowed to differ between the pre-trained and the fine-tuning model: the input size
 # (position and temporal tables are resampled), regularisation and how the same weights compute.
-_FREE_FIELDS = {"vision.img_size", "vision.num_frames", "vision.drop_path", "text.dropout",
-                "text.attn_dropout", "attention", "grad_checkpointing"}
+_FREE_FIELDS = {"vision.img_size", "vision.num_frames", "vision.drop_path", "vision.patch_dropout",
+                "text.dropout", "text.attn_dropout", "attention", "grad_checkpointing"}
 # Where a tower's first weights came from: provenance, not architecture. The architecture read
 # from those files is in the other fields; the files may have moved or never be read again.
 _PROVENANCE_FIELDS = {"vision.init", "vision.init_format", "text.hf_path"}

@@ -10,6 +10,7 @@ import torch
 from megavl.config import load_config
 from megavl.models.vlp import VLPModel
 from megavl.objectives.masking import num_kept
+from megavl.tasks.base import architecture_mismatch
 from megavl.tasks.pretrain import PretrainModule
 
 B, L, VOCAB = 3, 8, 200
@@ -62,8 +63,13 @@ def test_eval_and_the_plain_model_encode_every_patch():
     assert vision_token_counts(m) == [1 + n]
     assert m._patch_dropout_keep(B, torch.device("cpu"), None, 1) is None
     # fine-tuning and evaluation call the model's passes, which take keep_ids only when told
-    model = VLPModel(load_config("configs/tiny.yaml", ["model.vision.patch_dropout=0.5"]).model).train()
+    pretrained = load_config("configs/tiny.yaml", ["model.vision.patch_dropout=0.5"]).model
+    model = VLPModel(pretrained).train()
     assert model.encode_image(batch()["images"]).shape[1] == 1 + n
+    # a fine-tuning recipe without patch dropout starts from those weights; another layout does not
+    assert architecture_mismatch(pretrained, load_config("configs/tiny.yaml").model) == []
+    assert architecture_mismatch(pretrained, load_config("configs/tiny.yaml", ["model.layout=albef"]).model) == [
+        "layout: 'stacked' -> 'albef'"]
 
 
 def test_gradient_flows_through_the_kept_patches():
