@@ -14,6 +14,9 @@ mode they are skipped and get no gradient. One cross-attention module per layer 
 directions, as in LXMERT's shared cross-attention (UNVERIFIED that SemVLP does the same: no public
 code); a learned modality-type embedding added at the input lets the shared weights tell image tokens
 from text tokens in every sublayer.
+
+`FusionStack` holds the two modes for any stack of such layers: `SemVLPFusion` (fresh pre-norm
+layers, this file) and `BertFusion` (a BERT's own upper layers, the ALBEF layout: fusion_bert.py).
 """
 from __future__ import annotations
 
