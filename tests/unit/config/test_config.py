@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megavl.config import Config, ConfigError, load_config, split_overrides
 
@@ -36,6 +37,10 @@ def test_large_and_albef_recipes_are_the_models_they_name():
     assert vitg.model.grad_checkpointing and vitg.run.precision == "bf16" and v.patch_dropout == 0.5
     albef = load_config(RECIPES / "pretrain_4m_albef.yaml").model
     assert (albef.layout, albef.text_tower_depth(), albef.fusion.depth) == ("albef", 6, 6)
+    for name in ("pretrain_4m_albef", "pretrain_14m_vitl", "pretrain_14m_vitg"):  # local pretrained files
+        raw = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())["model"]
+        assert "init" in raw["vision"] and "hf_path" in raw["text"], name
+    assert (vitl.model.vision.init_format, vitg.model.vision.init_format) == ("timm", "openclip")
 
 
 def test_overrides_several_per_set_and_repeated():
