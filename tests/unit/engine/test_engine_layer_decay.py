@@ -26,7 +26,8 @@ def expected_scale(name: str, vision_depth: int, text_depth: int, dv: float, dt:
     """The assigner from its formula, on the parameter names of VLPModel (stacked layout)."""
     if name.startswith("student.vision."):
         rest, decay, depth = name[len("student.vision."):], dv, vision_depth
-        layer = int(rest.split(".")[1]) + 1 if rest.startswith("blocks.") else depth + 1 if rest.startswith("norm.") else 0
+        layer = (int(rest.split(".")[1]) + 1 if rest.startswith("blocks.")
+                 else depth + 1 if rest.startswith("norm.") else 0)
     elif name.startswith("student.text."):
         rest, decay, depth = name[len("student.text."):], dt, text_depth
         layer = int(rest.split(".")[1]) + 1 if rest.startswith("layers.") else 0
