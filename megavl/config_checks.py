@@ -80,6 +80,10 @@ def validate(cfg: Config) -> Config:
     _check(cfg.optim.schedule in ("cosine", "linear"), "optim.schedule", "cosine|linear", cfg.optim.schedule)
     _check(len(cfg.optim.betas) == 2, "optim.betas", "two values", cfg.optim.betas)
     _check(0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "a value in [0, 1]", cfg.optim.min_lr_ratio)
+    _check(0.0 < cfg.optim.layer_decay <= 1.0, "optim.layer_decay", "a value in (0, 1] (1 = off)",
+           cfg.optim.layer_decay)
+    _check(cfg.optim.text_layer_decay == -1.0 or 0.0 < cfg.optim.text_layer_decay <= 1.0, "optim.text_layer_decay",
+           "-1 (= optim.layer_decay) or a value in (0, 1]", cfg.optim.text_layer_decay)
     for mult in ("fusion_lr_mult", "temporal_lr_mult"):
         _check(getattr(cfg.optim, mult) > 0, f"optim.{mult}", "> 0", getattr(cfg.optim, mult))
     _check(r.precision in ("auto", "bf16", "fp32"), "run.precision", "auto|bf16|fp32", r.precision)
@@ -101,6 +105,7 @@ def validate(cfg: Config) -> Config:
 VISION_INIT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 VISION_INIT_FORMATS = ("timm", "openclip")
 VISION_ACTS = ("gelu", "quick_gelu")
+MODEL_LAYOUTS = ("stacked", "albef")
 
 
 def _validate_tower_choices(m: ModelConfig) -> None:
@@ -115,6 +120,25 @@ def _validate_tower_choices(m: ModelConfig) -> None:
     _check(0.0 <= t.attn_dropout < 1.0, "model.text.attn_dropout", "a probability in [0, 1)", t.attn_dropout)
     _check(0 <= t.pad_token_id < t.vocab_size, "model.text.pad_token_id",
            f"a token id below model.text.vocab_size={t.vocab_size}", t.pad_token_id)
+    _check(0.0 <= v.patch_dropout < 1.0, "model.vision.patch_dropout",
+           "a fraction of patches in [0, 1) (0 = off)", v.patch_dropout)
+    _check(m.layout in MODEL_LAYOUTS, "model.layout", "|".join(MODEL_LAYOUTS), m.layout)
+    if m.layout == "albef":
+        _validate_albef_layout(m)
+
+
+def _validate_albef_layout(m: ModelConfig) -> None:
+    """The fusion layers ARE the BERT's upper layers: same width, heads and feed-forward."""
+    f, t = m.fusion, m.text
+    _check(1 <= f.depth < t.depth, "model.fusion.depth",
+           f"1 .. model.text.depth - 1 = {t.depth - 1} with model.layout=albef (the text tower keeps the "
+           f"layers below the fusion)", f.depth)
+    _check(f.width == t.width, "model.fusion.width", f"model.text.width={t.width} with model.layout=albef",
+           f.width)
+    _check(f.heads == t.heads, "model.fusion.heads", f"model.text.heads={t.heads} with model.layout=albef",
+           f.heads)
+    _check(int(f.width * f.mlp_ratio) == t.intermediate, "model.fusion.mlp_ratio",
+           f"model.text.intermediate / width = {t.intermediate / t.width:g} with model.layout=albef", f.mlp_ratio)
 
 
 def _validate_task(cfg: Config) -> None:

@@ -32,6 +32,10 @@ class VisionConfig:
     # the file (a resumed or task.init_from run does not): it is provenance, not architecture.
     init: str = ""
     init_format: str = "timm"    # timm | openclip
+    # FLIP patch dropout: the fraction of patches the unimodal (ITC/ITM) pass of a pre-training step
+    # drops, the [CLS] always kept (OpenCLIP's and EVA-CLIP's `patch_dropout`: 0.5 keeps half).
+    # Masked-image passes keep their own masks; evaluation and fine-tuning encode every patch. 0 = off.
+    patch_dropout: float = 0.0
 
 
 @dataclass
@@ -85,6 +89,14 @@ class ModelConfig:
     num_prototypes: int = 8192    # SemMIM shared encoding space K (iBOT: 8192; UNVERIFIED for SemMIM)
     attention: str = "auto"       # auto | flash | sdpa | math
     grad_checkpointing: bool = False
+    # stacked: a fresh fusion stack on top of the whole text tower. albef: one BERT split in two
+    # (ALBEF): the text tower runs its first text.depth - fusion.depth layers, the fusion stack is its
+    # last fusion.depth layers with a fresh cross-attention each, the MLM head is BERT's own.
+    layout: str = "stacked"
+
+    def text_tower_depth(self) -> int:
+        """The layers the unimodal text pass runs: all of the BERT's, or those below the fusion (albef)."""
+        return self.text.depth - self.fusion.depth if self.layout == "albef" else self.text.depth
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -218,6 +230,10 @@ class OptimConfig:
     min_lr_ratio: float = 0.0     # the schedule decays to lr x this (ALBEF: 1e-5 / 1e-4 = 0.1)
     fusion_lr_mult: float = 1.0   # SCL: x5 for fusion and heads
     temporal_lr_mult: float = 10.0  # the vision temporal embedding (zero at start; engine/optim.py)
+    # Layer-wise lr decay (BEiT, EVA): a tower's layer i (1-based; 0 = embeddings) trains at
+    # lr x decay^(depth + 1 - i); fusion and heads at lr. 1 = off. text_layer_decay -1 = layer_decay.
+    layer_decay: float = 1.0      # the vision tower (and the text tower unless text_layer_decay is set)
+    text_layer_decay: float = -1.0
     grad_clip: float = 1.0
 
 

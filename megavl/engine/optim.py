@@ -19,6 +19,8 @@ import torch
 from megavl.config import OptimConfig
 from megavl.tasks.task import TrainedParameters
 
+from .layer_decay import layer_scales
+
 
 TEMPORAL_EMBED = "vision.temporal_embed"  # its name under the VLP model
 
@@ -37,17 +39,19 @@ def predates_temporal_group(saved_schedule: dict, model: torch.nn.Module) -> boo
 
 def param_groups(trained: TrainedParameters, cfg: OptimConfig) -> list[dict]:
     """AdamW groups over a task's trained parameters (see the module docstring); each group keeps its
-    parameters' names (checkpoints and resharding pair them by name)."""
-    groups: dict[tuple[bool, bool, bool], dict] = {}
+    parameters' names (checkpoints and resharding pair them by name). With optim.layer_decay < 1 each
+    tower layer's parameters form groups of their own, at the layer's scale (engine/layer_decay.py)."""
+    scales = layer_scales(trained, cfg)
+    groups: dict[tuple[bool, bool, bool, float], dict] = {}
     for name, p in trained.named:
         if not p.requires_grad:
             continue
         key = (name in trained.no_decay or p.ndim <= 1, name.startswith(trained.fast),
-               name == f"student.{TEMPORAL_EMBED}")
+               name == f"student.{TEMPORAL_EMBED}", scales.get(name, 1.0))
         group = groups.setdefault(key, {
             "params": [], "names": [],
             "weight_decay": 0.0 if key[0] else cfg.weight_decay,
-            "lr": group_lr(cfg, *key[1:]),
+            "lr": group_lr(cfg, key[1], key[2]) * key[3],
         })
         group["params"].append(p)
         group["names"].append(name)

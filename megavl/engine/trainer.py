@@ -35,6 +35,7 @@ from . import checkpoint, lineage, reshard, trust
 from .best import export_best
 from .ds_config import resolve_precision
 from .launch import DistInfo, init_distributed
+from .layer_decay import regrouped_since
 from .metrics import Monitor, StepTimer, mfu, peak_flops, peak_memory_gb
 from .optim import predates_temporal_group
 from .step import (clear_zero3_grad_partitions, deepspeed_engine, mean_over_ranks, share_cpu_threads, step_generator,
@@ -138,7 +139,11 @@ class Trainer:
         tag_dir, meta = Path(choice["tag_dir"]), choice["meta"]
         old_world, old_stage = meta["world_size"], meta["zero_stage"]
         named = self.task.params.named
-        if predates_temporal_group(meta.get("schedule", {}), self.module.student):
+        if regrouped_since(meta.get("schedule", {}), self.cfg.optim):
+            log.warning("%s was saved with other layer decays (optim.layer_decay / text_layer_decay): its "
+                        "optimizer groups differ, loading it by name", tag_dir.name)
+            reshard.load(self.engine, named, tag_dir, self.dist.rank, self.zero_stage)
+        elif predates_temporal_group(meta.get("schedule", {}), self.module.student):
             # DeepSpeed pairs optimizer groups by position, which this split would misalign
             log.warning("%s predates the temporal embedding's own optimizer group: loading it by name; the "
                         "table trains at optim.temporal_lr_mult=%s from here", tag_dir.name, self.cfg.optim.temporal_lr_mult)
@@ -177,6 +182,7 @@ class Trainer:
         o = self.cfg.optim
         return {"lr": o.lr, "warmup_steps": o.warmup_steps, "schedule": o.schedule, "min_lr_ratio": o.min_lr_ratio,
                 "fusion_lr_mult": o.fusion_lr_mult, "temporal_lr_mult": o.temporal_lr_mult,
+                "layer_decay": o.layer_decay, "text_layer_decay": o.text_layer_decay,
                 "weight_decay": o.weight_decay, "max_steps": self.cfg.run.max_steps}
 
     def _apply_schedule(self, saved: dict) -> None:

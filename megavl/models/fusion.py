@@ -14,6 +14,9 @@ mode they are skipped and get no gradient. One cross-attention module per layer 
 directions, as in LXMERT's shared cross-attention (UNVERIFIED that SemVLP does the same: no public
 code); a learned modality-type embedding added at the input lets the shared weights tell image tokens
 from text tokens in every sublayer.
+
+`FusionStack` holds the two modes for any stack of such layers: `SemVLPFusion` (fresh pre-norm
+layers, this file) and `BertFusion` (a BERT's own upper layers, the ALBEF layout: fusion_bert.py).
 """
 from __future__ import annotations
 
@@ -127,37 +130,19 @@ def _mean_over_valid_text(probs_BTI: torch.Tensor, text_mask_BT: torch.Tensor) -
     return total_BI / weights_BT.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
-class SemVLPFusion(nn.Module):
-    """The SemVLP fusion stack: input projections + modality embedding, shared layers, final norm."""
+class FusionStack(nn.Module):
+    """What every fusion stack shares: the modes, the input checks and checkpointing.
 
-    def __init__(self, width: int = 768, depth: int = 6, heads: int = 12, mlp_ratio: float = 4.0,
-                 vision_width: int = 768, text_width: int = 768, cross_attention: bool = True,
-                 attn_backend: str = "auto", layer_norm_eps: float = 1e-6) -> None:
-        super().__init__()
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
-        self.width, self.vision_width, self.text_width = width, vision_width, text_width
-        self.cross_attention = cross_attention
-        self.grad_checkpointing = False
-        self.image_proj = nn.Linear(vision_width, width) if vision_width != width else nn.Identity()
-        self.text_proj = nn.Linear(text_width, width) if text_width != width else nn.Identity()
-        self.modality_embed = nn.Parameter(torch.zeros(2, width))  # rows IMAGE, TEXT
-        self.layers = nn.ModuleList(
-            SemVLPLayer(width, heads, mlp_ratio, cross_attention, attn_backend, layer_norm_eps)
-            for _ in range(depth))
-        self.norm = nn.LayerNorm(width, eps=layer_norm_eps)
-        self.apply(self._init_weights)
-        nn.init.trunc_normal_(self.modality_embed, std=0.02)
+    A subclass sets `image_proj`, `text_proj` (vision/text width -> W), `modality_embed` (2, W),
+    `layers` (each with `forward_single` and `forward_two` as SemVLPLayer's) and the final `norm`,
+    plus the widths and `cross_attention` flag the checks read.
+    """
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    width: int
+    vision_width: int
+    text_width: int
+    cross_attention: bool
+    grad_checkpointing: bool
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each layer in backward (torch.utils.checkpoint) to save activation memory."""
@@ -232,3 +217,36 @@ class SemVLPFusion(nn.Module):
         image_BIW, text_BTW = self.norm(image_BIW), self.norm(text_BTW)
         return FusionOutput(image_states=image_BIW, text_states=text_BTW, image_global=image_BIW[:, 0],
                             text_global=text_BTW[:, 0], text_to_image_attn=relevance_BI)
+
+
+class SemVLPFusion(FusionStack):
+    """The SemVLP fusion stack: input projections + modality embedding, shared pre-norm layers, final norm."""
+
+    def __init__(self, width: int = 768, depth: int = 6, heads: int = 12, mlp_ratio: float = 4.0,
+                 vision_width: int = 768, text_width: int = 768, cross_attention: bool = True,
+                 attn_backend: str = "auto", layer_norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.width, self.vision_width, self.text_width = width, vision_width, text_width
+        self.cross_attention = cross_attention
+        self.grad_checkpointing = False
+        self.image_proj = nn.Linear(vision_width, width) if vision_width != width else nn.Identity()
+        self.text_proj = nn.Linear(text_width, width) if text_width != width else nn.Identity()
+        self.modality_embed = nn.Parameter(torch.zeros(2, width))  # rows IMAGE, TEXT
+        self.layers = nn.ModuleList(
+            SemVLPLayer(width, heads, mlp_ratio, cross_attention, attn_backend, layer_norm_eps)
+            for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=layer_norm_eps)
+        self.apply(self._init_weights)
+        nn.init.trunc_normal_(self.modality_embed, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)

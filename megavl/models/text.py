@@ -34,6 +34,12 @@ _HF_EMBED_NAMES = {
     "embeddings.token_type_embeddings": "token_type_embeddings",
     "embeddings.LayerNorm": "embed_norm",
 }
+# BertForMaskedLM's prediction head (cls.predictions.*) -> MLMHead names (models/heads.py); its decoder
+# weight is the word embeddings (tied) and its bias is cls.predictions.bias.
+_HF_MLM_HEAD_NAMES = {
+    "cls.predictions.transform.dense": "dense",
+    "cls.predictions.transform.LayerNorm": "norm",
+}
 # Hugging Face state that forward never reads: buffers of default ids and the [CLS] pooler.
 _HF_IGNORED_PREFIXES = ("embeddings.position_ids", "embeddings.token_type_ids", "pooler.")
 
@@ -213,3 +219,43 @@ def _hf_bert(model_or_path: nn.Module | str | os.PathLike) -> nn.Module:
         return inner
     raise TypeError(f"expected a transformers BertModel, a model with a .bert BertModel, or a directory; "
                     f"got {type(model_or_path).__name__}")
+
+
+def read_hf_masked_lm(path: str | os.PathLike) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(BertConfig, BertModel state dict, MLM head state in MLMHead names) of a local Hugging Face
+    BERT checkpoint that holds a masked-LM head (BertForMaskedLM, BertForPreTraining: bert-base-uncased
+    does). A checkpoint without `cls.predictions` is a ValueError naming the directory."""
+    from transformers import BertForMaskedLM
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a local checkpoint directory")
+    model, info = BertForMaskedLM.from_pretrained(path, local_files_only=True, output_loading_info=True)
+    absent = [k for k in info["missing_keys"]
+              if k.startswith("cls.predictions.transform.") or k == "cls.predictions.bias"]
+    if absent:
+        raise ValueError(f"{path} holds no masked-LM head ({', '.join(sorted(absent)[:3])} missing): save "
+                         f"a BertForMaskedLM or BertForPreTraining checkpoint (bert-base-uncased has one)")
+    state = model.state_dict()
+    bert = {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")}
+    head = {"decoder.bias": state["cls.predictions.bias"]}
+    for name, tensor in state.items():
+        module, _, leaf = name.rpartition(".")
+        if module in _HF_MLM_HEAD_NAMES:
+            head[f"{_HF_MLM_HEAD_NAMES[module]}.{leaf}"] = tensor
+    return model.config, bert, head
+
+
+def split_layers(state: dict[str, torch.Tensor], first: int
+                 ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """A TextEncoder state dict split at layer `first`: (embeddings + layers 0..first-1, one state per
+    layer from `first` on, in TextLayer names, bottom first)."""
+    lower: dict[str, torch.Tensor] = {}
+    upper: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        if name.startswith("layers."):
+            _, index, rest = name.split(".", 2)
+            if int(index) >= first:
+                upper.setdefault(int(index) - first, {})[rest] = tensor
+                continue
+        lower[name] = tensor
+    return lower, [upper[i] for i in sorted(upper)]

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 # Fields allowed to differ between the pre-trained and the fine-tuning model: the input size
 # (position and temporal tables are resampled), regularisation and how the same weights compute.
-_FREE_FIELDS = {"vision.img_size", "vision.num_frames", "vision.drop_path", "text.dropout",
-                "text.attn_dropout", "attention", "grad_checkpointing"}
+_FREE_FIELDS = {"vision.img_size", "vision.num_frames", "vision.drop_path", "vision.patch_dropout",
+                "text.dropout", "text.attn_dropout", "attention", "grad_checkpointing"}
 # Where a tower's first weights came from: provenance, not architecture. The architecture read
 # from those files is in the other fields; the files may have moved or never be read again.
 _PROVENANCE_FIELDS = {"vision.init", "vision.init_format", "text.hf_path"}
@@ -162,10 +162,12 @@ FINETUNE_FAST = ("head.", "temp", "student.fusion.", "student.itm_head.", "stude
 
 def finetune_params(module: torch.nn.Module) -> TrainedParameters:
     """A fine-tuning module's trained parameters (everything but a frozen teacher): no decay for
-    the student's biases/norms/embeddings and the temperature; fusion and heads at fusion_lr_mult."""
+    the student's biases/norms/embeddings and the temperature; fusion and heads at fusion_lr_mult;
+    the towers' layers for optim.layer_decay."""
     named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
     no_decay = {f"student.{n}" for n in module.student.no_weight_decay()} | {"temp"}
-    return TrainedParameters(named, no_decay, FINETUNE_FAST)
+    layers = {f"student.{n}": where for n, where in module.student.lr_layers().items()}
+    return TrainedParameters(named, no_decay, FINETUNE_FAST, layers)
 
 
 def student_loader(module: torch.nn.Module) -> Callable[[dict, ModelConfig, str], None]:

@@ -5,7 +5,9 @@ updated on partitions by `teacher.ema_update_`) and the objectives' own state (I
 queues, SemMIM centers). Its forward runs each pass at most once per step:
 
     teacher pass      intact image + text        -> SemMIM targets, text-to-patch relevance, ITC momentum
-    unimodal pass     intact image, intact text  -> ITC
+    unimodal pass     intact image, intact text  -> ITC (with model.vision.patch_dropout > 0 and the
+                      module training: a random subset of patches, FLIP; it also feeds the ITM pairs
+                      and the masked-text pass)
     fused pass        [pos ; hard-neg pairs]     -> ITM (and SCL targets with `scl.targets: intact`)
     masked image      kept patches + text        -> MIM-pixel, MIM-semantic, SCL-vision query, SCL-text target
     masked text       intact image + MLM text    -> MLM, SCL-text query, SCL-vision target
@@ -94,6 +96,7 @@ class PretrainModule(nn.Module):
                  objectives_by_mode: dict[str, list[str]]) -> None:
         super().__init__()
         self.cfg = obj_cfg
+        self.patch_dropout = model_cfg.vision.patch_dropout
         self.student = VLPModel(model_cfg)
         self.teacher = make_teacher(self.student)
         self.teacher.eval()
@@ -171,7 +174,7 @@ class PretrainModule(nn.Module):
             scl_spec = self._make_mask(images.shape[0], images.device, None, generator,
                                        cfg.scl.image_mask_ratio, False, frames)
 
-        img = s.encode_image(images)
+        img = s.encode_image(images, self._patch_dropout_keep(images.shape[0], images.device, generator, frames))
         txt = s.encode_text(ids, text_mask)
         img_emb, txt_emb = s.image_embedding(img), s.text_embedding(txt)
         clamp_temperature_(self.temp, cfg.itc.temp_min, cfg.itc.temp_max)
@@ -257,6 +260,15 @@ class PretrainModule(nn.Module):
             return text_guided_masking(teacher_out["relevance"], ratio, m.guided_randomness, noise=noise,
                                        num_frames=num_frames)
         return random_masking(batch_size, n, ratio, device, noise=noise)
+
+    def _patch_dropout_keep(self, batch_size: int, device, generator, num_frames: int) -> torch.Tensor | None:
+        """keep_ids (B, K) of the unimodal pass under FLIP patch dropout (K = N(1 - patch_dropout),
+        random per sample, the same in every frame), or None: every patch, as in evaluation
+        (module.eval()) and fine-tuning. Drawn after the masked-image passes' masks, so those
+        stay the masks a run without patch dropout draws."""
+        if not self.training or self.patch_dropout == 0.0:
+            return None
+        return self._make_mask(batch_size, device, None, generator, self.patch_dropout, False, num_frames).keep_ids
 
     def _itc(self, img_emb, txt_emb, teacher_out, image_ids) -> torch.Tensor:
         cfg = self.cfg.itc
@@ -362,7 +374,8 @@ def pretrain_params(module: PretrainModule) -> TrainedParameters:
     return TrainedParameters(
         named=[(n, p) for n, p in module.student_parameters() if p.requires_grad],
         no_decay={f"student.{n}" for n in student.no_weight_decay()} | {"temp"},
-        fast=tuple(f"student.{p}" for p in student.fusion_and_head_prefixes()) + ("temp",))
+        fast=tuple(f"student.{p}" for p in student.fusion_and_head_prefixes()) + ("temp",),
+        layers={f"student.{n}": where for n, where in student.lr_layers().items()})
 
 
 def load_weights(module: PretrainModule, state: dict, source_cfg: ModelConfig, source_name: str) -> None:

@@ -106,16 +106,19 @@ def _vision_pass(model: ModelConfig, batch: int, num_frames: int, kept: int | No
 
 
 def _text_tower(model: ModelConfig, batch: int, text_len: int) -> int:
-    """BERT layers (models/text.py): q, k, v, out, attention, intermediate, output."""
+    """BERT layers (models/text.py): q, k, v, out, attention, intermediate, output; the ALBEF
+    layout's text tower runs only the layers below the fusion."""
     t, w = batch * text_len, model.text.width
     layer = (4 * _gemm(t, w, w) + _attention(batch, text_len, text_len, w)
              + _gemm(t, w, model.text.intermediate) + _gemm(t, model.text.intermediate, w))
-    return model.text.depth * layer
+    return model.text_tower_depth() * layer
 
 
 def _fusion(model: ModelConfig, batch: int, n_image: int, text_len: int, mode: str, grad: str
             ) -> tuple[int, int]:
-    """(forward, backward) of one SemVLPFusion call on (B, n_image) image and (B, L) text tokens.
+    """(forward, backward) of one fusion call on (B, n_image) image and (B, L) text tokens. The ALBEF
+    layout's stack (BERT's upper layers, models/fusion_bert.py) has the same GEMMs: its width, heads
+    and feed-forward are the text tower's, which config_checks makes model.fusion's.
 
     grad: which outputs feed a loss: "none" | "image" | "text" | "both". In two mode the last layer's
     cross-attention and feed-forward of an unused modality are unreachable from the loss, so autograd
@@ -214,6 +217,8 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
     e, w, wt = model_cfg.embed_dim, model_cfg.fusion.width, model_cfg.text.width
     n = (v.img_size // v.patch_size) ** 2
     k = num_kept(n, o.masking.image_mask_ratio)
+    # the unimodal image pass under FLIP patch dropout (a training step): u patches per frame
+    u = num_kept(n, v.patch_dropout) if v.patch_dropout > 0 else n
     gathered, frame_rows = world_size * B, B * T
     on = set(active)
     scl_own_image = "scl" in on and o.scl.image_mask_ratio > 0   # SCL's own masked passes
@@ -233,10 +238,11 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
         if "mim_sem" in on:
             t.train("teacher", _prototype_head(model_cfg, B * (1 + T * n)), trains=False)
 
-    # Unimodal passes. The full image feeds ITC, the ITM pairs and the masked-text fusion; the text
-    # feeds ITC, the ITM pairs and the masked-image fusion. The conv's backward is its weight grad only.
+    # Unimodal passes. The image (u of n patches) feeds ITC, the ITM pairs and the masked-text fusion;
+    # the text feeds ITC, the ITM pairs and the masked-image fusion. The conv (over all n patches:
+    # the gather follows it) has only its weight gradient in backward.
     image_trains = bool(on & {"itc", "itm", "mlm", "scl"})
-    conv, blocks = _vision_pass(model_cfg, B, T)
+    conv, blocks = _vision_pass(model_cfg, B, T, u)
     t.add("image", conv + blocks, (conv + 2 * blocks) * image_trains)
     t.train("text", _text_tower(model_cfg, B, L), trains=bool(on & {"itc", "itm"}) or masked_image or scl_own_image)
     # Embeddings are always computed (ITM's hard negatives read them too); they train only under ITC.
@@ -252,10 +258,10 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
     if "itm" in on:
         if o.itm.hard_negatives:
             t.add("itm", _gemm(B, e, B), 0)                                # detached ITC similarities
-        t.add("itm", *_fusion(model_cfg, 3 * B, 1 + T * n, L, mode, "both"))
+        t.add("itm", *_fusion(model_cfg, 3 * B, 1 + T * u, L, mode, "both"))
         t.train("itm", _gemm(3 * B, 2 * w, w) + _gemm(3 * B, w, 2))
     elif "scl" in on and o.scl.targets == "intact":  # "cross" takes its targets from the masked passes
-        t.add("scl", _fusion(model_cfg, B, 1 + T * n, L, mode, "none")[0], 0)
+        t.add("scl", _fusion(model_cfg, B, 1 + T * u, L, mode, "none")[0], 0)
 
     # Masked image: kept patches (the same K positions in every frame) + intact text; only its image
     # side feeds a loss. The decoder and the MIM heads run per frame, on B*T rows.
@@ -280,12 +286,12 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
     # Masked text: intact image + MLM text; only its text side feeds a loss.
     if "mlm" in on or ("scl" in on and not scl_own_text):
         t.train("masked_text", _text_tower(model_cfg, B, L))
-        t.add("masked_text", *_fusion(model_cfg, B, 1 + T * n, L, mode, "text"))
+        t.add("masked_text", *_fusion(model_cfg, B, 1 + T * u, L, mode, "text"))
         if "mlm" in on:
             t.train("mlm", _gemm(num_mlm_tokens, w, wt) + _gemm(num_mlm_tokens, wt, model_cfg.text.vocab_size))
     if scl_own_text:  # SCL's [MASK]-only text: one more text pass and text-side fusion
         t.train("scl", _text_tower(model_cfg, B, L))
-        t.add("scl", *_fusion(model_cfg, B, 1 + T * n, L, mode, "text"))
+        t.add("scl", *_fusion(model_cfg, B, 1 + T * u, L, mode, "text"))
 
     if "scl" in on:  # two InfoNCE terms against detached targets: grad w.r.t. the query side only
         t.add("scl", 2 * _gemm(gathered, w, gathered), 2 * _gemm(gathered, gathered, w))

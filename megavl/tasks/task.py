@@ -82,6 +82,9 @@ class TrainedParameters:
     named: list[tuple[str, torch.nn.Parameter]]
     no_decay: set[str]          # names without weight decay, beside every parameter of ndim <= 1
     fast: tuple[str, ...]       # name prefixes trained at optim.fusion_lr_mult (fusion and heads)
+    # name -> (tower, layer id, layers in the tower) for optim.layer_decay (VLPModel.lr_layers);
+    # names not in it train above every layer (scale 1)
+    layers: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
 
 @dataclass

@@ -2,13 +2,15 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megavl.config import Config, ConfigError, load_config, split_overrides
 
 RECIPES = Path(__file__).resolve().parents[3] / "configs"
 
 
-@pytest.mark.parametrize("name", ["tiny", "pretrain_4m", "pretrain_14m"])
+@pytest.mark.parametrize("name", ["tiny", "pretrain_4m", "pretrain_14m", "pretrain_4m_albef", "pretrain_14m_vitl",
+                                  "pretrain_14m_vitg"])
 def test_recipes_load(name):
     cfg = load_config(RECIPES / f"{name}.yaml")
     assert isinstance(cfg, Config)
@@ -22,6 +24,23 @@ def test_base_recipes_are_vit_b16_and_bert_base():
         assert (cfg.model.text.width, cfg.model.text.depth, cfg.model.text.intermediate) == (768, 12, 3072)
     assert len(load_config(RECIPES / "pretrain_14m.yaml").data.train_shards) == 5
     assert len(load_config(RECIPES / "pretrain_4m.yaml").data.train_shards) == 4
+
+
+def test_large_and_albef_recipes_are_the_models_they_name():
+    vitl, vitg = load_config(RECIPES / "pretrain_14m_vitl.yaml"), load_config(RECIPES / "pretrain_14m_vitg.yaml")
+    v = vitl.model.vision
+    assert (v.patch_size, v.width, v.depth, v.heads, vitl.model.text.width, vitl.model.text.depth) == (16, 1024, 24, 16,
+                                                                                                      768, 12)
+    v, t = vitg.model.vision, vitg.model.text
+    assert (v.patch_size, v.width, v.depth, v.heads, int(v.width * v.mlp_ratio)) == (14, 1408, 40, 16, 6144)
+    assert (t.width, t.depth, t.heads, t.intermediate) == (1024, 24, 16, 4096)  # BERT-large
+    assert vitg.model.grad_checkpointing and vitg.run.precision == "bf16" and v.patch_dropout == 0.5
+    albef = load_config(RECIPES / "pretrain_4m_albef.yaml").model
+    assert (albef.layout, albef.text_tower_depth(), albef.fusion.depth) == ("albef", 6, 6)
+    for name in ("pretrain_4m_albef", "pretrain_14m_vitl", "pretrain_14m_vitg"):  # local pretrained files
+        raw = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())["model"]
+        assert "init" in raw["vision"] and "hf_path" in raw["text"], name
+    assert (vitl.model.vision.init_format, vitg.model.vision.init_format) == ("timm", "openclip")
 
 
 def test_overrides_several_per_set_and_repeated():

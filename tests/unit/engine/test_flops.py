@@ -86,6 +86,12 @@ CASES = {
                                              "objectives.itm.hard_negatives=false"],
                                      ["itc", "itm", "mim_sem"], "single"),
     "wide-two-itm-mimpixel-mlm": (WIDE, ["itm", "mim_pixel", "mlm"], "two"),
+    # ALBEF layout (text tower = BERT's lower layer, fusion = its upper one + cross-attention) and FLIP
+    # patch dropout on the unimodal pass (fewer image tokens in ITC, the ITM pairs and masked text).
+    "tiny-two-all-albef-patch-dropout": (["model.attention=math model.layout=albef",
+                                          "model.vision.patch_dropout=0.5"], ALL, "two"),
+    "tiny-single-all-albef-patch-dropout": (["model.attention=math model.layout=albef",
+                                             "model.vision.patch_dropout=0.3"], ALL, "single"),
 }
 
 
