@@ -30,8 +30,9 @@ def reference_itm(module, img, txt, img_emb, txt_emb, batch, generator):
     with torch.no_grad():
         sim = (gather_features(img_emb.detach(), with_grad=False)
                @ gather_features(txt_emb.detach(), with_grad=False).t()) / module.temp.detach()
-        neg_txt = sample_hard_negatives(sim, idx_all, idx_all, generator=generator)
-        neg_img = sample_hard_negatives(sim.t(), idx_all, idx_all, generator=generator)
+        draws = torch.rand(2, world * B, generator=generator)  # one uniform per global row, as itm_pairs
+        neg_txt = sample_hard_negatives(sim, idx_all, idx_all, uniform=draws[0])
+        neg_img = sample_hard_negatives(sim.t(), idx_all, idx_all, uniform=draws[1])
     mine = slice(rank * B, (rank + 1) * B)
     neg_txt, neg_img = neg_txt[mine], neg_img[mine]
     img_all, txt_all = gather_features(img), gather_features(txt)
