@@ -3,7 +3,8 @@
 Shapes: B rows (the anchors: images for image->text sampling, texts for text->image), C candidate
 columns (possibly gathered across ranks, so C >= B). Paper: ALBEF (Li et al., NeurIPS 2021) draws one
 hard negative per anchor with torch.multinomial over softmaxed ITC similarities; SCL (Ji et al.,
-CVPR 2023) uses random negatives.
+CVPR 2023) uses random negatives. We draw from the same distributions by inverting each row's
+cumulative weights at one uniform per row, so that a row's draw does not depend on which rank holds it.
 
 "Same image" is decided by image ids, not by the diagonal: datasets such as COCO have five captions
 per image, and a caption of the same image is a positive, not a negative.
@@ -25,9 +26,9 @@ def _valid_columns(image_ids_rows: torch.Tensor, image_ids_cols: torch.Tensor) -
     if image_ids_rows.dim() != 1 or image_ids_cols.dim() != 1:
         raise ValueError(f"image ids must be 1-D; got {tuple(image_ids_rows.shape)} and {tuple(image_ids_cols.shape)}")
     valid = image_ids_rows[:, None] != image_ids_cols[None, :]
-    # A row without any negative would otherwise make multinomial fail with an opaque message (or,
-    # with tiny smoothing weights, return a positive). On CUDA a device-side assert, so the step does
-    # not wait on the device; on CPU a clear error naming the rows.
+    # A row without any negative would otherwise draw from an all-zero row (a column of no weight, or
+    # with tiny smoothing weights a positive). On CUDA a device-side assert, so the step does not wait
+    # on the device; on CPU a clear error naming the rows.
     stranded = ~valid.any(dim=1)
     if valid.is_cuda:
         torch._assert_async(~stranded.any(), "a row has no candidate with a different image id, so no ITM "
