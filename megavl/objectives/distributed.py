@@ -121,8 +121,8 @@ ROW_SPLITS = ("fixed", "exact")
 
 
 class RowPlan:
-    """Who sends which rows to whom, so that every rank gets `x_global[wanted[rank]]` while moving
-    only the rows that ranks picked (not every rank's whole tensor).
+    """Who sends which rows to whom, so that every rank gets `x_global[wanted[rank]]` without an
+    all-gather of every rank's whole tensor (and an all-reduce of its gradient).
 
     wanted_WR (W, R) long, on the tensors' device: row ids into the rank-ordered concatenation of
     all ranks' (B, ...) tensors, row r of it the ids rank r wants. Every rank passes the SAME wanted
@@ -152,7 +152,7 @@ class RowPlan:
         if wanted_WR.dim() != 2 or wanted_WR.shape[0] != world:
             raise ValueError(f"wanted must be (W={world}, R); got {tuple(wanted_WR.shape)}")
         wanted = wanted_WR.detach().long()
-        if wanted.numel() and not wanted.is_meta:  # a device-side assert: it does not read the ids on the host
+        if wanted.numel():  # a device-side assert: it does not read the ids on the host
             torch._assert_async(((wanted >= 0) & (wanted < world * batch)).all(),
                                 f"wanted row ids must lie in [0, {world * batch})")
         self.rank, self.world, self.batch, self.rows, self.splits = rank, world, batch, wanted.shape[1], splits

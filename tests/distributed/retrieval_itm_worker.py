@@ -95,7 +95,8 @@ def main(out_dir: Path) -> None:
            "expected_image_received": remote["img"] * row_bytes["img"],
            "expected_text_received": remote["txt"] * row_bytes["txt"],
            "remote_negatives": remote["img"] + remote["txt"], "row_bytes": row_bytes,
-           "gathered_row_bytes": 8 + 2 * cfg.model.embed_dim * 8}  # int64 id + two float64 embeddings
+           # int64 image id + two float64 embeddings + the row's two picked negative ids (int64)
+           "gathered_row_bytes": 8 + 2 * cfg.model.embed_dim * 8 + 2 * 8}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 
