@@ -1,5 +1,6 @@
 """ITM negatives: bytes a rank sends + receives per step to get its negatives' tokens, RowPlan's
-exchange of the picked rows vs a dense all-gather with gradients, at world 2 and 4.
+exchange of the picked rows (exact splits: one host copy of the ids; fixed splits: none) vs a dense
+all-gather with gradients, at world 2 and 4.
 
 Real gloo ranks (torch.multiprocessing), the 4M recipe's per-rank ITM shapes: B=8 rows of image
 tokens (257 x 768) and text tokens (30 x 768) in bf16 plus the int64 text mask; hard negatives drawn
@@ -42,7 +43,7 @@ def _worker(rank: int, world: int, port: int, results) -> None:
     neg_txt = sample_hard_negatives(sim, ids_all, ids_all, generator=gen).view(world, B)
     neg_img = sample_hard_negatives(sim.t(), ids_all, ids_all, generator=gen).view(world, B)
     out = {}
-    for side in ("dense", "exchange"):
+    for side in ("dense", "exact", "fixed"):
         x_img, x_txt = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
         traffic.reset()
         if side == "dense":
@@ -52,7 +53,7 @@ def _worker(rank: int, world: int, port: int, results) -> None:
             rows_mask = gather_features(mask, with_grad=False)[neg_txt[rank]]
             del mine
         else:
-            img_plan, txt_plan = RowPlan(neg_img, B), RowPlan(neg_txt, B)
+            img_plan, txt_plan = RowPlan(neg_img, B, side), RowPlan(neg_txt, B, side)
             rows_img, rows_txt = img_plan.gather(x_img), txt_plan.gather(x_txt)
             rows_mask = txt_plan.gather(mask)
         (rows_img.float().sum() + rows_txt.float().sum() + rows_mask.sum() * 0).backward()
@@ -67,7 +68,7 @@ def measure(world: int) -> dict[str, int]:
     results = ctx.SimpleQueue()
     mp.start_processes(_worker, args=(world, _free_port(), results), nprocs=world, join=True, start_method="spawn")
     per_rank = [results.get()[1] for _ in range(world)]
-    return {side: max(r[side] for r in per_rank) for side in ("dense", "exchange")}
+    return {side: max(r[side] for r in per_rank) for side in ("dense", "exact", "fixed")}
 
 
 def row_bytes() -> tuple[int, int]:
@@ -81,16 +82,19 @@ def rows(device: torch.device, quick: bool) -> list[Row]:
     out = []
     for world in (2, 4):
         m = measure(world)
-        out.append(Row("ITM negatives", f"world {world}, B={B}/rank, 257x768 + 30x768 bf16", "MB sent+received per rank",
-                       m["exchange"] / 1e6, m["dense"] / 1e6, "dense all-gather + all-reduce", "",
-                       note="counted in the collectives, fwd + bwd, largest rank"))
+        for side, what in (("exact", "exact splits (host copy)"), ("fixed", "fixed splits (no host copy)")):
+            out.append(Row("ITM negatives", f"world {world}, B={B}/rank, 257x768 + 30x768 bf16, {what}",
+                           "MB sent+received per rank", m[side] / 1e6, m["dense"] / 1e6,
+                           "dense all-gather + all-reduce", "", note="counted in the collectives, fwd + bwd, largest rank"))
     w = 64
-    exchange = 4 * B * (w - 1) / w * (image + text)  # fwd rows in + out, bwd gradients in + out
+    exact = 4 * B * (w - 1) / w * (image + text)  # fwd rows in + out, bwd gradients in + out
+    fixed = 4 * B * (w - 1) * (image + text)  # a slot of B rows to and from every other rank, fwd and bwd
     dense = 6 * (w - 1) * B * (image + text)  # ring all-gather 2(W-1)B rows, all-reduce 4(W-1)B rows
-    out.append(Row("ITM negatives", f"world {w} (formula), B={B}/rank", "MB sent+received per rank", exchange / 1e6,
-                   dense / 1e6, "dense all-gather + all-reduce", "",
-                   note=f"exchange ~4B(W-1)/W rows <= 4B rows (uniform picks; a row wanted by many ranks "
-                        f"is sent to each), dense 6(W-1)B rows; row = {image} B image, {text} B text+mask"))
+    for value, what, how in ((exact, "exact splits", "~4B(W-1)/W rows <= 4B (uniform picks)"),
+                             (fixed, "fixed splits", "4B(W-1) rows")):
+        out.append(Row("ITM negatives", f"world {w} (formula), B={B}/rank, {what}", "MB sent+received per rank",
+                       value / 1e6, dense / 1e6, "dense all-gather + all-reduce", "",
+                       note=f"{how}, dense 6(W-1)B rows; row = {image} B image, {text} B text+mask"))
     return out
 
 

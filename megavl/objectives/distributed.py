@@ -70,6 +70,15 @@ def gather_features(x: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def local_rows(batch: int) -> slice:
+    """This rank's rows of a tensor of `batch` rows per rank gathered by `gather_features` (all of
+    them when not distributed): the rows a contrastive loss computes on this rank (`itc_loss(rows=)`)."""
+    if not is_distributed():
+        return slice(0, batch)
+    rank = dist.get_rank()
+    return slice(rank * batch, (rank + 1) * batch)
+
+
 @torch.no_grad()
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Element-wise mean of `x` over ranks, detached (`x.detach()` when not distributed)."""
@@ -108,29 +117,59 @@ def _row_bytes(x: torch.Tensor) -> int:
     return (x.numel() // max(1, x.shape[0])) * x.element_size()
 
 
+ROW_SPLITS = ("fixed", "exact")
+
+
 class RowPlan:
-    """Who sends which rows to whom, so that every rank gets `x_global[wanted[rank]]` while moving
-    only the rows it picked (not every rank's whole tensor).
+    """Who sends which rows to whom, so that every rank gets `x_global[wanted[rank]]` without an
+    all-gather of every rank's whole tensor (and an all-reduce of its gradient).
 
-    wanted_WR (W, R) long: row ids into the rank-ordered concatenation of all ranks' (B, ...) tensors,
-    row r of it the ids rank r wants. Every rank passes the SAME wanted (the ITM negatives are drawn
-    alike on every rank), so no index exchange is needed; the plan is built on the host (one small
-    device-to-host copy of the W*R ids). A row wanted twice by one rank is sent once.
+    wanted_WR (W, R) long, on the tensors' device: row ids into the rank-ordered concatenation of
+    all ranks' (B, ...) tensors, row r of it the ids rank r wants. Every rank passes the SAME wanted
+    (ITM all-gathers each rank's draws), so no index exchange is needed. The exchange is one
+    all_to_all_single forward and one backward (each row's gradient goes back to its owner, which
+    sums every rank's gradient for a row, as the dense gather's backward does).
 
-    Per rank and step, for one (B, ...) tensor: received <= R rows (the wanted rows that live on other
-    ranks; R (W-1)/W on average for uniform picks) and, in backward, the same rows' gradients sent back;
-    sent = the rows others want from this rank (R (W-1)/W on average). Independent of W for fixed R,
-    where all_gather + all_reduce of the dense tensor moves about 3 (W-1) B rows.
+    splits="fixed" (no device-to-host copy): every rank sends every rank one slot of R rows, row k
+    of the slot for rank d being x[wanted[d, k]] when this rank owns that row and a filler row
+    otherwise; rank d keeps row k of the slot from the owner of wanted[d, k]. The sizes are R whatever
+    the picks, so the plan is index arithmetic on the device and the host can queue the rest of the
+    step while the device draws the ids. Per rank, for one (B, ...) tensor: (W-1) R rows sent and
+    received forward, the same backward, buffers of W R rows.
+    splits="exact": the plan is built on the host (one device-to-host copy of the W*R ids, which
+    waits for the device to have drawn them) and moves only the picked remote rows, a row wanted
+    twice by one rank once: about R (W-1)/W rows each way forward and backward (uniform picks),
+    independent of W for fixed R. The dense gather moves about 3 (W-1) B rows and holds W B.
+    rank/world default to this process group's.
     """
 
-    def __init__(self, wanted_WR: torch.Tensor, batch: int) -> None:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        wanted = wanted_WR.detach().to("cpu", torch.long)
-        if wanted.dim() != 2 or wanted.shape[0] != world:
-            raise ValueError(f"wanted must be (W={world}, R); got {tuple(wanted.shape)}")
-        if wanted.numel() and (int(wanted.min()) < 0 or int(wanted.max()) >= world * batch):
-            raise IndexError(f"wanted row ids must lie in [0, {world * batch})")
-        self.rank, self.world, self.batch = rank, world, batch
+    def __init__(self, wanted_WR: torch.Tensor, batch: int, splits: str = "fixed", rank: int | None = None,
+                 world: int | None = None) -> None:
+        if splits not in ROW_SPLITS:
+            raise ValueError(f"splits must be one of {ROW_SPLITS}; got {splits!r}")
+        rank = dist.get_rank() if rank is None else rank
+        world = dist.get_world_size() if world is None else world
+        if wanted_WR.dim() != 2 or wanted_WR.shape[0] != world:
+            raise ValueError(f"wanted must be (W={world}, R); got {tuple(wanted_WR.shape)}")
+        wanted = wanted_WR.detach().long()
+        if wanted.numel():  # a device-side assert: it does not read the ids on the host
+            torch._assert_async(((wanted >= 0) & (wanted < world * batch)).all(),
+                                f"wanted row ids must lie in [0, {world * batch})")
+        self.rank, self.world, self.batch, self.rows, self.splits = rank, world, batch, wanted.shape[1], splits
+        if splits == "fixed":
+            owner = torch.div(wanted, batch, rounding_mode="floor")
+            # Slot d, row k: the local row rank d wants at k if this rank owns it, else row 0 as filler
+            # (rank d returns a zero gradient for it, so adding that back changes nothing).
+            self.send_local = torch.where(owner == rank, wanted - rank * batch, torch.zeros_like(wanted)).flatten()
+            self.send_splits = self.recv_splits = [self.rows] * world
+            self.local_ids = None
+            # Row k of what this rank receives: slot owner[rank, k], row k.
+            self.take = owner[rank] * self.rows + torch.arange(self.rows, device=wanted.device)  # (R,)
+        else:
+            self._host_plan(wanted.cpu())
+
+    def _host_plan(self, wanted: torch.Tensor) -> None:
+        rank, world, batch = self.rank, self.world, self.batch
         # Unique rows per requesting rank, sorted: grouped by owner in rank order (all_to_all's order).
         uniques = [torch.unique(wanted[r], sorted=True) for r in range(world)]
         owners = [u // batch for u in uniques]
@@ -147,18 +186,17 @@ class RowPlan:
         position = torch.empty(len(mine), dtype=torch.long)
         position[is_local] = torch.arange(int(is_local.sum()))
         position[~is_local] = int(is_local.sum()) + torch.arange(int((~is_local).sum()))
-        inverse = torch.searchsorted(mine, wanted[rank])
-        self.take = position[inverse]  # (R,) into combined
+        self.take = position[torch.searchsorted(mine, wanted[rank])]  # (R,) into combined
 
     def gather(self, x: torch.Tensor, tag: str = "rows") -> torch.Tensor:
         """x (B, ...) this rank's rows -> (R, ...) = x_global[wanted[rank]]; gradients flow back to the
         owners' rows (the owner sums every rank's gradient for a row, as the dense gather's backward)."""
         if x.shape[0] != self.batch:
             raise ValueError(f"x has {x.shape[0]} rows; the plan was built for batch {self.batch}")
-        dev = x.device
         received = _ExchangeRows.apply(x, self, tag) if x.requires_grad else _exchange(x, self, tag, forward=True)
-        combined = torch.cat([x[self.local_ids.to(dev)], received])
-        return combined[self.take.to(dev)]
+        if self.local_ids is not None:  # exact splits: the local rows never left
+            received = torch.cat([x[self.local_ids.to(x.device)], received])
+        return received[self.take.to(x.device)]
 
 
 def _exchange(x: torch.Tensor, plan: RowPlan, tag: str, forward: bool) -> torch.Tensor:
@@ -168,8 +206,9 @@ def _exchange(x: torch.Tensor, plan: RowPlan, tag: str, forward: bool) -> torch.
     payload = x[plan.send_local.to(x.device)] if forward else x
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
     dist.all_to_all_single(out, payload.contiguous(), output_split_sizes=recv_splits, input_split_sizes=send_splits)
-    row = _row_bytes(x) if x.dim() else x.element_size()
-    traffic.add(tag, sum(send_splits) * row, sum(recv_splits) * row)
+    row = _row_bytes(x) if x.dim() > 1 else x.element_size()
+    # A fixed-split slot to this rank itself is a local copy, not traffic.
+    traffic.add(tag, (sum(send_splits) - send_splits[plan.rank]) * row, (sum(recv_splits) - recv_splits[plan.rank]) * row)
     return out
 
 
@@ -191,4 +230,3 @@ class _ExchangeRows(torch.autograd.Function):
         grad_x = grad.new_zeros(ctx.shape)
         grad_x.index_add_(0, plan.send_local.to(grad.device), grad_sent)
         return grad_x, None, None
-

@@ -66,20 +66,38 @@ def _fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
 
 
+def _rows_of(rows: slice | None, n: int) -> slice:
+    """`rows` checked against n gathered pairs; None is every row."""
+    if rows is None:
+        return slice(0, n)
+    start, stop, step = rows.indices(n)
+    if step != 1 or stop <= start or (rows.stop is not None and rows.stop > n):
+        raise ValueError(f"rows must be a non-empty contiguous slice of the {n} gathered pairs; got {rows}")
+    return slice(start, stop)
+
+
 def itc_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor, temperature: float | torch.Tensor,
-             sim_targets: torch.Tensor | None = None, image_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch of matched pairs.
+             sim_targets: torch.Tensor | None = None, image_ids: torch.Tensor | None = None,
+             rows: slice | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of matched pairs, on the rows `rows` of the batch.
 
-    img_feat (B, E), txt_feat (B, E): L2-normalised, row i of each is a matched pair (pass features
-    already gathered across ranks for a global batch). temperature: float or 0-dim tensor (learnable).
-    sim_targets (B, B) optional soft targets for both directions (rows sum to 1; e.g. ALBEF momentum
-    distillation); the t2i direction uses sim_targets.T. image_ids (B,) optional: captions of the same
-    image are all positives (`same_image_targets`; exclusive with sim_targets). Default: identity.
+    img_feat (N, E), txt_feat (N, E): L2-normalised, row i of each is a matched pair (pass features
+    already gathered across ranks for a global batch, with gradient). temperature: float or 0-dim
+    tensor (learnable). sim_targets (N, N) optional soft targets for both directions (rows sum to 1;
+    e.g. ALBEF momentum distillation); the t2i direction uses sim_targets.T. image_ids (N,) optional:
+    captions of the same image are all positives (`same_image_targets`; exclusive with sim_targets).
+    Default: identity.
+    rows: the pairs whose two loss terms this call computes, B of the N (this rank's: `local_rows`);
+    every pair is still a column. Default: all N.
 
-        s = img @ txt.T / T
-        L = 1/2 [ mean_i CE(s[i, :], y[i]) + mean_j CE(s.T[j, :], y.T[j]) ]
+        s_i2t = img[rows] @ txt.T / T,   s_t2i = txt[rows] @ img.T / T          (B, N)
+        L = 1/2 [ mean_{i in rows} CE(s_i2t[i], y[i]) + mean_{j in rows} CE(s_t2i[j], y.T[j]) ]
 
-    Computed in at least float32. Returns a scalar: the MEAN of the image-to-text and text-to-image losses.
+    With rows, each rank holds B x N logits instead of N x N, and the mean over ranks of their losses
+    is the loss over all N rows: with features gathered with gradient (`gather_features`), the
+    gradients DeepSpeed averages over ranks are those of the global loss (OpenCLIP's
+    `local_loss=True, gather_with_grad=True`). Computed in at least float32. Returns a scalar: the
+    MEAN of the image-to-text and text-to-image losses over the rows.
     """
     _check_feats("img_feat", img_feat, "txt_feat", txt_feat)
     if img_feat.shape[0] != txt_feat.shape[0]:
@@ -87,52 +105,70 @@ def itc_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor, temperature: float 
     _check_temperature(temperature)
     if sim_targets is not None and image_ids is not None:
         raise ValueError("pass sim_targets or image_ids, not both")
+    N = img_feat.shape[0]
+    rows = _rows_of(rows, N)
+    whole = rows == slice(0, N)
     img_feat, txt_feat = _fp32(img_feat, txt_feat)
     if torch.is_tensor(temperature):
         temperature = temperature.to(img_feat.dtype)
-    logits_i2t = img_feat @ txt_feat.t() / temperature
-    logits_t2i = logits_i2t.t()
-    B = img_feat.shape[0]
+    logits_i2t = img_feat[rows] @ txt_feat.t() / temperature  # (B, N)
+    # All rows: one product serves both directions; otherwise each direction has its own B rows.
+    logits_t2i = logits_i2t.t() if whole else txt_feat[rows] @ img_feat.t() / temperature
     if image_ids is not None:
-        if image_ids.shape != (B,):
-            raise ValueError(f"image_ids must be ({B},); got {tuple(image_ids.shape)}")
-        sim_targets = same_image_targets(image_ids, image_ids, logits_i2t.dtype)
+        if image_ids.shape != (N,):
+            raise ValueError(f"image_ids must be ({N},); got {tuple(image_ids.shape)}")
+        # Symmetric (a caption's row and its image's column count the same positives), so y.T = y.
+        targets = same_image_targets(image_ids[rows], image_ids, logits_i2t.dtype)
+        return 0.5 * (_soft_ce(logits_i2t, targets) + _soft_ce(logits_t2i, targets))
     if sim_targets is None:
-        labels = torch.arange(B, device=img_feat.device)
+        labels = torch.arange(rows.start, rows.stop, device=img_feat.device)
         return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
-    if sim_targets.shape != (B, B):
-        raise ValueError(f"sim_targets must be ({B}, {B}); got {tuple(sim_targets.shape)}")
+    if sim_targets.shape != (N, N):
+        raise ValueError(f"sim_targets must be ({N}, {N}); got {tuple(sim_targets.shape)}")
     sim_targets = sim_targets.to(logits_i2t.dtype)
-    return 0.5 * (_soft_ce(logits_i2t, sim_targets) + _soft_ce(logits_t2i, sim_targets.t()))
+    return 0.5 * (_soft_ce(logits_i2t, sim_targets[rows]) + _soft_ce(logits_t2i, sim_targets[:, rows].t()))
 
 
 def itc_distill_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor,
                      img_feat_m: torch.Tensor, txt_feat_m: torch.Tensor,
                      img_queue: torch.Tensor, txt_queue: torch.Tensor,
                      temperature: float | torch.Tensor, alpha: float,
-                     image_ids: torch.Tensor | None = None, queue_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """ALBEF ITC with a feature queue and momentum distillation.
+                     image_ids: torch.Tensor | None = None, queue_ids: torch.Tensor | None = None,
+                     rows: slice | None = None) -> torch.Tensor:
+    """ALBEF ITC with a feature queue and momentum distillation, on the rows `rows` of the batch.
 
-    img_feat, txt_feat (B, E): online features; img_feat_m, txt_feat_m (B, E): momentum-encoder
-    features; img_queue, txt_queue (Q, E): momentum features of earlier batches (ALBEF stores the
-    queues as (E, Q); pass the transpose). All L2-normalised. alpha in [0, 1].
-    image_ids (B,), queue_ids (Q,) optional, together: the ground truth is ALBEF retrieval's `idx` targets
+    img_feat, txt_feat (B, E): online features of the rows; img_feat_m, txt_feat_m (N, E): momentum-
+    encoder features of the whole (gathered) batch, rows `rows` of which are the online rows' pairs
+    (default: all, B = N); img_queue, txt_queue (Q, E): momentum features of earlier batches (ALBEF
+    stores the queues as (E, Q); pass the transpose). All L2-normalised. alpha in [0, 1].
+    image_ids (N,), queue_ids (Q,) optional, together: the ground truth is ALBEF retrieval's `idx` targets
     (every batch or queue entry showing the row's image is a positive, `same_image_targets`) instead of
-    the one-hot [I_B | 0]. A queue slot never filled should carry an id no image has.
+    the one-hot [I_N | 0] rows. A queue slot never filled should carry an id no image has.
 
-        img_all = [img_m ; img_queue]  (B+Q, E),   txt_all = [txt_m ; txt_queue]
-        y_i2t = alpha * softmax(img_m @ txt_all.T / T) + (1 - alpha) * G,   G = [I_B | 0] or idx targets
-        y_t2i = alpha * softmax(txt_m @ img_all.T / T) + (1 - alpha) * G
+        img_all = [img_m ; img_queue]  (N+Q, E),   txt_all = [txt_m ; txt_queue]
+        y_i2t = alpha * softmax(img_m[rows] @ txt_all.T / T) + (1 - alpha) * G[rows],  G = [I_N | 0] or idx targets
+        y_t2i = alpha * softmax(txt_m[rows] @ img_all.T / T) + (1 - alpha) * G[rows]
         L = 1/2 [ -mean sum y_i2t log softmax(img @ txt_all.T / T)
                   -mean sum y_t2i log softmax(txt @ img_all.T / T) ]
 
-    Targets carry no gradient. Computed in at least float32. Queue updates (enqueue the gathered
-    momentum features and ids) are the caller's job. Returns a scalar.
+    The columns carry no gradient, so the online features are only rows: each rank passes its own
+    (no gather) and holds B x (N+Q) logits; the mean over ranks is the loss over all N rows, and
+    DeepSpeed's average over ranks gives its gradient (ALBEF computes its rows the same way). Targets
+    carry no gradient. Computed in at least float32. Queue updates (enqueue the gathered momentum
+    features and ids) are the caller's job; the queues are copied into the columns here, so the
+    caller may update them in place before the backward without cloning them. Returns a scalar.
     """
-    for name, t in (("txt_feat", txt_feat), ("img_feat_m", img_feat_m), ("txt_feat_m", txt_feat_m)):
-        _check_feats("img_feat", img_feat, name, t)
-        if t.shape[0] != img_feat.shape[0]:
-            raise ValueError(f"{name} has {t.shape[0]} rows, img_feat has {img_feat.shape[0]}")
+    _check_feats("img_feat", img_feat, "txt_feat", txt_feat)
+    _check_feats("img_feat_m", img_feat_m, "txt_feat_m", txt_feat_m)
+    N = img_feat_m.shape[0]
+    rows = _rows_of(rows, N)
+    B = rows.stop - rows.start
+    for name, t in (("img_feat", img_feat), ("txt_feat", txt_feat)):
+        if t.shape[0] != B:
+            raise ValueError(f"{name} has {t.shape[0]} rows; rows {rows} of the momentum batch of {N} are {B}")
+    if txt_feat_m.shape[0] != N:
+        raise ValueError(f"txt_feat_m has {txt_feat_m.shape[0]} rows, img_feat_m has {N}")
+    _check_feats("img_feat", img_feat, "img_feat_m", img_feat_m)
     _check_feats("img_feat", img_feat, "img_queue", img_queue)
     _check_feats("txt_feat", txt_feat, "txt_queue", txt_queue)
     if img_queue.shape[0] != txt_queue.shape[0]:
@@ -146,21 +182,20 @@ def itc_distill_loss(img_feat: torch.Tensor, txt_feat: torch.Tensor,
         img_feat, txt_feat, img_feat_m, txt_feat_m, img_queue, txt_queue)
     if torch.is_tensor(temperature):
         temperature = temperature.to(img_feat.dtype)
-    B = img_feat.shape[0]
     with torch.no_grad():
         img_all = torch.cat([img_feat_m, img_queue], dim=0).detach()
         txt_all = torch.cat([txt_feat_m, txt_queue], dim=0).detach()
         if image_ids is not None:
-            if image_ids.shape != (B,) or queue_ids.shape != (img_queue.shape[0],):
-                raise ValueError(f"image_ids must be ({B},) and queue_ids ({img_queue.shape[0]},); got "
+            if image_ids.shape != (N,) or queue_ids.shape != (img_queue.shape[0],):
+                raise ValueError(f"image_ids must be ({N},) and queue_ids ({img_queue.shape[0]},); got "
                                  f"{tuple(image_ids.shape)} and {tuple(queue_ids.shape)}")
-            truth = same_image_targets(image_ids, torch.cat([image_ids, queue_ids.to(image_ids.device)]),
+            truth = same_image_targets(image_ids[rows], torch.cat([image_ids, queue_ids.to(image_ids.device)]),
                                        img_feat.dtype)
         else:
             truth = torch.zeros(B, img_all.shape[0], dtype=img_feat.dtype, device=img_feat.device)
-            truth[:, :B] = torch.eye(B, dtype=img_feat.dtype, device=img_feat.device)
-        targets_i2t = alpha * F.softmax(img_feat_m @ txt_all.t() / temperature, dim=1) + (1 - alpha) * truth
-        targets_t2i = alpha * F.softmax(txt_feat_m @ img_all.t() / temperature, dim=1) + (1 - alpha) * truth
+            truth[:, rows] = torch.eye(B, dtype=img_feat.dtype, device=img_feat.device)
+        targets_i2t = alpha * F.softmax(img_feat_m[rows] @ txt_all.t() / temperature, dim=1) + (1 - alpha) * truth
+        targets_t2i = alpha * F.softmax(txt_feat_m[rows] @ img_all.t() / temperature, dim=1) + (1 - alpha) * truth
     loss_i2t = _soft_ce(img_feat @ txt_all.t() / temperature, targets_i2t)
     loss_t2i = _soft_ce(txt_feat @ img_all.t() / temperature, targets_t2i)
     return 0.5 * (loss_i2t + loss_t2i)

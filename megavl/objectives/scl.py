@@ -24,7 +24,7 @@ same positions in every frame, SCL's own video masking); one NCE per modality as
 IIGROUP/SCL's video code (`compute_scl_video`) instead keeps the T frame [CLS] tokens through its
 fusion and averages T frame-wise vision NCEs; our fusion sees one clip [CLS] (as ITC, ITM and
 retrieval do), so there is no fused per-frame global to contrast.
-Shapes: B batch (gather across ranks before calling), E width.
+Shapes: B batch (gather across ranks before calling and pass this rank's `rows`), E width.
 """
 from __future__ import annotations
 
@@ -37,22 +37,24 @@ SCL_TARGETS = ("cross", "intact")
 
 
 def symmetric_nce(query: torch.Tensor, target: torch.Tensor, temperature: float,
-                  image_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric in-batch InfoNCE between normalised `query` (B, E) and the DETACHED normalised `target` (B, E).
+                  image_ids: torch.Tensor | None = None, rows: slice | None = None) -> torch.Tensor:
+    """Symmetric in-batch InfoNCE between normalised `query` (N, E) and the DETACHED normalised `target` (N, E).
 
         q = query / |query|,  k = sg(target / |target|),  s = q k^T / T
-        NCE = 1/2 [ mean_i CE(s[i], y[i]) + mean_j CE(s^T[j], y^T[j]) ]
-        y = I, or with image_ids (B,): y[i, j] = [id_i == id_j] / #{j: id_j == id_i}
-    Computed in at least float32.
+        NCE = 1/2 [ mean_{i in rows} CE(s[i], y[i]) + mean_{j in rows} CE(s^T[j], y^T[j]) ]
+        y = I, or with image_ids (N,): y[i, j] = [id_i == id_j] / #{j: id_j == id_i}
+    rows: the B pairs this call computes (this rank's, `local_rows`; default all), against all N
+    columns, as `itc_loss`. Computed in at least float32.
     """
     acc = torch.promote_types(query.dtype, torch.float32)
     q = F.normalize(query.to(acc), dim=-1)
     k = F.normalize(target.detach().to(acc), dim=-1)
-    return itc_loss(q, k, temperature, image_ids=image_ids)
+    return itc_loss(q, k, temperature, image_ids=image_ids, rows=rows)
 
 
 def scl_loss(v_masked: torch.Tensor, v_target: torch.Tensor, t_masked: torch.Tensor, t_target: torch.Tensor,
-             temperature: float = 0.03, image_ids: torch.Tensor | None = None) -> torch.Tensor:
+             temperature: float = 0.03, image_ids: torch.Tensor | None = None,
+             rows: slice | None = None) -> torch.Tensor:
     """L_SCL = NCE(v_m, v) + NCE(t_m, t), fixed temperature (0.03 in the paper).
 
     v_masked (B, E): fused image global feature from the masked image + intact text (pass A).
@@ -61,7 +63,9 @@ def scl_loss(v_masked: torch.Tensor, v_target: torch.Tensor, t_masked: torch.Ten
     t_masked (B, E): fused text global feature from the intact image + masked text (pass B).
     t_target (B, E): fused text global feature with the text intact: from pass A or intact + intact.
     image_ids (B,) optional: same-image samples are positives. Features are L2-normalised here;
-    the targets are detached here. Returns a scalar.
+    the targets are detached here. rows: the pairs whose terms this call computes (this rank's of
+    features gathered across ranks, the masked ones with gradient: `local_rows`), each against every
+    pair; default all. Returns a scalar.
     """
     for name, x in (("v_target", v_target), ("t_masked", t_masked), ("t_target", t_target)):
         if x.shape != v_masked.shape:
@@ -70,5 +74,5 @@ def scl_loss(v_masked: torch.Tensor, v_target: torch.Tensor, t_masked: torch.Ten
         raise ValueError(f"SCL features must be (B, E); got {tuple(v_masked.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
-    return (symmetric_nce(v_masked, v_target, temperature, image_ids)
-            + symmetric_nce(t_masked, t_target, temperature, image_ids))
+    return (symmetric_nce(v_masked, v_target, temperature, image_ids, rows)
+            + symmetric_nce(t_masked, t_target, temperature, image_ids, rows))

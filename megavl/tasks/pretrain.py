@@ -45,7 +45,7 @@ from megavl.models.fusion import FusionOutput
 from megavl.models.vlp import VLPModel
 from megavl_kernels import gather_tokens, masked_patch_targets
 
-from megavl.objectives.distributed import all_reduce_mean, gather_features, is_distributed
+from megavl.objectives.distributed import all_reduce_mean, gather_features, is_distributed, local_rows
 from megavl.objectives.itc import (EMPTY_QUEUE_ID, clamp_temperature_, enqueue_momentum_features_,
                                    itc_distill_loss, itc_loss, register_itc_queue)
 from megavl.objectives.itm import itm_loss, itm_pairs
@@ -271,17 +271,20 @@ class PretrainModule(nn.Module):
         return self._make_mask(batch_size, device, None, generator, self.patch_dropout, False, num_frames).keep_ids
 
     def _itc(self, img_emb, txt_emb, teacher_out, image_ids) -> torch.Tensor:
+        """This rank's rows of ITC against the gathered columns (+ the queue): B x (W*B + Q) logits
+        per rank, the gradients of the global loss once DeepSpeed averages them (objectives/itc.py)."""
         cfg = self.cfg.itc
         ids_all = gather_features(image_ids, with_grad=False)
         positives = ids_all if cfg.same_image_positives else None
+        rows = local_rows(img_emb.shape[0])
         if cfg.queue_size == 0:
-            return itc_loss(gather_features(img_emb), gather_features(txt_emb), self.temp, image_ids=positives)
+            return itc_loss(gather_features(img_emb), gather_features(txt_emb), self.temp, image_ids=positives,
+                            rows=rows)
         img_m = gather_features(teacher_out["img_emb"], with_grad=False)
         txt_m = gather_features(teacher_out["txt_emb"], with_grad=False)
-        loss = itc_distill_loss(gather_features(img_emb), gather_features(txt_emb), img_m, txt_m,
-                                self.image_queue.clone(), self.text_queue.clone(), self.temp,
-                                cfg.distill_alpha, image_ids=positives,
-                                queue_ids=self.queue_image_ids.clone() if positives is not None else None)
+        loss = itc_distill_loss(img_emb, txt_emb, img_m, txt_m,
+                                self.image_queue, self.text_queue, self.temp, cfg.distill_alpha, image_ids=positives,
+                                queue_ids=self.queue_image_ids if positives is not None else None, rows=rows)
         self._enqueue(img_m, txt_m, ids_all)
         return loss
 
@@ -292,7 +295,8 @@ class PretrainModule(nn.Module):
 
     def _scl(self, masked_image: FusionOutput, masked_text: FusionOutput, intact: FusionOutput | None,
              image_ids: torch.Tensor) -> torch.Tensor:
-        """SCL on the gathered batch; targets per `scl.targets` (see objectives/scl.py), detached."""
+        """SCL of this rank's rows against the gathered batch; targets per `scl.targets` (see
+        objectives/scl.py), detached."""
         cfg = self.cfg.scl
         if cfg.targets == "cross":  # IIGROUP/SCL: each modality's target from the pass where it is intact
             v_target, t_target = masked_text.image_global, masked_image.text_global
@@ -303,7 +307,7 @@ class PretrainModule(nn.Module):
                         gather_features(v_target.detach(), with_grad=False),
                         gather_features(masked_text.text_global),
                         gather_features(t_target.detach(), with_grad=False),
-                        temperature=cfg.temperature, image_ids=ids)
+                        temperature=cfg.temperature, image_ids=ids, rows=local_rows(image_ids.shape[0]))
 
     def _fused_pass(self, img, txt, img_emb, txt_emb, batch, mode, generator, with_itm: bool):
         """One fusion call over [positives ; (neg image, text) ; (image, neg text)] (ALBEF's ITM batch).

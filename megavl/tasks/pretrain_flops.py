@@ -202,9 +202,11 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
     num_frames: T, the frames per clip (1 for images: `batch["images"]` (B, 3, S, S));
     text_len: the padded L of input_ids; num_mlm_tokens: masked tokens in the whole batch
     (`(mlm_labels != -100).sum()`), the only rows the vocabulary head runs on.
-    world_size: ranks the contrastive features are gathered over (ITC, SCL logits are
-    (world*B) x (world*B) on every rank). Every other term is linear in batch_size, so passing the
-    global batch with world_size=1 gives the global step FLOPs up to those small similarity matrices.
+    world_size: ranks the contrastive features are gathered over (each rank computes its B rows of
+    the ITC, SCL and ITM-sampling similarities against the world*B gathered columns, one B x world*B
+    product per direction; in one process a B x B product serves both). Every other term is linear
+    in batch_size, so passing the global batch with world_size=1 gives the global step FLOPs up to
+    those small similarity matrices.
     The model's shapes are read from model_cfg: load_config fills model.text from the config.json of a
     BERT loaded by text.hf_path, and VLPModel refuses a model.text that disagrees with the loaded tower.
     """
@@ -247,17 +249,18 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
     t.train("text", _text_tower(model_cfg, B, L), trains=bool(on & {"itc", "itm"}) or masked_image or scl_own_image)
     # Embeddings are always computed (ITM's hard negatives read them too); they train only under ITC.
     t.train("itc", _gemm(B, v.width, e) + _gemm(B, wt, e), trains="itc" in on)
+    directions = 1 if world_size == 1 else 2  # products of this rank's rows with the columns
     if "itc" in on and o.itc.queue_size == 0:
-        t.train("itc", _gemm(gathered, e, gathered))
+        t.train("itc", directions * _gemm(B, e, gathered))
     elif "itc" in on:
         columns = gathered + o.itc.queue_size
-        t.add("itc", 2 * _gemm(gathered, e, columns), 0)               # momentum targets, no_grad
-        t.add("itc", 2 * _gemm(gathered, e, columns), 2 * _gemm(gathered, columns, e))  # queue detached
+        t.add("itc", 2 * _gemm(B, e, columns), 0)               # momentum targets, no_grad
+        t.add("itc", 2 * _gemm(B, e, columns), 2 * _gemm(B, columns, e))  # columns detached
 
     # Fused pairs: ITM fuses [positives ; neg images ; neg texts]; SCL alone fuses positives, detached.
     if "itm" in on:
         if o.itm.hard_negatives:
-            t.add("itm", _gemm(B, e, B), 0)                                # detached ITC similarities
+            t.add("itm", directions * _gemm(B, e, gathered), 0)            # detached ITC similarities
         t.add("itm", *_fusion(model_cfg, 3 * B, 1 + T * u, L, mode, "both"))
         t.train("itm", _gemm(3 * B, 2 * w, w) + _gemm(3 * B, w, 2))
     elif "scl" in on and o.scl.targets == "intact":  # "cross" takes its targets from the masked passes
@@ -294,5 +297,5 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
         t.add("scl", *_fusion(model_cfg, B, 1 + T * u, L, mode, "text"))
 
     if "scl" in on:  # two InfoNCE terms against detached targets: grad w.r.t. the query side only
-        t.add("scl", 2 * _gemm(gathered, w, gathered), 2 * _gemm(gathered, gathered, w))
+        t.add("scl", 2 * directions * _gemm(B, w, gathered), 2 * directions * _gemm(B, gathered, w))
     return t.result()

@@ -5,7 +5,8 @@ the same, the clip embedding being the mean of the frame [CLS] tokens.
 
 Batch: one caption per row (images, input_ids, attention_mask, image_index = which image of the
 annotation set the caption describes). Losses over the GLOBAL batch (features gathered from all
-ranks, so the loss does not depend on the world size):
+ranks, so the loss does not depend on the world size; each rank computes its own rows against the
+gathered columns, and the mean over ranks is the global loss):
   ITC  every caption of the same image is a positive: targets = same-image mask / its row sum
        (ALBEF's `idx` targets), symmetric soft cross-entropy with a learnable temperature;
   ITM  one hard negative text per image and one hard negative image per text, drawn from
@@ -28,7 +29,7 @@ import torch.nn as nn
 
 from megavl.config import ModelConfig
 from megavl.models.vlp import VLPModel
-from megavl.objectives.distributed import gather_features
+from megavl.objectives.distributed import gather_features, local_rows
 from megavl.objectives.itc import (QUEUE_BUFFERS, TEMP_MAX, TEMP_MIN, clamp_temperature_,
                                    enqueue_momentum_features_, itc_distill_loss, itc_loss, register_itc_queue,
                                    same_image_targets)
@@ -106,7 +107,7 @@ class RetrievalModule(nn.Module):
             itc = self._itc_queue(batch, img_emb, txt_emb, idx_all)
         else:
             itc = itc_loss(gather_features(img_emb), gather_features(txt_emb), self.temp[0],
-                           same_image_targets(idx_all, idx_all))
+                           image_ids=idx_all, rows=local_rows(idx.shape[0]))
         losses = {"itc": itc}
         if self.itm_weight > 0:
             losses["itm"] = self._itm(img, txt, img_emb, txt_emb, batch, generator)
@@ -118,9 +119,10 @@ class RetrievalModule(nn.Module):
         with torch.no_grad():
             _, _, img_m, txt_m = _unimodal(self.teacher, batch)
             img_m, txt_m = gather_features(img_m, with_grad=False), gather_features(txt_m, with_grad=False)
-        loss = itc_distill_loss(gather_features(img_emb), gather_features(txt_emb), img_m, txt_m,
-                                self.image_queue.clone(), self.text_queue.clone(), self.temp[0],
-                                self.alpha, image_ids=idx_all, queue_ids=self.queue_image_ids.clone())
+        loss = itc_distill_loss(img_emb, txt_emb, img_m, txt_m,
+                                self.image_queue, self.text_queue, self.temp[0],
+                                self.alpha, image_ids=idx_all, queue_ids=self.queue_image_ids,
+                                rows=local_rows(img_emb.shape[0]))
         enqueue_momentum_features_(self, img_m, txt_m, idx_all)
         return loss
 

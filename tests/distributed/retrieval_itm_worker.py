@@ -30,8 +30,9 @@ def reference_itm(module, img, txt, img_emb, txt_emb, batch, generator):
     with torch.no_grad():
         sim = (gather_features(img_emb.detach(), with_grad=False)
                @ gather_features(txt_emb.detach(), with_grad=False).t()) / module.temp.detach()
-        neg_txt = sample_hard_negatives(sim, idx_all, idx_all, generator=generator)
-        neg_img = sample_hard_negatives(sim.t(), idx_all, idx_all, generator=generator)
+        draws = torch.rand(2, world * B, generator=generator)  # one uniform per global row, as itm_pairs
+        neg_txt = sample_hard_negatives(sim, idx_all, idx_all, uniform=draws[0])
+        neg_img = sample_hard_negatives(sim.t(), idx_all, idx_all, uniform=draws[1])
     mine = slice(rank * B, (rank + 1) * B)
     neg_txt, neg_img = neg_txt[mine], neg_img[mine]
     img_all, txt_all = gather_features(img), gather_features(txt)
@@ -94,7 +95,8 @@ def main(out_dir: Path) -> None:
            "expected_image_received": remote["img"] * row_bytes["img"],
            "expected_text_received": remote["txt"] * row_bytes["txt"],
            "remote_negatives": remote["img"] + remote["txt"], "row_bytes": row_bytes,
-           "gathered_row_bytes": 8 + 2 * cfg.model.embed_dim * 8}  # int64 id + two float64 embeddings
+           # int64 image id + two float64 embeddings + the row's two picked negative ids (int64)
+           "gathered_row_bytes": 8 + 2 * cfg.model.embed_dim * 8 + 2 * 8}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 

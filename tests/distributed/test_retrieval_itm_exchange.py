@@ -26,8 +26,9 @@ def test_retrieval_itm_row_exchange_equals_all_gather(tmp_path):
         assert res["grad_norm"] > 0
         assert res["remote_negatives"] > 0, "no negative crossed ranks: the exchange went untested"
         received, sent, ref_received = res["received"], res["sent"], res["ref_received"]
-        # No token tensor is all-gathered any more: the dense gathers carry only the ids and the two
-        # ITC embeddings (for the draw, no gradient); the picked remote rows move with their gradients.
+        # No token tensor is all-gathered any more: the dense gathers carry only the ids, the two ITC
+        # embeddings (for the draw, no gradient) and the picked ids; the picked remote rows move with
+        # their gradients.
         assert "gather/grad" not in received and "gather/grad" in ref_received, received
         assert received["gather"] == (world - 1) * B * res["gathered_row_bytes"], (rank, received)
         assert received["itm/image_tokens"] == res["expected_image_received"], (rank, received)

@@ -165,3 +165,62 @@ def test_scl_gradcheck_and_bad_input():
         scl_loss(vm, v[:2], tm, t)
     with pytest.raises(ValueError, match="temperature"):
         scl_loss(vm, v, tm, t, temperature=0.0)
+
+
+# --------------------------------------------------------------- each rank's rows vs the whole batch
+def _rows_mean(world: int, n: int, loss_of_rows) -> torch.Tensor:
+    """Mean over `world` simulated ranks of their rows' losses (what the trainer logs; DeepSpeed's
+    gradient average over ranks differentiates the same mean)."""
+    b = n // world
+    return sum(loss_of_rows(slice(r * b, (r + 1) * b)) for r in range(world)) / world
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rows_mean_is_the_whole_batch_loss_with_its_gradients(world):
+    n, E, Q = 6, 5, 4
+    img, txt = _feats(n, E, 1).requires_grad_(), _feats(n, E, 2).requires_grad_()
+    img_m, txt_m, img_q, txt_q = _feats(n, E, 3), _feats(n, E, 4), _feats(Q, E, 5), _feats(Q, E, 6)
+    ids, qids = torch.tensor([0, 1, 0, 2, 3, 1]), torch.tensor([2, -1, -1, 0])
+    cases = {
+        "itc": lambda rows: itc_loss(img, txt, 0.1, rows=rows),
+        "itc_ids": lambda rows: itc_loss(img, txt, 0.1, image_ids=ids, rows=rows),
+        "itc_soft": lambda rows: itc_loss(img, txt, 0.1, sim_targets=torch.softmax(img_m @ txt_m.t(), 1), rows=rows),
+        "distill": lambda rows: itc_distill_loss(img[rows or slice(None)], txt[rows or slice(None)], img_m, txt_m,
+                                                 img_q, txt_q, 0.1, 0.4, ids, qids, rows=rows),
+        "scl": lambda rows: scl_loss(img, img_m, txt, txt_m, 0.2, image_ids=ids, rows=rows),
+    }
+    for name, loss_of_rows in cases.items():
+        whole = loss_of_rows(None)
+        g_whole = torch.autograd.grad(whole, (img, txt))
+        mean = _rows_mean(world, n, loss_of_rows)
+        g_mean = torch.autograd.grad(mean, (img, txt))
+        assert torch.allclose(mean, whole, atol=1e-12), name
+        for a, b in zip(g_mean, g_whole):
+            assert torch.allclose(a, b, atol=1e-12), name
+
+
+def test_rows_hold_only_their_logits_and_are_checked():
+    img, txt = _feats(8, 4, 1), _feats(8, 4, 2)
+    with pytest.raises(ValueError, match="rows must be"):
+        itc_loss(img, txt, 0.1, rows=slice(6, 10))
+    with pytest.raises(ValueError, match="rows must be"):
+        itc_loss(img, txt, 0.1, rows=slice(0, 8, 2))
+    with pytest.raises(ValueError, match="img_feat has 3 rows"):
+        itc_distill_loss(img[:3], txt[:3], img, txt, img[:2], txt[:2], 0.1, 0.4, rows=slice(0, 2))
+    # The logits of 2 rows against 8 columns: 2 x 8 per direction, not 8 x 8.
+    shapes = []
+    with _RecordMatmul(shapes):
+        itc_loss(img, txt, 0.1, rows=slice(2, 4))
+    assert shapes == [(2, 8), (2, 8)]
+
+
+class _RecordMatmul(torch.overrides.TorchFunctionMode):
+    def __init__(self, shapes: list) -> None:
+        super().__init__()
+        self.shapes = shapes
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in ("__matmul__", "matmul"):
+            self.shapes.append(tuple(out.shape))
+        return out
