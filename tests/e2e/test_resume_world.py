@@ -1,7 +1,7 @@
 """Resume on another number of ranks with a real launcher (`torchrun --nproc_per_node N`, gloo on CPU).
 
-Per ZeRO stage (2 and 3) ONE uninterrupted 2-rank reference run (4 steps, a checkpoint every 2,
-all kept) is shared by every check. Its checkpoints are copied into fresh run directories and
+ONE uninterrupted ZeRO-2 2-rank reference run (4 steps, a checkpoint every 2, all kept) is shared
+by every check. Its checkpoints are copied into fresh run directories and
 continued on 1, 2 or 4 ranks; the losses of every step after the resume must equal the
 reference's to 1e-5 (relative, fp32). The global batch stays 8 and so does the micro-step's
 gathered batch (2 x 4 = 1 x 8 = 4 x 2, grad_accum 1): the contrastive losses see the micro-step's
@@ -9,12 +9,12 @@ gathered batch, so only the same batch_size x world per micro-step gives the sam
 step itself is world-size invariant (tests/distributed), so the 2-rank reference also stands for
 the uninterrupted 1-rank run in the 1 -> 2 case.
 
-Chains: 2 -> 1 at step 2 (steps 3, 4 against the reference); under ZeRO-3 also 1 -> 2 from that
-run's step 3 (step 4 against the 1-rank run, the uninterrupted W-rank run there: the world size
-changed twice) and 2 -> 4 at step 2. ZeRO-2 shrinks only: engine/reshard.py converts and sets every
-stage through the same code, which the ZeRO-3 chain takes in both directions. Comparisons are always against the run on the world that wrote the checkpoint:
-two different worlds differ by reduction order (~1e-6), which later steps amplify.
-ZeRO-2 also: SIGKILL in the middle of a save then `--resume auto`; `--resume none` in a directory
+2 -> 1 at step 2 (steps 3, 4 against the reference). ZeRO-2 shrinks only: engine/reshard.py
+converts and sets every stage through the same code, which ZeRO-3 takes in both directions through
+`deepspeed --hostfile` in test_hostfile_launch.py (2 -> 1 -> 4, with the helpers of this file).
+Comparisons are always against the run on the world that wrote the checkpoint: two different
+worlds differ by reduction order (~1e-6), which later steps amplify.
+Also: SIGKILL in the middle of a save then `--resume auto`; `--resume none` in a directory
 with checkpoints refused; `--fresh` there keeps every old checkpoint; `--resume <older tag>`, SIGKILL
 before its first save, then `--resume auto` continues the older tag's line.
 """
@@ -76,34 +76,24 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
-def reference(request, shards, tmp_path_factory) -> tuple[int, Path]:
-    stage = request.param
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> tuple[int, Path]:
+    stage = 2
     out = tmp_path_factory.mktemp(f"ref_zero{stage}") / "run"
     _run(2, stage, shards, out)
     return stage, out
 
 
-def test_world_size_changes_twice_and_grows(reference, shards, tmp_path):
+def test_world_size_shrinks(reference, shards, tmp_path):
     stage, ref = reference
     chain = _continue_from(ref, "step_00000002", tmp_path / "chain")
     proc = _run(1, stage, shards, chain, "run.checkpoint_every=1")  # 2 -> 1
     assert "resharding" in proc.stdout + proc.stderr
     _assert_losses_match(ref, chain, range(3, STEPS + 1))
-    if stage == 2:
-        return  # the same conversion and setters for every stage: ZeRO-3 changes world twice and grows
-    again = _continue_from(chain, "step_00000003", tmp_path / "again")
-    _run(2, stage, shards, again)  # 1 -> 2: the second change of world size
-    _assert_losses_match(chain, again, range(4, STEPS + 1))
-    grown = _continue_from(ref, "step_00000002", tmp_path / "grown")
-    _run(4, stage, shards, grown)  # 2 -> 4
-    _assert_losses_match(ref, grown, range(3, STEPS + 1))
 
 
 def test_sigkill_during_save_then_resume_and_mistaken_fresh_runs(reference, shards, tmp_path):
     stage, ref = reference
-    if stage != 2:
-        pytest.skip("one stage is enough for the bookkeeping checks")
     old = sorted(p.name for p in (ref / "checkpoints").iterdir())
     # A fresh run by mistake in the old directory is refused, and --fresh keeps every old checkpoint.
     proc = _run(2, stage, shards, ref, "run.max_steps=2", flags=["--resume", "none"], expect=3,
