@@ -159,7 +159,8 @@ def test_hostfile_zero3_killed_on_one_node_resumes_on_one_and_on_four(hosts, sha
     two_by_two = hosts.hostfile(tmp_path / "hosts_2x2", slots=2)
     four = _continue_from(one, "step_00000003", tmp_path / "four")
     proc = _run(_hostfile_cmd(hosts, two_by_two, 4, shards, four), env)  # 1 -> 4: the second change, and it grows
-    assert "localhost: " in proc.stdout and "127.0.0.1: " in proc.stdout  # pdsh's per-host prefixes
+    out = proc.stdout + proc.stderr
+    assert "localhost: " in out and "127.0.0.1: " in out  # pdsh's per-host prefixes
     _assert_losses_match(one, four, range(4, STEPS + 1))
 
 
