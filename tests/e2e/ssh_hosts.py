@@ -3,8 +3,8 @@
 
     with LocalSshHosts(tmp_path / "ssh") as hosts:
         hostfile = hosts.hostfile(tmp_path / "hosts", slots=1)   # localhost slots=1 / 127.0.0.1 slots=1
-        env = hosts.env(base_env)                                  # `ssh` on PATH goes to this sshd
-        subprocess.run(["deepspeed", "--hostfile", str(hostfile), "--ssh_port", str(hosts.port), ...], env=env)
+        cmd = hosts.deepspeed_cmd(hostfile, "ds_configs/zero3.json", "configs/tiny.yaml", "--set", ...)
+        subprocess.run(cmd, env=hosts.env(base_env))               # `ssh` on PATH goes to this sshd
 
 Nothing outside the private directory is read or written but `/run/sshd`, the privilege-separation
 directory sshd insists on (created empty when missing, as Debian's service does). The machine's
@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Mapping
 
 import psutil
+import pytest
 
-from launch_helpers import free_port
+from launch_helpers import BIN, REPO, free_port, kill_launch, wait_for_checkpoint
 
 HOSTS = ("localhost", "127.0.0.1")
 PROGRAMS = ("sshd", "ssh", "ssh-keygen", "pdsh")
@@ -96,6 +97,46 @@ class LocalSshHosts:
         path.write_text("".join(f"{h} slots={slots}\n" for h in hosts))
         return path
 
+    def deepspeed_cmd(self, hostfile: Path, ds_config: str, config: str, *args: str) -> list[str]:
+        """`deepspeed --hostfile` with DeepSpeed's pdsh runner on this sshd, rank 0 on 127.0.0.1."""
+        return [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--launcher", "pdsh",
+                "--ssh_port", str(self.port), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                "megavl/train.py", "--ds_config", ds_config, "--config", config, *args]
+
+    def rank_process(self, rank: int, timeout: float = 60) -> psutil.Process:
+        """The training process of global rank `rank` among the processes started over ssh."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for proc in self.sessions():
+                try:
+                    if "megavl/train.py" in proc.cmdline() and proc.environ().get("RANK") == str(rank):
+                        return proc
+                except psutil.NoSuchProcess:
+                    continue
+            time.sleep(0.2)
+        pytest.fail(f"no rank {rank} process under sshd within {timeout} s")
+
+    def kill_rank_after_checkpoint(self, cmd: list[str], env: Mapping[str, str], ckpt_dir: Path, tag: str,
+                                   rank: int, log: Path) -> dict[str, str]:
+        """Start the hostfile launch `cmd` (output to `log`), SIGKILL the process of global rank
+        `rank` once checkpoint `tag` is written, and wait until pdsh reports that rank's host gone.
+        The ranks left on the other hosts fail their next collective and leave after megavl's exit
+        wait (a minute): they are killed instead, with the launcher. Returns the killed rank's
+        environment."""
+        with open(log, "w") as sink:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=dict(env), stdout=sink, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            wait_for_checkpoint(proc, ckpt_dir, tag, timeout=600)
+            victim = self.rank_process(rank)
+            seen = victim.environ()
+            victim.kill()
+            _wait_for_text(proc, log, "ssh exited with exit code", timeout=60)
+        finally:
+            kill_launch(proc)
+            self.kill_sessions()
+        return seen
+
     # ---------------------------------------------------------------------------------- lifecycle
     def start(self, timeout: float = 20.0) -> "LocalSshHosts":
         self._write_files()
@@ -161,3 +202,14 @@ class LocalSshHosts:
         if not path.exists():
             return ""
         return f"--- sshd.log (last {tail} lines)\n" + "\n".join(path.read_text(errors="replace").splitlines()[-tail:])
+
+
+def _wait_for_text(proc: subprocess.Popen, log: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    pytest.fail(f"no {text!r} in the launcher's output\n{log.read_text(errors='replace')[-3000:]}")

@@ -5,8 +5,8 @@ ZeRO-3 teacher's shard files.
 Every rank of every new world gets exactly its elements of every tensor; each saved file is opened at
 most once per reading rank, and only when it holds some of them; a rank of the saving world opens its
 own teacher shard file only; a layout that does not add up is refused with the file's name, never
-read past. The real files and engines are covered end to end by tests/distributed/test_reshard_zero3.py,
-tests/e2e/test_resume_world.py and tests/e2e/test_hostfile_launch.py."""
+read past. The real files and engines are covered end to end by tests/distributed/test_reshard_zero3.py
+and tests/e2e/test_resume_world.py."""
 from __future__ import annotations
 
 import math
