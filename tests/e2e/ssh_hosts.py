@@ -6,9 +6,10 @@
         cmd = hosts.deepspeed_cmd(hostfile, "ds_configs/zero3.json", "configs/tiny.yaml", "--set", ...)
         subprocess.run(cmd, env=hosts.env(base_env))               # `ssh` on PATH goes to this sshd
 
-Nothing outside the private directory is read or written but `/run/sshd`, the privilege-separation
-directory sshd insists on (created empty when missing, as Debian's service does). The machine's
-~/.ssh stays untouched: ssh reads ~/.ssh from the password database, not from $HOME, so the client
+Nothing outside the private directory is written but `/run/sshd`, the privilege-separation
+directory sshd insists on (created empty when missing, as Debian's service does); the sessions log
+in as the current user with that user's shell and its startup files. The machine's ~/.ssh stays
+untouched: ssh reads ~/.ssh from the password database, not from $HOME, so the client
 side is a `ssh` wrapper first on PATH that adds `-F <private ssh_config>` (this host key only, this
 user key, batch mode). DeepSpeed's runner and pdsh both start `ssh` by name, so both go through it.
 The server's processes (sshd, its sessions and everything they started: DeepSpeed's per-node
