@@ -2,7 +2,8 @@
 and, on the way out, the teardown and the exit code the whole job agrees on.
 
 Launchers set different variables: `deepspeed`/`torchrun` set RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR and MASTER_PORT; `srun` sets SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID. A plain
+MASTER_ADDR and MASTER_PORT; `srun` sets SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID; `mpirun`
+(`deepspeed --launcher openmpi`) sets OMPI_COMM_WORLD_RANK, _SIZE and _LOCAL_RANK only. A plain
 `python megavl/train.py` sets none and runs as a world of one.
 """
 from __future__ import annotations
@@ -52,11 +53,21 @@ def _first_slurm_host() -> str:
 
 
 def fill_env_from_launcher(env: dict[str, str] | None = None) -> dict[str, str]:
-    """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT present, from Slurm or as a world of one.
+    """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT present, from mpirun, Slurm or as a world of one.
 
     Variables already set win: a launcher that sets them is never second-guessed.
     """
     env = os.environ if env is None else env
+    if "RANK" not in env and "OMPI_COMM_WORLD_RANK" in env:
+        env["RANK"] = env["OMPI_COMM_WORLD_RANK"]
+        env["WORLD_SIZE"] = env.get("OMPI_COMM_WORLD_SIZE", "1")
+        env["LOCAL_RANK"] = env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+        env.setdefault("LOCAL_WORLD_SIZE", env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))
+        # mpirun passes no rendezvous address, and the default 127.0.0.1 is another machine on every
+        # other node.
+        if env["WORLD_SIZE"] != "1" and "MASTER_ADDR" not in env:
+            raise RuntimeError("started by mpirun without MASTER_ADDR: put MASTER_ADDR=<first host> and "
+                               "MASTER_PORT=<free port> in .deepspeed_env (docs/multinode.md)")
     if "RANK" not in env and "SLURM_PROCID" in env:
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")

@@ -5,9 +5,9 @@ view), the Adam step, the gathered student and teacher weights and the buffers m
 run's (1e-6 relative). After steps 3 and 4 the teacher's EMA increments must too (to 5%: an EMA
 applied twice doubles them) and the losses (1e-5 relative, fp32: the two worlds differ by reduction
 order). On 1 rank a persistent ZeRO-3 parameter's full copy is its shard, so updating both would
-apply the EMA twice (objectives/teacher.py). The launcher-level chains (2 -> 1 -> 2, 2 -> 4) are in
-tests/e2e/test_resume_world.py; its 1 -> 2 leg checks the partitions' padding (DeepSpeed's ZeRO-3
-setter ignores it, reshard.py).
+apply the EMA twice (objectives/teacher.py). The launcher-level ZeRO-3 chain (2 -> 1 -> 4, through
+`deepspeed --hostfile`) is in tests/e2e/test_resume_world.py; its 1 -> 4 leg checks the partitions'
+padding (DeepSpeed's ZeRO-3 setter ignores it, reshard.py).
 Run with ds_configs/zero3.json and zero3_offload.json (CPU offload of optimizer and params): the
 latter checks that the offloaded fp32 gradient buffers hold no stale gradient (an unused parameter
 would re-apply its last gradient in the uninterrupted run only, step.clear_zero3_grad_partitions;

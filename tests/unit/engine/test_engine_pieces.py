@@ -243,6 +243,18 @@ def test_env_from_slurm_and_defaults():
         fill_env_from_launcher({"RANK": "0", "WORLD_SIZE": "2"})
 
 
+def test_env_from_mpirun():
+    """`deepspeed --launcher openmpi` runs the ranks under mpirun, which sets only OMPI_* variables:
+    without reading them every rank would train alone as rank 0 of a world of one."""
+    ompi = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}
+    env = fill_env_from_launcher(dict(ompi))
+    assert [env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")] == \
+        ["5", "8", "1", "4", "node1"]
+    with pytest.raises(RuntimeError, match="MASTER_ADDR.*deepspeed_env"):
+        fill_env_from_launcher({k: v for k, v in ompi.items() if k != "MASTER_ADDR"})
+
+
 def test_a_finished_job_leaves_its_process_group():
     """train.py's last act: destroy the process group (a subprocess, so no other test's group is touched)."""
     code = ("import torch.distributed as dist; from megavl.engine.launch import close_distributed, init_distributed;"
