@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megavl.config import load_config
-from megavl.engine import checkpoint
+from megavl.engine import checkpoint, checkpoint_save
 from megavl.tasks.curriculum import mode_at
 from megavl.engine.launch import init_distributed
 from megavl.engine.step import (build_engine, clear_zero3_grad_partitions, step_generator,
@@ -109,8 +109,8 @@ def run_stage(stage: int, info, out_dir: Path) -> dict:
 
     # Save, then load into a fresh engine: the queue (features, ids, pointer) comes back as it was.
     ckpt = out_dir / f"ckpt_stage{stage}"
-    save_info = checkpoint.SaveInfo(run_id="queue-test", world_size=world, zero_stage=zero, keep=1, config_yaml="")
-    tag_dir = checkpoint.save(engine, module, ckpt, STEPS, info.rank, {}, save_info)
+    save_info = checkpoint_save.SaveInfo(run_id="queue-test", world_size=world, zero_stage=zero, keep=1, config_yaml="")
+    tag_dir = checkpoint_save.save(engine, module, ckpt, STEPS, info.rank, {}, save_info)
     torch.manual_seed(123)  # a different initial state, so the restore must really overwrite it
     fresh, _, _ = build_engine(cfg, f"ds_configs/zero{stage}.json", world, info.device)
     fresh.load_checkpoint(str(ckpt), tag=tag_dir.name, load_module_strict=False)
