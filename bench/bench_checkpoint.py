@@ -19,7 +19,8 @@ every rank (the last rank's return from the save), per GB of the tag's bytes, wi
 phases on one clock (time.perf_counter, CLOCK_MONOTONIC: one axis for all processes of a machine).
 "before" is bench/checkpoint_save_before.py (megavl's files after DeepSpeed's, no fsync), "after" is
 `checkpoint_save.save`; both sides run on the same engines, alternating rep by rep, each into its own
-directory (keep 1, so every save after the first also prunes one tag).
+directory (keep 1, so every save after the first also prunes one tag), after one warm-up save each,
+every save starting from a synced page cache (os.sync(), as minutes of training between saves leave it).
 
     python bench/bench_checkpoint.py [--table bytes|save] [--model tiny|small] [--worlds 1 2 4] [--out FILE]
 """
@@ -47,7 +48,7 @@ from checkpoint_save_before import save_before
 from harness import DS_CONFIGS, RECIPES, Row, machine_line, synthetic_batch
 
 GLOBAL_BATCH = 8
-REPS = 3
+REPS = 5
 QUEUE_4M = {"queue": 65536, "embed": 256, "prototypes": 8192}  # configs/pretrain_4m.yaml
 QUICK = {"queue": 4096, "embed": 256, "prototypes": 1024}
 ONCE = ("image_queue", "text_queue", "queue_image_ids", "queue_ptr", "center_global", "center_patch")
@@ -84,14 +85,16 @@ def _worker(rank: int, world: int, port: int, out: str, case: dict, results) -> 
     flag = StopFlag()
     flag.requested = rank == 0  # the signal reached one rank
     records = []
-    for rep in range(REPS):
+    for rep in range(-1, REPS):  # rep -1: a warm-up save per side (first touch of the page cache), not counted
         for side in (case["sides"] if rep % 2 == 0 else case["sides"][::-1]):
+            if rank == 0:
+                os.sync()  # each save starts clean: neither side inherits the other's unwritten pages
             torch.distributed.barrier()
             timeline = []
             start = time.perf_counter()
             assert flag.agreed(info.device)
             timeline.append(("stop agreed", start, time.perf_counter()))
-            SAVES[side](engine, engine.module, Path(out) / side, 2 + rep, rank, {"data": {}}, save_info,
+            SAVES[side](engine, engine.module, Path(out) / side, 3 + rep, rank, {"data": {}}, save_info,
                         timeline=timeline)
             records.append({"side": side, "rep": rep, "start": start, "timeline": timeline})
     results.put((rank, records))
@@ -111,7 +114,8 @@ def _tag_bytes(side_dir: Path) -> dict[str, int]:
 def run_case(world: int, shape: dict, model: str = "tiny", persistent_buffers: bool = False,
              sides: tuple[str, ...] = ("after",)) -> dict[str, dict]:
     """Per side: bytes of its newest tag, the median complete save (the first rank's start to the last
-    rank's release from the save's final barrier) and its rep's per-rank timelines, each phase's median per rank, DeepSpeed's share."""
+    rank's release from the save's final barrier) and that rep's per-rank timelines, each phase's
+    median per rank, DeepSpeed's share."""
     out = tempfile.mkdtemp(prefix=f"bench_ckpt_w{world}_")
     try:
         case = {"shape": shape, "model": model, "persistent_buffers": persistent_buffers, "sides": list(sides)}
