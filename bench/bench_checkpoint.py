@@ -1,21 +1,28 @@
 """Checkpoint cost under ZeRO-3: bytes on disk at 1, 2 and 4 ranks, and the save time a signal must cover.
 
-Each side is a real DeepSpeed ZeRO-3 engine (ds_configs/zero3.json, tiny towers, fp32) in gloo
-processes, with the 4M recipe's ITC queue (objectives.itc.queue_size x model.embed_dim, 65,536 x 256:
-two 64 MiB fp32 queues and their ids) and SemMIM centres (model.num_prototypes 8,192). After two
-training steps (AdamW has its moments) `megavl.engine.checkpoint.save` writes a complete checkpoint
-(DeepSpeed's files, megavl's state, the marker) `REPS` times. Bytes are split into DeepSpeed's
-optimizer partitions (`*optim_states.pt`: their total is the same at any world size, one file per
-rank) and everything else (model states, teacher, queues, centres, RNG, marker), which must not grow
-with the world size: state identical on every rank is written once.
+Each case is a real DeepSpeed ZeRO-3 engine (ds_configs/zero3.json, fp32) in gloo processes, with the
+4M recipe's ITC queue (objectives.itc.queue_size x model.embed_dim, 65,536 x 256: two 64 MiB fp32
+queues and their ids) and SemMIM centres (model.num_prototypes 8,192), the tiny towers or (`--model
+small`) ViT-S-sized ones: 384 wide, 6 + 6 + 3 layers, 44M trained parameters. After two training
+steps (AdamW has its moments) a complete checkpoint (DeepSpeed's files, megavl's state, the marker)
+is written `REPS` times.
 
-"before" registers the queues and centres as persistent buffers again (in the module's state dict,
-so in each rank's `zero_pp_rank_*_model_states.pt`), as megavl did before they were saved once only.
-The seconds are the slowest rank's median complete save (barrier to marker), per GB of the state (the
-1-rank checkpoint's bytes): the time a SIGTERM save must fit into, which should not grow with the
-world size.
+--table bytes: bytes split into DeepSpeed's optimizer partitions (`*optim_states.pt`: their total is
+the same at any world size, one file per rank) and everything else (model states, teacher, queues,
+centres, RNG, marker), which must not grow with the world size. "before" registers the queues and
+centres as persistent buffers again (in each rank's `zero_pp_rank_*_model_states.pt`), as megavl
+did before they were saved once only.
 
-    python bench/bench_checkpoint.py [--out benchmarks/checkpoint_bytes_cpu2core_202612.md] [--worlds 1 2 4]
+--table save: the time a stop signal must cover, from the ranks' agreement on the signal (the
+all-reduce of `StopFlag.agreed`, every rank released from one barrier) to the tag being complete on
+every rank (the last rank's return from the save), per GB of the tag's bytes, with each rank's
+phases on one clock (time.perf_counter, CLOCK_MONOTONIC: one axis for all processes of a machine).
+"before" is bench/checkpoint_save_before.py (megavl's files after DeepSpeed's, no fsync), "after" is
+`checkpoint_save.save`; both sides run on the same engines, alternating rep by rep, each into its own
+directory (keep 1, so every save after the first also prunes one tag), after one warm-up save each,
+every save starting from a synced page cache (os.sync(), as minutes of training between saves leave it).
+
+    python bench/bench_checkpoint.py [--table bytes|save] [--model tiny|small] [--worlds 1 2 4] [--out FILE]
 """
 from __future__ import annotations
 
@@ -32,32 +39,41 @@ import torch
 import torch.multiprocessing as mp
 
 from megavl.config import load_config
-from megavl.engine import checkpoint
+from megavl.engine import checkpoint_save
 from megavl.engine.launch import _free_port, init_distributed
 from megavl.engine.step import build_engine, step_generator
+from megavl.engine.stop import StopFlag
 
+from checkpoint_save_before import save_before
 from harness import DS_CONFIGS, RECIPES, Row, machine_line, synthetic_batch
 
 GLOBAL_BATCH = 8
-REPS = 3
+REPS = 5
 QUEUE_4M = {"queue": 65536, "embed": 256, "prototypes": 8192}  # configs/pretrain_4m.yaml
 QUICK = {"queue": 4096, "embed": 256, "prototypes": 1024}
 ONCE = ("image_queue", "text_queue", "queue_image_ids", "queue_ptr", "center_global", "center_patch")
+MODELS = {"tiny": [],
+          "small": ["model.vision.width=384 model.vision.depth=6 model.vision.heads=6 model.vision.mlp_ratio=4.0",
+                    "model.text.width=384 model.text.depth=6 model.text.heads=6 model.text.intermediate=1536",
+                    "model.fusion.width=384 model.fusion.depth=3 model.fusion.heads=6 model.fusion.mlp_ratio=4.0",
+                    "model.decoder.width=256 model.decoder.depth=1 model.decoder.heads=8"]}
+SAVES = {"before": save_before, "after": checkpoint_save.save}
 
 
-def _worker(rank: int, world: int, port: int, out: str, shape: dict, before: bool, results) -> None:
+def _worker(rank: int, world: int, port: int, out: str, case: dict, results) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     info = init_distributed()
-    micro = GLOBAL_BATCH // world
+    micro, shape = GLOBAL_BATCH // world, case["shape"]
     cfg = load_config(RECIPES["tiny"], [f"data.batch_size={micro} run.global_batch_size={GLOBAL_BATCH}",
                                         "run.grad_accum=1 run.precision=fp32",
                                         f"objectives.itc.queue_size={shape['queue']}",
-                                        f"model.embed_dim={shape['embed']} model.num_prototypes={shape['prototypes']}"])
+                                        f"model.embed_dim={shape['embed']} model.num_prototypes={shape['prototypes']}",
+                                        *MODELS[case["model"]]])
     torch.manual_seed(0)
     engine, _, stage = build_engine(cfg, str(DS_CONFIGS[3]), world, info.device)
-    if before:  # the buffers in the state dict again, as they were registered before
+    if case["persistent_buffers"]:  # the buffers in the state dict again, as they were registered before
         for module in engine.module.modules():
             module._non_persistent_buffers_set.difference_update(ONCE)
     batch = synthetic_batch(cfg, micro, 24, info.device, seed=rank)
@@ -65,46 +81,74 @@ def _worker(rank: int, world: int, port: int, out: str, shape: dict, before: boo
         total, _ = engine(batch, mode, step_generator(0, step, 0, info.device))
         engine.backward(total)
         engine.step()
-    save_info = checkpoint.SaveInfo(run_id="bench", world_size=world, zero_stage=stage, keep=1, config_yaml="")
-    deepspeed_save, deepspeed_seconds = engine.save_checkpoint, []
-
-    def timed_deepspeed_save(*args, **kwargs):  # DeepSpeed's share of the complete save
-        start = time.perf_counter()
-        out = deepspeed_save(*args, **kwargs)
-        deepspeed_seconds.append(time.perf_counter() - start)
-        return out
-
-    engine.save_checkpoint = timed_deepspeed_save
-    seconds = []
-    for rep in range(REPS):
-        torch.distributed.barrier()
-        start = time.perf_counter()
-        checkpoint.save(engine, engine.module, Path(out), 2 + rep, rank, {"data": {}}, save_info)
-        seconds.append(time.perf_counter() - start)
-    results.put((rank, statistics.median(seconds), statistics.median(deepspeed_seconds)))
+    save_info = checkpoint_save.SaveInfo(run_id="bench", world_size=world, zero_stage=stage, keep=1, config_yaml="")
+    flag = StopFlag()
+    flag.requested = rank == 0  # the signal reached one rank
+    records = []
+    for rep in range(-1, REPS):  # rep -1: a warm-up save per side (first touch of the page cache), not counted
+        for side in (case["sides"] if rep % 2 == 0 else case["sides"][::-1]):
+            if rank == 0:
+                os.sync()  # each save starts clean: neither side inherits the other's unwritten pages
+            torch.distributed.barrier()
+            timeline = []
+            start = time.perf_counter()
+            assert flag.agreed(info.device)
+            timeline.append(("stop agreed", start, time.perf_counter()))
+            SAVES[side](engine, engine.module, Path(out) / side, 3 + rep, rank, {"data": {}}, save_info,
+                        timeline=timeline)
+            records.append({"side": side, "rep": rep, "start": start, "timeline": timeline})
+    results.put((rank, records))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
-def measure(world: int, shape: dict, before: bool = False) -> dict[str, float]:
-    """Bytes of the newest checkpoint by kind, and the slowest rank's median save seconds."""
+def _tag_bytes(side_dir: Path) -> dict[str, int]:
+    tag = side_dir / (side_dir / "latest").read_text().strip()
+    files = [p for p in tag.rglob("*") if p.is_file()]
+    optim = sum(p.stat().st_size for p in files if p.name.endswith("optim_states.pt"))
+    models = sum(p.stat().st_size for p in files if p.name.endswith("model_states.pt"))
+    total = sum(p.stat().st_size for p in files)
+    return {"optim": optim, "model_states": models, "rest": total - optim, "total": total}
+
+
+def run_case(world: int, shape: dict, model: str = "tiny", persistent_buffers: bool = False,
+             sides: tuple[str, ...] = ("after",)) -> dict[str, dict]:
+    """Per side: bytes of its newest tag, the median complete save (the first rank's start to the last
+    rank's release from the save's final barrier) and that rep's per-rank timelines, each phase's
+    median per rank, DeepSpeed's share."""
     out = tempfile.mkdtemp(prefix=f"bench_ckpt_w{world}_")
     try:
+        case = {"shape": shape, "model": model, "persistent_buffers": persistent_buffers, "sides": list(sides)}
         ctx = mp.get_context("spawn")
         results = ctx.SimpleQueue()
-        mp.start_processes(_worker, args=(world, _free_port(), out, shape, before, results), nprocs=world,
-                           join=True, start_method="spawn")
-        per_rank = [results.get() for _ in range(world)]
-        seconds, deepspeed_seconds = max(r[1] for r in per_rank), max(r[2] for r in per_rank)
-        tag = Path(out) / (Path(out) / "latest").read_text().strip()
-        files = [p for p in tag.rglob("*") if p.is_file()]
-        optim = sum(p.stat().st_size for p in files if p.name.endswith("optim_states.pt"))
-        models = sum(p.stat().st_size for p in files if p.name.endswith("model_states.pt"))
-        total = sum(p.stat().st_size for p in files)
-        return {"optim": optim, "model_states": models, "rest": total - optim, "total": total, "seconds": seconds,
-                "deepspeed_seconds": deepspeed_seconds}
+        mp.start_processes(_worker, args=(world, _free_port(), out, case, results), nprocs=world, join=True,
+                           start_method="spawn")
+        by_rank = dict(results.get() for _ in range(world))
+        runs = {}
+        for side in sides:
+            reps = []
+            for rep in range(REPS):
+                rows = {r: next(x for x in by_rank[r] if x["side"] == side and x["rep"] == rep) for r in by_rank}
+                t0 = min(x["start"] for x in rows.values())
+                done = [b for x in rows.values() for name, _, b in x["timeline"] if name == "barrier: complete"]
+                reps.append({"seconds": max(done) - t0,
+                             "timelines": {r: [(name, a - t0, b - t0) for name, a, b in x["timeline"]]
+                                           for r, x in rows.items()}})
+            median = sorted(reps, key=lambda x: x["seconds"])[len(reps) // 2]
+            phases = {r: {name: statistics.median(b - a for rep in reps for n, a, b in rep["timelines"][r]
+                                                  if n == name)
+                          for name, _, _ in median["timelines"][r]} for r in by_rank}
+            runs[side] = {**_tag_bytes(Path(out) / side), "seconds": median["seconds"],
+                          "timelines": median["timelines"], "phases": phases,
+                          "deepspeed_seconds": max(p["DeepSpeed's files"] for p in phases.values())}
+        return runs
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def measure(world: int, shape: dict, before: bool = False) -> dict[str, float]:
+    """The bytes table's case: today's save, with the queues and centres in the state dict if `before`."""
+    return run_case(world, shape, persistent_buffers=before)["after"]
 
 
 def checkpoint_rows(device: torch.device, quick: bool) -> list[Row]:
@@ -128,9 +172,10 @@ def checkpoint_rows(device: torch.device, quick: bool) -> list[Row]:
 GOAL_NONE = ""
 
 
-def report(worlds: list[int], shape: dict) -> str:
+def bytes_report(worlds: list[int], shape: dict, model: str) -> str:
     mib, gb = 2 ** 20, 1e9
-    runs = {(w, before): measure(w, shape, before) for w in worlds for before in (True, False)}
+    runs = {(w, before): run_case(w, shape, model, persistent_buffers=before)["after"]
+            for w in worlds for before in (True, False)}
     state = runs[(min(worlds), False)]["total"]
     head = ("| ranks | side | model states MiB | all but optimizer partitions MiB | x 1 rank | optimizer "
             "partitions MiB | complete save s | of which DeepSpeed's files s | s per GB of state |")
@@ -146,19 +191,63 @@ def report(worlds: list[int], shape: dict) -> str:
     return "\n".join(lines) + f"\n\nState (the {min(worlds)}-rank checkpoint, after): {state / mib:.1f} MiB.\n"
 
 
+# Rank 0's phases, grouped into the columns of the save table (the others are in the timelines).
+COLUMNS = {
+    "stop agreed": ("stop agreed",),
+    "DeepSpeed's files": ("DeepSpeed's files",),
+    "megavl's files on the path": ("megavl's files, after DeepSpeed's", "megavl's CPU copies",
+                                   "waiting for megavl's files"),
+    "fsync": ("fsync this rank's files",),
+    "barriers, broadcast": ("tag directory", "barrier: start", "barrier: every rank's files", "barrier: complete"),
+    "marker": ("marker", "marker, prune"),
+}
+
+
+def save_report(worlds: list[int], shape: dict, model: str) -> str:
+    gb = 1e9
+    runs = {w: run_case(w, shape, model, sides=("before", "after")) for w in worlds}
+    head = ("| ranks | side | GB | complete save s | s per GB | " + " | ".join(f"rank 0: {c} s" for c in COLUMNS)
+            + " | rank 0: megavl's files beside DeepSpeed's s | rank 0: prune after complete s |")
+    lines = [head, "|" + "---|" * (7 + len(COLUMNS))]
+    for w in worlds:
+        for side in ("before", "after"):
+            r = runs[w][side]
+            phases = r["phases"][0]
+            cells = [sum(phases.get(name, 0.0) for name in names) for names in COLUMNS.values()]
+            beside = phases.get("megavl's files, beside DeepSpeed's")
+            prune = phases.get("prune, after complete")
+            lines.append(f"| {w} | {side} | {r['total'] / gb:.3f} | {r['seconds']:.2f} | {r['seconds'] / (r['total'] / gb):.2f} | "
+                         + " | ".join(f"{c:.2f}" for c in cells)
+                         + f" | {'' if beside is None else f'{beside:.2f}'} | {'' if prune is None else f'{prune:.2f}'} |")
+    top = max(worlds)
+    for side in ("before", "after"):
+        timelines = runs[top][side]["timelines"]
+        lines += ["", f"{top} ranks, {side}, the median save: each rank's phases, seconds since the first rank "
+                  "left the barrier (start-end)", ""]
+        names = [name for name, _, _ in timelines[0]]
+        lines += ["| rank | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        for rank in sorted(timelines):
+            spans = {name: (a, b) for name, a, b in timelines[rank]}
+            lines.append(f"| {rank} | " + " | ".join(f"{spans[n][0]:.2f}-{spans[n][1]:.2f}" if n in spans else ""
+                                                      for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--table", choices=("bytes", "save"), default="bytes")
+    parser.add_argument("--model", choices=tuple(MODELS), default="tiny")
     parser.add_argument("--out", type=Path, default=None, help="markdown file for the table (default: print)")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--quick", action="store_true", help="a 4,096-entry queue instead of the 4M recipe's")
     args = parser.parse_args(argv)
     shape = QUICK if args.quick else QUEUE_4M
     started = time.monotonic()
-    table = report(args.worlds, shape)
+    table = (bytes_report if args.table == "bytes" else save_report)(args.worlds, shape, args.model)
     text = (f"Machine: {machine_line(torch.device('cpu'))}\n\nCommand: `python bench/bench_checkpoint.py "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}` ({time.monotonic() - started:.0f} s)\n\n"
-            f"ZeRO-3 (ds_configs/zero3.json), tiny towers, fp32, ITC queue {shape['queue']} x {shape['embed']}, "
-            f"{shape['prototypes']} prototypes; median of {REPS} saves, slowest rank.\n\n{table}")
+            f"ZeRO-3 (ds_configs/zero3.json), {args.model} towers, fp32, ITC queue {shape['queue']} x {shape['embed']}, "
+            f"{shape['prototypes']} prototypes; median of {REPS} saves.\n\n{table}")
     print(text)
     if args.out:
         args.out.write_text(text)

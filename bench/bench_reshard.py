@@ -7,7 +7,7 @@ The state is the recipe's real parameter and buffer set (ViT-B/16 + BERT-base + 
 EMA teacher, the ITC queues: names and shapes of `PretrainModule`, built once with random weights, no
 hub), held by a module built under `deepspeed.zero.Init` so that no rank ever holds it whole. Real
 ZeRO-3 engines (gloo, fp32, torch AdamW) on 4 ranks write a checkpoint with megavl's own
-`checkpoint.save`; 2 ranks resume it (4 -> 2) and save again; 4 ranks resume that (2 -> 4).
+`checkpoint_save.save`; 2 ranks resume it (4 -> 2) and save again; 4 ranks resume that (2 -> 4).
 
 Per case:
   readers   each new rank's reads alone, one rank at a time, in a fresh process, the page cache of the
@@ -264,7 +264,7 @@ def _engine_worker(rank: int, world: int, port: int, shapes: dict, job: dict, re
     torch.set_num_threads(1)
     import deepspeed
 
-    from megavl.engine import checkpoint, reshard
+    from megavl.engine import checkpoint, checkpoint_save, reshard
     from megavl.engine.launch import init_distributed
 
     init_distributed()
@@ -286,12 +286,12 @@ def _engine_worker(rank: int, world: int, port: int, shapes: dict, job: dict, re
             step, opt = reshard.load(engine, named, tag, rank, 3)
             teacher = checkpoint.load_module_state(engine.module, tag, rank, job["old_world"])
             torch.distributed.barrier()
-        report.update(seconds=meter.seconds, peak=meter.peak, peak_all=meter.peak_all, opens=opt.opens + teacher.opens + 1,
+        report.update(seconds=meter.seconds, peak=meter.peak, peak_all=meter.peak_all, opens=opt.opens + teacher.opens,
                       bytes=opt.bytes + teacher.bytes)
     if job.get("save"):
-        info = checkpoint.SaveInfo(run_id="bench", world_size=world, zero_stage=3, keep=5, config_yaml="")
+        info = checkpoint_save.SaveInfo(run_id="bench", world_size=world, zero_stage=3, keep=5, config_yaml="")
         start = time.perf_counter()
-        checkpoint.save(engine, engine.module, Path(job["save"]), step + 1, rank, {"data": {}}, info)
+        checkpoint_save.save(engine, engine.module, Path(job["save"]), step + 1, rank, {"data": {}}, info)
         report["save_seconds"] = time.perf_counter() - start
     results.put(report)
     torch.distributed.barrier()

@@ -14,6 +14,7 @@ Layout under <output_dir>/checkpoints/:
         COMPLETE.json               rank 0, LAST, after a barrier: run id, step, world, every file + size
     latest                          rank 0, after COMPLETE.json: the newest complete tag (for export)
 
+`checkpoint_save.save` writes a tag; every file is fsynced before the marker that lists it (durable.py).
 A tag without COMPLETE.json is half-written. Nothing here deletes a tag that the current run did not
 write: `prune` removes only complete tags whose marker names this run's id, and half-written tags
 whose `.writing` names it. megavl's files are safetensors + JSON, loaded without unpickling.
@@ -24,22 +25,25 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
-import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
 
 from megavl.errors import DataResumeError
+
+from . import durable
+
+if TYPE_CHECKING:  # ds_partitions imports this module
+    from .ds_partitions import ReadStats
 
 log = logging.getLogger(__name__)
 TAG_PATTERN = re.compile(r"^step_(\d{8})(?:_([0-9a-f]+))?$")
@@ -74,17 +78,37 @@ def broadcast_from_rank0(value):
     return box[0]
 
 
+def read_on_rank0(path: Path, chunk_bytes: int = 256 * 2 ** 20) -> bytes:
+    """The bytes of `path`, read by rank 0 alone and broadcast to every rank (a collective): one read
+    of the shared filesystem instead of one per rank, all of the same file. Broadcast in chunks, so
+    NCCL needs at most `chunk_bytes` of device memory; a file rank 0 cannot read is a
+    CheckpointError on every rank."""
+    path = Path(path)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return path.read_bytes()
+    data, size = None, None
+    if dist.get_rank() == 0:
+        try:
+            data = path.read_bytes()
+            size = len(data)
+        except OSError as err:
+            size = f"{path.parent.parent.name}: {path.name} is unreadable ({err})"
+    size = broadcast_from_rank0(size)
+    if isinstance(size, str):
+        raise CheckpointError(size)
+    buffer = bytearray(data if data is not None else size)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    for start in range(0, size, chunk_bytes):
+        piece = torch.frombuffer(buffer, dtype=torch.uint8, offset=start, count=min(chunk_bytes, size - start))
+        moved = piece.to(device)  # the same memory on the CPU
+        dist.broadcast(moved, src=0)
+        if moved.data_ptr() != piece.data_ptr():
+            piece.copy_(moved)
+    return bytes(buffer)
+
+
 # --------------------------------------------------------------------------------- file helpers
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+_write_json = durable.write_json
 
 
 def _read_json(path: Path) -> dict:
@@ -130,7 +154,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-# ------------------------------------------------------------------------- teacher, buffers: save
+# ----------------------------------------------------------------------------------- the teacher
 def _partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_tensor")
 
@@ -139,91 +163,6 @@ def _teacher_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The EMA teacher's parameters by name; {} for modules without one (fine-tuning tasks)."""
     teacher = getattr(module, "teacher", None)
     return dict(teacher.named_parameters()) if teacher is not None else {}
-
-
-def _module_tensors(module: torch.nn.Module, rank: int, zero3: bool) -> tuple[dict, dict | None]:
-    """(rank 0's state.safetensors, this rank's teacher shard file or None)."""
-    shared: dict[str, torch.Tensor] = {}
-    shards: dict[str, torch.Tensor] = {}
-    if rank == 0:
-        shared.update({f"buffer/{n}": b for n, b in module.named_buffers()})
-    teacher = _teacher_params(module)
-    for name, p in teacher.items():
-        if _partitioned(p):
-            shards[f"teacher/{name}"] = p.ds_tensor.data
-        elif rank == 0:
-            shared[f"teacher/{name}"] = p.data
-    for key, value in getattr(module, "teacher_master", {}).items():
-        base = key.removesuffix("/full")
-        shard = key == base and _partitioned(teacher[base])
-        if shard:
-            shards[f"master/{key}"] = value
-        elif rank == 0:
-            shared[f"master/{key}"] = value
-    return shared, (shards if zero3 else None)
-
-
-@dataclass
-class SaveInfo:
-    run_id: str
-    world_size: int
-    zero_stage: int
-    keep: int
-    config_yaml: str
-
-
-def _choose_save_tag(ckpt_dir: Path, step: int, run_id: str) -> Path:
-    """`step_N`, or `step_N_<run id>` when another run owns `step_N` (its files are never touched)."""
-    plain = ckpt_dir / tag_for(step)
-    if not plain.exists() or _owner(plain) == run_id:
-        return plain
-    return ckpt_dir / tag_for(step, run_id)
-
-
-def save(engine, module: torch.nn.Module, ckpt_dir: Path, step: int, rank: int, meta: dict,
-         info: SaveInfo) -> Path:
-    """Save a complete checkpoint for `step` (a collective: every rank calls it)."""
-    ckpt_dir = Path(ckpt_dir)
-    tag_dir = None
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tag_dir = _choose_save_tag(ckpt_dir, step, info.run_id)
-        if tag_dir.exists():  # our own earlier attempt at this step (killed, or a rerun): replace it
-            if _owner(tag_dir) != info.run_id:
-                raise CheckpointError(f"{tag_dir} exists and was not written by this run ({info.run_id})")
-            shutil.rmtree(tag_dir)
-        (tag_dir / MEGAVL).mkdir(parents=True)
-        _write_json(tag_dir / WRITING, {"run_id": info.run_id, "step": step})
-    tag_dir = Path(broadcast_from_rank0(str(tag_dir) if tag_dir else None))
-    _barrier()
-    started = time.monotonic()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state={"step": step}, save_latest=False,
-                         exclude_frozen_parameters=True)  # the teacher: megavl writes it once, below
-    shared, shards = _module_tensors(module, rank, info.zero_stage == 3)
-    if shards is not None:
-        _save_tensors(tag_dir / MEGAVL / f"teacher_rank{rank}.safetensors", shards)
-    _write_json(tag_dir / MEGAVL / f"rng_rank{rank}.json", rng_state())
-    if rank == 0:
-        _save_tensors(tag_dir / MEGAVL / "state.safetensors", shared)
-        _write_json(tag_dir / MEGAVL / "meta.json", {
-            **meta, "format": FORMAT, "step": step, "run_id": info.run_id, "world_size": info.world_size,
-            "zero_stage": info.zero_stage})
-        (tag_dir / "config.yaml").write_text(info.config_yaml)
-    _barrier()  # every rank's DeepSpeed and megavl files are complete
-    if rank == 0:
-        files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-                 if p.is_file() and p.name != WRITING and not p.name.startswith(".")}
-        _write_json(tag_dir / MARKER, {"run_id": info.run_id, "step": step, "world_size": info.world_size,
-                                       "zero_stage": info.zero_stage, "format": FORMAT,
-                                       "saved_at": time.time(), "files": files})
-        (tag_dir / WRITING).unlink()
-        tmp = ckpt_dir / ".latest.tmp"
-        tmp.write_text(tag_dir.name)
-        os.replace(tmp, ckpt_dir / "latest")
-        log.info("checkpoint %s complete (%.1f s)", tag_dir.name, time.monotonic() - started)
-        prune(ckpt_dir, info.keep, info.run_id, current=tag_dir.name)
-    _barrier()  # no rank exits (SIGTERM path) before the marker is on disk
-    return tag_dir
 
 
 def prune(ckpt_dir: Path, keep: int, run_id: str, current: str | None = None) -> list[str]:
@@ -350,23 +289,21 @@ def read_meta(tag_dir: Path) -> dict:
     return _read_json(Path(tag_dir) / MEGAVL / "meta.json")
 
 
-def _my_shard(full_flat: torch.Tensor, shard: torch.Tensor, rank: int) -> torch.Tensor:
-    size = shard.numel()
-    padded = torch.zeros(size * (rank + 1), dtype=full_flat.dtype)
-    n = min(full_flat.numel(), padded.numel())
-    padded[:n] = full_flat[:n]
-    return padded[rank * size:(rank + 1) * size]
-
-
 @torch.no_grad()
-def load_module_state(module: torch.nn.Module, tag_dir: Path, rank: int, old_world: int):
+def load_module_state(module: torch.nn.Module, tag_dir: Path, rank: int, old_world: int) -> ReadStats:
     """Restore buffers, the teacher and its fp32 master, on any world size and ZeRO stage (a
-    collective under ZeRO-3). Returns what reading the teacher's shard files cost this rank
-    (zero3_shards.load_teacher: each file opened at most once, only this rank's ranges read)."""
+    collective). Rank 0 reads the state file and broadcasts it; the teacher's shard files are read by
+    range (zero3_shards.load_teacher: each opened at most once, only this rank's ranges read).
+    Returns what this rank read from the filesystem."""
     from .zero3_shards import load_teacher
 
     tag_dir = Path(tag_dir)
-    shared = load_file(str(tag_dir / MEGAVL / "state.safetensors"))
+    state_file = tag_dir / MEGAVL / "state.safetensors"
+    data = read_on_rank0(state_file)
+    try:
+        shared = load_safetensors(data)
+    except Exception as err:  # noqa: BLE001 - any parse failure means "corrupt"; alike on every rank
+        raise CheckpointError(f"{tag_dir.name}: {state_file.name} is corrupt ({type(err).__name__}: {err})") from None
     shard_files = sorted(tag_dir.glob(f"{MEGAVL}/teacher_rank*.safetensors"),
                          key=lambda p: int(re.search(r"(\d+)\.safetensors$", p.name).group(1)))
     if shard_files and len(shard_files) != old_world:
@@ -375,7 +312,12 @@ def load_module_state(module: torch.nn.Module, tag_dir: Path, rank: int, old_wor
     for key, value in shared.items():
         if key.startswith("buffer/"):
             buffers[key[len("buffer/"):]].copy_(value)
-    return load_teacher(module, tag_dir, rank, shared, shard_files)
+    stats = load_teacher(module, tag_dir, rank, shared, shard_files)
+    if rank == 0:
+        stats.opens += 1
+        stats.bytes += len(data)
+        stats.files.append(state_file.name)
+    return stats
 
 
 def load_data_state(loader, meta: dict, data_resume: str, tag: str) -> None:

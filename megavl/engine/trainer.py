@@ -31,7 +31,7 @@ from megavl.models.pretrained import without_init_files
 from megavl.tasks import task_builder
 from megavl.tasks.task import StepPlan, Task, TaskEnv
 
-from . import checkpoint, lineage, reshard, trust
+from . import checkpoint, checkpoint_save, lineage, reshard, trust
 from .best import export_best
 from .ds_config import resolve_precision
 from .launch import DistInfo, init_distributed
@@ -206,10 +206,10 @@ class Trainer:
     def save(self) -> None:
         meta = {"data": self.loader.state_dict(), "schedule": self._schedule_settings(), "best": self.best,
                 "task_state": self.task.extra_state, "lineage": self.line["lineage"]}
-        info = checkpoint.SaveInfo(run_id=self.run_id, world_size=self.dist.world_size, zero_stage=self.zero_stage,
+        info = checkpoint_save.SaveInfo(run_id=self.run_id, world_size=self.dist.world_size, zero_stage=self.zero_stage,
                                    keep=self.cfg.run.keep_checkpoints,
                                    config_yaml=yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        checkpoint.save(self.engine, self.module, self.ckpt_dir, self.step, self.dist.rank, meta, info)
+        checkpoint_save.save(self.engine, self.module, self.ckpt_dir, self.step, self.dist.rank, meta, info)
 
     # -------------------------------------------------------------------------------- eval
     def evaluate(self, split: str, when: str = "during") -> dict:

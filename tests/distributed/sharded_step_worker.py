@@ -7,18 +7,22 @@ for each ZeRO stage named, one after the other in the same process (one DeepSpee
 Per stage it writes OUT_DIR/stage{S}_rank{R}.json: per-step losses (averaged over ranks), the ITC
 temperature the loss used and the optimizer's fp32 master after each step, and the queue state (pointer,
 image ids, a checksum of the features) after each step and after a checkpoint save + load into a fresh
-engine. The test asserts; the worker only measures.
+engine, with the files the save fsynced (and when) and the files each rank read to restore megavl's
+state. The test asserts; the worker only measures.
 """
+import contextlib
 import hashlib
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from megavl.config import load_config
-from megavl.engine import checkpoint
+from megavl.engine import checkpoint, checkpoint_save
 from megavl.tasks.curriculum import mode_at
 from megavl.engine.launch import init_distributed
 from megavl.engine.step import (build_engine, clear_zero3_grad_partitions, step_generator,
@@ -128,14 +132,33 @@ def run_stage(stage: int, info, out_dir: Path) -> dict:
 
     # Save, then load into a fresh engine: the queue (features, ids, pointer) comes back as it was.
     ckpt = out_dir / f"ckpt_stage{stage}"
-    save_info = checkpoint.SaveInfo(run_id="queue-test", world_size=world, zero_stage=zero, keep=1, config_yaml="")
-    tag_dir = checkpoint.save(engine, module, ckpt, STEPS, info.rank, {}, save_info)
+    save_info = checkpoint_save.SaveInfo(run_id="queue-test", world_size=world, zero_stage=zero, keep=1, config_yaml="")
+    with _fsyncs() as fsynced:
+        tag_dir = checkpoint_save.save(engine, module, ckpt, STEPS, info.rank, {}, save_info)
+    out["fsynced"] = [(os.path.relpath(path, tag_dir), when) for path, when in fsynced]
+    out["marker_files"] = sorted(json.loads((tag_dir / checkpoint.MARKER).read_text())["files"])
     torch.manual_seed(123)  # a different initial state, so the restore must really overwrite it
     fresh, _, _ = build_engine(cfg, f"ds_configs/zero{stage}.json", world, info.device)
     fresh.load_checkpoint(str(ckpt), tag=tag_dir.name, load_module_strict=False)
-    checkpoint.load_module_state(fresh.module, tag_dir, info.rank, world)
+    out["state_reads"] = checkpoint.load_module_state(fresh.module, tag_dir, info.rank, world).files
     out["queue_restored"] = _queue_state(fresh.module)
     return out
+
+
+@contextlib.contextmanager
+def _fsyncs():
+    """(path, time.perf_counter()) of every fsync this process makes inside the block (any thread)."""
+    calls, real = [], os.fsync
+
+    def recording(fd):
+        real(fd)
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), time.perf_counter()))
+
+    os.fsync = recording
+    try:
+        yield calls
+    finally:
+        os.fsync = real
 
 
 def main(out_dir: str, *stages: str) -> None:

@@ -2,7 +2,8 @@
 the same per-step losses (1e-5) over 6 steps with grad_accum 2, every objective on, the ITC queue and
 momentum distillation on, text-guided masking on and the curriculum crossing both modes; the ITC
 temperature stays inside [temp_min, temp_max] in every stage; and the queue ring buffer
-wraps, is identical on every rank and is restored from a checkpoint.
+wraps, is identical on every rank and is restored from a checkpoint, whose every file is fsynced
+before its marker and whose state file rank 0 alone reads back.
 
 This holds because each loss is a function of the global batch: contrastive losses gather features (and
 image ids), ITM draws negatives from the gathered batch, MLM averages over the global count of masked
@@ -91,3 +92,27 @@ def test_queue_ring_buffer_wraps_matches_ranks_and_is_restored(runs, stage):
     assert r0["queue_restored"] == last
     if stage:
         assert runs[stage][0]["queue"][-1]["ids"] == runs[0][0]["queue"][-1]["ids"]
+
+
+@pytest.mark.parametrize("stage", (0, *SHARDED))
+def test_checkpoint_is_durable_before_its_marker_and_rank0_alone_reads_the_state(runs, stage):
+    """Every file COMPLETE.json lists was fsynced (under its name or its temporary name, by the rank
+    that wrote it) before the marker itself; on resume only rank 0 reads the state file."""
+    synced: dict[str, float] = {}
+    for rank in runs[stage]:
+        for name, when in rank["fsynced"]:
+            synced[name] = min(when, synced.get(name, when))
+    marker = synced[".COMPLETE.json.tmp"]
+
+    def fsynced_at(rel: str) -> float | None:
+        tmp = str(Path(rel).with_name(f".{Path(rel).name}.tmp"))
+        return synced.get(rel, synced.get(tmp))
+
+    listed = runs[stage][0]["marker_files"]
+    assert any(name.endswith("optim_states.pt") or name.endswith("model_states.pt") for name in listed)
+    for name in listed:
+        assert fsynced_at(name) is not None, f"{name} not fsynced"
+        assert fsynced_at(name) < marker, f"{name} fsynced after the marker"
+    assert "state.safetensors" in runs[stage][0]["state_reads"]
+    for rank in runs[stage][1:]:
+        assert "state.safetensors" not in rank["state_reads"]

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 from sharded_step_worker import global_batch  # noqa: E402
 
 from megavl.config import load_config, to_dict  # noqa: E402
-from megavl.engine import checkpoint  # noqa: E402
+from megavl.engine import checkpoint_save  # noqa: E402
 from megavl.engine.ds_compat import DeepSpeedCompatError, check_engine  # noqa: E402
 from megavl.engine.export import export  # noqa: E402
 from megavl.engine.launch import init_distributed  # noqa: E402
@@ -57,9 +57,9 @@ def train_and_export(out: Path, ds_config: str, device) -> dict:
         engine.backward(total)
         engine.step()
     ckpt_dir = out / "checkpoints"
-    info = checkpoint.SaveInfo(run_id="export-test", world_size=1, zero_stage=stage, keep=1,
+    info = checkpoint_save.SaveInfo(run_id="export-test", world_size=1, zero_stage=stage, keep=1,
                                config_yaml=yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    checkpoint.save(engine, engine.module, ckpt_dir, 2, 0, {"data": {}}, info)
+    checkpoint_save.save(engine, engine.module, ckpt_dir, 2, 0, {"data": {}}, info)
     export(ckpt_dir, out / "export")
     torch.save(fp32_masters(engine), out / "master.pt")
     torch.save({n: p.detach().clone() for n, p in engine.module.named_parameters()}, out / "module.pt")

@@ -47,7 +47,7 @@ def test_rollback_survives_a_crash_before_its_first_save(tmp_path, caplog):
     assert again["tag_dir"] == str(tmp_path / "step_00000002") and again["line"] == line
     assert again["off_line"] == ["step_00000004", "step_00000006"]
 
-    # the branch saved step 4 beside the abandoned one (checkpoint._choose_save_tag): auto takes it
+    # the branch saved step 4 beside the abandoned one (checkpoint_save._choose_save_tag): auto takes it
     mine = _tag(tmp_path, 4, line["run_id"], line["lineage"], saved_at=100, plain=False)
     assert lineage.choose(tmp_path, "auto")["tag_dir"] == str(mine)
     # ... unless it is truncated: a log line, then the previous checkpoint on the line (not step 6)
