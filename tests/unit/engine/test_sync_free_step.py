@@ -6,14 +6,15 @@ would make a CUDA host wait, and uses the varlen kernel only for masked calls.
 GPU: a full PretrainModule step (every objective, both curriculum modes, backward, AdamW, EMA teacher,
 the stop flag between its checks, the step timer) under torch.cuda.set_sync_debug_mode("error"),
 which raises on any host-device synchronisation; with flash-attn installed, the same in bf16 through
-flash. DeepSpeed is not part of it (its own step syncs
-for the gradient norm and overflow checks, and it is not installed on the bare GPU image).
+flash (dense and varlen kernels both called). DeepSpeed is not part of it (its own step syncs for the
+gradient norm and overflow checks, and it is not installed on the bare GPU image).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+import megavl.models.attention as attn_mod
 from flash_standin import StandinFlash, SyncCounter, install
 from megavl.config import OBJECTIVE_NAMES, load_config
 from megavl.engine.metrics import StepTimer
@@ -116,13 +117,24 @@ def test_steady_state_step_has_no_host_sync():
 
 
 @pytest.mark.gpu
-def test_bf16_step_through_flash_has_no_host_sync():
+def test_bf16_step_through_flash_has_no_host_sync(monkeypatch):
     pytest.importorskip("flash_attn", reason="flash-attn not installed (pip install 'megavl[flash]')")
+    real = attn_mod._flash_kernels()
+    calls = []
+
+    def counted(kind, fn):
+        def run(*args, **kwargs):
+            calls.append(kind)
+            return fn(*args, **kwargs)
+        return run
+    monkeypatch.setattr(attn_mod, "_flash_kernels",
+                        lambda: attn_mod.FlashKernels(counted("dense", real.dense), counted("varlen", real.varlen)))
     device = torch.device("cuda")
     module = _module(device, attention="flash").to(torch.bfloat16)  # flash, or an error: never sdpa
     opt = torch.optim.AdamW([p for _, p in module.student_parameters()], lr=1e-4, foreach=True)
-    batch = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
-             for k, v in _batch(device).items()}
+    fp32 = _batch(device)
+    batch = {**{k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+                for k, v in fp32.items()}, "images_fp32": fp32["images"]}  # as engine.step.to_device
 
     def step(i: int, mode: str) -> None:
         total, _ = module(batch, mode, torch.Generator(device=device).manual_seed(i))
@@ -141,3 +153,4 @@ def test_bf16_step_through_flash_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+    assert calls.count("dense") > 0 and calls.count("varlen") > 0, calls
