@@ -103,7 +103,7 @@ def resolve_backend(requested: str, q_BHLD: torch.Tensor) -> str:
 class Packing(NamedTuple):
     """Where the valid tokens of a padded (B, L) batch go in a packed buffer of N = B*L rows.
 
-    gather_ids (N,) int64: padded flat position of packed row n (0 for the rows past T);
+    gather_ids (N,) int64: padded flat position of packed row n (the padding positions past T);
     row_valid (N,) bool: packed row n holds a token (n < T);
     unpack_ids (B, L) int64: packed row of each valid padded position (0 at padding);
     cu_seqlens (B+1,) int32: cumulative sequence lengths from 0, flash-attn's varlen convention;
@@ -124,11 +124,9 @@ def packing(mask_BL: torch.Tensor) -> Packing:
     flat_N = mask_BL.flatten()
     n = flat_N.numel()
     packed_row_N = torch.cumsum(flat_N, dim=0) - 1  # int64; the packed row of each valid token
-    # Scatter each valid position to its packed row; padding goes to a spare slot n, dropped after.
-    slot_N = torch.where(flat_N, packed_row_N, n)
-    positions = torch.arange(n, device=mask_BL.device)
-    gather_ids = torch.zeros(n + 1, dtype=torch.long, device=mask_BL.device).scatter_(0, slot_N, positions)[:n]
-    row_valid = positions < flat_N.sum()
+    # A stable sort puts the valid positions first in their order: a gather list of fixed length n.
+    gather_ids = torch.argsort((~flat_N).to(torch.uint8), stable=True)
+    row_valid = torch.arange(n, device=mask_BL.device) < flat_N.sum()
     unpack_ids = packed_row_N.clamp(min=0).view_as(mask_BL)
     cu_seqlens = F.pad(torch.cumsum(mask_BL.sum(dim=1, dtype=torch.int32), dim=0, dtype=torch.int32), (1, 0))
     return Packing(gather_ids, row_valid, unpack_ids, cu_seqlens, mask_BL)
@@ -154,8 +152,8 @@ class _GatherRows(torch.autograd.Function):
 
 
 def pack_rows(x_BLR: torch.Tensor, plan: Packing) -> torch.Tensor:
-    """x_BLR (B, L, *R) -> x_NR (B*L, *R): the valid tokens first, in order; rows past T repeat
-    row 0 and get no gradient."""
+    """x_BLR (B, L, *R) -> x_NR (B*L, *R): the valid tokens first, in order; the rows past T hold
+    padding and pass no gradient back."""
     return _GatherRows.apply(x_BLR.reshape(-1, *x_BLR.shape[2:]), plan.gather_ids, plan.row_valid)
 
 
