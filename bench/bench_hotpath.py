@@ -17,6 +17,7 @@ attention), other ATen kernels (self time of every other aten:: op), and the res
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="fewer steps, no 4M step")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 2 4M, 10 tiny)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 1 4M, 10 tiny)")
     args = parser.parse_args(argv)
     ensure_distributed()
     device = torch.device("cpu")
@@ -117,10 +118,24 @@ def main(argv: list[str] | None = None) -> int:
     probe = measure_matmul_flops(device, torch.float32)
     rows = [("matmul probe", f"{PROBE_SIZE['cpu']}^3 fp32 matmul, best of >= 3 in 0.5 s",
              f"{probe / 1e9:.1f} GFLOP/s", "-", "-", f"{threads} torch threads")]
-    cases = [("tiny step (make demo recipe)", RECIPES["tiny"], 3, None, args.steps or (3 if args.quick else 10)),
-             ("tiny step (make demo recipe)", RECIPES["tiny"], 0, None, args.steps or (3 if args.quick else 10))]
+
+    def write() -> str:  # after every case, so a run cut short keeps what it measured
+        lines = [f"# Hot path on CPU: MFU against the matmul probe ({time.strftime('%Y-%m')})", "",
+                 f"Hardware: {machine_line(device)}", "",
+                 f"Command: `python bench/bench_hotpath.py --out {args.out}{' --quick' if args.quick else ''}`", "",
+                 "| row | case | step | MFU (vs probe) | where the time goes (profiled single+two steps) | note |",
+                 "|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        text = "\n".join(lines) + "\n"
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        return text
+
+    tiny = "tiny step (make demo recipe)"
+    cases = [(tiny, RECIPES["tiny"], 3, None, args.steps or (3 if args.quick else 10)),
+             (tiny, RECIPES["tiny"], 0, None, args.steps or (3 if args.quick else 10))]
     if not args.quick:
-        cases.append(("4M step (ViT-B/16 + BERT-base, 256 px)", RECIPES["4m"], 0, 8, args.steps or 2))
+        cases.append(("4M step (ViT-B/16 + BERT-base, 256 px)", RECIPES["4m"], 0, 8, args.steps or 1))
     results = {}
     for name, recipe, stage, batch_size, steps in cases:
         batch_size = batch_size or load_config(recipe, []).data.batch_size
@@ -130,22 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, f"ZeRO-{stage}, micro-batch {batch_size}, L={r['text_len']}, median of {2 * steps}",
                      f"{r['seconds'] * 1e3:.0f} ms/step, {r['flops'] / 1e9:.1f} GFLOP/step "
                      f"({r['flops'] / r['seconds'] / 1e9:.1f} GFLOP/s)",
-                     f"{util:.1%}", _split_cells(r["split"]), f"range {r['min'] * 1e3:.0f}-{r['max'] * 1e3:.0f} ms"))
-    z3, z0 = results.get(("tiny step (make demo recipe)", 3)), results.get(("tiny step (make demo recipe)", 0))
-    if z3 and z0:
-        rows.append(("tiny step: ZeRO-3 over ZeRO-0", "same recipe and batch, same process",
-                     f"+{(z3['seconds'] - z0['seconds']) * 1e3:.0f} ms/step", "-",
-                     f"{(z3['seconds'] - z0['seconds']) / z3['seconds']:.0%} of the ZeRO-3 step", "-"))
-    lines = [f"# Hot path on CPU: MFU against the matmul probe ({time.strftime('%Y-%m')})", "",
-             f"Hardware: {machine_line(device)}", "",
-             f"Command: `python bench/bench_hotpath.py --out {args.out}{' --quick' if args.quick else ''}`", "",
-             "| row | case | step | MFU (vs probe) | where the time goes (profiled single+two steps) | note |",
-             "|---|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+                     f"{util:.1%}", _split_cells(r["split"]), f"range {r['min'] * 1e3:.0f}-{r['max'] * 1e3:.0f} ms, "
+                     f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"))
+        print(rows[-1], file=sys.stderr, flush=True)
+        if (tiny, 3) in results and (tiny, 0) in results and name == tiny and stage == 0:
+            z3, z0 = results[(tiny, 3)], results[(tiny, 0)]
+            rows.append(("tiny step: ZeRO-3 over ZeRO-0", "same recipe and batch, same process",
+                         f"+{(z3['seconds'] - z0['seconds']) * 1e3:.0f} ms/step", "-",
+                         f"{(z3['seconds'] - z0['seconds']) / z3['seconds']:.0%} of the ZeRO-3 step", "-"))
+        write()
+    print(write())
     return 0
 
 
