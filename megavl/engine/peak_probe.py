@@ -1,7 +1,8 @@
 """The peak FLOP/s of a device no datasheet entry covers (a CPU, an unknown GPU), measured once.
 
-A square matmul in the run's dtype, timed a few times, best repetition: what this device, with this
-many torch threads, reaches on the operation that dominates a transformer step. The figure is kept
+A square matmul in the run's dtype, timed for about a second, best repetition: what this device, with
+this many torch threads, reaches on the operation that dominates a transformer step. On a machine
+shared with other work the probe can read low (then MFU reads high): delete the cache to measure again. The figure is kept
 in a small JSON file per machine (`cache_path`), keyed by device name, dtype and thread count, so
 only a machine's first run pays the probe's second or two.
 """
@@ -19,7 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 PROBE_SIZE = {"cpu": 2048, "cuda": 8192}  # square matmul side: large enough to reach the plateau
-PROBE_SECONDS = 0.5                         # time spent on timed repetitions (after one warm-up)
+PROBE_SECONDS = 1.0                         # time spent on timed repetitions (after one warm-up)
 MIN_REPS = 3
 
 
