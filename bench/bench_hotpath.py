@@ -34,6 +34,7 @@ from megavl.tasks.pretrain_flops import step_flops
 from bench_step import MODES, ensure_distributed
 from harness import DS_CONFIGS, RECIPES, machine_line, synthetic_batch
 
+TINY = "tiny step (make demo recipe)"
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product",
               "aten::_flash_attention", "aten::_efficient_attention")
 
@@ -115,11 +116,30 @@ def main(argv: list[str] | None = None) -> int:
     ensure_distributed()
     device = torch.device("cpu")
     threads = torch.get_num_threads()
-    # On a shared machine one probe can read low: probe before and after the cases, divide by the best.
+    # On a shared machine one probe can read low: probe before and after every case, divide by the best.
     probes = [measure_matmul_flops(device, torch.float32)]
-    probe = probes[0]
-    rows = [("matmul probe", f"{PROBE_SIZE['cpu']}^3 fp32 matmul, best repetition in 1 s",
-             f"{probe / 1e9:.1f} GFLOP/s", "-", "-", f"{threads} torch threads; MFU below divides by this")]
+    done: list[tuple[str, int, int, int, dict, float]] = []  # name, stage, batch, steps, timings, peak RSS
+
+    def rows() -> list[tuple[str, ...]]:
+        probe = max(probes)
+        out = [("matmul probe", f"{PROBE_SIZE['cpu']}^3 fp32 matmul, best repetition in 1 s",
+                f"{probe / 1e9:.1f} GFLOP/s", "-", "-",
+                f"{threads} torch threads; best of {len(probes)} probes "
+                f"({', '.join(f'{p / 1e9:.0f}' for p in probes)}), the MFU divisor")]
+        by_case = {}
+        for name, stage, batch_size, steps, r, rss in done:
+            by_case[(name, stage)] = r
+            out.append((name, f"ZeRO-{stage}, micro-batch {batch_size}, L={r['text_len']}, median of {2 * steps}",
+                        f"{r['seconds'] * 1e3:.0f} ms/step, {r['flops'] / 1e9:.1f} GFLOP/step "
+                        f"({r['flops'] / r['seconds'] / 1e9:.1f} GFLOP/s)",
+                        f"{r['flops'] / (r['seconds'] * probe):.1%}", _split_cells(r["split"]),
+                        f"range {r['min'] * 1e3:.0f}-{r['max'] * 1e3:.0f} ms, peak RSS {rss:.1f} GiB"))
+            z3, z0 = by_case.get((TINY, 3)), by_case.get((TINY, 0))
+            if name == TINY and stage == 0 and z3 and z0:
+                out.append(("tiny step: ZeRO-3 over ZeRO-0", "same recipe and batch, same process",
+                            f"+{(z3['seconds'] - z0['seconds']) * 1e3:.0f} ms/step", "-",
+                            f"{(z3['seconds'] - z0['seconds']) / z3['seconds']:.0%} of the ZeRO-3 step", "-"))
+        return out
 
     def write() -> str:  # after every case, so a run cut short keeps what it measured
         lines = [f"# Hot path on CPU: MFU against the matmul probe ({time.strftime('%Y-%m')})", "",
@@ -127,39 +147,22 @@ def main(argv: list[str] | None = None) -> int:
                  f"Command: `python bench/bench_hotpath.py --out {args.out}{' --quick' if args.quick else ''}`", "",
                  "| row | case | step | MFU (vs probe) | where the time goes (profiled single+two steps) | note |",
                  "|---|---|---|---|---|---|"]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += ["| " + " | ".join(row) + " |" for row in rows()]
         text = "\n".join(lines) + "\n"
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         return text
 
-    tiny = "tiny step (make demo recipe)"
-    cases = [(tiny, RECIPES["tiny"], 3, None, args.steps or (3 if args.quick else 10)),
-             (tiny, RECIPES["tiny"], 0, None, args.steps or (3 if args.quick else 10))]
+    cases = [(TINY, RECIPES["tiny"], 3, None, args.steps or (3 if args.quick else 10)),
+             (TINY, RECIPES["tiny"], 0, None, args.steps or (3 if args.quick else 10))]
     if not args.quick:
         cases.append(("4M step (ViT-B/16 + BERT-base, 256 px)", RECIPES["4m"], 0, 8, args.steps or 1))
-    results = {}
     for name, recipe, stage, batch_size, steps in cases:
         batch_size = batch_size or load_config(recipe, []).data.batch_size
         r = time_recipe(recipe, stage, batch_size, steps, profile_it=True)
-        results[(name, stage)] = r
         probes.append(measure_matmul_flops(device, torch.float32))
-        util = r["flops"] / (r["seconds"] * max(probes))
-        rows.append((name, f"ZeRO-{stage}, micro-batch {batch_size}, L={r['text_len']}, median of {2 * steps}",
-                     f"{r['seconds'] * 1e3:.0f} ms/step, {r['flops'] / 1e9:.1f} GFLOP/step "
-                     f"({r['flops'] / r['seconds'] / 1e9:.1f} GFLOP/s)",
-                     f"{util:.1%}", _split_cells(r["split"]), f"range {r['min'] * 1e3:.0f}-{r['max'] * 1e3:.0f} ms, "
-                     f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"))
-        print(rows[-1], file=sys.stderr, flush=True)
-        if (tiny, 3) in results and (tiny, 0) in results and name == tiny and stage == 0:
-            z3, z0 = results[(tiny, 3)], results[(tiny, 0)]
-            rows.append(("tiny step: ZeRO-3 over ZeRO-0", "same recipe and batch, same process",
-                         f"+{(z3['seconds'] - z0['seconds']) * 1e3:.0f} ms/step", "-",
-                         f"{(z3['seconds'] - z0['seconds']) / z3['seconds']:.0%} of the ZeRO-3 step", "-"))
-        probe = max(probes)
-        rows[0] = (rows[0][0], rows[0][1], f"{probe / 1e9:.1f} GFLOP/s", "-", "-",
-                   f"{threads} torch threads; best of {len(probes)} probes "
-                   f"({', '.join(f'{p / 1e9:.0f}' for p in probes)}), the MFU divisor")
+        done.append((name, stage, batch_size, steps, r, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+        print(rows()[-1], file=sys.stderr, flush=True)
         write()
     print(write())
     return 0
