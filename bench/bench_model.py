@@ -2,7 +2,8 @@
 
   masked encoding  ViT forward+backward on 25% of the patches (keep_ids) vs all of them.
   attention        megavl's chosen kernel vs its reference at ViT-B and BERT-base shapes, fwd+bwd:
-                   sdpa vs math everywhere, flash vs sdpa on CUDA (bf16).
+                   sdpa vs math everywhere, flash vs sdpa on CUDA (bf16): flash's dense kernel for the
+                   unmasked ViT shape, its varlen kernel for the padded BERT shapes.
   FLOP accounting  engine.flops.step_flops vs torch's FlopCounterMode on the same PretrainModule step
                    (attention "math" so the counter sees the attention matmuls).
 
@@ -91,7 +92,8 @@ def attention_backends(device: torch.device, quick: bool) -> list[Row]:
                                    device, reps)
             rows.append(Row("attention", f"{name}, B={B} H=12 D=64", f"{ours} vs {ref} fwd+bwd ms",
                             t[ours] * 1e3, t[ref] * 1e3, ref, "<= 1.00x",
-                            note=f"{str(dtype).removeprefix('torch.')}, median of {reps}"))
+                            note=f"{str(dtype).removeprefix('torch.')}, median of {reps}"
+                                 + ("" if ours != "flash" else ", varlen kernel" if lengths else ", dense kernel")))
     return rows
 
 

@@ -7,11 +7,14 @@
 # 1. install: deepspeed, webdataset (+ their pure-Python needs) from the wheels/sdist in .whl/
 #    (bench/gpu_wheels.sh fetches them) with pip --no-index --no-deps --target, against the image's
 #    own torch/triton; skipped when they import already. megavl itself runs from the tree (PYTHONPATH).
-# 2. GPU-only tests: `pytest -m gpu` (compiled Triton kernels vs their references, the flash-attn
-#    path when flash_attn imports, the bf16 steps under torch.cuda.set_sync_debug_mode) -> junit XML.
-# 3. GPU benchmark rows: bench/run_all.py --only kernels attention "end to end" "retrieval eval"
-#    (kernels vs copy bandwidth, flash vs SDPA, 4M-recipe samples/s + MFU on one GPU, retrieval re-rank).
-# 4. OUTDIR/summary.md + summary.json (bench/gpu_summary.py): environment, test outcomes, bench rows.
+# 2. GPU-only tests: `pytest -m gpu -k "not host_sync"` (compiled Triton kernels vs their references,
+#    the flash-attn path when flash_attn imports) -> gpu_tests.xml.
+# 3. Sync-debug step: the GPU tests named *host_sync*, full steps (both fusion modes; fp32 SDPA, and
+#    bf16 through flash when flash_attn imports) under torch.cuda.set_sync_debug_mode("error") -> sync_debug.xml.
+# 4. GPU benchmark rows: bench/run_all.py --only kernels attention "end to end" "retrieval eval"
+#    (kernels vs copy bandwidth, flash (dense and varlen) vs SDPA, 4M-recipe samples/s + MFU on one GPU,
+#    retrieval re-rank).
+# 5. OUTDIR/summary.md + summary.json (bench/gpu_summary.py): environment, test outcomes, bench rows.
 #
 # Each stage has its own time limit, and a failing stage does not stop the later ones: the summary
 # says what failed. Exit status: 0 when every stage passed, 1 otherwise, 2 on bad usage/install.
@@ -33,10 +36,10 @@ STAGES="$OUT/stages.txt"  # one "name status seconds" line per stage, read by gp
 say() { echo "[gpu_check] $*" | tee -a "$LOG"; }
 
 if [[ $DRY -eq 1 ]]; then
-    SITE="$OUT/site"; TEST_LIMIT=300; BENCH_LIMIT=300
+    SITE="$OUT/site"; TEST_LIMIT=300; SYNC_LIMIT=300; BENCH_LIMIT=300
     BENCH_ARGS=(--quick --only attention "end to end")
 else
-    SITE=${MEGAVL_GPU_SITE:-/tmp/megavl-gpu-site}; TEST_LIMIT=210; BENCH_LIMIT=270
+    SITE=${MEGAVL_GPU_SITE:-/tmp/megavl-gpu-site}; TEST_LIMIT=180; SYNC_LIMIT=90; BENCH_LIMIT=240
     BENCH_ARGS=(--only kernels attention "end to end" "retrieval eval")
 fi
 
@@ -86,10 +89,13 @@ fi
 cd "$REPO"
 # the files holding GPU-only tests (collecting the whole suite costs a minute on a small CPU)
 mapfile -t GPU_TEST_FILES < <(grep -rlE "pytest\.mark\.gpu|mark\.gpu" tests --include='test_*.py' | sort)
-stage gpu_tests "$TEST_LIMIT" "$PY" -m pytest "${GPU_TEST_FILES[@]}" -m gpu -q -rA -p no:cacheprovider \
-    --junitxml "$OUT/gpu_tests.xml"
-# ------------------------------------------------------------------------------------ 3. bench rows
+stage gpu_tests "$TEST_LIMIT" "$PY" -m pytest "${GPU_TEST_FILES[@]}" -m gpu -k "not host_sync" -q -rA \
+    -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml"
+# ------------------------------------------------------------------------------ 3. sync-debug step
+stage sync_debug "$SYNC_LIMIT" "$PY" -m pytest "${GPU_TEST_FILES[@]}" -m gpu -k host_sync -q -rA \
+    -p no:cacheprovider --junitxml "$OUT/sync_debug.xml"
+# ------------------------------------------------------------------------------------ 4. bench rows
 stage bench "$BENCH_LIMIT" "$PY" bench/run_all.py "${BENCH_ARGS[@]}" --out "$OUT/bench"
-# -------------------------------------------------------------------------------------- 4. summary
+# -------------------------------------------------------------------------------------- 5. summary
 "$PY" bench/gpu_summary.py "$OUT" $([[ $DRY -eq 1 ]] && echo --dry-run) 2>&1 | tee -a "$LOG"
 exit "${PIPESTATUS[0]}"

@@ -1,6 +1,7 @@
 """Summary of one bench/gpu_check.sh run: OUTDIR/summary.md + summary.json from what the stages left.
 
-Reads OUTDIR/stages.txt ("name status seconds" lines), OUTDIR/gpu_tests.xml (pytest junit) and
+Reads OUTDIR/stages.txt ("name status seconds" lines), OUTDIR/gpu_tests.xml and sync_debug.xml
+(pytest junit; both must exist) and
 OUTDIR/bench/bench.json (bench/run_all.py); prints the markdown. Exit 0 when every stage passed
 and no test failed, else 1. A missing file is reported as such, never as a pass.
 """
@@ -26,11 +27,14 @@ def read_stages(out: Path) -> list[dict]:
     return rows
 
 
-def read_tests(xml_path: Path) -> dict:
-    if not xml_path.is_file():
+JUNIT_FILES = ("gpu_tests.xml", "sync_debug.xml")  # one per test stage of gpu_check.sh
+
+
+def read_tests(*xml_paths: Path) -> dict:
+    if not xml_paths or not all(p.is_file() for p in xml_paths):
         return {"found": False, "tests": []}
     tests = []
-    for case in ET.parse(xml_path).getroot().iter("testcase"):
+    for case in (c for p in xml_paths for c in ET.parse(p).getroot().iter("testcase")):
         outcome, detail = "passed", ""
         for tag in ("failure", "error", "skipped"):
             node = case.find(tag)
@@ -59,7 +63,7 @@ def markdown(summary: dict) -> str:
     tests = summary["tests"]
     lines += ["", "## GPU-only tests", ""]
     if not tests["found"]:
-        lines.append("no junit file: the test stage did not run")
+        lines.append(f"a junit file ({', '.join(JUNIT_FILES)}) is missing: a test stage did not run")
     else:
         lines.append(", ".join(f"{v} {k}" for k, v in tests["counts"].items()))
         lines += ["", "| test | outcome | s | detail |", "|---|---|---|---|"]
@@ -81,7 +85,7 @@ def markdown(summary: dict) -> str:
 
 
 def summarise(out: Path, dry_run: bool) -> dict:
-    stages, tests, bench = read_stages(out), read_tests(out / "gpu_tests.xml"), read_bench(out)
+    stages, tests, bench = read_stages(out), read_tests(*(out / f for f in JUNIT_FILES)), read_bench(out)
     failed_rows = [r for r in bench["rows"] if str(r.get("note", "")).startswith("FAILED")]
     ok = (bool(stages) and all(s["status"] == 0 for s in stages) and tests["found"]
           and tests["counts"]["failed"] + tests["counts"]["error"] == 0 and bench["found"] and not failed_rows)

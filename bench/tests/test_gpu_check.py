@@ -25,9 +25,10 @@ def test_dry_run_goes_through_every_stage(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] and summary["dry_run"]
-    assert [s["stage"] for s in summary["stages"]] == ["install", "gpu_tests", "bench"]
+    assert [s["stage"] for s in summary["stages"]] == ["install", "gpu_tests", "sync_debug", "bench"]
     names = [t["name"] for t in summary["tests"]["tests"]]
     assert any("test_kernels" in n for n in names) and any("flash" in n for n in names), names
+    assert any("bf16_step_through_flash_has_no_host_sync" in n for n in names), names
     assert {r["bench"] for r in summary["bench"]["rows"]} == {"attention", "end to end"}
     md = (out / "summary.md").read_text()
     assert "## GPU-only tests" in md and "## Benchmark rows" in md and "Overall: PASS" in md
@@ -40,6 +41,7 @@ def test_summary_fails_on_a_failed_test_or_a_missing_stage(tmp_path):
         '<testsuites><testsuite><testcase classname="tests.unit.test_kernels" name="test_a" time="1.5">'
         '<failure message="AssertionError: 3 != 4">trace</failure></testcase>'
         '<testcase classname="tests.unit.test_kernels" name="test_b" time="0.1"/></testsuite></testsuites>')
+    (tmp_path / "sync_debug.xml").write_text('<testsuites><testsuite></testsuite></testsuites>')
     summary = gpu_summary.summarise(tmp_path, dry_run=False)
     assert not summary["ok"]
     assert summary["tests"]["counts"] == {"passed": 1, "failed": 1, "error": 0, "skipped": 0}

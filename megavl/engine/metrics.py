@@ -3,18 +3,21 @@
 Tag names are a public interface (users build dashboards on them): loss/total, loss/<objective>,
 train/lr, train/grad_norm, perf/samples_per_sec, perf/data_wait, mem/peak_gb, data/skipped/<reason>
 for every task; pre-training's train/itc_temperature, train/teacher_momentum, curriculum/mode,
-data/modality, perf/tflops, perf/mfu, eval/i2t_r{1,5,10}, eval/t2i_r{1,5,10}, eval/r_mean; the
+data/modality, perf/tflops, perf/mfu, perf/mfu_peak_tflops, perf/mfu_peak_probed, eval/i2t_r{1,5,10}, eval/t2i_r{1,5,10}, eval/r_mean; the
 fine-tuning tasks' val/<metric>, test/<metric> (retrieval with a queue: train/teacher_momentum,
-train/itc_distill_alpha). Also the device peak table and MFU.
+train/itc_distill_alpha). Also the device peak (datasheet table, else a matmul probe) and MFU.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
 from pathlib import Path
 
 import torch
+
+from .peak_probe import probed_peak
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +147,7 @@ def peak_memory_gb(device: torch.device) -> float | None:
 
 @functools.lru_cache(maxsize=None)
 def _log_no_peak_once(what: str) -> None:
-    logger.info("no bf16 peak FLOPs for %s; MFU is not reported", what)
+    logger.info("no datasheet peak FLOPs for %s; MFU is measured against a matmul probe", what)
 
 
 def peak_flops(device: torch.device | str) -> float | None:
@@ -162,11 +165,30 @@ def peak_flops(device: torch.device | str) -> float | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class DevicePeak:
+    """The per-device FLOP/s that perf/mfu divides by, and where it comes from."""
+    flops: float
+    probed: bool  # True: measured by the matmul probe in the run's dtype; False: PEAK_BF16_FLOPS
+    detail: str   # for the log line: the datasheet entry or the probe's key
+
+
+def device_peak(device: torch.device | str, dtype: torch.dtype, cache_path: Path | None = None) -> DevicePeak:
+    """The datasheet bf16 peak of a known GPU, else the matmul probe's figure for this device, dtype
+    and thread count (measured once per machine, `peak_probe.probed_peak`): MFU exists on every device."""
+    device = torch.device(device)
+    table = peak_flops(device)
+    if table is not None:
+        return DevicePeak(table, False, f"the bf16 datasheet peak of {torch.cuda.get_device_name(device)}")
+    flops, key = probed_peak(device, dtype, cache_path)
+    return DevicePeak(flops, True, f"a matmul probe ({key})")
+
+
 def mfu(flops_per_step: float, step_seconds: float, world_size: int, peak: float | None) -> float | None:
     """Model FLOPs utilisation = flops_per_step / (step_seconds * world_size * peak).
 
     flops_per_step: FLOPs of one optimizer step summed over ALL world_size ranks (e.g.
-    `step_flops(..., batch_size=global batch).total`); peak: per-device FLOP/s (`peak_flops`).
+    `step_flops(..., batch_size=global batch).total`); peak: per-device FLOP/s (`device_peak`).
     None when the peak is unknown.
     """
     if peak is None:

@@ -26,15 +26,20 @@ def step_generator(seed: int, step: int, micro: int, device: torch.device) -> to
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+# Loss targets, read by the loss in float32: the compute dtype would round them (bf16: 0.3 -> 0.3008).
+FULL_PRECISION_KEYS = frozenset({"target"})
+
+
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """The host batch on the device, floating tensors in the compute dtype."""
+    """The host batch on the device, floating model inputs in the compute dtype (loss targets,
+    `FULL_PRECISION_KEYS`, as they are)."""
     out = {}
     if "mlm_labels" in batch:  # counted on the host: the MLM head's selection then needs no device sync
         out["mlm_count"] = int((batch["mlm_labels"] != -100).sum())
     for key, value in batch.items():
         if torch.is_tensor(value):
             value = value.to(device, non_blocking=True)
-            out[key] = value.to(dtype) if value.is_floating_point() else value
+            out[key] = value.to(dtype) if value.is_floating_point() and key not in FULL_PRECISION_KEYS else value
             if key == "images" and value.is_floating_point() and value.dtype != dtype:
                 out["images_fp32"] = value  # MIM pixel targets come from the full-precision pixels
         else:

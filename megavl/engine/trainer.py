@@ -36,7 +36,7 @@ from .best import export_best
 from .ds_config import resolve_precision
 from .launch import DistInfo, init_distributed
 from .layer_decay import regrouped_since
-from .metrics import Monitor, StepTimer, mfu, peak_flops, peak_memory_gb
+from .metrics import DevicePeak, Monitor, StepTimer, device_peak, mfu, peak_memory_gb
 from .optim import predates_temporal_group
 from .step import (clear_zero3_grad_partitions, deepspeed_engine, mean_over_ranks, share_cpu_threads, step_generator,
                    sum_skips, to_device, zero_fill_unused_grads)
@@ -99,9 +99,22 @@ class Trainer:
             lineage.write_line(self.ckpt_dir, self.line, choice["tag_dir"] if choice else None)
         self.stop = stop or StopFlag()
         self.monitor = Monitor(self.output_dir, self.dist.is_main, cfg.run.max_steps, self.step, self.task.name)
+        self.peak = self._device_peak()
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def _device_peak(self) -> DevicePeak | None:
+        """The MFU denominator, on rank 0 (the one that logs); the other ranks wait at a barrier so a
+        first run's matmul probe has the machine to itself."""
+        if self.task.step_flops is None:
+            return None
+        peak = device_peak(self.device, self.dtype) if self.dist.is_main else None
+        if self.dist.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if peak is not None:
+            log.info("perf/mfu is measured against %s: %.4g TFLOP/s per device", peak.detail, peak.flops / 1e12)
+        return peak
 
     # ------------------------------------------------------------------------------ resume
     def _choose_checkpoint(self, resume: str, fresh: bool) -> dict | None:
@@ -347,8 +360,11 @@ class Trainer:
         })
         if self.task.step_flops is not None:
             flops = self.task.step_flops(plan, batch, samples)
-            scalars.update({"perf/tflops": flops / per_step / 1e12 / world,
-                            "perf/mfu": mfu(flops, per_step, world, peak_flops(self.device))})
+            scalars["perf/tflops"] = flops / per_step / 1e12 / world
+            if self.peak is not None:
+                scalars.update({"perf/mfu": mfu(flops, per_step, world, self.peak.flops),
+                                "perf/mfu_peak_tflops": self.peak.flops / 1e12,
+                                "perf/mfu_peak_probed": float(self.peak.probed)})
         if self.task.log_scalars is not None:
             scalars.update(self.task.log_scalars(plan, batch))
         scalars.update({f"data/skipped/{r}": n for r, n in sum_skips(self.loader.skip_counts(), self.device).items()})

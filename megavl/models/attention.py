@@ -1,11 +1,12 @@
 """One attention entry point for the whole model, with its backend chosen in one place.
 
 Legend: B batch, H heads, L query length, S key length, D head dim, E model width,
-T total (unpadded) tokens of a packed batch, R trailing dims of a packed tensor.
+N = B*L rows of a fixed-size packed buffer (its first T rows are the valid tokens), R trailing dims.
 
 Backends:
-  "flash"  flash-attn 2 varlen kernel (CUDA, fp16/bf16, D <= 256 and D % 8 == 0, sm80+);
-           padded sequences are packed with `unpad` (by cu_seqlens) and scattered back with `pad`.
+  "flash"  flash-attn 2 (CUDA, fp16/bf16, D <= 256 and D % 8 == 0, sm80+). Calls without masks run the
+           dense kernel (flash_attn_func); masked calls run the varlen kernel on tokens packed by
+           `pack_rows` into a fixed-size buffer, so no call waits on the device for a token count.
   "sdpa"   torch.nn.functional.scaled_dot_product_attention.
   "math"   explicit softmax(q k^T / sqrt(D)) v in float32: the reference the others are tested against.
   "auto"   flash when it can run on these inputs, else sdpa; `resolve_backend` decides (and logs once).
@@ -20,7 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,25 +33,33 @@ BACKENDS = ("auto", "flash", "sdpa", "math")
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
 
-# A varlen kernel: (q_TqHD, k_TkHD, v_TkHD, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-# dropout_p, softmax_scale) -> out_TqHD. flash_attn.flash_attn_varlen_func has this calling convention.
+# flash_attn.flash_attn_func: (q_BLHD, k_BSHD, v_BSHD, dropout_p, softmax_scale) -> out_BLHD.
+DenseFn = Callable[..., torch.Tensor]
+# flash_attn.flash_attn_varlen_func: (q_NHD, k_NHD, v_NHD, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+# max_seqlen_k, dropout_p, softmax_scale) -> out_NHD. Rows past cu_seqlens[-1] are neither read into
+# any sequence nor written: their output and gradient are undefined.
 VarlenFn = Callable[..., torch.Tensor]
 
 
+class FlashKernels(NamedTuple):
+    dense: DenseFn
+    varlen: VarlenFn
+
+
 @functools.lru_cache(maxsize=1)
-def _flash_varlen_fn() -> VarlenFn | None:
-    """flash_attn.flash_attn_varlen_func, or None when flash-attn is not installed (checked once)."""
+def _flash_kernels() -> FlashKernels | None:
+    """flash-attn's dense and varlen functions, or None when flash-attn is not installed (checked once)."""
     try:
-        from flash_attn import flash_attn_varlen_func
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError:
         return None
-    return flash_attn_varlen_func
+    return FlashKernels(flash_attn_func, flash_attn_varlen_func)
 
 
 def flash_unavailable_reasons(q_BHLD: torch.Tensor) -> list[str]:
     """Why the flash backend cannot run on tensors like `q_BHLD`; an empty list means it can."""
     reasons = []
-    if _flash_varlen_fn() is None:
+    if _flash_kernels() is None:
         reasons.append("flash_attn is not installed (pip install 'megavl[flash]')")
     if q_BHLD.device.type != "cuda":
         reasons.append(f"inputs are on {q_BHLD.device.type}, flash needs CUDA")
@@ -91,31 +100,69 @@ def resolve_backend(requested: str, q_BHLD: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------- varlen packing
-def unpad(x_BLR: torch.Tensor, mask_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Pack the valid tokens of a padded batch.
+class Packing(NamedTuple):
+    """Where the valid tokens of a padded (B, L) batch go in a packed buffer of N = B*L rows.
 
-    x_BLR (B, L, *R), mask_BL bool (B, L) True = valid ->
-    (x_TR (T, *R) valid tokens in row-major order, indices (T,) int64 flat positions in B*L,
-     cu_seqlens (B+1,) int32 cumulative lengths starting at 0, max_seqlen int).
+    gather_ids (N,) int64: padded flat position of packed row n (the padding positions past T);
+    row_valid (N,) bool: packed row n holds a token (n < T);
+    unpack_ids (B, L) int64: packed row of each valid padded position (0 at padding);
+    cu_seqlens (B+1,) int32: cumulative sequence lengths from 0, flash-attn's varlen convention;
+    mask_BL (B, L) bool: the mask it was made from.
+    Every piece is computed on the device: T is never read on the host.
     """
-    if mask_BL.dtype != torch.bool or mask_BL.shape != x_BLR.shape[:2]:
-        raise ValueError(f"mask must be bool of shape {tuple(x_BLR.shape[:2])}, got "
-                         f"{mask_BL.dtype} {tuple(mask_BL.shape)}")
-    seqlens_B = mask_BL.sum(dim=1, dtype=torch.int32)
-    indices = torch.nonzero(mask_BL.flatten(), as_tuple=False).flatten()
-    cu_seqlens = F.pad(torch.cumsum(seqlens_B, dim=0, dtype=torch.int32), (1, 0))
-    max_seqlen = int(seqlens_B.max().item()) if seqlens_B.numel() else 0
-    x_TR = x_BLR.reshape(-1, *x_BLR.shape[2:])[indices]
-    return x_TR, indices, cu_seqlens, max_seqlen
+    gather_ids: torch.Tensor
+    row_valid: torch.Tensor
+    unpack_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    mask_BL: torch.Tensor
 
 
-def pad(x_TR: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
-    """Inverse of `unpad`: scatter x_TR (T, *R) back to (batch, seqlen, *R) with zeros at padding."""
-    if x_TR.shape[0] != indices.shape[0]:
-        raise ValueError(f"{x_TR.shape[0]} packed tokens but {indices.shape[0]} indices")
-    out = x_TR.new_zeros(batch * seqlen, *x_TR.shape[1:])
-    out = out.index_put((indices,), x_TR)  # out-of-place so autograd flows into x_TR
-    return out.view(batch, seqlen, *x_TR.shape[1:])
+def packing(mask_BL: torch.Tensor) -> Packing:
+    """The `Packing` of bool `mask_BL` (B, L), True = valid; tokens keep their row-major order."""
+    if mask_BL.dtype != torch.bool or mask_BL.dim() != 2:
+        raise ValueError(f"mask must be a bool (B, L) tensor, got {mask_BL.dtype} {tuple(mask_BL.shape)}")
+    flat_N = mask_BL.flatten()
+    n = flat_N.numel()
+    packed_row_N = torch.cumsum(flat_N, dim=0) - 1  # int64; the packed row of each valid token
+    # A stable sort puts the valid positions first in their order: a gather list of fixed length n.
+    gather_ids = torch.argsort((~flat_N).to(torch.uint8), stable=True)
+    row_valid = torch.arange(n, device=mask_BL.device) < flat_N.sum()
+    unpack_ids = packed_row_N.clamp(min=0).view_as(mask_BL)
+    cu_seqlens = F.pad(torch.cumsum(mask_BL.sum(dim=1, dtype=torch.int32), dim=0, dtype=torch.int32), (1, 0))
+    return Packing(gather_ids, row_valid, unpack_ids, cu_seqlens, mask_BL)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x_NR[row_valid] = x_flat[gather_ids]; the gradient of rows past T is dropped, not scattered
+    back, because a varlen kernel leaves it undefined (flash-attn allocates dq/dk/dv uninitialised)."""
+
+    @staticmethod
+    def forward(ctx, x_MR: torch.Tensor, gather_ids: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gather_ids, row_valid)
+        ctx.rows = x_MR.shape[0]
+        return x_MR.index_select(0, gather_ids)
+
+    @staticmethod
+    def backward(ctx, grad_NR: torch.Tensor):
+        gather_ids, row_valid = ctx.saved_tensors
+        keep = row_valid.view(-1, *([1] * (grad_NR.dim() - 1)))
+        grad_NR = torch.where(keep, grad_NR, 0)
+        grad_MR = grad_NR.new_zeros(ctx.rows, *grad_NR.shape[1:]).index_add_(0, gather_ids, grad_NR)
+        return grad_MR, None, None
+
+
+def pack_rows(x_BLR: torch.Tensor, plan: Packing) -> torch.Tensor:
+    """x_BLR (B, L, *R) -> x_NR (B*L, *R): the valid tokens first, in order; the rows past T hold
+    padding and pass no gradient back."""
+    return _GatherRows.apply(x_BLR.reshape(-1, *x_BLR.shape[2:]), plan.gather_ids, plan.row_valid)
+
+
+def unpack_rows(x_NR: torch.Tensor, plan: Packing) -> torch.Tensor:
+    """Inverse of `pack_rows`: x_NR (B*L, *R) -> (B, L, *R), zeros at padding whatever rows past T hold."""
+    batch, seqlen = plan.unpack_ids.shape
+    x_BLR = x_NR.index_select(0, plan.unpack_ids.flatten()).view(batch, seqlen, *x_NR.shape[1:])
+    keep = plan.mask_BL.view(batch, seqlen, *([1] * (x_NR.dim() - 1)))
+    return torch.where(keep, x_BLR, 0)  # a select, so NaN/garbage in unread rows cannot leak
 
 
 # ----------------------------------------------------------------------------- backends
@@ -147,29 +194,60 @@ def _sdpa(q_BHLD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
     return F.scaled_dot_product_attention(q_BHLD, k_BHSD, v_BHSD, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
+def _varlen_side(x_BHLD: torch.Tensor, plan: Packing | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One side (queries, keys or values) of a varlen call -> (rows (B*L, H, D), cu_seqlens).
+
+    No plan (unmasked): the padded rows as they are, every sequence L long. A plan: packed rows."""
+    b, _, length, _ = x_BHLD.shape
+    x_BLHD = x_BHLD.transpose(1, 2)
+    if plan is None:
+        cu_seqlens = torch.arange(0, (b + 1) * length, length, dtype=torch.int32, device=x_BHLD.device)
+        return x_BLHD.reshape(b * length, *x_BLHD.shape[2:]), cu_seqlens
+    return pack_rows(x_BLHD, plan), plan.cu_seqlens
+
+
 def varlen_attention(q_BHLD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
                      key_mask_BS: torch.Tensor | None, query_mask_BL: torch.Tensor | None,
                      dropout_p: float = 0.0, varlen_fn: VarlenFn | None = None) -> torch.Tensor:
     """Padded attention through a varlen kernel: pack q by query mask and k/v by key mask, run
-    `varlen_fn` (default flash_attn_varlen_func), scatter back. Masked query rows come out zero.
+    `varlen_fn` (default flash_attn_varlen_func), unpack. Masked query rows come out zero.
 
-    `varlen_fn` is injectable so the packing logic is tested on CPU against a pure-torch kernel.
+    Nothing here reads a device value on the host: the packed buffers keep all B*L rows (the valid
+    tokens first, cu_seqlens on the device says how many), and max_seqlen is the padded length, an
+    upper bound the kernel accepts. `varlen_fn` is injectable so the packing is tested on CPU.
     Every batch row must have at least one valid key (`attention` guarantees this).
     """
-    varlen_fn = varlen_fn if varlen_fn is not None else _flash_varlen_fn()
     if varlen_fn is None:
-        raise RuntimeError("flash_attn is not installed (pip install 'megavl[flash]')")
+        kernels = _flash_kernels()
+        if kernels is None:
+            raise RuntimeError("flash_attn is not installed (pip install 'megavl[flash]')")
+        varlen_fn = kernels.varlen
     (b, _, l, d), s = q_BHLD.shape, k_BHSD.shape[2]
-    if query_mask_BL is None:
-        query_mask_BL = torch.ones(b, l, dtype=torch.bool, device=q_BHLD.device)
-    if key_mask_BS is None:
-        key_mask_BS = torch.ones(b, s, dtype=torch.bool, device=k_BHSD.device)
-    q_TqHD, q_indices, cu_q, max_q = unpad(q_BHLD.transpose(1, 2), query_mask_BL)
-    k_TkHD, _, cu_k, max_k = unpad(k_BHSD.transpose(1, 2), key_mask_BS)
-    v_TkHD, _, _, _ = unpad(v_BHSD.transpose(1, 2), key_mask_BS)
-    out_TqHD = varlen_fn(q_TqHD, k_TkHD, v_TkHD, cu_q, cu_k, max_q, max_k,
-                         dropout_p=dropout_p, softmax_scale=1.0 / math.sqrt(d))
-    return pad(out_TqHD, q_indices, b, l).transpose(1, 2)
+    q_plan = None if query_mask_BL is None else packing(query_mask_BL)
+    k_plan = None if key_mask_BS is None else packing(key_mask_BS)
+    q_NHD, cu_q = _varlen_side(q_BHLD, q_plan)
+    k_NHD, cu_k = _varlen_side(k_BHSD, k_plan)
+    v_NHD, _ = _varlen_side(v_BHSD, k_plan)
+    out_NHD = varlen_fn(q_NHD, k_NHD, v_NHD, cu_q, cu_k, l, s,
+                        dropout_p=dropout_p, softmax_scale=1.0 / math.sqrt(d))
+    if q_plan is None:
+        return out_NHD.view(b, l, *out_NHD.shape[1:]).transpose(1, 2)
+    return unpack_rows(out_NHD, q_plan).transpose(1, 2)
+
+
+def flash_attention(q_BHLD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
+                    key_mask_BS: torch.Tensor | None, query_mask_BL: torch.Tensor | None,
+                    dropout_p: float = 0.0) -> torch.Tensor:
+    """The flash backend: the dense kernel when nothing is masked (ViT self-attention, cross-attention
+    to image tokens), the varlen kernel only where padding exists."""
+    kernels = _flash_kernels()
+    if kernels is None:
+        raise RuntimeError("flash_attn is not installed (pip install 'megavl[flash]')")
+    if key_mask_BS is None and query_mask_BL is None:
+        out_BLHD = kernels.dense(q_BHLD.transpose(1, 2), k_BHSD.transpose(1, 2), v_BHSD.transpose(1, 2),
+                                 dropout_p=dropout_p, softmax_scale=1.0 / math.sqrt(q_BHLD.shape[-1]))
+        return out_BLHD.transpose(1, 2)
+    return varlen_attention(q_BHLD, k_BHSD, v_BHSD, key_mask_BS, query_mask_BL, dropout_p, kernels.varlen)
 
 
 def attention_probs(q_BHLD: torch.Tensor, k_BHSD: torch.Tensor,
@@ -211,7 +289,7 @@ def attention(q_BHLD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
         keep_B = key_mask_BS.any(dim=1)
         key_mask_BS = key_mask_BS | ~keep_B[:, None]
     if chosen == "flash":
-        out_BHLD = varlen_attention(q_BHLD, k_BHSD, v_BHSD, key_mask_BS, query_mask_BL, dropout_p)
+        out_BHLD = flash_attention(q_BHLD, k_BHSD, v_BHSD, key_mask_BS, query_mask_BL, dropout_p)
     elif chosen == "sdpa":
         out_BHLD = _sdpa(q_BHLD, k_BHSD, v_BHSD, key_mask_BS, dropout_p)
     else:

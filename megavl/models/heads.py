@@ -61,9 +61,15 @@ class PrototypeHead(nn.Module):
         nn.init.normal_(self.prototypes, std=1.0 / math.sqrt(bottleneck))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        z = F.normalize(self.mlp(tokens), dim=-1)
-        # Weight normalisation with the gain fixed at 1 (DINO's norm_last_layer): logits are cosines.
-        return z @ F.normalize(self.prototypes, dim=-1).t()
+        """tokens (..., W) -> cosine logits (..., Kp) in at least float32, whatever the weights' dtype
+        or autocast: bf16 resolves cosines near 1 to 2^-8, about 0.1 after a 0.04 teacher temperature,
+        which is the scale of the centring and sharpening SemMIM's targets rely on."""
+        hidden = self.mlp(tokens)
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            z = F.normalize(hidden.to(acc), dim=-1)
+            # Weight normalisation with the gain fixed at 1 (DINO's norm_last_layer): logits are cosines.
+            return z @ F.normalize(self.prototypes.to(acc), dim=-1).t()
 
 
 class MaskedImageDecoder(nn.Module):

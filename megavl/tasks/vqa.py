@@ -4,7 +4,7 @@
   training annotations is >= min_count (ViLT/SCL: 9 -> 3,129 answers on train+val).
 - Target of a question: per label, its count c among the 10 human answers (normalised) mapped to
   0, 0.3, 0.6, 0.9, 1.0 for c = 0, 1, 2, 3, >= 4 (exactly the official leave-one-out score).
-- Loss: BCE-with-logits averaged over (B, C) elements, x C (SCL/METER's `* labels.shape[1]`).
+- Loss: BCE-with-logits averaged over (B, C) elements, x C (SCL/METER's `* labels.shape[1]`), in fp32.
 - Minival (task.minival_images with no task.val): every question of a seeded random set of VQA
   images is taken out of the train(+val+VG) pool, so no image is on both sides (VG questions of a
   held-out image leave training too); the vocabulary is built on what remains.
@@ -102,8 +102,11 @@ class VQAModule(nn.Module):
     def forward(self, batch: dict, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.logits(batch)
-        target = batch["target"].to(logits.dtype)
-        loss = F.binary_cross_entropy_with_logits(logits, target) * target.shape[1]
+        # In float32 whatever the compute dtype: bf16 would round the soft targets (0.3 -> 0.3008)
+        # and the loss summed over 3,129 labels.
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        target = batch["target"].to(acc)
+        loss = F.binary_cross_entropy_with_logits(logits.to(acc), target) * target.shape[1]
         return loss, {"vqa": loss.detach()}
 
 

@@ -56,7 +56,8 @@ def test_one_process_run_logs_every_tag_and_exports(shards, tmp_path):
 
     scalars, images = _scalars(out)
     expected = ["loss/total", "train/lr", "train/grad_norm", "train/itc_temperature", "train/teacher_momentum",
-                "curriculum/mode", "perf/samples_per_sec", "perf/tflops", "perf/data_wait",
+                "curriculum/mode", "perf/samples_per_sec", "perf/tflops", "perf/mfu", "perf/mfu_peak_tflops",
+                "perf/mfu_peak_probed", "perf/data_wait",
                 "data/skipped/corrupt_image", "data/skipped/truncated_tar"]
     expected += [f"loss/{name}" for name in ("itc", "itm", "mlm", "mim_pixel", "mim_sem", "scl")]
     expected += [f"eval/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
@@ -66,6 +67,8 @@ def test_one_process_run_logs_every_tag_and_exports(shards, tmp_path):
     assert sorted(scalars["eval/i2t_r1"]) == [0, 2, 4]  # before training, every 2 steps, at the end
     assert [scalars["curriculum/mode"][s] for s in (1, 2, 3, 4)] == [0.0, 1.0, 0.0, 1.0]  # alternating
     assert all(v > 0 for v in scalars["train/grad_norm"].values())
+    assert set(scalars["perf/mfu_peak_probed"].values()) == {1.0}  # CPU: against the matmul probe
+    assert all(0 < v < 1 for v in scalars["perf/mfu"].values())
     assert images, "no mask/reconstruction images"
 
     export = tmp_path / "export"

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import megavl.models.attention as attn_mod
-from megavl.models.attention import (MultiHeadAttention, attention, attention_probs, pad,
-                                     resolve_backend, unpad, varlen_attention)
+from flash_standin import StandinFlash, SyncCounter, install
+from megavl.models.attention import (MultiHeadAttention, attention, attention_probs, pack_rows, packing,
+                                     resolve_backend, unpack_rows, varlen_attention)
 
 # dtype -> (forward atol, forward rtol, grad atol, grad rtol), against a float64 reference.
 TOLERANCES = {
@@ -43,18 +44,9 @@ def reference_attention(q_BHLD, k_BHSD, v_BHSD, key_mask_BS=None, query_mask_BL=
     return torch.stack(rows)
 
 
-def reference_varlen(q_THD, k_THD, v_THD, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None):
-    """flash_attn_varlen_func's contract, one sequence at a time in plain torch."""
-    assert cu_q.dtype == torch.int32 and cu_k.dtype == torch.int32
-    assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
-    assert dropout_p == 0.0
-    outs = []
-    for i in range(len(cu_q) - 1):
-        q = q_THD[cu_q[i]:cu_q[i + 1]].float()
-        k, v = k_THD[cu_k[i]:cu_k[i + 1]].float(), v_THD[cu_k[i]:cu_k[i + 1]].float()
-        probs = torch.einsum("lhd,shd->hls", q, k).mul(softmax_scale).softmax(dim=-1)
-        outs.append(torch.einsum("hls,shd->lhd", probs, v).to(q_THD.dtype))
-    return torch.cat(outs)
+def reference_varlen(*args, **kwargs):
+    """flash_attn_varlen_func's contract in plain torch; rows past cu_seqlens[-1] come out NaN."""
+    return StandinFlash().varlen(*args, **kwargs)
 
 
 def random_mask(b, n, gen, min_valid=1):
@@ -142,45 +134,45 @@ def test_fully_masked_keys_give_zeros_and_finite_gradients(backend):
 
 
 # ----------------------------------------------------------------------------- varlen
-def test_unpad_packs_valid_tokens_in_order_and_pad_inverts_it():
+def test_packing_puts_valid_tokens_first_in_order_and_unpack_inverts_it():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(4, 7, 3, 5, generator=gen)
     mask = random_mask(4, 7, gen)
     mask[2] = False  # an empty sequence must still get its cu_seqlens slot
-    packed, indices, cu_seqlens, max_seqlen = unpad(x, mask)
+    plan = packing(mask)
+    packed = pack_rows(x, plan)
     lengths = [int(m.sum()) for m in mask]
-    assert torch.equal(packed, torch.cat([x[b][mask[b]] for b in range(4)]))
-    assert cu_seqlens.dtype == torch.int32
-    assert cu_seqlens.tolist() == [0] + list(torch.tensor(lengths).cumsum(0).tolist())
-    assert max_seqlen == max(lengths)
-    assert torch.equal(pad(packed, indices, 4, 7), x * mask[:, :, None, None])
+    total = sum(lengths)
+    assert packed.shape == (4 * 7, 3, 5)  # fixed size: the count of valid tokens stays on the device
+    assert torch.equal(packed[:total], torch.cat([x[b][mask[b]] for b in range(4)]))
+    assert plan.row_valid.tolist() == [True] * total + [False] * (28 - total)
+    assert plan.cu_seqlens.dtype == torch.int32
+    assert plan.cu_seqlens.tolist() == [0] + list(torch.tensor(lengths).cumsum(0).tolist())
+    garbage = torch.cat([packed[:total], torch.full_like(packed[total:], float("nan"))])
+    assert torch.equal(unpack_rows(garbage, plan), x * mask[:, :, None, None])
 
 
-def test_pad_and_unpad_pass_gradients_to_valid_tokens_only():
+def test_pack_and_unpack_pass_gradients_to_valid_tokens_only_whatever_the_spare_rows_hold():
     x = torch.randn(2, 5, 4, requires_grad=True)
     mask = torch.tensor([[True, False, True, True, False], [False, True, False, False, False]])
-    packed, indices, _, _ = unpad(x, mask)
-    pad(packed * 2, indices, 2, 5).sum().backward()
+    plan = packing(mask)
+    packed = pack_rows(x, plan)
+    spare = (~plan.row_valid)[:, None]
+    # A varlen kernel leaves spare rows (and their gradient) undefined: NaN must not reach x.grad.
+    packed.register_hook(lambda grad: torch.where(spare, float("nan"), grad))
+    unpack_rows(torch.where(spare, float("nan"), packed * 2), plan).sum().backward()
     torch.testing.assert_close(x.grad, 2.0 * mask[:, :, None].float().expand(2, 5, 4))
 
 
-def test_per_sequence_loop_through_unpad_pad_equals_padded_masked_attention():
-    gen = torch.Generator().manual_seed(4)
-    b, h, l, d = 3, 2, 8, 16
-    q, k, v = (torch.randn(b, l, h, d, generator=gen) for _ in range(3))
-    mask = random_mask(b, l, gen)
-    packed = [unpad(t, mask) for t in (q, k, v)]
-    (q_T, indices, cu, max_len), (k_T, *_), (v_T, *_) = packed
-    pieces = []
-    for i in range(b):
-        sl = slice(int(cu[i]), int(cu[i + 1]))
-        piece = attention(q_T[sl].transpose(0, 1)[None], k_T[sl].transpose(0, 1)[None],
-                          v_T[sl].transpose(0, 1)[None], backend="math")
-        pieces.append(piece[0].transpose(0, 1))
-    looped = pad(torch.cat(pieces), indices, b, l).transpose(1, 2)
-    padded = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, backend="math",
-                       query_mask_BL=mask)
-    torch.testing.assert_close(looped, padded, atol=1e-5, rtol=1e-5)
+def test_varlen_call_reads_no_device_value_on_the_host():
+    q, k, v, key_mask, query_mask = make_case(CASES[0], torch.float32, seed=9)
+    counter = SyncCounter()
+    kernel = StandinFlash(counter)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    with counter:
+        out = varlen_attention(q, k, v, key_mask, query_mask, varlen_fn=kernel.varlen)
+        out.sum().backward()
+    assert counter.total == 0, dict(counter.counts)
 
 
 @pytest.mark.parametrize("case", CASES[:3] + CASES[4:], ids=[c[0] for c in CASES[:3] + CASES[4:]])
@@ -209,7 +201,7 @@ def test_explicit_flash_that_cannot_run_is_an_error_naming_why(monkeypatch):
     q = torch.randn(1, 1, 2, 12)
     with pytest.raises(RuntimeError, match="'flash' was requested but cannot run.*cpu"):
         attention(q, q, q, backend="flash")
-    monkeypatch.setattr(attn_mod, "_flash_varlen_fn", lambda: None)
+    monkeypatch.setattr(attn_mod, "_flash_kernels", lambda: None)
     with pytest.raises(RuntimeError, match="flash_attn is not installed"):
         resolve_backend("flash", q)
     with pytest.raises(RuntimeError, match=r"float32 is not fp16/bf16.*head dim 12"):
@@ -229,6 +221,22 @@ def test_auto_falls_back_to_sdpa_and_logs_once(caplog):
 def test_auto_picks_flash_when_every_condition_holds(monkeypatch):
     monkeypatch.setattr(attn_mod, "flash_unavailable_reasons", lambda q: [])
     assert resolve_backend("auto", torch.randn(1, 1, 2, 8)) == "flash"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_flash_dispatch_uses_dense_kernel_unless_masked_and_matches_reference(monkeypatch, case):
+    flash = StandinFlash()
+    install(monkeypatch, flash)
+    q, k, v, key_mask, query_mask = make_case(case, torch.float32, seed=10)
+    out, grads = run_with_grads(
+        lambda q, k, v: attention(q, k, v, key_mask, backend="flash", query_mask_BL=query_mask), q, k, v)
+    ref, ref_grads = run_with_grads(lambda q, k, v: reference_attention(q, k, v, key_mask, query_mask), q, k, v)
+    masked = key_mask is not None or query_mask is not None
+    assert [kind for kind, _ in flash.calls] == ["varlen" if masked else "dense"]
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    for g, rg in zip(grads, ref_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), rg.double(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("bad, match", [

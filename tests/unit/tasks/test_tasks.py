@@ -69,6 +69,23 @@ def test_vqa_loss_is_bce_times_labels_and_learns(cfg):
     assert module.student.vision.pos_embed.grad.abs().sum() > 0
 
 
+def test_vqa_loss_and_its_targets_stay_fp32_in_a_bf16_run(cfg):
+    from megavl.engine.step import to_device
+    torch.manual_seed(0)
+    module = vqa.VQAModule(cfg.model, ["yes", "no", "2"]).to(torch.bfloat16)
+    ids, mask = _text(4)
+    target = torch.tensor([[1, 0, 0], [0, .3, .6], [0, 0, 1.], [.9, .3, 0]])
+    batch = to_device({"images": torch.randn(4, 3, 64, 64), "input_ids": ids, "attention_mask": mask,
+                       "target": target}, torch.device("cpu"), torch.bfloat16)
+    assert batch["images"].dtype == torch.bfloat16 and torch.equal(batch["target"], target)
+    loss, _ = module(batch)
+    x, t = module.logits(batch).double(), target.double()
+    ref = -(t * F.logsigmoid(x) + (1 - t) * F.logsigmoid(-x)).mean() * 3
+    assert loss.dtype == torch.float32
+    # bf16 (rounded targets, a bf16 loss) is off by ~1e-3 relative; fp32 by ~1e-7
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-6, atol=0)
+
+
 def test_nlvr2_stacked_pass_equals_two_passes(cfg):
     torch.manual_seed(0)
     module = nlvr2.NLVR2Module(cfg.model).eval()
