@@ -23,7 +23,6 @@ from megavl.tasks.curriculum import mode_at
 from megavl.engine.launch import init_distributed
 from megavl.engine.step import (build_engine, clear_zero3_grad_partitions, step_generator,
                                    zero_fill_unused_grads)
-from megavl.objectives.teacher import teacher_momentum
 
 GLOBAL_BATCH, TEXT_LEN, STEPS, ACCUM = 8, 16, 6, 2
 TEMP_MIN, TEMP_MAX = 0.0695, 0.0705  # lr 1e-3 moves the temperature ~1e-3 a step: out in one step unclamped
@@ -95,7 +94,7 @@ def run_stage(stage: int, info, out_dir: Path) -> dict:
                 clear_zero3_grad_partitions(engine, zero)
             for name, value in {"total": total, **losses}.items():
                 sums[name] = sums.get(name, 0) + value.detach() / ACCUM
-        module.update_teacher(teacher_momentum(step, STEPS, cfg.objectives.teacher.momentum))
+        module.update_teachers(step, STEPS)
         names = sorted(sums)
         values = torch.stack([sums[n] for n in names])
         if world > 1:

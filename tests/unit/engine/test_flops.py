@@ -86,6 +86,13 @@ CASES = {
                                              "objectives.itm.hard_negatives=false"],
                                      ["itc", "itm", "mim_sem"], "single"),
     "wide-two-itm-mimpixel-mlm": (WIDE, ["itm", "mim_pixel", "mlm"], "two"),
+    # One objective at a time: no teacher, no fusion, no decoder runs for what is off.
+    "wide-two-itc": (WIDE, ["itc"], "two"),
+    "wide-single-itc-queue": (WIDE + ["objectives.itc.queue_size=8 objectives.itc.distill_alpha=0.4"], ["itc"],
+                              "single"),
+    "wide-two-itm": (WIDE, ["itm"], "two"),
+    "wide-single-mlm": (WIDE, ["mlm"], "single"),
+    "wide-two-mimpixel-guided": (WIDE, ["mim_pixel"], "two"),
 }
 
 
