@@ -67,7 +67,8 @@ ITC_TEACHER_PREFIX = "itc_teacher."  # its parameters' names in a checkpoint, be
 
 def teacher_readers(obj_cfg: ObjectivesConfig, objectives_by_mode: dict[str, list[str]]) -> dict[str, bool]:
     """Which EMA models some enabled objective reads, in any fusion mode: `teacher` (SemMIM's
-    targets, the text-guided masks' relevance) and `itc_teacher` (ITC's queue and distillation)."""
+    targets, the text-guided masks' relevance; `semantic`: with the prototype head) and `itc_teacher`
+    (ITC's queue and distillation)."""
     semantic = guided = queue = False
     for active in objectives_by_mode.values():
         on = set(active)
@@ -75,7 +76,7 @@ def teacher_readers(obj_cfg: ObjectivesConfig, objectives_by_mode: dict[str, lis
         semantic |= "mim_sem" in on
         guided |= masked_image and obj_cfg.masking.text_guided
         queue |= "itc" in on and obj_cfg.itc.queue_size > 0
-    return {"teacher": semantic or guided, "itc_teacher": queue}
+    return {"teacher": semantic or guided, "semantic": semantic, "itc_teacher": queue}
 
 
 def _rank_world() -> tuple[int, int]:
@@ -124,7 +125,7 @@ class PretrainModule(nn.Module):
         # from `itc_teacher` (towers and projections, constant objectives.itc.momentum).
         self.teacher = self.itc_teacher = None
         if readers["teacher"]:
-            parts = ("vision", "text", "fusion") + (("prototype_head",) if "mim_sem" in enabled else ())
+            parts = ("vision", "text", "fusion") + (("prototype_head",) if readers["semantic"] else ())
             self.teacher = make_teacher(self.student, parts).eval()
         if readers["itc_teacher"]:
             self.itc_teacher = make_teacher(self.student, ITC_TEACHER_PARTS).eval()
