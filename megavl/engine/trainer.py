@@ -89,8 +89,8 @@ class Trainer:
             self.task.module, self.task.params, cfg, ds_config_path, self.dist.world_size, self.device)
         self.module = self.engine.module
         # optim.skip_unused: AdamW leaves what a step did not use untouched (engine/unused.py)
-        self.unused = (UnusedParameters(self.task.params.named, self.engine, self.zero_stage, self.scheduler.optimizer)
-                       if cfg.optim.skip_unused else None)
+        self.unused = (UnusedParameters.for_engine(self.task.params.named, self.engine, self.zero_stage,
+                                                   self.scheduler.optimizer) if cfg.optim.skip_unused else None)
         self._skipped_counts: dict[str, int] = {}  # kept as saved while optim.skip_unused is off
         self.loader = self.task.train_loader
         self.step = 0
@@ -272,7 +272,8 @@ class Trainer:
                 self.engine.backward(total)
                 last = micro == run.grad_accum - 1
                 if last:
-                    zero_fill_unused_grads(task.params, self.zero_stage)
+                    if self.unused is None:  # every stage alike: zero gradients, AdamW steps them
+                        zero_fill_unused_grads(task.params, self.zero_stage)
                     if self._logs_at(self.step + 1):
                         self._grad_norm_fallback = self._plain_grad_norm()
                     if self.unused is not None:

@@ -12,7 +12,10 @@ How:
     control flow depends only on the config and the curriculum's mode);
   * where each parameter's optimizer state lives on this rank: a (flat fp32 tensor, offset, numel)
     segment, read once from the engine (ZeRO-3: `grad_position` into the sub-group's fp32 partition;
-    ZeRO-1/2 and bf16: the parameter's `_hp_mapping` fragment; ZeRO-0 fp32: the parameter itself);
+    ZeRO-1/2 and bf16: the parameter's `_hp_mapping` fragment);
+  * ZeRO-0 in fp32, where torch's AdamW steps the parameters themselves: the unused ones get their
+    `.grad` set back to None before the step (DeepSpeed's all-reduce filled zeros in), and torch skips
+    them with its own per-parameter counts: no work at all for a module no enabled objective uses;
   * the optimizer's step (`optim.AdamW.step`, which DeepSpeed calls on the flat partitions) saves the
     unused segments' fp32 master and moments before torch's update and puts them back after it;
   * bias correction: torch counts steps per parameter, so a parameter that sat out k steps is at
@@ -54,9 +57,7 @@ def _segments(engine, named: list[tuple[str, torch.nn.Parameter]], zero_stage: i
     flats = [t for g in base.param_groups for t in g["params"]]
     stepped_directly = {id(t) for t in flats}
     for name, p in named:
-        if id(p) in stepped_directly:  # ZeRO-0 fp32: torch steps the parameter itself
-            out[id(p)].append((name, 0, p.numel()))
-            tensors[id(p)] = p
+        if id(p) in stepped_directly:  # ZeRO-0 fp32: torch skips it itself when its grad is None
             continue
         mapping = getattr(p, "_hp_mapping", None)
         if mapping is None:  # no fragment of it on this rank
@@ -79,23 +80,37 @@ class UnusedParameters:
     micro-batch's) and `after_step()` after it; `skipped` (name -> steps sat out) is the state a
     checkpoint keeps (`state_dict` / `load_state_dict`)."""
 
-    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], engine, zero_stage: int,
-                 optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
+                 segments: dict[int, list[Segment]], flats: dict[int, torch.Tensor]) -> None:
+        """named: the trained parameters; segments, flats: where their optimizer state lives (see
+        `for_engine`); parameters the optimizer steps directly need neither."""
         self.named = [(n, p) for n, p in named if p.requires_grad]
         self.used: set[str] = set()
         self.skipped: dict[str, int] = {}
         self.unused_now: set[str] = set()
         self.count = 0  # optimizer steps taken, this one included, while it runs
         self.optimizer = optimizer
-        self.segments, self._flats = _segments(engine, self.named, zero_stage, optimizer)
+        self.segments, self._flats = segments, flats
+        direct = {id(t) for g in optimizer.param_groups for t in g["params"]}
+        self.direct = {n: p for n, p in self.named if id(p) in direct}  # ZeRO-0 fp32
         self._hooks = [p.register_post_accumulate_grad_hook(lambda _p, n=name: self.used.add(n))
                        for name, p in self.named]
         optimizer.skip_plan = self
+
+    @classmethod
+    def for_engine(cls, named: list[tuple[str, torch.nn.Parameter]], engine, zero_stage: int,
+                   optimizer: torch.optim.Optimizer) -> "UnusedParameters":
+        """For a DeepSpeed engine at `zero_stage` whose client optimizer is `optimizer` (optim.AdamW)."""
+        trained = [(n, p) for n, p in named if p.requires_grad]
+        return cls(trained, optimizer, *_segments(engine, trained, zero_stage, optimizer))
 
     def before_step(self, step: int) -> None:
         """step: the 0-based optimizer step about to be taken (AdamW's count becomes step + 1)."""
         self.unused_now = {n for n, _ in self.named if n not in self.used}
         self.count = step + 1
+        for name in self.unused_now:
+            if name in self.direct:
+                self.direct[name].grad = None
 
     def after_step(self) -> None:
         for name in self.unused_now:
@@ -106,6 +121,10 @@ class UnusedParameters:
     def local_state(self, name: str, key: str) -> torch.Tensor | None:
         """This rank's part of parameter `name`'s fp32 master (key "param") or Adam moment ("exp_avg",
         "exp_avg_sq"), flat; None when this rank holds none of it (or before the first step)."""
+        if name in self.direct:
+            p = self.direct[name]
+            source = p if key == "param" else self.optimizer.state.get(p, {}).get(key)
+            return None if source is None else source.detach().view(-1)
         for flat_id, segments in self.segments.items():
             for seg_name, offset, numel in segments:
                 if seg_name == name:

@@ -24,8 +24,7 @@ from megavl.engine import checkpoint
 from megavl.tasks.curriculum import mode_at
 from megavl.engine.launch import init_distributed
 from megavl.engine.optim import build_scheduler, param_groups
-from megavl.engine.step import (build_engine, clear_zero3_grad_partitions, step_generator,
-                                   zero_fill_unused_grads)
+from megavl.engine.step import build_engine, clear_zero3_grad_partitions, step_generator
 from megavl.engine.unused import UnusedParameters
 from megavl.tasks.curriculum import objectives_by_mode
 from megavl.tasks.pretrain import PretrainModule, pretrain_params
@@ -140,7 +139,7 @@ def run_stage(stage: int, info, out_dir: Path) -> dict:
     engine, scheduler, zero = build_engine(cfg, f"ds_configs/zero{stage}.json", world, info.device)
     assert zero == stage
     module = engine.module
-    unused = UnusedParameters(pretrain_params(module).named, engine, zero, scheduler.optimizer)
+    unused = UnusedParameters.for_engine(pretrain_params(module).named, engine, zero, scheduler.optimizer)
     rows = slice(info.rank * GLOBAL_BATCH // world, (info.rank + 1) * GLOBAL_BATCH // world)
     out = {"losses": [], "temperature_used": [], "temperature_master": [], "queue": [], "modes": [], "probe": []}
     for step in range(STEPS):
@@ -151,7 +150,6 @@ def run_stage(stage: int, info, out_dir: Path) -> dict:
             total, losses = engine(batch, mode, step_generator(cfg.run.seed, step, micro, info.device))
             engine.backward(total)
             if micro == ACCUM - 1:
-                zero_fill_unused_grads(module, zero)
                 unused.before_step(step)
             engine.step()
             module.clamp_temperature()
