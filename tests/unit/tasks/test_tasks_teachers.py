@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from megavl.config import load_config
 from megavl.engine import checkpoint
-from megavl.objectives.teacher import distill_alpha, teacher_momentum
+from megavl.objectives.teacher import distill_alpha, make_teacher, teacher_momentum
 from megavl.tasks import pretrain as pretrain_mod
 from megavl.tasks.pretrain import ITC_TEACHER_PARTS, PretrainModule, first_epoch_steps
 
@@ -96,7 +96,7 @@ def test_a_one_teacher_checkpoint_resumes_into_two(tmp_path):
     """A run saved when one teacher served both readers resumes with both: SemMIM's teacher and the
     queue's momentum model start from that teacher (it filled the queue), with their fp32 masters."""
     old = _module(["itc", "mim_sem"], "objectives.itc.queue_size=8")
-    teacher = old.teacher
+    teacher = make_teacher(old.student)  # the single teacher was a copy of the whole student
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.5)
