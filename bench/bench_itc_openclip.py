@@ -39,7 +39,7 @@ from megavl.tasks.pretrain_flops import step_flops  # noqa: E402
 
 ITC_ONLY = ["objectives.itm.weight=0", "objectives.mlm.weight=0", "objectives.mim_pixel.weight=0",
             "objectives.mim_sem.weight=0", "objectives.scl.weight=0", "objectives.itc.queue_size=0",
-            "run.max_steps=1000", "optim.warmup_steps=10"]
+            "run.max_steps=1000", "optim.warmup_steps=10", "run.global_batch_size=0", "run.grad_accum=1"]
 SIZES = {"4m": ("configs/pretrain_4m.yaml", ["model.vision.init=", "model.text.hf_path="]),
          "tiny": ("configs/tiny.yaml", [])}
 
