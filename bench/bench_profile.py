@@ -66,7 +66,7 @@ def _worker(rank: int, world: int, port: int, stage: int, steps: int, batch_size
         engine.step()
         clear_zero3_grad_partitions(engine, zstage)
         t3 = time.perf_counter()
-        module.update_teacher(0.99)
+        module.update_teachers(step, 4 + steps)
         t4 = time.perf_counter()
         if record:
             for name, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):

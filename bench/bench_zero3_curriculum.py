@@ -79,7 +79,7 @@ def _worker(rank: int, world: int, port: int, steps: int, phase: int, results) -
             engine.backward(total)
             engine.step()
             clear_zero3_grad_partitions(engine, stage)
-            engine.module.update_teacher(0.99)
+            engine.module.update_teachers(step, len(modes))
             dist.barrier()
             times.append(time.perf_counter() - start)
         out[name]["modes"] += modes

@@ -70,6 +70,7 @@ def validate(cfg: Config) -> Config:
            mk.guided_randomness)
     _check(0 < o.teacher.momentum <= o.teacher.momentum_end <= 1, "objectives.teacher.momentum",
            "0 < momentum <= momentum_end <= 1", (o.teacher.momentum, o.teacher.momentum_end))
+    _check(0 <= o.itc.momentum <= 1, "objectives.itc.momentum", "a value in [0, 1]", o.itc.momentum)
     _check(o.itc.temp_min <= o.itc.temp_init <= o.itc.temp_max, "objectives.itc.temp_init",
            f"within [temp_min={o.itc.temp_min}, temp_max={o.itc.temp_max}]", o.itc.temp_init)
     _check(o.scl.targets in ("cross", "intact"), "objectives.scl.targets", "cross|intact", o.scl.targets)

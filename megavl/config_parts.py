@@ -146,8 +146,10 @@ class MaskingConfig:
 
 @dataclass
 class TeacherConfig:
-    momentum: float = 0.996       # DINO/iBOT; ALBEF uses 0.995
-    momentum_end: float = 1.0     # cosine schedule to this value
+    """The EMA teacher of SemMIM's targets and of the text-guided masks (iBOT's schedule); ITC's queue
+    and distillation have their own momentum model (objectives.itc.momentum)."""
+    momentum: float = 0.996       # iBOT/DINO teacher momentum at step 0
+    momentum_end: float = 1.0     # cosine schedule to this value at run.max_steps
 
 
 @dataclass
@@ -158,6 +160,8 @@ class ITCConfig:
     temp_max: float = 0.5
     queue_size: int = 0           # ALBEF: 65536; 0 = in-batch (gathered) negatives only
     distill_alpha: float = 0.0    # ALBEF momentum distillation: 0.4
+    alpha_warmup: bool = True     # ALBEF Pretrain.py: alpha ramps 0 -> distill_alpha over the first epoch
+    momentum: float = 0.995       # ALBEF: constant EMA momentum of the model that fills the queue
     same_image_positives: bool = True  # captions of one image are all positives (ALBEF retrieval idx)
 
 
@@ -235,6 +239,10 @@ class OptimConfig:
     layer_decay: float = 1.0      # the vision tower (and the text tower unless text_layer_decay is set)
     text_layer_decay: float = -1.0
     grad_clip: float = 1.0
+    # A parameter that a step did not use (cross-attention in a single-stream step) keeps its value and
+    # Adam moments, and its own bias-correction count, as torch AdamW leaves a parameter whose grad is
+    # None (ALBEF, BLIP); false: it gets a zero gradient and AdamW's momentum and weight decay.
+    skip_unused: bool = True
 
 
 @dataclass

@@ -159,10 +159,19 @@ def _partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_tensor")
 
 
-def _teacher_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The EMA teacher's parameters by name; {} for modules without one (fine-tuning tasks)."""
+def _teachers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{name prefix: EMA teacher}: a module with several says so by `ema_teachers()` (pre-training:
+    SemMIM's teacher and ITC's momentum model, each only when built); otherwise its `teacher`, if any."""
+    if hasattr(module, "ema_teachers"):
+        return module.ema_teachers()
     teacher = getattr(module, "teacher", None)
-    return dict(teacher.named_parameters()) if teacher is not None else {}
+    return {"": teacher} if teacher is not None else {}
+
+
+def _teacher_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The EMA teachers' parameters by (prefixed) name; {} for modules without one (fine-tuning tasks)."""
+    return {prefix + name: p for prefix, teacher in _teachers(module).items()
+            for name, p in teacher.named_parameters()}
 
 
 def prune(ckpt_dir: Path, keep: int, run_id: str, current: str | None = None) -> list[str]:

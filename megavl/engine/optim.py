@@ -67,10 +67,29 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min
     return min_ratio + (1.0 - min_ratio) * decay
 
 
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW; with a `skip_plan` (engine/unused.py, optim.skip_unused) each step leaves the
+    segments of parameters the step did not use as they were and recounts the bias correction of
+    parameters that sat out earlier steps. DeepSpeed calls this step on its flat fp32 partitions."""
+
+    skip_plan = None
+
+    def step(self, closure=None):
+        plan = self.skip_plan
+        if plan is None:
+            return super().step(closure)
+        saved = [(group, p, plan.save(p, self.state[p])) for group in self.param_groups for p in group["params"]]
+        loss = super().step(closure)
+        for group, p, kept in saved:
+            if kept:
+                plan.restore(p, self.state[p], group, kept)
+        return loss
+
+
 def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     # "names" is ours: torch's optimizer keeps extra group keys and they survive in state_dict.
     fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+    return AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):

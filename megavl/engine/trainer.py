@@ -43,6 +43,7 @@ from .step import (clear_zero3_grad_partitions, deepspeed_engine, mean_over_rank
 from .stop import StopFlag
 from .task_init import config_for_weights, read_init
 from .zero3_traces import TracePerKind
+from .unused import UnusedParameters
 
 log = logging.getLogger("megavl")
 
@@ -90,6 +91,10 @@ class Trainer:
             self.task.module, self.task.params, cfg, ds_config_path, self.dist.world_size, self.device)
         self.module = self.engine.module
         self.traces = TracePerKind(self.engine)
+        # optim.skip_unused: AdamW leaves what a step did not use untouched (engine/unused.py)
+        self.unused = (UnusedParameters.for_engine(self.task.params.named, self.engine, self.zero_stage,
+                                                   self.scheduler.optimizer) if cfg.optim.skip_unused else None)
+        self._skipped_counts: dict[str, int] = {}  # kept as saved while optim.skip_unused is off
         self.loader = self.task.train_loader
         self.step = 0
         self.best: dict = {}
@@ -181,6 +186,9 @@ class Trainer:
         self.best = meta.get("best", {})
         self.engine.global_steps = self.step
         self.engine.global_samples = self.step * self.engine.train_batch_size()
+        self._skipped_counts = meta.get("optim_skipped", {})  # absent: saved by a run that never skipped
+        if self.unused is not None:
+            self.unused.load_state_dict(self._skipped_counts)
         if self.weights_only:
             log.info("loaded the weights of %s (step %d)", tag_dir, self.step)
             return
@@ -218,7 +226,8 @@ class Trainer:
 
     def save(self) -> None:
         meta = {"data": self.loader.state_dict(), "schedule": self._schedule_settings(), "best": self.best,
-                "task_state": self.task.extra_state, "lineage": self.line["lineage"]}
+                "task_state": self.task.extra_state, "lineage": self.line["lineage"],
+                "optim_skipped": self.unused.state_dict() if self.unused is not None else self._skipped_counts}
         info = checkpoint_save.SaveInfo(run_id=self.run_id, world_size=self.dist.world_size, zero_stage=self.zero_stage,
                                    keep=self.cfg.run.keep_checkpoints,
                                    config_yaml=yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
@@ -284,15 +293,21 @@ class Trainer:
                 generator = step_generator(run.seed, self.step, micro, self.device)
                 total, losses = self.engine(batch, generator=generator, **plan.forward_args)
                 self.engine.backward(total)
-                if micro == run.grad_accum - 1:
-                    zero_fill_unused_grads(task.params, self.zero_stage)
+                last = micro == run.grad_accum - 1
+                if last:
+                    if self.unused is None:  # every stage alike: zero gradients, AdamW steps them
+                        zero_fill_unused_grads(task.params, self.zero_stage)
                     if self._logs_at(self.step + 1):
                         self._grad_norm_fallback = self._plain_grad_norm()
+                    if self.unused is not None:
+                        self.unused.before_step(self.step)
                 self.engine.step()
                 if task.after_optimizer_step:  # e.g. the temperature bounds, in the fp32 master too
                     task.after_optimizer_step()
-                if micro == run.grad_accum - 1:
+                if last:
                     clear_zero3_grad_partitions(self.engine, self.zero_stage)
+                    if self.unused is not None:
+                        self.unused.after_step()
                 for name, value in {"total": total, **losses}.items():
                     losses_sum[name] = losses_sum.get(name, 0) + value.detach() / run.grad_accum
             step_scalars = task.after_step(self.step) if task.after_step else {}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, _partitioned, _teacher_params
+from .checkpoint import CheckpointError, _partitioned, _teacher_params, _teachers
 from .ds_partitions import ReadStats
 from .ranged_io import SafetensorsRanges
 
@@ -112,31 +112,43 @@ def load_teacher(module: torch.nn.Module, tag_dir: Path, rank: int, shared: dict
     with ShardFiles(shard_files, home=rank * len(shard_files) // world) as shards:
         shard_keys = shards.keys() if params and shard_files else set()
 
+        saved = set(shared) | set(shard_keys)
+
         def value(kind: str, name: str, start: int, stop: int, numel: int) -> torch.Tensor:
             key = f"{kind}/{name}"
+            if key not in saved:
+                raise CheckpointError(f"{Path(tag_dir).name}: {key} is not in the checkpoint")
             if key in shared:
                 return shared[key].flatten()[start:stop]
-            if key not in shard_keys:
-                raise CheckpointError(f"{Path(tag_dir).name}: {key} is not in the checkpoint")
             return shards.read(key, start, stop, numel)
 
-        master_keys = {k.removeprefix("master/") for k in set(shared) | shard_keys if k.startswith("master/")}
+        def saved_name(name: str) -> str:
+            """A second teacher (pre-training's ITC momentum model, `itc_teacher.`) missing from a
+            checkpoint written with one teacher starts from that teacher: it filled the queue then."""
+            prefix = next((p for p in prefixes if p and name.startswith(p)), "")
+            if prefix and f"teacher/{name}" not in saved and f"teacher/{name[len(prefix):]}" in saved:
+                return name[len(prefix):]
+            return name
+
+        prefixes = list(_teachers(module))
+        master_keys = {k.removeprefix("master/") for k in saved if k.startswith("master/")}
         module.teacher_master.clear()
         for name, p in params.items():
             numel = p.ds_numel if _partitioned(p) else p.numel()
             shape = p.ds_shape if _partitioned(p) else p.shape
             start, stop, size = zero3_range(p, rank) if _partitioned(p) else (0, numel, numel)
-            mine = padded(value("teacher", name, start, stop, numel), size)
+            source = saved_name(name)
+            mine = padded(value("teacher", source, start, stop, numel), size)
             if _partitioned(p):
                 p.ds_tensor.data.copy_(mine.to(p.ds_tensor.dtype))
             else:
                 p.data.copy_(mine.view(shape).to(p.dtype))
             device = p.ds_tensor.device if _partitioned(p) else p.device
-            if name in master_keys:
-                master = padded(value("master", name, start, stop, numel), size)
+            if source in master_keys:
+                master = padded(value("master", source, start, stop, numel), size)
                 module.teacher_master[name] = (master if _partitioned(p) else master.view(shape)).to(device).clone()
-            if f"{name}/full" in master_keys and _partitioned(p) and p.data.numel() == numel:
-                module.teacher_master[f"{name}/full"] = shared[f"master/{name}/full"].view(shape).to(device).clone()
+            if f"{source}/full" in master_keys and _partitioned(p) and p.data.numel() == numel:
+                module.teacher_master[f"{name}/full"] = shared[f"master/{source}/full"].view(shape).to(device).clone()
         stats = shards.stats
     regather_persistent([p for p in params.values() if _partitioned(p)])
     return stats

@@ -1,6 +1,9 @@
 """EMA (momentum) teacher that works on plain modules and on DeepSpeed ZeRO-3 partitions.
 
-Used by ALBEF's momentum encoder (momentum 0.995), DINO/iBOT and SemMIM (0.996 -> 1, cosine).
+Used by ALBEF's momentum encoder (constant momentum 0.995), DINO/iBOT and
+SemMIM (0.996 -> 1, cosine: `teacher_momentum`). A teacher may copy only some top-level parts of
+its student (`make_teacher(student, parts)`: ALBEF's ITC needs the towers and projections only);
+the EMA then pairs exactly those parts.
 
 ZeRO-3: a partitioned parameter's `.data` is an empty placeholder outside forward; this rank's flat
 shard (padded at the end of the last rank) lives in `param.ds_tensor`. When student and teacher are
@@ -36,17 +39,38 @@ def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: fl
     return final - (final - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
-def make_teacher(student: nn.Module) -> nn.Module:
+def distill_alpha(alpha: float, step: int, steps_per_epoch: int, warmup: bool) -> float:
+    """ALBEF's momentum-distillation weight (Pretrain.py, Retrieval.py): alpha * min(1, i / len(data_loader))
+    in epoch 0 with warm_up, alpha after; without warm-up, alpha from the first step."""
+    if not warmup:
+        return alpha
+    return alpha * min(1.0, step / max(1, steps_per_epoch))
+
+
+def make_teacher(student: nn.Module, parts: tuple[str, ...] | None = None) -> nn.Module:
     """A deep copy of `student` with every parameter frozen (requires_grad=False).
 
-    Call it BEFORE deepspeed.initialize / zero.Init (a partitioned module cannot be deep-copied) and
-    put both into one wrapper module so DeepSpeed partitions them alike.
+    parts: the top-level children to keep (e.g. ("vision", "text", "vision_proj", "text_proj"));
+    the others become None in the copy, hold no memory and are not updated by `ema_update_`.
+    None keeps every child. Call it BEFORE deepspeed.initialize / zero.Init (a partitioned module
+    cannot be deep-copied) and put both into one wrapper module so DeepSpeed partitions them alike.
     """
     if any(hasattr(p, "ds_id") for p in student.parameters()):
         raise RuntimeError("make_teacher got a ZeRO-3 partitioned module; build the teacher before deepspeed.initialize")
-    teacher = copy.deepcopy(student)
+    children = dict(student.named_children())
+    if parts is not None and set(parts) - set(children):
+        raise ValueError(f"make_teacher: {sorted(set(parts) - set(children))} are not children of the student")
+    dropped = {} if parts is None else {name: child for name, child in children.items() if name not in parts}
+    for name in dropped:  # not deep-copied at all: a ViT-L decoder copy would cost memory for nothing
+        setattr(student, name, None)
+    try:
+        teacher = copy.deepcopy(student)
+    finally:
+        for name, child in dropped.items():
+            setattr(student, name, child)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    teacher.ema_parts = None if parts is None else tuple(parts)
     return teacher
 
 
@@ -121,10 +145,15 @@ class _EmaPlan:
 
     def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
         self.student_ref = weakref.ref(student)
-        self.params = _paired(dict(teacher.named_parameters()), dict(student.named_parameters()), "parameters")
+        parts = getattr(teacher, "ema_parts", None)  # set by make_teacher; None: the whole student
+
+        def kept(items):
+            return {n: t for n, t in items if parts is None or n.split(".", 1)[0] in parts}
+
+        self.params = _paired(dict(teacher.named_parameters()), kept(student.named_parameters()), "parameters")
         for name, t, s in self.params:
             _check_pair_shards(name, t, s)
-        self.buffers = _paired(dict(teacher.named_buffers()), dict(student.named_buffers()), "buffers")
+        self.buffers = _paired(dict(teacher.named_buffers()), kept(student.named_buffers()), "buffers")
 
     def targets(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """(master key, teacher tensor, student tensor) to update this step, for every parameter."""
@@ -200,14 +229,15 @@ def _foreach_ema_(targets: list[tuple[str, torch.Tensor, torch.Tensor]], momentu
 
 @torch.no_grad()
 def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float,
-                buffers: BufferMode = "ema", master: dict | None = None) -> None:
+                buffers: BufferMode = "ema", master: dict | None = None, master_prefix: str = "") -> None:
     """In place: teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (by name).
 
     Works unsharded and under ZeRO-3 (updates this rank's shards, no gather; see the module docstring).
     buffers: "ema" applies the same EMA to floating-point buffers and copies the others (timm ModelEma);
     "copy" copies every buffer; "skip" leaves teacher buffers alone (DINO). Buffers are never partitioned.
     master: a dict the caller keeps across calls; bf16/fp16 teacher tensors then follow fp32 master
-    copies (this rank's shards only) instead of losing small updates to rounding.
+    copies (this rank's shards only) instead of losing small updates to rounding; master_prefix
+    goes before each key (two teachers sharing one master dict, as the checkpoint stores it).
     The pairs are matched and checked once per (teacher, student) and cached (`forget_ema_plan`);
     the update runs as a few grouped torch._foreach_* calls, not 3-4 kernels per tensor from Python.
     Raises ValueError if the teacher does not mirror the student (names or shapes).
@@ -217,11 +247,12 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float,
     if buffers not in ("ema", "copy", "skip"):
         raise ValueError(f"buffers must be 'ema', 'copy' or 'skip'; got {buffers!r}")
     plan = _plan_for(teacher, student)
-    _foreach_ema_(plan.targets(), momentum, master)
+    targets = [(master_prefix + key, t, s) for key, t, s in plan.targets()]
+    _foreach_ema_(targets, momentum, master)
     if master is not None:  # one fp32 master serves both: a checkpoint holds both keys on any world size
         for name in plan.full_is_shard:
-            if name in master:
-                master[f"{name}/full"] = master[name]
+            if master_prefix + name in master:
+                master[f"{master_prefix}{name}/full"] = master[master_prefix + name]
     if buffers == "skip":
         return
     floating = [(name, t, s) for name, t, s in plan.buffers if buffers == "ema" and t.dtype.is_floating_point]

@@ -1,10 +1,12 @@
 """One pre-training step: the shared forward passes and every enabled objective on top of them.
 
-`PretrainModule` is what the engine wraps with DeepSpeed: the student, its EMA teacher (frozen,
-updated on partitions by `teacher.ema_update_`) and the objectives' own state (ITC temperature and
-queues, SemMIM centers). Its forward runs each pass at most once per step:
+`PretrainModule` is what the engine wraps with DeepSpeed: the student, its EMA teachers (frozen,
+updated on partitions by `teacher.ema_update_`, each built only when an enabled objective reads it)
+and the objectives' own state (ITC temperature and queues, SemMIM centers). Its forward runs each
+pass at most once per step:
 
-    teacher pass      intact image + text        -> SemMIM targets, text-to-patch relevance, ITC momentum
+    teacher pass      intact image + text        -> SemMIM targets, text-to-patch relevance
+    momentum pass     intact image, intact text  -> ITC queue and distillation (ALBEF's momentum model)
     unimodal pass     intact image, intact text  -> ITC (with model.vision.patch_dropout > 0 and the
                       module training: a random subset of patches, FLIP; it also feeds the ITM pairs
                       and the masked-text pass)
@@ -14,7 +16,7 @@ queues, SemMIM centers). Its forward runs each pass at most once per step:
     SCL's own masks   (when scl.image_mask_ratio / scl.text_mask_prob > 0) replace the shared masked
                       passes for SCL only: random masking at SCL's ratio, [MASK]-only text (scl_input_ids)
 
-The teacher is always in eval mode (no dropout / drop-path), whatever mode the student is in.
+The teachers are always in eval mode (no dropout / drop-path), whatever mode the student is in.
 Captions of the same image (equal `image_ids`) are positives in ITC (batch and queue) and SCL.
 
 Clips: `images` (B, T, 3, S, S) run the same passes (an image is the T = 1 case, bit for bit). The
@@ -54,11 +56,29 @@ from megavl.objectives.mim_pixel import mim_pixel_loss
 from megavl.objectives.mim_semantic import semantic_mim_loss, update_center
 from megavl.objectives.mlm import mlm_loss
 from megavl.objectives.scl import scl_loss
-from megavl.objectives.teacher import ema_update_, make_teacher
+from megavl.objectives.teacher import distill_alpha, ema_update_, make_teacher, teacher_momentum
 from megavl.objectives.temperature import clamp_trained_temperature_
 from megavl.tasks.task import StepPlan, Task, TaskEnv, TrainedParameters
 
 __all__ = ["EMPTY_QUEUE_ID", "PretrainModule", "build"]  # EMPTY_QUEUE_ID lives in objectives.itc (shared with retrieval)
+
+
+ITC_TEACHER_PARTS = ("vision", "text", "vision_proj", "text_proj")  # what ALBEF's ITC momentum features read
+ITC_TEACHER_PREFIX = "itc_teacher."  # its parameters' names in a checkpoint, beside the teacher's
+
+
+def teacher_readers(obj_cfg: ObjectivesConfig, objectives_by_mode: dict[str, list[str]]) -> dict[str, bool]:
+    """Which EMA models some enabled objective reads, in any fusion mode: `teacher` (SemMIM's
+    targets, the text-guided masks' relevance; `semantic`: with the prototype head) and `itc_teacher`
+    (ITC's queue and distillation)."""
+    semantic = guided = queue = False
+    for active in objectives_by_mode.values():
+        on = set(active)
+        masked_image = bool(on & {"mim_pixel", "mim_sem"}) or ("scl" in on and obj_cfg.scl.image_mask_ratio == 0)
+        semantic |= "mim_sem" in on
+        guided |= masked_image and obj_cfg.masking.text_guided
+        queue |= "itc" in on and obj_cfg.itc.queue_size > 0
+    return {"teacher": semantic or guided, "semantic": semantic, "itc_teacher": queue}
 
 
 def _rank_world() -> tuple[int, int]:
@@ -98,12 +118,22 @@ class PretrainModule(nn.Module):
         self.cfg = obj_cfg
         self.patch_dropout = model_cfg.vision.patch_dropout
         self.student = VLPModel(model_cfg)
-        self.teacher = make_teacher(self.student)
-        self.teacher.eval()
-        self.teacher_master: dict[str, torch.Tensor] = {}  # fp32 EMA state of low-precision teacher shards
         enabled = set(obj_cfg.enabled())
         self.objectives_by_mode = {mode: [n for n in names if n in enabled]
                                    for mode, names in objectives_by_mode.items()}
+        readers = teacher_readers(obj_cfg, self.objectives_by_mode)
+        # Two EMA models with two schedules, each built only when an enabled objective reads it
+        # (docs/objectives.md "Teachers"): SemMIM's targets and the text-guided relevance come from
+        # `teacher` (iBOT's cosine to objectives.teacher.momentum_end), ALBEF's queue and distillation
+        # from `itc_teacher` (towers and projections, constant objectives.itc.momentum).
+        self.teacher = self.itc_teacher = None
+        if readers["teacher"]:
+            parts = ("vision", "text", "fusion") + (("prototype_head",) if readers["semantic"] else ())
+            self.teacher = make_teacher(self.student, parts).eval()
+        if readers["itc_teacher"]:
+            self.itc_teacher = make_teacher(self.student, ITC_TEACHER_PARTS).eval()
+        self.teacher_master: dict[str, torch.Tensor] = {}  # fp32 EMA state of low-precision teacher shards
+        self.distill_alpha = float(obj_cfg.itc.distill_alpha)  # this step's (ramped) weight: set_step
         # Shape (1,), not 0-dim: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors refuse.
         self.temp = nn.Parameter(torch.full((1,), float(obj_cfg.itc.temp_init)))
         kp, e, q = model_cfg.num_prototypes, model_cfg.embed_dim, obj_cfg.itc.queue_size
@@ -118,7 +148,8 @@ class PretrainModule(nn.Module):
         """The EMA teacher stays in eval mode: with dropout or drop-path its SemMIM targets, ITC momentum
         features and text-guided relevance would be random draws instead of the teacher's function."""
         super().train(mode)
-        self.teacher.eval()
+        for teacher in self.ema_teachers().values():
+            teacher.eval()
         return self
 
     @torch.no_grad()
@@ -136,10 +167,39 @@ class PretrainModule(nn.Module):
         for name, p in self.student.named_parameters():
             yield f"student.{name}", p
 
+    def ema_teachers(self) -> dict[str, nn.Module]:
+        """{checkpoint name prefix: EMA model} of the teachers this run built (engine/checkpoint.py
+        saves each under teacher/<prefix><name>, its fp32 master under master/<prefix><name>)."""
+        out = {}
+        if self.teacher is not None:
+            out[""] = self.teacher
+        if self.itc_teacher is not None:
+            out[ITC_TEACHER_PREFIX] = self.itc_teacher
+        return out
+
+    def set_step(self, step: int, steps_per_epoch: int) -> dict[str, float]:
+        """This step's distillation weight: ALBEF's ramp over the first epoch (objectives.itc.alpha_warmup)."""
+        itc = self.cfg.itc
+        self.distill_alpha = distill_alpha(itc.distill_alpha, step, steps_per_epoch, itc.alpha_warmup)
+        return {"train/itc_distill_alpha": self.distill_alpha} if self.itc_teacher is not None else {}
+
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """EMA on this rank's shards; with bf16 weights the EMA runs on fp32 master copies."""
-        ema_update_(self.teacher, self.student, momentum, master=self.teacher_master)
+    def update_teachers(self, step: int, total_steps: int) -> dict[str, float]:
+        """EMA of each built teacher after optimizer step `step` (0-based), on this rank's shards (with
+        bf16 weights on fp32 master copies): SemMIM's teacher on the cosine schedule, ALBEF's momentum
+        model at its constant momentum. Returns the momenta used, as scalars to log."""
+        scalars = {}
+        if self.teacher is not None:
+            t = self.cfg.teacher
+            momentum = teacher_momentum(step, total_steps, t.momentum, t.momentum_end)
+            ema_update_(self.teacher, self.student, momentum, master=self.teacher_master)
+            scalars["train/teacher_momentum"] = momentum
+        if self.itc_teacher is not None:
+            momentum = self.cfg.itc.momentum
+            ema_update_(self.itc_teacher, self.student, momentum, master=self.teacher_master,
+                        master_prefix=ITC_TEACHER_PREFIX)
+            scalars["train/itc_momentum"] = momentum
+        return scalars
 
     # ----------------------------------------------------------------------------------- step
     def forward(self, batch: dict, mode: str, generator: torch.Generator | None = None
@@ -162,9 +222,11 @@ class PretrainModule(nn.Module):
         distill = "itc" in active and cfg.itc.queue_size > 0
         losses: dict[str, torch.Tensor] = {}
 
-        teacher_out = None
-        if "mim_sem" in active or guided or distill:
-            teacher_out = self._teacher_pass(images, ids, text_mask, mode, guided, "mim_sem" in active, distill)
+        teacher_out: dict[str, torch.Tensor] = {}
+        if "mim_sem" in active or guided:
+            teacher_out = self._teacher_pass(images, ids, text_mask, mode, guided, "mim_sem" in active)
+        if distill:
+            teacher_out.update(self._momentum_features(images, ids, text_mask))
 
         spec = scl_spec = None
         if need_masked_image:
@@ -228,20 +290,24 @@ class PretrainModule(nn.Module):
 
     # -------------------------------------------------------------------------------- pieces
     @torch.no_grad()
-    def _teacher_pass(self, images, ids, text_mask, mode, guided, semantic, distill) -> dict:
+    def _teacher_pass(self, images, ids, text_mask, mode, guided, semantic) -> dict:
         t = self.teacher
         img, txt = t.encode_image(images), t.encode_text(ids, text_mask)
         out: dict[str, torch.Tensor] = {}
-        if distill:
-            out["img_emb"], out["txt_emb"] = t.image_embedding(img), t.text_embedding(txt)
-        if guided or semantic:
-            # Text injected into the targets: the teacher fuses the intact image WITH the text.
-            fused = t.fuse(img, txt, text_mask, mode, return_text_to_image_attn=guided)
-            if guided:
-                out["relevance"] = fused.text_to_image_attn[:, 1:]  # drop [CLS]: (B, T*N)
-            if semantic:
-                out["logits"] = t.prototype_head(fused.image_states)  # (B, 1 + T*N, Kp)
+        # Text injected into the targets: the teacher fuses the intact image WITH the text.
+        fused = t.fuse(img, txt, text_mask, mode, return_text_to_image_attn=guided)
+        if guided:
+            out["relevance"] = fused.text_to_image_attn[:, 1:]  # drop [CLS]: (B, T*N)
+        if semantic:
+            out["logits"] = t.prototype_head(fused.image_states)  # (B, 1 + T*N, Kp)
         return out
+
+    @torch.no_grad()
+    def _momentum_features(self, images, ids, text_mask) -> dict:
+        """ALBEF's momentum features (B, E) of the intact image and text: queue and soft targets."""
+        t = self.itc_teacher
+        return {"img_emb": t.image_embedding(t.encode_image(images)),
+                "txt_emb": t.text_embedding(t.encode_text(ids, text_mask))}
 
     def _make_mask(self, batch_size: int, device, teacher_out, generator, ratio: float,
                    text_guided: bool, num_frames: int = 1) -> MaskSpec:
@@ -283,7 +349,7 @@ class PretrainModule(nn.Module):
         img_m = gather_features(teacher_out["img_emb"], with_grad=False)
         txt_m = gather_features(teacher_out["txt_emb"], with_grad=False)
         loss = itc_distill_loss(img_emb, txt_emb, img_m, txt_m,
-                                self.image_queue, self.text_queue, self.temp, cfg.distill_alpha, image_ids=positives,
+                                self.image_queue, self.text_queue, self.temp, self.distill_alpha, image_ids=positives,
                                 queue_ids=self.queue_image_ids if positives is not None else None, rows=rows)
         self._enqueue(img_m, txt_m, ids_all)
         return loss
@@ -371,6 +437,15 @@ class PretrainModule(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- the task
+def first_epoch_steps(loader, global_batch: int) -> int:
+    """Optimizer steps of the first epoch, over which ALBEF ramps the distillation weight (its
+    len(data_loader)); image+video: the streams' epochs together."""
+    from megavl.data.mixed import MixedTrainLoader
+
+    streams = loader.streams.values() if isinstance(loader, MixedTrainLoader) else [loader]
+    return max(1, sum(stream.plan.epoch_length for stream in streams) // global_batch)
+
+
 def pretrain_params(module: PretrainModule) -> TrainedParameters:
     """The student and the ITC temperature (the teacher is not trained); the fusion stack and the
     heads (and the temperature) at optim.fusion_lr_mult."""
@@ -388,7 +463,8 @@ def load_weights(module: PretrainModule, state: dict, source_cfg: ModelConfig, s
     from megavl.tasks.base import load_backbone
 
     load_backbone(module.student, state, source_cfg, source_name)
-    module.teacher.load_state_dict(module.student.state_dict())
+    for teacher in module.ema_teachers().values():
+        teacher.load_state_dict(module.student.state_dict(), strict=False)  # its parts only
 
 
 def build(cfg: Config, env: TaskEnv) -> Task:
@@ -396,7 +472,6 @@ def build(cfg: Config, env: TaskEnv) -> Task:
     teacher after each step, retrieval on data.val_shards as its evaluation (no best/)."""
     from megavl.data import build_train_loader
     from megavl.data.modality import MODALITIES, MODALITY_IDS, check_clip_model
-    from megavl.objectives.teacher import teacher_momentum
     from megavl.tasks.curriculum import MODE_IDS, mode_at, objectives_by_mode
     from megavl.tasks.pretrain_eval import pretrain_evaluation
     from megavl.tasks.pretrain_flops import step_flops
@@ -411,20 +486,21 @@ def build(cfg: Config, env: TaskEnv) -> Task:
                                 or data.batch_size * run.grad_accum * env.world_size)
     check_clip_model(loader.modalities, data.num_frames, cfg.model.vision.num_frames)
 
+    global_batch = run.global_batch_size or data.batch_size * run.grad_accum * env.world_size
+    steps_per_epoch = first_epoch_steps(loader, global_batch)
+
     def before_step(step: int) -> StepPlan:
         mode = mode_at(step, loader.epoch, cfg.curriculum)
         modality = loader.modality_at(step)  # every rank alike (data/modality.py)
+        alpha = module.set_step(step, steps_per_epoch)
         # every step: the curriculum alternates, the modality follows its schedule
-        return StepPlan(forward_args={"mode": mode}, progress={"mode": MODE_IDS[mode]},
+        return StepPlan(forward_args={"mode": mode}, progress={"mode": MODE_IDS[mode]}, log_scalars=alpha,
                         every_step_scalars={"curriculum/mode": MODE_IDS[mode],
                                             "data/modality": MODALITY_IDS[modality]},
                         info={"mode": mode, "modality": modality}, trace_kind=f"{mode}/{modality}")
 
     def after_step(step: int) -> dict:
-        momentum = teacher_momentum(step, run.max_steps, cfg.objectives.teacher.momentum,
-                                    cfg.objectives.teacher.momentum_end)
-        module.update_teacher(momentum)
-        return {"train/teacher_momentum": momentum}
+        return module.update_teachers(step, run.max_steps)
 
     def log_scalars(plan: StepPlan, batch: dict) -> dict:
         consumed = loader.samples_consumed()  # global counts, the same on every rank

@@ -230,15 +230,15 @@ def step_flops(model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, active: list[s
     distill = "itc" in on and o.itc.queue_size > 0
     t = _Tally()
 
-    # Teacher: no_grad, forward only.
-    if "mim_sem" in on or guided or distill:
-        t.train("teacher", vision_tower_flops(model_cfg, B, T) + _text_tower(model_cfg, B, L), trains=False)
-        if distill:
-            t.train("teacher", _gemm(B, v.width, e) + _gemm(B, wt, e), trains=False)
-        if guided or "mim_sem" in on:
-            t.add("teacher", _fusion(model_cfg, B, 1 + T * n, L, mode, "none")[0], 0)
+    # Teachers: no_grad, forward only. SemMIM's (and the text-guided masks') fuses image and text;
+    # ALBEF's momentum model for ITC's queue and distillation runs its towers and projections.
+    towers = vision_tower_flops(model_cfg, B, T) + _text_tower(model_cfg, B, L)
+    if "mim_sem" in on or guided:
+        t.add("teacher", towers + _fusion(model_cfg, B, 1 + T * n, L, mode, "none")[0], 0)
         if "mim_sem" in on:
-            t.train("teacher", _prototype_head(model_cfg, B * (1 + T * n)), trains=False)
+            t.add("teacher", _prototype_head(model_cfg, B * (1 + T * n)), 0)
+    if distill:
+        t.add("itc_teacher", towers + _gemm(B, v.width, e) + _gemm(B, wt, e), 0)
 
     # Unimodal passes. The image (u of n patches) feeds ITC, the ITM pairs and the masked-text fusion;
     # the text feeds ITC, the ITM pairs and the masked-image fusion. The conv (over all n patches:

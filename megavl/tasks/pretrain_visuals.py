@@ -58,7 +58,9 @@ def log_mask_images(module, batch: dict, mode: str, monitor, step: int, cfg: Con
         ids, text_mask = batch["input_ids"][:1], batch["attention_mask"][:1]
         m = cfg.objectives.masking
         gen = torch.Generator(device=images.device).manual_seed(step)
-        teacher = module.teacher
+        # the masks' relevance as the step draws it; a run without a teacher (no objective reads
+        # one) shows the student's
+        teacher = module.teacher if module.teacher is not None else student
         fused_t = teacher.fuse(teacher.encode_image(images), teacher.encode_text(ids, text_mask), text_mask,
                                mode, return_text_to_image_attn=True)
         guided = text_guided_masking(fused_t.text_to_image_attn[:, 1:], m.image_mask_ratio,

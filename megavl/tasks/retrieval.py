@@ -34,20 +34,12 @@ from megavl.objectives.itc import (QUEUE_BUFFERS, TEMP_MAX, TEMP_MIN, clamp_temp
                                    enqueue_momentum_features_, itc_distill_loss, itc_loss, register_itc_queue,
                                    same_image_targets)
 from megavl.objectives.itm import itm_loss, itm_pairs
-from megavl.objectives.teacher import ema_update_, make_teacher
+from megavl.objectives.teacher import distill_alpha, ema_update_, make_teacher
 from megavl.objectives.temperature import clamp_trained_temperature_
 from megavl.tasks.base import rank_world
 from megavl.tasks.task import StepPlan, Task, TaskEnv
 
 __all__ = ["RetrievalModule", "distill_alpha", "same_image_targets", "build", "evaluate"]
-
-
-def distill_alpha(alpha: float, step: int, steps_per_epoch: int, warmup: bool) -> float:
-    """ALBEF Retrieval.py: alpha * min(1, i / len(data_loader)) in epoch 0 with warm_up, else alpha
-    (i counted in optimizer steps here; equal to ALBEF's iterations without gradient accumulation)."""
-    if not warmup:
-        return alpha
-    return alpha * min(1.0, step / max(1, steps_per_epoch))
 
 
 def _unimodal(model: VLPModel, batch: dict):

@@ -5,10 +5,12 @@ for each ZeRO stage named, one after the other in the same process (one DeepSpee
     RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. python sharded_step_worker.py OUT_DIR STAGE [STAGE ...]
 
 Per stage it writes OUT_DIR/stage{S}_rank{R}.json: per-step losses (averaged over ranks), the ITC
-temperature the loss used and the optimizer's fp32 master after each step, and the queue state (pointer,
+temperature the loss used and the optimizer's fp32 master after each step, the queue state (pointer,
 image ids, a checksum of the features) after each step and after a checkpoint save + load into a fresh
 engine, with the files the save fsynced (and when) and the files each rank read to restore megavl's
-state. The test asserts; the worker only measures.
+state, and a cross-attention weight's fp32 master and Adam moment after each step (optim.skip_unused).
+Stage "plain" (one process) is the PyTorch reference loop without DeepSpeed: torch AdamW, which skips
+parameters whose grad is None. The test asserts; the worker only measures.
 """
 import contextlib
 import hashlib
@@ -25,10 +27,12 @@ from megavl.config import load_config
 from megavl.engine import checkpoint, checkpoint_save
 from megavl.tasks.curriculum import mode_at
 from megavl.engine.launch import init_distributed
-from megavl.engine.step import (build_engine, clear_zero3_grad_partitions, step_generator,
-                                   zero_fill_unused_grads)
+from megavl.engine.optim import build_scheduler, param_groups
+from megavl.engine.step import build_engine, clear_zero3_grad_partitions, step_generator
+from megavl.engine.unused import UnusedParameters
 from megavl.engine.zero3_traces import TracePerKind
-from megavl.objectives.teacher import teacher_momentum
+from megavl.tasks.curriculum import objectives_by_mode
+from megavl.tasks.pretrain import PretrainModule, pretrain_params
 
 GLOBAL_BATCH, TEXT_LEN, STEPS, ACCUM = 8, 16, 6, 2
 TEMP_MIN, TEMP_MAX = 0.0695, 0.0705  # lr 1e-3 moves the temperature ~1e-3 a step: out in one step unclamped
@@ -70,6 +74,63 @@ def _fp32_master(param: torch.nn.Parameter, stage: int) -> float:
     return float(safe_get_full_fp32_param(param).reshape(-1)[0])
 
 
+PROBE = "student.fusion.layers.0.cross.attn.q.weight"  # cross-attention: unused in single-stream steps
+
+
+def _sha(t: torch.Tensor | None) -> str | None:
+    return None if t is None else hashlib.sha256(t.detach().float().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _probe(module, optimizer, stage, unused: UnusedParameters | None = None) -> dict:
+    """The probe's full fp32 master, summarised (a collective under ZeRO-1/2/3), and this rank's part
+    of its master and Adam moments, hashed (what a skipped step must leave bit for bit)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    name = PROBE
+    param = dict(module.named_parameters())[name]
+    if stage in (0, "plain"):  # ZeRO-0 fp32: DeepSpeed steps the torch AdamW on the parameter itself
+        master, local = param.detach().float(), {k: optimizer.state[param].get(k) for k in ("exp_avg", "exp_avg_sq")}
+        local["param"] = master
+    else:
+        master = safe_get_full_fp32_param(param)
+        local = {k: unused.local_state(name, k) for k in ("param", "exp_avg", "exp_avg_sq")}
+    flat = master.double().flatten()
+    return {"sum": float(flat.sum()), "sq": float((flat ** 2).sum()), "head": flat[:8].tolist(),
+            **{f"local_{k}": _sha(v) for k, v in local.items()}}
+
+
+def run_plain(out_dir: Path) -> dict:
+    """The PyTorch reference: one process, the whole batch, torch AdamW (a parameter with no grad is
+    skipped: no momentum, no weight decay, its own step count), clip_grad_norm_, the LR schedule."""
+    cfg = load_config("configs/tiny.yaml", [f"data.batch_size={GLOBAL_BATCH}", *OVERRIDES])
+    torch.manual_seed(cfg.run.seed)
+    module = PretrainModule(cfg.model, cfg.objectives, objectives_by_mode(cfg.curriculum))
+    trained = pretrain_params(module)
+    optimizer = torch.optim.AdamW(param_groups(trained, cfg.optim), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  eps=cfg.optim.eps)
+    scheduler = build_scheduler(optimizer, cfg.optim, STEPS)
+    out = {"losses": [], "modes": [], "probe": []}
+    for step in range(STEPS):
+        mode = mode_at(step, 0, cfg.curriculum)
+        sums: dict[str, torch.Tensor] = {}
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(ACCUM):
+            total, losses = module(global_batch(step, micro), mode, step_generator(cfg.run.seed, step, micro,
+                                                                                   torch.device("cpu")))
+            (total / ACCUM).backward()
+            for name, value in {"total": total, **losses}.items():
+                sums[name] = sums.get(name, 0) + value.detach() / ACCUM
+        torch.nn.utils.clip_grad_norm_([p for _, p in trained.named], cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        module.clamp_temperature()
+        module.update_teachers(step, STEPS)
+        out["losses"].append({n: float(v) for n, v in sums.items()})
+        out["modes"].append(mode)
+        out["probe"].append(_probe(module, optimizer, "plain"))
+    return out
+
+
 def _queue_state(module) -> dict:
     digest = hashlib.sha256(module.image_queue.detach().float().numpy().tobytes()
                             + module.text_queue.detach().float().numpy().tobytes()).hexdigest()
@@ -95,11 +156,12 @@ def run_stage(stage: int, info, out_dir: Path) -> dict:
     world = info.world_size
     cfg = load_config("configs/tiny.yaml", [f"data.batch_size={GLOBAL_BATCH // world}", *OVERRIDES])
     torch.manual_seed(cfg.run.seed)
-    engine, _, zero = build_engine(cfg, f"ds_configs/zero{stage}.json", world, info.device)
+    engine, scheduler, zero = build_engine(cfg, f"ds_configs/zero{stage}.json", world, info.device)
     assert zero == stage
     module = engine.module
+    unused = UnusedParameters.for_engine(pretrain_params(module).named, engine, zero, scheduler.optimizer)
     rows = slice(info.rank * GLOBAL_BATCH // world, (info.rank + 1) * GLOBAL_BATCH // world)
-    out = {"losses": [], "temperature_used": [], "temperature_master": [], "queue": [], "modes": []}
+    out = {"losses": [], "temperature_used": [], "temperature_master": [], "queue": [], "modes": [], "probe": []}
     traces, invalidations = TracePerKind(engine), _count_trace_invalidations()
     for step in range(STEPS):
         mode = mode_at(step, 0, cfg.curriculum)
@@ -110,14 +172,15 @@ def run_stage(stage: int, info, out_dir: Path) -> dict:
             total, losses = engine(batch, mode, step_generator(cfg.run.seed, step, micro, info.device))
             engine.backward(total)
             if micro == ACCUM - 1:
-                zero_fill_unused_grads(module, zero)
+                unused.before_step(step)
             engine.step()
             module.clamp_temperature()
             if micro == ACCUM - 1:
                 clear_zero3_grad_partitions(engine, zero)
+                unused.after_step()
             for name, value in {"total": total, **losses}.items():
                 sums[name] = sums.get(name, 0) + value.detach() / ACCUM
-        module.update_teacher(teacher_momentum(step, STEPS, cfg.objectives.teacher.momentum))
+        module.update_teachers(step, STEPS)
         names = sorted(sums)
         values = torch.stack([sums[n] for n in names])
         if world > 1:
@@ -128,6 +191,7 @@ def run_stage(stage: int, info, out_dir: Path) -> dict:
         out["temperature_master"].append(_fp32_master(module.temp, zero))
         out["queue"].append(_queue_state(module))
         out["modes"].append(mode)
+        out["probe"].append(_probe(module, scheduler.optimizer, zero, unused))
     out["trace_invalidations"] = invalidations[0]
 
     # Save, then load into a fresh engine: the queue (features, ids, pointer) comes back as it was.
@@ -164,8 +228,8 @@ def _fsyncs():
 def main(out_dir: str, *stages: str) -> None:
     info = init_distributed()
     torch.set_num_threads(1)
-    for stage in map(int, stages):
-        result = run_stage(stage, info, Path(out_dir))
+    for stage in stages:
+        result = run_plain(Path(out_dir)) if stage == "plain" else run_stage(int(stage), info, Path(out_dir))
         with open(Path(out_dir) / f"stage{stage}_rank{info.rank}.json", "w") as f:
             json.dump(result, f)
         if dist.is_initialized():

@@ -10,8 +10,13 @@ image ids), ITM draws negatives from the gathered batch, MLM averages over the g
 tokens, mask noise is drawn for the global batch and sliced by rank, and text-guided masks quantise the
 teacher's relevance, so reduction-order noise cannot flip a near-tie.
 
+optim.skip_unused (the default): every stage matches the plain PyTorch loop (torch AdamW, which skips a
+parameter whose grad is None, with its own bias-correction count) in losses and in a cross-attention
+weight's fp32 master, and leaves that weight's master and Adam moments bit for bit unchanged in the
+single-stream steps that do not use it.
+
 One 2-rank launch runs the three sharded stages one after the other (one DeepSpeed start-up), next to
-the 1-process reference."""
+the 1-process reference (ZeRO-0, then the plain loop)."""
 import json
 import sys
 from pathlib import Path
@@ -30,11 +35,12 @@ from sharded_step_worker import ACCUM, STEPS, TEMP_MAX, TEMP_MIN, global_batch  
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sharded")
-    reference = start_ranks(1, [WORKER, out, 0])  # the reference and the sharded run share the 2 cores
+    reference = start_ranks(1, [WORKER, out, 0, "plain"])  # the reference and the sharded run share the 2 cores
     sharded = start_ranks(2, [WORKER, out, *SHARDED])
     wait_ranks(reference, timeout=900, what="reference")
     wait_ranks(sharded, timeout=900, what="sharded")
-    results = {0: [json.loads((out / "stage0_rank0.json").read_text())]}
+    results = {0: [json.loads((out / "stage0_rank0.json").read_text())],
+               "plain": [json.loads((out / "stageplain_rank0.json").read_text())]}
     for stage in SHARDED:
         results[stage] = [json.loads((out / f"stage{stage}_rank{r}.json").read_text()) for r in range(2)]
     return results
@@ -116,3 +122,27 @@ def test_checkpoint_is_durable_before_its_marker_and_rank0_alone_reads_the_state
     assert "state.safetensors" in runs[stage][0]["state_reads"]
     for rank in runs[stage][1:]:
         assert "state.safetensors" not in rank["state_reads"]
+
+
+@pytest.mark.parametrize("stage", (0, *SHARDED))
+def test_skip_unused_equals_the_pytorch_loop(runs, stage):
+    """A parameter a step did not use keeps its master and Adam moments; the steps that use it again
+    correct their bias with its own count. Without optim.skip_unused, weight decay and momentum move
+    the cross-attention in every single-stream step, and its next update has the group's count."""
+    plain = runs["plain"][0]
+    assert plain["modes"] == runs[stage][0]["modes"] == ["single", "single", "two", "single", "single", "two"]
+    for step, (x, y) in enumerate(zip(plain["losses"], runs[stage][0]["losses"])):
+        for name in x:
+            assert y[name] == pytest.approx(x[name], rel=1e-5, abs=1e-5), (stage, step, name)
+    for step, (x, y) in enumerate(zip(plain["probe"], runs[stage][0]["probe"])):
+        # step 2: the first update (count 1, group count 3); step 5: count 2, group count 6
+        assert y["sum"] == pytest.approx(x["sum"], rel=1e-5, abs=1e-5), (stage, step)
+        assert y["sq"] == pytest.approx(x["sq"], rel=1e-5), (stage, step)
+        assert y["head"] == pytest.approx(x["head"], rel=1e-4, abs=1e-6), (stage, step)
+    for rank, r in enumerate(runs[stage]):
+        for step, mode in enumerate(r["modes"]):
+            if step and mode == "single":  # unused since the previous step: bit for bit as it was
+                for key in ("local_param", "local_exp_avg", "local_exp_avg_sq"):
+                    assert r["probe"][step][key] == r["probe"][step - 1][key], (stage, rank, step, key)
+    moved = [r["probe"][2]["sum"] != r["probe"][1]["sum"] for r in runs[stage]]
+    assert all(moved), "the two-stream step must update the cross-attention"

@@ -92,6 +92,13 @@ CASES = {
                                           "model.vision.patch_dropout=0.5"], ALL, "two"),
     "tiny-single-all-albef-patch-dropout": (["model.attention=math model.layout=albef",
                                              "model.vision.patch_dropout=0.3"], ALL, "single"),
+    # One objective at a time: no teacher, no fusion, no decoder runs for what is off.
+    "wide-two-itc": (WIDE, ["itc"], "two"),
+    "wide-single-itc-queue": (WIDE + ["objectives.itc.queue_size=8 objectives.itc.distill_alpha=0.4"], ["itc"],
+                              "single"),
+    "wide-two-itm": (WIDE, ["itm"], "two"),
+    "wide-single-mlm": (WIDE, ["mlm"], "single"),
+    "wide-two-mimpixel-guided": (WIDE, ["mim_pixel"], "two"),
 }
 
 

@@ -100,7 +100,7 @@ def test_steady_state_step_has_no_host_sync():
         total.backward()
         opt.step()
         opt.zero_grad(set_to_none=False)
-        module.update_teacher(0.99)
+        module.update_teachers(i, 1000)
         timer.step_done()
         assert not stop.agreed_at(i, 10, device)  # not a check step: no collective, no sync
 

@@ -139,15 +139,19 @@ def _module(*overrides: str, objectives=OBJECTIVE_NAMES) -> PretrainModule:
 
 
 def test_teacher_is_always_in_eval_mode_and_deterministic():
-    module = _module("model.vision.drop_path=0.5")
+    module = _module("model.vision.drop_path=0.5", "objectives.itc.queue_size=12")
     batch = _batch()
+    assert set(module.ema_teachers()) == {"", "itc_teacher."}
     for mode in (True, False, True):
         module.train(mode)
         assert module.student.training is mode
-        assert not any(m.training for m in module.teacher.modules()), "teacher left in train mode"
+        for teacher in module.ema_teachers().values():
+            assert not any(m.training for m in teacher.modules()), "teacher left in train mode"
     module.train()
-    runs = [module._teacher_pass(batch["images"], batch["input_ids"], batch["attention_mask"], "two",
-                                 True, True, True) for _ in range(2)]
+    inputs = batch["images"], batch["input_ids"], batch["attention_mask"]
+    runs = [{**module._teacher_pass(*inputs, "two", True, True), **module._momentum_features(*inputs)}
+            for _ in range(2)]
+    assert set(runs[0]) == {"relevance", "logits", "img_emb", "txt_emb"}
     for key in runs[0]:
         torch.testing.assert_close(runs[0][key], runs[1][key], rtol=0, atol=0, msg=key)
     # The student still drops paths in train mode: its outputs do differ between two calls.

@@ -66,7 +66,7 @@ def test_total_loss_falls_over_50_steps_on_fixed_data(setup):
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-        module.update_teacher(0.99)
+        module.update_teachers(step, 50)
         history.append(total.item())
     first, last = sum(history[:4]) / 4, sum(history[-4:]) / 4
     assert last < 0.8 * first, (first, last)
