@@ -51,6 +51,7 @@ setup(
             "megavl-make-shards=megavl.tools.make_shards:main",
             "megavl-synth-shapes=megavl.tools.synth_shapes:main",
             "megavl-synth-videos=megavl.tools.synth_videos:main",
+            "megavl-synth-classes=megavl.tools.synth_classes:main",
 
             "megavl-synth-downstream=megavl.tools.synth_downstream:main",
             "megavl-evaluate=megavl.tools.evaluate:main",
