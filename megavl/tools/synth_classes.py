@@ -7,9 +7,10 @@ classes, or `--classes kind`: the 4 kinds in random colours).
     megavl-synth-classes --out DIR --per-class N --seed S [--image-size 64] [--classes colour_kind|kind]
                          [--shards]
 writes DIR/images/<class_folder>/NNNN.png (torchvision ImageFolder layout), DIR/classnames.txt (one
-name a line, in the folders' sorted order) and DIR/templates.txt; with --shards also
-DIR/shards/test-NNNNNN.tar whose samples carry the class index as a `cls` member. Same arguments,
-same bytes.
+name a line, in the folders' sorted order) and DIR/zeroshot_classification_templates.txt; with
+--shards also DIR/test/0.tar + DIR/test/nshards.txt, samples carrying the class index as a `cls`
+member. With --shards, DIR is a CLIP_benchmark webdataset directory (`--dataset wds/NAME
+--dataset_root DIR`) as well as megavl-evaluate's input. Same arguments, same bytes.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from megavl.tools.synth_shapes import COLOURS, GRID, SHAPES, Shape, draw
 
 # CLIP-style prompts in the demo captions' wording ("a large red circle in the center").
 TEMPLATES = ("a {}.", "a photo of a {}.", "a large {}.", "a large {} on a light background.")
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"  # CLIP_benchmark's name for it
 
 
 def class_names(kind: str) -> list[str]:
@@ -38,7 +40,7 @@ def write(out: str | Path, per_class: int, seed: int, image_size: int = 64, clas
     out = Path(out)
     names = class_names(classes)
     rng = random.Random(derive_seed(seed, "synth-classes", classes))
-    writer = ShardWriter(str(out / "shards"), samples_per_shard=1000, prefix="test-") if shards else None
+    writer = ShardWriter(str(out / "test"), samples_per_shard=len(names) * per_class, prefix="") if shards else None
     for label, name in enumerate(names):
         folder = out / "images" / name.replace(" ", "_")
         folder.mkdir(parents=True, exist_ok=True)
@@ -52,8 +54,13 @@ def write(out: str | Path, per_class: int, seed: int, image_size: int = 64, clas
                 writer.write(f"{label:03d}{i:05d}", {"png": buf.getvalue(), "cls": str(label).encode()})
     if writer is not None:
         writer.close()
+        # CLIP_benchmark reads test/{0..n-1}.tar and their count from test/nshards.txt
+        for suffix in (".tar", ".tar.idx"):
+            (out / "test" / f"000000{suffix}").rename(out / "test" / f"0{suffix}")
+        (out / "test" / "nshards.txt").write_text("1\n")
+        (out / "test" / "stats.json").unlink()  # named the shard before its rename; nothing reads it here
     (out / "classnames.txt").write_text("\n".join(names) + "\n")
-    (out / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    (out / TEMPLATES_FILE).write_text("\n".join(TEMPLATES) + "\n")
     return names
 
 
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--per-class must be >= 1 and --image-size >= 8")
     names = write(args.out, args.per_class, args.seed, args.image_size, args.classes, args.shards)
     print(f"{len(names)} classes x {args.per_class} images under {Path(args.out) / 'images'}; "
-          f"class names {Path(args.out) / 'classnames.txt'}, templates {Path(args.out) / 'templates.txt'}")
+          f"class names {Path(args.out) / 'classnames.txt'}, templates {Path(args.out) / TEMPLATES_FILE}")
     return 0
 
 

@@ -25,6 +25,7 @@ from megavl.tasks.zeroshot import class_embeddings, classify, zeroshot_metrics
 from megavl.tools import evaluate, synth_classes
 
 ROOT = Path(__file__).resolve().parents[3]
+TEMPLATES = synth_classes.TEMPLATES_FILE
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def setup(tmp_path_factory):
 def _reference_top1(cfg, model, data: Path) -> list[tuple[int, int]]:
     """(label, predicted) per image, one image at a time."""
     tokenizer = build_tokenizer("")
-    names, templates = read_classnames(data / "classnames.txt"), read_templates(data / "templates.txt")
+    names, templates = read_classnames(data / "classnames.txt"), read_templates(data / TEMPLATES)
     rows = []
     for name in names:
         ids = tokenizer([t.format(name) for t in templates], padding="max_length", truncation=True,
@@ -65,7 +66,7 @@ def _reference_top1(cfg, model, data: Path) -> list[tuple[int, int]]:
 def test_cli_writes_clip_benchmark_json_equal_to_the_reference(setup, tmp_path):
     cfg, model, export, data = setup
     code = evaluate.main(["--task", "zeroshot", "--weights", str(export), "--images", str(data / "images"),
-                          "--classnames", str(data / "classnames.txt"), "--templates", str(data / "templates.txt"),
+                          "--classnames", str(data / "classnames.txt"), "--templates", str(data / TEMPLATES),
                           "--out", str(tmp_path), "--dataset", "shapes"])
     assert code == 0
     result = json.loads((tmp_path / "zeroshot_shapes.json").read_text())
@@ -81,11 +82,11 @@ def test_cli_writes_clip_benchmark_json_equal_to_the_reference(setup, tmp_path):
 @torch.no_grad()
 def test_shards_with_a_cls_member_score_as_the_folder(setup):
     cfg, model, _, data = setup
-    names, templates = read_classnames(data / "classnames.txt"), read_templates(data / "templates.txt")
+    names, templates = read_classnames(data / "classnames.txt"), read_templates(data / TEMPLATES)
     classes = class_embeddings(model, build_tokenizer(""), names, templates, cfg.data.max_text_len, torch.device("cpu"))
     make = lambda: LabelledImages(64, cfg.data.mean, cfg.data.std, batch_size=3, num_classes=len(names))
     by_folder = classify(model, make().from_folder(image_folder_items(data / "images")[1]), classes, torch.device("cpu"))
-    by_shards = classify(model, make().from_shards(str(data / "shards" / "test-000000.tar")), classes,
+    by_shards = classify(model, make().from_shards(str(data / "test" / "0.tar")), classes,
                          torch.device("cpu"))
     assert torch.equal(by_folder, by_shards) and int(by_folder[:, 0].sum()) == 8
 
@@ -102,7 +103,7 @@ def test_open_clip_export_gives_the_same_figure(setup, tmp_path):
     peer, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{dirs['open_clip']}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{dirs['open_clip']}")
     peer.eval()
-    names, templates = read_classnames(data / "classnames.txt"), read_templates(data / "templates.txt")
+    names, templates = read_classnames(data / "classnames.txt"), read_templates(data / TEMPLATES)
     classes = torch.stack([torch.nn.functional.normalize(
         peer.encode_text(tokenizer([t.format(n) for t in templates]), normalize=True).mean(0), dim=0) for n in names])
     _, items = image_folder_items(data / "images")
@@ -127,12 +128,12 @@ def test_bad_input_is_a_clear_error_or_a_counted_skip(setup, tmp_path):
     names.write_text("circle\nsquare\n")
     common = ["--task", "zeroshot", "--weights", str(export), "--images", str(tmp_path / "images"),
               "--classnames", str(names), "--out", str(tmp_path / "out"), "--dataset", "broken"]
-    assert evaluate.main(common + ["--templates", str(data / "templates.txt")]) == 0
+    assert evaluate.main(common + ["--templates", str(data / TEMPLATES)]) == 0
     result = json.loads((tmp_path / "out" / "zeroshot_broken.json").read_text())
     assert result["skipped"] == {"corrupt_image": 1} and result["metrics"]["num_images"] == 1
     assert evaluate.main(common + ["--templates", str(bad_templates)]) == 2
     names.write_text("circle\n")
-    assert evaluate.main(common + ["--templates", str(data / "templates.txt")]) == 2
+    assert evaluate.main(common + ["--templates", str(data / TEMPLATES)]) == 2
 
 
 def test_metrics_follow_clip_benchmark_definitions():
@@ -141,3 +142,27 @@ def test_metrics_follow_clip_benchmark_definitions():
     assert m["acc1"] == 7 / 10 and m["acc5"] == 10 / 10
     assert m["mean_per_class_recall"] == pytest.approx((0.5 + 1 + 0 + 1) / 4)  # classes without images left out
     assert "c" not in m["per_class_recall"]
+
+
+def test_pretraining_evaluation_reports_eval_zeroshot_top1(setup):
+    """run.eval_zeroshot_* make pre-training's evaluation score the class set: the eval/zeroshot_*
+    TensorBoard tags and the before -> after line, with no retrieval val shards needed."""
+    from types import SimpleNamespace
+
+    from megavl.config import ConfigError
+    from megavl.tasks.pretrain_eval import pretrain_evaluation
+    from megavl.tasks.task import TaskEnv
+
+    _, model, _, data = setup
+    keys = [f"run.eval_zeroshot_images={data / 'images'}", f"run.eval_zeroshot_classnames={data / 'classnames.txt'}",
+            f"run.eval_zeroshot_templates={data / TEMPLATES}", "data.val_shards=[]"]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", keys)
+    env = TaskEnv(device=torch.device("cpu"), dtype=torch.float32, rank=0, world_size=1, saved_state={})
+    evaluate, report = pretrain_evaluation(cfg, SimpleNamespace(student=model), env)
+    with torch.no_grad():
+        metrics = evaluate("val")
+    scalars, _ = report("val", metrics, "start")
+    assert set(scalars) == {"eval/zeroshot_top1", "eval/zeroshot_top5"} and metrics["zeroshot_images"] == 8
+    assert "zero-shot top-1 before -> after" in report("val", metrics, "end")[1]
+    with pytest.raises(ConfigError, match="run.eval_zeroshot_templates"):
+        load_config(ROOT / "configs" / "tiny.yaml", keys[:2])
