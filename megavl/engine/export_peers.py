@@ -230,8 +230,10 @@ def write_peers(state: dict[str, torch.Tensor], cfg: Config, out: str | Path, pe
     if "open_clip" in peers:
         peers = tuple(p for p in PEERS if p in (*peers, "vision", "text"))
     out = Path(out)
-    vision_config, vision = timm_vision(cfg.model, cfg.data.mean, cfg.data.std, state)
-    text_config = hf_bert_config(cfg.model, with_head=False)  # refuses unknown text options up front
+    if "vision" in peers:
+        vision_config, vision = timm_vision(cfg.model, cfg.data.mean, cfg.data.std, state)
+    if "text" in peers:
+        text_config = hf_bert_config(cfg.model, with_head=False)  # refuses unknown text options up front
     temperature = cfg.objectives.itc.temp_init if temperature is None else temperature
     clip = open_clip_weights(cfg.model, state, vision, temperature) if "open_clip" in peers else None
     dirs: dict[str, Path] = {}

@@ -159,3 +159,10 @@ def test_an_unknown_model_option_is_refused_not_dropped(tmp_path, monkeypatch):
     model = VLPModel(_cfg("tiny.yaml", []).model)
     with pytest.raises(ConfigError, match="model.text.layout='albef'"):
         write_peers(model.state_dict(), cfg, tmp_path)
+
+
+def test_a_video_model_still_exports_its_text_tower(tmp_path):
+    """The refusal is per peer: the temporal table stops the timm export, not the BERT one."""
+    cfg = _cfg("tiny.yaml", ["model.vision.num_frames=4"])
+    dirs = write_peers(VLPModel(cfg.model).state_dict(), cfg, tmp_path, peers=("text",))
+    assert (dirs["text"] / "config.json").is_file() and not (tmp_path / "vision").exists()
