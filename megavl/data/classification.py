@@ -6,8 +6,8 @@
     shards       webdataset tars: an image member (jpg/jpeg/png/webp) and the class index as a `cls`
                  member (the webdataset convention: ASCII digits) or as json[class_key].
 Class names and prompt templates are text files, one entry a line (blank lines and lines starting
-with `#` are ignored); every template holds `{}`, where the class name goes (the OpenAI ImageNet
-templates are such a file). An image that cannot be decoded is a counted skip (data/skips.py), never
+with `#` are ignored); every template holds `{}` or `{c}`, where the class name goes (the OpenAI
+ImageNet templates use `{}`, CLIP_benchmark's template files `{c}`). An image that cannot be decoded is a counted skip (data/skips.py), never
 an error: `LabelledImages.skips` says how many, by reason.
 """
 from __future__ import annotations
@@ -48,13 +48,17 @@ def read_classnames(path: str | Path) -> list[str]:
 
 
 def read_templates(path: str | Path) -> list[str]:
-    """Prompt templates; one without `{}` is a DataError naming its line."""
+    """Prompt templates (`fill_template` fills them); one without `{}` or `{c}` is a DataError naming its line."""
     templates = []
     for number, text in read_lines(path, "template"):
-        if "{}" not in text:
-            raise DataError(f"{path}:{number}: template {text!r} has no {{}} for the class name")
+        if "{}" not in text and "{c}" not in text:
+            raise DataError(f"{path}:{number}: template {text!r} has no {{}} (or {{c}}) for the class name")
         templates.append(text)
     return templates
+
+
+def fill_template(template: str, name: str) -> str:
+    return template.format(name, c=name)
 
 
 def image_folder_items(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:

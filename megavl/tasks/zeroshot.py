@@ -1,7 +1,7 @@
 """Zero-shot image classification with the ITC towers (CLIP, Radford et al. 2021, section 3.1.4).
 
 Each class is the mean of its prompts' normalised ITC text embeddings (one prompt per template,
-`template.format(name)`), normalised again; an image is assigned the classes whose embeddings are
+its `{}` or `{c}` replaced by the class name), normalised again; an image is assigned the classes whose embeddings are
 most similar to its ITC image embedding. The metrics are CLIP_benchmark's (acc1, acc5,
 mean_per_class_recall, fractions) plus the recall of every class, and `clip_benchmark_result` writes
 them in CLIP_benchmark's result JSON, so a megavl figure and one computed by `clip_benchmark` on the
@@ -18,6 +18,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from megavl.data.classification import fill_template
 from megavl.models.vlp import VLPModel
 from megavl.tasks.retrieval_eval import _any_rank, _rank_world
 
@@ -28,7 +29,7 @@ TOPK = (1, 5)
 def class_embeddings(model: VLPModel, tokenizer, classnames: list[str], templates: list[str], max_len: int,
                      device: torch.device, dtype: torch.dtype = torch.float32, batch_size: int = 256) -> torch.Tensor:
     """(C, E) fp32 unit vectors: per class, the normalised mean of its prompts' ITC text embeddings."""
-    prompts = [t.format(name) for name in classnames for t in templates]
+    prompts = [fill_template(t, name) for name in classnames for t in templates]
     embeddings = []
     for start in range(0, len(prompts), batch_size):
         tokens = tokenizer(prompts[start:start + batch_size], padding="max_length", truncation=True,

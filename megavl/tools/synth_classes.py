@@ -25,7 +25,8 @@ from megavl.data.writer import ShardWriter
 from megavl.tools.synth_shapes import COLOURS, GRID, SHAPES, Shape, draw
 
 # CLIP-style prompts in the demo captions' wording ("a large red circle in the center").
-TEMPLATES = ("a {}.", "a photo of a {}.", "a large {}.", "a large {} on a light background.")
+# `{c}`: CLIP_benchmark formats templates by that name; megavl reads `{}` and `{c}` alike.
+TEMPLATES = ("a {c}.", "a photo of a {c}.", "a large {c}.", "a large {c} on a light background.")
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"  # CLIP_benchmark's name for it
 
 

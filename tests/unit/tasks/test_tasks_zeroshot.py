@@ -48,7 +48,7 @@ def _reference_top1(cfg, model, data: Path) -> list[tuple[int, int]]:
     names, templates = read_classnames(data / "classnames.txt"), read_templates(data / TEMPLATES)
     rows = []
     for name in names:
-        ids = tokenizer([t.format(name) for t in templates], padding="max_length", truncation=True,
+        ids = tokenizer([t.format(c=name) for t in templates], padding="max_length", truncation=True,
                         max_length=cfg.data.max_text_len, return_tensors="pt")
         emb = model.text_embedding(model.encode_text(ids["input_ids"], ids["attention_mask"]))
         rows.append(torch.nn.functional.normalize(emb.mean(0), dim=0))
@@ -105,7 +105,7 @@ def test_open_clip_export_gives_the_same_figure(setup, tmp_path):
     peer.eval()
     names, templates = read_classnames(data / "classnames.txt"), read_templates(data / TEMPLATES)
     classes = torch.stack([torch.nn.functional.normalize(
-        peer.encode_text(tokenizer([t.format(n) for t in templates]), normalize=True).mean(0), dim=0) for n in names])
+        peer.encode_text(tokenizer([t.format(c=n) for t in templates]), normalize=True).mean(0), dim=0) for n in names])
     _, items = image_folder_items(data / "images")
     images = torch.stack([preprocess(Image.open(p)) for p, _ in items])
     predicted = (peer.encode_image(images, normalize=True) @ classes.t()).argmax(-1).tolist()
@@ -115,7 +115,7 @@ def test_open_clip_export_gives_the_same_figure(setup, tmp_path):
 def test_bad_input_is_a_clear_error_or_a_counted_skip(setup, tmp_path):
     cfg, model, export, data = setup
     bad_templates = tmp_path / "templates.txt"
-    bad_templates.write_text("a photo of a {}.\n# a comment\na photo of a thing\n")
+    bad_templates.write_text("a photo of a {}.\n# a comment\na photo of a thing\n")  # {} (OpenAI) is fine too
     with pytest.raises(DataError, match=r"templates.txt:3: .* has no \{\}"):
         read_templates(bad_templates)
     (tmp_path / "images" / "circle").mkdir(parents=True)
