@@ -42,7 +42,8 @@ setup(
     extras_require={
         # torchcodec: the other side of bench/bench_video.py (linked to PyAV's FFmpeg when the
         # system has none); megavl itself decodes with PyAV.
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "torchcodec>=0.8"],
+        # open_clip_torch: the peer the OpenCLIP export's parity tests load (tests/unit/engine/test_engine_export_peers.py).
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "torchcodec>=0.8", "open_clip_torch>=3.0"],
         "flash": ["flash-attn>=2.5"],
     },
     entry_points={
@@ -50,6 +51,7 @@ setup(
             "megavl-make-shards=megavl.tools.make_shards:main",
             "megavl-synth-shapes=megavl.tools.synth_shapes:main",
             "megavl-synth-videos=megavl.tools.synth_videos:main",
+            "megavl-synth-classes=megavl.tools.synth_classes:main",
 
             "megavl-synth-downstream=megavl.tools.synth_downstream:main",
             "megavl-evaluate=megavl.tools.evaluate:main",

@@ -99,6 +99,11 @@ def validate(cfg: Config) -> Config:
     _check(r.eval_mode != "two" or m.fusion.cross_attention, "run.eval_mode",
            "single|auto without cross-attention (model.fusion.cross_attention=false)", r.eval_mode)
     _check(r.eval_pair_batch > 0, "run.eval_pair_batch", "> 0", r.eval_pair_batch)
+    zeroshot = {"images": r.eval_zeroshot_images, "classnames": r.eval_zeroshot_classnames,
+                "templates": r.eval_zeroshot_templates}
+    for key, value in zeroshot.items():
+        _check(bool(value) == bool(r.eval_zeroshot_images), f"run.eval_zeroshot_{key}",
+               "set together with run.eval_zeroshot_images/classnames/templates", value)
     _validate_curriculum(cfg)
     return cfg
 

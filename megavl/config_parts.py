@@ -274,6 +274,11 @@ class RunConfig:
     precision: str = "auto"       # auto (bf16 on GPUs that support it, else fp32) | bf16 | fp32
     stop_check_every: int = 10    # ranks agree on a stop signal every N steps (a checkpoint follows within N)
     log_sample_keys: bool = False  # each rank appends its sample keys per micro-step to sample_keys/rank{r}.jsonl
+    # zero-shot classification at every pre-training evaluation (eval/zeroshot_top1, _top5): an
+    # ImageFolder root, its class-name file and a templates file (each template with {}); "" = none
+    eval_zeroshot_images: str = ""
+    eval_zeroshot_classnames: str = ""
+    eval_zeroshot_templates: str = ""
 
 
 @dataclass

@@ -37,6 +37,8 @@ NO_ANSWERS = "no_answers"
 UNKNOWN_LABEL = "unknown_label"
 UNKNOWN_VQA_SOURCE = "unknown_vqa_source"
 BAD_ENTRY = "bad_entry"
+# A zero-shot classification sample (data/classification.py).
+MISSING_CLASS = "missing_class"
 
 REASONS: dict[str, str] = {
     MISSING_IMAGE: "a sample without a jpg/jpeg/png/webp member",
@@ -70,6 +72,8 @@ REASONS: dict[str, str] = {
     UNKNOWN_VQA_SOURCE: "a VQA \"dataset\" value without an image root",
     BAD_ENTRY: "an annotation entry missing a required key or of the wrong type (a JSONL line "
                "that is not JSON included)",
+    MISSING_CLASS: "a classification shard sample without its class index (a `cls` member of digits or "
+                   "an integer json[class_key])",
 }
 
 # Not a skip: a training slot whose sample was skipped, filled with a copy of a good sample of the
@@ -94,6 +98,9 @@ SKIP_REASONS = (MISSING_IMAGE, EMPTY_IMAGE, CORRUPT_IMAGE, TOO_MANY_PIXELS, MISS
 IMAGE_FILE_SKIP_REASONS = (MISSING_IMAGE_FILE, EMPTY_IMAGE, CORRUPT_IMAGE, TOO_MANY_PIXELS)
 VIDEO_FILE_SKIP_REASONS = (MISSING_VIDEO_FILE, EMPTY_VIDEO, CORRUPT_VIDEO, NO_FRAMES,
                            TOO_FEW_FRAMES, TOO_MANY_FRAMES, TOO_MANY_PIXELS)
+# What zero-shot classification (data/classification.py) can count.
+CLASSIFICATION_SKIP_REASONS = (MISSING_IMAGE_FILE, EMPTY_IMAGE, CORRUPT_IMAGE, TOO_MANY_PIXELS, MISSING_IMAGE,
+                               MISSING_CLASS, TRUNCATED_TAR, UNREADABLE_SHARD, MISSING_INDEX, BAD_INDEX)
 # Every reason a TaskLoader counts (the fine-tuning engine's tags).
 TASK_SKIP_REASONS = IMAGE_FILE_SKIP_REASONS + tuple(
     r for r in VIDEO_FILE_SKIP_REASONS if r not in IMAGE_FILE_SKIP_REASONS)

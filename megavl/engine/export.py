@@ -5,6 +5,10 @@ directory itself (then `latest` picks the tag). OUT receives `model.safetensors`
 weights, fp32) and `config.yaml` (the run's config); `megavl.load_pretrained(OUT)` loads them.
 DeepSpeed's files are pickles, which this unpickles: run it on checkpoints you trust; the export
 itself loads without unpickling.
+
+--peers also writes the towers for timm (OUT/vision), Hugging Face transformers (OUT/text) and
+OpenCLIP (OUT/open_clip): see megavl/engine/export_peers.py and docs/using_elsewhere.md. A model a
+peer cannot represent exactly is refused (exit code 2, one line naming the config key).
 """
 from __future__ import annotations
 
@@ -79,7 +83,8 @@ def _with_fp32_master(module: dict[str, torch.Tensor], optimizer: dict | None, s
     return out
 
 
-def export(ckpt: str | Path, out: str | Path) -> Path:
+def export(ckpt: str | Path, out: str | Path, peers: tuple[str, ...] = ()) -> Path:
+    """Write OUT/model.safetensors + OUT/config.yaml, and the `peers` formats (export_peers.PEERS)."""
     ckpt_dir, tag = _resolve(Path(ckpt))
     full = consolidated_state_dict(ckpt_dir, tag)
     student = {k[len(STUDENT):]: v.detach().float().contiguous().clone()  # clone: tied weights become two tensors
@@ -95,16 +100,47 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     if not config.is_file():
         raise FileNotFoundError(f"no config.yaml next to {ckpt_dir / tag} or its run directory")
     shutil.copyfile(config, out / "config.yaml")
+    if peers:
+        import yaml
+
+        from megavl.config import config_from_saved
+        from megavl.engine.export_peers import write_peers
+
+        temp = full.get("temp")  # the ITC temperature the run learned: OpenCLIP's logit scale
+        write_peers(student, config_from_saved(yaml.safe_load(config.read_text())), out, peers,
+                    temperature=None if temp is None else float(temp.float().reshape(-1)[0]))
     return out
+
+
+def _peers(value: str) -> tuple[str, ...]:
+    from megavl.engine.export_peers import PEERS
+
+    names = PEERS if value == "all" else tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = sorted(set(names) - set(PEERS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer formats {unknown}: choose from {', '.join(PEERS)} or all")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt", help="checkpoint tag dir, or the checkpoints dir (uses 'latest')")
     parser.add_argument("out", help="output directory")
+    parser.add_argument("--peers", type=_peers, default=(), metavar="LIST",
+                        help="also write peer formats: all, or a comma list of vision (timm), text "
+                             "(transformers), open_clip (OpenCLIP; implies vision and text)")
     args = parser.parse_args(argv)
-    out = export(args.ckpt, args.out)
+    from megavl.config import ConfigError
+
+    try:
+        out = export(args.ckpt, args.out, args.peers)
+    except ConfigError as err:
+        print(f"megavl-export: {err}", file=sys.stderr)
+        return 2
     print(f"exported {out / 'model.safetensors'}")
+    for peer in ("vision", "text", "open_clip"):
+        if peer in args.peers or ("open_clip" in args.peers and peer != "open_clip"):
+            print(f"exported {peer}: {out / peer}")
     return 0
 
 

@@ -521,7 +521,8 @@ def build(cfg: Config, env: TaskEnv) -> Task:
 
     evaluate, report = pretrain_evaluation(cfg, module, env)
     return Task(name="pretrain", module=module, params=pretrain_params(module), train_loader=loader,
-                load_weights=partial(load_weights, module), evaluate=evaluate, has_val=bool(data.val_shards),
+                load_weights=partial(load_weights, module), evaluate=evaluate,
+                has_val=bool(data.val_shards) or bool(run.eval_zeroshot_images),
                 report=report, before_step=before_step, after_optimizer_step=module.clamp_temperature,
                 after_step=after_step, log_scalars=log_scalars, step_flops=flops, visualize=visualize,
                 evaluate_first=True)

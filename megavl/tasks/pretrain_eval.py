@@ -1,4 +1,5 @@
-"""Zero-shot image<->text retrieval on the held-out shards: pre-training's evaluation (a thin caller).
+"""Zero-shot image<->text retrieval on the held-out shards (and, where run.eval_zeroshot_* name a
+class set, zero-shot classification): pre-training's evaluation (a thin caller).
 
 The scoring is `megavl.tasks.retrieval_eval.retrieval_scores` (sharded over the ranks, batched ITM
 re-ranking) and the metrics are `megavl.tasks.metrics.retrieval_metrics`, the same code the
@@ -102,33 +103,93 @@ def eval_fusion_mode(requested: str, cross_attention: bool, curriculum) -> str:
     return "two" if "two" in candidates else "single"
 
 
+def zeroshot_evaluation(cfg, env) -> Callable[[VLPModel], dict]:
+    """Zero-shot classification of run.eval_zeroshot_images, each rank scoring its share: {"zeroshot_top1",
+    "zeroshot_top5" (top-5 counts as top-1 under 5 classes), "zeroshot_images", "zeroshot_skipped"}.
+    The inputs are read (and a bad one reported, naming the file) at the first evaluation."""
+    from megavl.data.classification import LabelledImages, image_folder_items, read_classnames, read_templates
+    from megavl.data.text import build_tokenizer
+    from megavl.errors import DataError
+    from megavl.tasks.zeroshot import class_embeddings, classify, zeroshot_metrics
+
+    run, data = cfg.run, cfg.data
+    inputs: dict = {}
+
+    def evaluate(model: VLPModel) -> dict:
+        if not inputs:
+            names = read_classnames(run.eval_zeroshot_classnames)
+            folders, items = image_folder_items(run.eval_zeroshot_images)
+            if len(folders) != len(names):
+                raise DataError(f"run.eval_zeroshot_classnames: {len(names)} class names for {len(folders)} class "
+                                f"folders under {run.eval_zeroshot_images}")
+            inputs.update(names=names, items=items, templates=read_templates(run.eval_zeroshot_templates),
+                          tokenizer=build_tokenizer(data.tokenizer))
+        images = LabelledImages(image_size=cfg.model.vision.img_size, mean=data.mean, std=data.std,
+                                batch_size=data.batch_size, max_pixels=data.max_image_pixels, rank=env.rank,
+                                world=env.world_size, num_classes=len(inputs["names"]))
+        classes = class_embeddings(model, inputs["tokenizer"], inputs["names"], inputs["templates"],
+                                   data.max_text_len, env.device, env.dtype)
+        counts = classify(model, images.from_folder(inputs["items"]), classes, env.device, env.dtype)
+        metrics = zeroshot_metrics(counts, inputs["names"])
+        skipped = torch.tensor([sum(images.skips.values())], device=env.device)
+        if env.world_size > 1:
+            torch.distributed.all_reduce(skipped)
+        return {"zeroshot_top1": metrics["acc1"], "zeroshot_top5": metrics["acc5"] or metrics["acc1"],
+                "zeroshot_images": float(metrics["num_images"]), "zeroshot_skipped": float(skipped.item())}
+
+    return evaluate
+
+
 def pretrain_evaluation(cfg, module, env) -> tuple[Callable[[str], dict | None], Callable[[str, dict, str], tuple[dict, str]]]:
     """(evaluate, report) of the pre-training Task: retrieval on data.val_shards, each rank embedding
-    its share; the report keeps the eval/* tags and, at the end, the before -> after R@1 line."""
+    its share, and zero-shot classification where run.eval_zeroshot_images is set; the report keeps
+    the eval/* tags and, at the end, the before -> after lines."""
     from megavl.data import build_eval_loader, size_val_shards
 
     run = cfg.run
     mode = eval_fusion_mode(run.eval_mode, cfg.model.fusion.cross_attention, cfg.curriculum)
     first: dict = {}
     val: list = []  # the val set, sized at the first evaluation and kept for the run
+    zeroshot = zeroshot_evaluation(cfg, env) if run.eval_zeroshot_images else None
 
     def evaluate(split: str) -> dict:
-        if not val:
-            val.append(size_val_shards(cfg.data, world_size=env.world_size))
-        loader = build_eval_loader(cfg.data, rank=env.rank, world_size=env.world_size, val=val[0])
-        return evaluate_retrieval(module.student, loader, env.device, env.dtype, itm_rerank_k=run.eval_itm_rerank_k,
-                                  mode=mode, rerank=run.eval_rerank, pair_batch=run.eval_pair_batch)
+        metrics: dict = {}
+        if cfg.data.val_shards:
+            if not val:
+                val.append(size_val_shards(cfg.data, world_size=env.world_size))
+            loader = build_eval_loader(cfg.data, rank=env.rank, world_size=env.world_size, val=val[0])
+            metrics = evaluate_retrieval(module.student, loader, env.device, env.dtype,
+                                         itm_rerank_k=run.eval_itm_rerank_k, mode=mode, rerank=run.eval_rerank,
+                                         pair_batch=run.eval_pair_batch)
+        if zeroshot is not None:
+            metrics.update(zeroshot(module.student))
+        return metrics
 
     def report(split: str, metrics: dict, when: str) -> tuple[dict, str]:
+        if when == "start":
+            first["metrics"] = metrics
+        before = first.get("metrics")
+        scalars, lines = {}, []
+        if "zeroshot_top1" in metrics:
+            scalars = {"eval/zeroshot_top1": metrics["zeroshot_top1"], "eval/zeroshot_top5": metrics["zeroshot_top5"]}
+            lines.append(f"zero-shot classification top-1 {metrics['zeroshot_top1']:.3f} top-5 "
+                         f"{metrics['zeroshot_top5']:.3f} ({int(metrics['zeroshot_images'])} images, "
+                         f"{int(metrics['zeroshot_skipped'])} skipped)")
+            if when == "end" and before is not None and "zeroshot_top1" in before:
+                lines.append(f"zero-shot top-1 before -> after: {before['zeroshot_top1']:.3f} -> "
+                             f"{metrics['zeroshot_top1']:.3f}")
+        if "r_mean" not in metrics:
+            return scalars, "\n".join(lines)
+        retrieval_scalars, line = _retrieval_report(metrics, before, when)
+        return {**retrieval_scalars, **scalars}, "\n".join([line, *lines])
+
+    def _retrieval_report(metrics: dict, before: dict | None, when: str) -> tuple[dict, str]:
         scalars = {f"eval/{d}_r{k}": metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RETRIEVAL_KS}
         scalars["eval/r_mean"] = metrics["r_mean"]
         chance = 1.0 / metrics["num_texts"]
         line = (f"retrieval i2t R@1 {metrics['i2t_r1']:.3f} t2i R@1 {metrics['t2i_r1']:.3f} (chance {chance:.4f}, "
                 f"{int(metrics['num_images'])} images, ITM re-rank k={run.eval_itm_rerank_k} in {mode}-stream mode)")
-        if when == "start":
-            first["metrics"] = metrics
-        before = first.get("metrics")
-        if when == "end" and before is not None:
+        if when == "end" and before is not None and "i2t_r1" in before:
             line += (f"\nretrieval R@1 before -> after: i2t {before['i2t_r1']:.3f} -> {metrics['i2t_r1']:.3f}, "
                      f"t2i {before['t2i_r1']:.3f} -> {metrics['t2i_r1']:.3f}; chance {chance:.4f} "
                      f"(after = {metrics['i2t_r1'] / chance:.1f}x chance i2t, {metrics['t2i_r1'] / chance:.1f}x t2i)")

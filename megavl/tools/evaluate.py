@@ -10,6 +10,9 @@ task_head.safetensors + task_state.json) or a fine-tuning checkpoint tag directo
 metrics, writes DIR/metrics.json and, for VQA, DIR/vqa_result_<split>.json for the server.
 (A bare megavl-export has no task head: fine-tune it first.) Exit code 2, one line: a bad
 configuration, or a checkpoint without --trust-checkpoint.
+
+    megavl-evaluate --task zeroshot --weights EXPORT --images ROOT --classnames F --templates F --out DIR
+zero-shot classification of a megavl-export directory: see megavl/tools/evaluate_zeroshot.py.
 """
 from __future__ import annotations
 
@@ -39,6 +42,11 @@ def _task_state(weights: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--task=zeroshot" in argv or any(a == "--task" and b == "zeroshot" for a, b in zip(argv, argv[1:])):
+        from megavl.tools.evaluate_zeroshot import main as zeroshot_main
+
+        return zeroshot_main(argv)
     parser = argparse.ArgumentParser(prog="megavl-evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--weights", required=True)

@@ -10,7 +10,8 @@ ROOT = pathlib.Path(megavl.__file__).parent
 SCANNED = sorted((ROOT / "data").glob("*.py")) + sorted((ROOT / "tasks").glob("*.py"))
 COUNTED = set(skips.REASONS) | {skips.REPEATED}
 GROUPS = ("IMAGE_SAMPLE_SKIP_REASONS", "VIDEO_SKIP_REASONS", "SKIP_REASONS", "IMAGE_FILE_SKIP_REASONS",
-          "VIDEO_FILE_SKIP_REASONS", "TASK_SKIP_REASONS", "ANNOTATION_SKIP_REASONS")
+          "VIDEO_FILE_SKIP_REASONS", "TASK_SKIP_REASONS", "ANNOTATION_SKIP_REASONS",
+          "CLASSIFICATION_SKIP_REASONS")
 
 
 def docstrings(tree: ast.AST) -> set[int]:
