@@ -23,6 +23,7 @@ Pre-training, from shards on disk to the batches the trainer steps on:
 Fine-tuning, from annotation files to task batches:
   annotations.py   annotation JSON/JSONL + media root -> task items (retrieval, VQA, NLVR2)
   task_data.py     items -> TaskDataset (decoded files) -> TaskCollator -> TaskBatch; TaskLoader
+  classification.py  an ImageFolder tree or shards with a class field -> labelled images (zero-shot)
 
 Written down once, used throughout:
   batch.py         the batch contract: every key of PretrainBatch and TaskBatch, dtype and shape
