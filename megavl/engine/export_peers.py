@@ -36,7 +36,8 @@ PEERS = ("vision", "text", "open_clip")
 # files the weights once came from). Any other field with a non-default value is refused: a new
 # model option is not exported until its mapping is written here.
 _VISION_EXPRESSED = {"img_size", "patch_size", "width", "depth", "heads", "mlp_ratio", "num_frames", "pre_norm",
-                     "act", "patch_bias", "layer_norm_eps", "drop_path", "init", "init_format"}
+                     "act", "patch_bias", "layer_norm_eps", "drop_path", "init", "init_format",
+                     "patch_dropout"}  # patch_dropout: which patches training encodes, not the weights' function
 _TEXT_EXPRESSED = {"vocab_size", "width", "depth", "heads", "intermediate", "max_position", "type_vocab_size",
                    "hidden_act", "layer_norm_eps", "dropout", "attn_dropout", "pad_token_id", "hf_path"}
 # timm ViT architectures whose own norm_layer has megavl's epsilon; every other size is a kwarg.
@@ -99,6 +100,11 @@ def timm_vision(model: ModelConfig, mean: list[float], std: list[float],
 def hf_bert_config(model: ModelConfig, with_head: bool) -> dict:
     t = model.text
     _refuse_unknown(t, _TEXT_EXPRESSED, "model.text", "transformers' BertModel")
+    if model.layout != "stacked":  # the text tower holds BERT's lower layers only; the upper ones fuse
+        raise ConfigError(f"model.layout={model.layout!r}: the text tower is BERT's first "
+                          f"{model.text_tower_depth()} layers and the rest run inside the fusion stack with "
+                          "cross-attention; transformers' BertModel cannot express it: export the vision tower "
+                          "alone (--peers vision)")
     return {"model_type": "bert", "architectures": ["BertForMaskedLM" if with_head else "BertModel"],
             "vocab_size": t.vocab_size, "hidden_size": t.width, "num_hidden_layers": t.depth,
             "num_attention_heads": t.heads, "intermediate_size": t.intermediate,

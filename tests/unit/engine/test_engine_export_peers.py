@@ -166,3 +166,14 @@ def test_a_video_model_still_exports_its_text_tower(tmp_path):
     cfg = _cfg("tiny.yaml", ["model.vision.num_frames=4"])
     dirs = write_peers(VLPModel(cfg.model).state_dict(), cfg, tmp_path, peers=("text",))
     assert (dirs["text"] / "config.json").is_file() and not (tmp_path / "vision").exists()
+
+
+def test_albef_layout_refuses_the_text_peers_and_patch_dropout_exports(tmp_path):
+    """The ALBEF layout's text tower is BERT's lower layers only: BertModel cannot hold it (refused by
+    model.layout); patch dropout only says which patches training encodes, so the tower exports."""
+    cfg = _cfg("tiny.yaml", ["model.layout=albef", "model.vision.patch_dropout=0.5"])
+    model = VLPModel(cfg.model)
+    with pytest.raises(ConfigError, match="model.layout='albef'"):
+        write_peers(model.state_dict(), cfg, tmp_path / "all")
+    dirs = write_peers(model.state_dict(), cfg, tmp_path / "vision", peers=("vision",))
+    assert (dirs["vision"] / "config.json").is_file()
