@@ -132,6 +132,8 @@ def load_teacher(module: torch.nn.Module, tag_dir: Path, rank: int, shared: dict
 
         prefixes = list(_teachers(module))
         master_keys = {k.removeprefix("master/") for k in saved if k.startswith("master/")}
+        if not params:  # fine-tuning tasks other than retrieval have no teacher
+            return shards.stats
         module.teacher_master.clear()
         for name, p in params.items():
             numel = p.ds_numel if _partitioned(p) else p.numel()
