@@ -46,7 +46,7 @@ def _engine_step(engine, stage: int, batch: dict, step: int, device: torch.devic
     zero_fill_unused_grads(engine.module, stage)
     engine.step()
     clear_zero3_grad_partitions(engine, stage)
-    engine.module.update_teacher(0.995)
+    engine.module.update_teachers(step, step + 100)
 
 
 def _profile_split(run_two_steps) -> dict[str, float]:
